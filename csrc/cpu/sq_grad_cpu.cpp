@@ -1,0 +1,129 @@
+// CPU kernels of the per-example squared-gradient ops. One pass over the batch; threads split the
+// output so no two threads write the same accumulator element and no atomics are needed.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "sq_grad.h"
+
+namespace fastsel {
+namespace {
+
+at::Tensor as_float_btf(const at::Tensor& t) { return as_btf(t).to(at::kFloat).contiguous(); }
+
+void accumulate_linear_sq_grad_cpu(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& input) {
+  check_linear_sq_grad(out, grad_output, input);
+  const at::Tensor x = as_float_btf(input);  // (B, T, I)
+  const int64_t B = x.size(0), T = x.size(1), I = x.size(2), O = grad_output.size(-1);
+  if (B == 0 || T == 0 || O == 0 || I == 0) return;
+  if (T == 1) {
+    // One position per example: (g x^T)^2 = g^2 (x^2)^T, so the sum over b is a single GEMM.
+    const at::Tensor g = as_float_btf(grad_output).select(1, 0);
+    out.addmm_(g.square().t(), x.select(1, 0).square());
+    return;
+  }
+  // (B, O, T): each block of output rows of one example is a contiguous slab.
+  const at::Tensor gt = as_float_btf(grad_output).transpose(1, 2).contiguous();
+  // Rows per tile so that a (rows x I) fp32 tile (~128 KiB) stays in cache between the GEMM that
+  // writes it and the square-accumulate that reads it.
+  const int64_t rows = std::min<int64_t>(O, std::max<int64_t>(8, 32768 / I));
+  const int64_t num_blocks = (O + rows - 1) / rows;
+  at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor tile = at::empty({rows, I}, x.options());
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t o0 = blk * rows, r = std::min(rows, O - o0);
+      at::Tensor acc = out.narrow(0, o0, r);
+      at::Tensor t = tile.narrow(0, 0, r);
+      for (int64_t b = 0; b < B; ++b) {
+        at::mm_out(t, gt[b].narrow(0, o0, r), x[b]);  // per-example gradient rows, (r, I)
+        acc.addcmul_(t, t);
+      }
+    }
+  });
+}
+
+void accumulate_norm_sq_grad_cpu(const at::Tensor& out, const at::Tensor& grad_output,
+                                 const std::optional<at::Tensor>& input) {
+  check_norm_sq_grad(out, grad_output, input);
+  const at::Tensor g = as_float_btf(grad_output);
+  const int64_t B = g.size(0), T = g.size(1), D = g.size(2);
+  if (B == 0 || T == 0 || D == 0) return;
+  at::Tensor x;
+  if (input.has_value()) x = as_float_btf(*input);
+  const float* gp = g.data_ptr<float>();
+  const float* xp = input.has_value() ? x.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, D, 512, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(end - begin);
+    for (int64_t b = 0; b < B; ++b) {
+      std::fill(s.begin(), s.end(), 0.f);
+      for (int64_t t = 0; t < T; ++t) {
+        const float* grow = gp + (b * T + t) * D;
+        if (xp) {
+          const float* xrow = xp + (b * T + t) * D;
+          for (int64_t d = begin; d < end; ++d) s[d - begin] += grow[d] * xrow[d];
+        } else {
+          for (int64_t d = begin; d < end; ++d) s[d - begin] += grow[d];
+        }
+      }
+      for (int64_t d = begin; d < end; ++d) op[d] += s[d - begin] * s[d - begin];
+    }
+  });
+}
+
+void accumulate_embedding_sq_grad_cpu(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& indices,
+                                      int64_t padding_idx) {
+  check_embedding_sq_grad(out, grad_output, indices);
+  const at::Tensor g = as_float_btf(grad_output);  // (B, T, D)
+  const int64_t B = g.size(0), T = g.size(1), D = g.size(2), V = out.size(0);
+  if (B == 0 || T == 0 || D == 0) return;
+  const at::Tensor idx = indices.reshape({B, T}).to(at::kLong).contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  // Group the positions of each example by token: a token repeated inside one example contributes the
+  // square of the SUM of its rows, not the sum of squares.
+  std::vector<int64_t> perm(B * T), group_start, group_token;
+  std::iota(perm.begin(), perm.end(), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    auto first = perm.begin() + b * T;
+    std::sort(first, first + T, [&](int64_t a, int64_t c) { return ip[a] < ip[c]; });
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t v = ip[first[k]];
+      TORCH_CHECK(v >= 0 && v < V, "fastsel: embedding index ", v, " out of range [0, ", V, ")");
+      if (k == 0 || ip[first[k - 1]] != v) {
+        group_start.push_back(b * T + k);
+        group_token.push_back(v);
+      }
+    }
+  }
+  group_start.push_back(B * T);
+  const int64_t G = static_cast<int64_t>(group_token.size());
+  const float* gp = g.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, D, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(end - begin);
+    for (int64_t k = 0; k < G; ++k) {
+      const int64_t v = group_token[k];
+      if (v == padding_idx) continue;  // nn.Embedding never updates its padding row
+      std::fill(s.begin(), s.end(), 0.f);
+      for (int64_t p = group_start[k]; p < group_start[k + 1]; ++p) {
+        const float* grow = gp + perm[p] * D;
+        for (int64_t d = begin; d < end; ++d) s[d - begin] += grow[d];
+      }
+      float* orow = op + v * D;
+      for (int64_t d = begin; d < end; ++d) orow[d] += s[d - begin] * s[d - begin];
+    }
+  });
+}
+
+}  // namespace
+}  // namespace fastsel
+
+TORCH_LIBRARY_IMPL(fastsel, CPU, m) {
+  m.impl("accumulate_linear_sq_grad", &fastsel::accumulate_linear_sq_grad_cpu);
+  m.impl("accumulate_norm_sq_grad", &fastsel::accumulate_norm_sq_grad_cpu);
+  m.impl("accumulate_embedding_sq_grad", &fastsel::accumulate_embedding_sq_grad_cpu);
+}

@@ -1,0 +1,78 @@
+// Schemas and argument checks of the per-example squared-gradient ops.
+#include "sq_grad.h"
+
+#include <torch/library.h>
+
+namespace fastsel {
+
+namespace {
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "fastsel: ", name, " must be a floating tensor, got ", t.scalar_type());
+}
+void check_out(const at::Tensor& out, const at::Tensor& ref) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "fastsel: out (the accumulator) must be float32, got ", out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), "fastsel: out (the accumulator) must be contiguous");
+  TORCH_CHECK(out.device() == ref.device(), "fastsel: out is on ", out.device(), " but grad_output is on ", ref.device());
+}
+}  // namespace
+
+at::Tensor as_btf(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 2, "fastsel: expected a tensor of shape (B, ..., F), got ", t.sizes());
+  return t.reshape({t.size(0), -1, t.size(-1)});
+}
+
+void check_linear_sq_grad(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& input) {
+  check_float(grad_output, "grad_output");
+  check_float(input, "input");
+  check_out(out, grad_output);
+  TORCH_CHECK(input.device() == grad_output.device(), "fastsel: input and grad_output on different devices");
+  TORCH_CHECK(grad_output.dim() >= 2 && input.dim() == grad_output.dim(),
+              "fastsel: linear_sq_grad wants grad_output (B, ..., O) and input (B, ..., I) of equal rank, got ",
+              grad_output.sizes(), " and ", input.sizes());
+  for (int64_t d = 0; d + 1 < input.dim(); ++d)
+    TORCH_CHECK(input.size(d) == grad_output.size(d), "fastsel: input ", input.sizes(), " and grad_output ",
+                grad_output.sizes(), " disagree in dim ", d);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == grad_output.size(-1) && out.size(1) == input.size(-1),
+              "fastsel: out must be (O, I) = (", grad_output.size(-1), ", ", input.size(-1), "), got ", out.sizes());
+}
+
+void check_norm_sq_grad(const at::Tensor& out, const at::Tensor& grad_output, const std::optional<at::Tensor>& input) {
+  check_float(grad_output, "grad_output");
+  check_out(out, grad_output);
+  TORCH_CHECK(grad_output.dim() >= 2, "fastsel: norm_sq_grad wants grad_output (B, ..., D), got ", grad_output.sizes());
+  if (input.has_value()) {
+    check_float(*input, "input");
+    TORCH_CHECK(input->sizes() == grad_output.sizes(), "fastsel: input ", input->sizes(), " and grad_output ",
+                grad_output.sizes(), " must have the same shape");
+    TORCH_CHECK(input->device() == grad_output.device(), "fastsel: input and grad_output on different devices");
+  }
+  TORCH_CHECK(out.dim() == 1 && out.size(0) == grad_output.size(-1), "fastsel: out must be (D,) = (",
+              grad_output.size(-1), ",), got ", out.sizes());
+}
+
+void check_embedding_sq_grad(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& indices) {
+  check_float(grad_output, "grad_output");
+  check_out(out, grad_output);
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+              "fastsel: indices must be int64 or int32, got ", indices.scalar_type());
+  TORCH_CHECK(indices.device() == grad_output.device(), "fastsel: indices and grad_output on different devices");
+  TORCH_CHECK(grad_output.dim() == indices.dim() + 1 && indices.dim() >= 1,
+              "fastsel: embedding_sq_grad wants indices (B, ...) and grad_output (B, ..., D), got ", indices.sizes(),
+              " and ", grad_output.sizes());
+  for (int64_t d = 0; d < indices.dim(); ++d)
+    TORCH_CHECK(indices.size(d) == grad_output.size(d), "fastsel: indices ", indices.sizes(), " and grad_output ",
+                grad_output.sizes(), " disagree in dim ", d);
+  TORCH_CHECK(out.dim() == 2 && out.size(1) == grad_output.size(-1), "fastsel: out must be (V, D) with D = ",
+              grad_output.size(-1), ", got ", out.sizes());
+}
+
+}  // namespace fastsel
+
+TORCH_LIBRARY_FRAGMENT(fastsel, m) {
+  // out[o, i] += sum_b (sum_t grad_output[b, t, o] * input[b, t, i])^2
+  m.def("accumulate_linear_sq_grad(Tensor(a!) out, Tensor grad_output, Tensor input) -> ()");
+  // out[d] += sum_b (sum_t grad_output[b, t, d] * input[b, t, d])^2   (input omitted: a bias, input = 1)
+  m.def("accumulate_norm_sq_grad(Tensor(a!) out, Tensor grad_output, Tensor? input) -> ()");
+  // out[v, d] += sum_b (sum_{t: indices[b, t] = v} grad_output[b, t, d])^2, rows == padding_idx skipped
+  m.def("accumulate_embedding_sq_grad(Tensor(a!) out, Tensor grad_output, Tensor indices, int padding_idx) -> ()");
+}
