@@ -31,6 +31,9 @@ __all__ = [
     "Likelihood",
     "FisherResult",
     "fisher_diagonal",
+    "fisher_layer_scores",
+    "layer_statistics",
+    "example_uniforms",
     "fisher_terms",
     "group_statistics",
 ]
@@ -212,3 +215,42 @@ def layer_statistics(diagonal: Mapping[str, Tensor], model: nn.Module, layer_map
         layers.append({"layer": l, "name": layer_map.block_name(l), **stats})
     extra = {g: group_statistics(diagonal, groups[g]) for g in (EMBEDDINGS, POOLER, HEAD) if groups[g]}
     return layers, extra
+
+
+def fisher_layer_scores(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    mode: str = "empirical",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    total: int | None = None,
+    progress: bool = False,
+    layer_map: LayerMap | None = None,
+    model_name: str = "",
+    task: str = "",
+    split: str = "",
+) -> tuple["LayerScores", FisherResult]:
+    """Fisher layer scores of ``model`` over ``batches``: (LayerScores, the per-parameter FisherResult).
+
+    The LayerScores rank blocks 0..L-1 by sqrt(sum F_j^2) (highest first) and carry trace and parameter
+    counts; ``extra`` holds the embeddings, pooler and head, unranked.
+    """
+    from fastsel.scores import LayerScore, LayerScores
+
+    layer_map = layer_map or map_layers(model)
+    result = fisher_diagonal(model, batches, mode=mode, seed=seed, device=device, total=total, progress=progress)
+    layers, extra = layer_statistics(result.diagonal, model, layer_map)
+    scores = LayerScores(
+        metric="fisher",
+        model=model_name or getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
+        task=task,
+        split=split,
+        num_examples=result.num_examples,
+        mode=mode,
+        higher_is_better=True,
+        layers=[LayerScore(l["layer"], l["name"], l["score"], l["num_params"], l["trace"]) for l in layers],
+        extra=extra,
+        info={"fallback_params": list(result.fallback_params)} if result.fallback_params else {},
+    )
+    return scores, result

@@ -1,0 +1,5 @@
+import sys
+
+from fastsel.cli import main
+
+sys.exit(main())

@@ -1,0 +1,127 @@
+"""The ``fastsel`` command line: ``score``, ``info`` (and the commands other modules register).
+
+Subcommands are a registry (``COMMANDS``): each entry adds its parser and returns the function to run.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Callable
+
+__all__ = ["main", "COMMANDS"]
+
+# name -> "module:function" adding the subparser (imported lazily so `fastsel info` stays fast)
+COMMANDS: dict[str, str] = {
+    "score": "fastsel.cli:add_score_command",
+    "info": "fastsel.cli:add_info_command",
+}
+
+
+def add_score_command(sub: argparse._SubParsersAction) -> None:
+    from fastsel.scoring import METRICS
+
+    p = sub.add_parser("score", help="score every layer of an encoder on a task", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--metric", default="fisher", help=f"one of: {', '.join(sorted(METRICS))}")
+    p.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="local directory or hub name")
+    p.add_argument("--task", default="sst2", help="GLUE/SuperGLUE task name, or 'custom' with --data-file")
+    p.add_argument("--data-dir", default=None, help="folder with glue/ and superglue/ (or a GLUE_DIR); omit to use the hub")
+    p.add_argument("--split", default="train")
+    p.add_argument("--num-examples", type=int, default=None, help="random subset of this size (seeded); default: all")
+    p.add_argument("--balanced", action="store_true", help="class-balanced subset")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-file", default=None, help="custom CSV/TSV/JSONL file (with --task custom)")
+    p.add_argument("--text-fields", default="", help="comma-separated text columns of --data-file")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--regression", action="store_true", help="custom data with a real-valued label")
+    p.add_argument("--out", default=None, help="write scores.json here")
+    p.add_argument("--plot", default=None, help="write a PNG plot here")
+    p.add_argument("--no-progress", action="store_true")
+    base = {a.dest for a in p._actions}
+    for metric in METRICS.values():
+        if metric.add_arguments is not None:
+            group = p.add_argument_group(f"--metric {metric.name}")
+            before = {a.dest for a in p._actions}
+            metric.add_arguments(group)  # type: ignore[arg-type]
+    p.set_defaults(func=_run_score, _base_dests=base)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from fastsel.scoring import ScoreConfig, run_scoring
+
+    options = {k: v for k, v in vars(args).items() if k not in args._base_dests and not k.startswith("_") and k != "func"}
+    cfg = ScoreConfig(
+        metric=args.metric,
+        model=args.model,
+        task=args.task,
+        data_dir=args.data_dir,
+        split=args.split,
+        num_examples=args.num_examples,
+        balanced=args.balanced,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        device=args.device,
+        data_file=args.data_file,
+        text_fields=tuple(f for f in args.text_fields.split(",") if f),
+        label_field=args.label_field,
+        regression=args.regression,
+        options=options,
+    )
+    scores = run_scoring(cfg, out=args.out, plot=args.plot, progress=not args.no_progress)
+    print(scores.table())
+    if args.out:
+        print(f"wrote {args.out}")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def add_info_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="version, torch/CUDA, and which backend each op uses and why")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from fastsel.info import info, format_info
+
+    data = info()
+    print(json.dumps(data, indent=2) if args.json else format_info(data))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastsel", description="Which layers of a pretrained encoder to fine-tune.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for target in COMMANDS.values():
+        module, func = target.split(":")
+        adder: Callable = getattr(importlib.import_module(module), func)
+        adder(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("fastsel: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as exc:
+        # Bad input gets one clear line, not a traceback; FASTSEL_DEBUG=1 shows the traceback.
+        import os
+
+        if os.environ.get("FASTSEL_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
