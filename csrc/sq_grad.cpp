@@ -18,7 +18,9 @@ void check_out(const at::Tensor& out, const at::Tensor& ref) {
 
 at::Tensor as_btf(const at::Tensor& t) {
   TORCH_CHECK(t.dim() >= 2, "fastsel: expected a tensor of shape (B, ..., F), got ", t.sizes());
-  return t.reshape({t.size(0), -1, t.size(-1)});
+  int64_t positions = 1;  // explicit, as reshape cannot infer -1 when B == 0
+  for (int64_t d = 1; d + 1 < t.dim(); ++d) positions *= t.size(d);
+  return t.reshape({t.size(0), positions, t.size(-1)});
 }
 
 void check_linear_sq_grad(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& input) {

@@ -37,7 +37,7 @@ def _use_kernel(op_name: str, device: torch.device) -> bool:
 def _btf(t: Tensor) -> Tensor:
     if t.dim() < 2:
         raise ValueError(f"fastsel: expected a tensor of shape (B, ..., F), got {tuple(t.shape)}")
-    return t.reshape(t.shape[0], -1, t.shape[-1]).float()
+    return t.reshape(t.shape[0], t.shape[1:-1].numel(), t.shape[-1]).float()
 
 
 def _check_out(out: Tensor, shape: tuple[int, ...], ref: Tensor) -> None:

@@ -1,0 +1,247 @@
+"""Fisher diagonal and layer scores against a per-example loop oracle (batch of one, no hooks)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from fastsel.fisher import fisher_diagonal, fisher_layer_scores, fisher_terms, layer_statistics
+from fastsel.layers import map_layers
+from fastsel.per_example import SquaredGradAccumulator
+from tiny_models import ARCHS, random_batch, tiny_model
+
+MODES = ["empirical", "sampled", "exact"]
+
+
+def oracle_fisher(model: nn.Module, batch: dict, mode: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """(1/N) sum_i (d term_i)^2, one unpadded example at a time, plain autograd."""
+    model.eval()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    B = batch["input_ids"].shape[0]
+    for b in range(B):
+        length = int(batch["attention_mask"][b].sum())
+        example = {k: (v[b : b + 1, :length] if v.dim() == 2 else v[b : b + 1]) for k, v in batch.items()}
+        for term in fisher_terms(model, example, mode, seed, first_index=b):
+            grads = torch.autograd.grad(term.sum(), list(params.values()), retain_graph=True, allow_unused=True)
+            for name, g in zip(params, grads):
+                if g is not None:
+                    sums[name] += g.double().square()
+    return {n: (s / B).float() for n, s in sums.items()}
+
+
+def assert_diagonals_close(got: dict, want: dict, rtol: float = 1e-4) -> None:
+    assert set(got) == set(want)
+    largest = max(float(w.abs().max()) for w in want.values())
+    for name in want:
+        # atol relative to the tensor's scale, with a floor far below the model's largest entry: some
+        # entries (the attention key bias) are exactly zero in theory and round-off noise in practice
+        scale = float(want[name].abs().max())
+        atol = 1e-6 * scale + 1e-12 * largest
+        assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_per_example_oracle(arch, mode):
+    model = tiny_model(arch, num_labels=3)
+    batch = random_batch(arch, batch_size=5, seq_len=9, pad_last=2, num_labels=3)
+    got = fisher_diagonal(model, [batch], mode=mode)
+    assert got.num_examples == 5
+    assert_diagonals_close(got.diagonal, oracle_fisher(model, batch, mode))
+    # and so every layer score
+    want_layers, _ = layer_statistics(oracle_fisher(model, batch, mode), model)
+    got_layers, _ = layer_statistics(got.diagonal, model)
+    for w, g in zip(want_layers, got_layers):
+        assert g["score"] == pytest.approx(w["score"], rel=1e-4)
+        assert g["trace"] == pytest.approx(w["trace"], rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_regression_gaussian_likelihood(mode):
+    model = tiny_model("bert", num_labels=1)
+    batch = random_batch("bert", batch_size=4, pad_last=1, num_labels=1)
+    got = fisher_diagonal(model, [batch], mode=mode)
+    assert_diagonals_close(got.diagonal, oracle_fisher(model, batch, mode))
+
+
+def test_exact_mode_is_expectation_over_classes():
+    """exact = sum_c p_c (d log p_c)^2: compare with explicit per-class empirical passes."""
+    model = tiny_model("bert", num_labels=3)
+    batch = random_batch("bert", batch_size=3, num_labels=3)
+    exact = fisher_diagonal(model, [batch], mode="exact").diagonal
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    manual = {n: torch.zeros_like(t) for n, t in exact.items()}
+    for b in range(3):
+        for c in range(3):
+            one = {k: v[b : b + 1] for k, v in batch.items()}
+            one["labels"] = torch.tensor([c])
+            emp = fisher_diagonal(model, [one], mode="empirical").diagonal
+            for n in manual:
+                manual[n] += probs[b, c] * emp[n] / 3
+    assert_diagonals_close(exact, manual, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["empirical", "sampled"])
+def test_batch_size_invariance(mode):
+    model = tiny_model("bert", num_labels=2)
+    batch = random_batch("bert", batch_size=6, pad_last=3)
+    whole = fisher_diagonal(model, [batch], mode=mode, seed=3).diagonal
+    for size in (1, 2, 4):
+        pieces = [{k: v[s : s + size] for k, v in batch.items()} for s in range(0, 6, size)]
+        assert_diagonals_close(fisher_diagonal(model, pieces, mode=mode, seed=3).diagonal, whole, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+def test_padding_invariance(arch):
+    model = tiny_model(arch)
+    batch = random_batch(arch, batch_size=4, seq_len=8)
+    pad_id = 1 if arch == "roberta" else 0
+    padded = {
+        "input_ids": torch.cat([batch["input_ids"], torch.full((4, 5), pad_id)], 1),
+        "attention_mask": torch.cat([batch["attention_mask"], torch.zeros(4, 5, dtype=torch.long)], 1),
+        "labels": batch["labels"],
+    }
+    assert_diagonals_close(fisher_diagonal(model, [padded]).diagonal, fisher_diagonal(model, [batch]).diagonal, rtol=1e-5)
+
+
+def test_position_and_token_type_embeddings_are_per_example():
+    """HF passes position_ids (1, T) and expanded token_type_ids: without per-example expansion their
+    squared gradients would be the square of the batch SUM (Opacus's error)."""
+    model = tiny_model("bert")
+    batch = random_batch("bert", batch_size=5)
+    got = fisher_diagonal(model, [batch]).diagonal
+    want = oracle_fisher(model, batch, "empirical")
+    for name in ("bert.embeddings.position_embeddings.weight", "bert.embeddings.token_type_embeddings.weight"):
+        assert_close(got[name], want[name], rtol=1e-4, atol=1e-12)
+
+
+def test_layer_score_is_frobenius_norm_of_the_diagonal():
+    model = tiny_model("bert", num_layers=4)
+    batch = random_batch("bert", batch_size=4)
+    scores, result = fisher_layer_scores(model, [batch], model_name="tiny", task="t", split="s")
+    lm = map_layers(model)
+    groups = lm.groups(model)
+    for s in scores.layers:
+        names = groups[f"layer.{s.layer}"]
+        flat = torch.cat([result.diagonal[n].double().reshape(-1) for n in names])
+        assert s.score == pytest.approx(math.sqrt(float(flat.square().sum())), rel=1e-9)
+        assert s.trace == pytest.approx(float(flat.sum()), rel=1e-9)
+        assert s.num_params == flat.numel()
+    assert scores.ranking == sorted(range(4), key=lambda l: -scores.layers[l].score)
+    assert set(scores.extra) == {"embeddings", "pooler", "head"}
+    d = scores.to_dict()
+    assert [x["layer"] for x in d["layers"]] == [0, 1, 2, 3] and d["metric"] == "fisher" and d["mode"] == "empirical"
+
+
+# -- the backend on plain torch modules -------------------------------------------------------------
+
+
+class Scale(nn.Module):
+    """A layer type fastsel has no rule for: served by the generic torch.func rule."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.randn(d))
+        self.shift = nn.Parameter(torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.gain + self.shift)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, padding_idx=0)
+        self.norm = nn.LayerNorm(8)
+        self.scale = Scale(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.scale(self.norm(self.emb(ids))).mean(1))
+
+
+def test_backend_on_a_plain_torch_module():
+    torch.manual_seed(0)
+    net = TinyNet()
+    ids = torch.randint(0, 6, (7, 5))  # repeated tokens and padding rows
+    labels = torch.randint(0, 3, (7,))
+
+    def terms(x, y):
+        return [torch.log_softmax(net(x), -1).gather(1, y[:, None]).squeeze(1)]
+
+    acc = SquaredGradAccumulator(net)
+    with acc.capture(batch_size=7):
+        acc.backward(terms(ids, labels))
+    want = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+    for b in range(7):
+        grads = torch.autograd.grad(terms(ids[b : b + 1], labels[b : b + 1])[0].sum(), list(net.parameters()))
+        for n, g in zip(want, grads):
+            want[n] += g.square()
+    assert_diagonals_close(acc.mean(), {n: w / 7 for n, w in want.items()})
+    assert not acc.fallback_params
+
+
+def test_weight_shared_across_calls_uses_exact_fallback():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    head = nn.Linear(4, 2)
+    x = torch.randn(5, 4)
+    y = torch.randint(0, 2, (5,))
+
+    def terms(x, y):
+        return [torch.log_softmax(head(lin(torch.relu(lin(x)))), -1).gather(1, y[:, None]).squeeze(1)]
+
+    model = nn.ModuleDict({"lin": lin, "head": head})
+    acc = SquaredGradAccumulator(model)
+    with acc.capture(batch_size=5):
+        acc.backward(terms(x, y))
+    want = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for b in range(5):
+        grads = torch.autograd.grad(terms(x[b : b + 1], y[b : b + 1])[0].sum(), list(model.parameters()))
+        for n, g in zip(want, grads):
+            want[n] += g.square()
+    assert_diagonals_close(acc.mean(), {n: w / 5 for n, w in want.items()})
+    assert acc.fallback_params == {"lin.weight", "lin.bias"}
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+def test_errors():
+    model = tiny_model("bert")
+    batch = random_batch("bert")
+    with pytest.raises(ValueError, match="unknown Fisher mode"):
+        fisher_diagonal(model, [batch], mode="diagonal")
+    with pytest.raises(ValueError, match="no examples"):
+        fisher_diagonal(model, [])
+    unlabeled = {k: v for k, v in batch.items() if k != "labels"}
+    with pytest.raises(ValueError, match="needs gold labels"):
+        fisher_diagonal(model, [unlabeled], mode="empirical")
+    fisher_diagonal(model, [unlabeled], mode="exact")  # needs no labels
+    frozen = tiny_model("bert").requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fisher_diagonal(frozen, [batch])
+
+
+def test_model_mode_is_restored():
+    model = tiny_model("bert").train()
+    fisher_diagonal(model, [random_batch("bert")])
+    assert model.training
+
+
+@pytest.mark.slow
+def test_real_minilm_on_sst2_matches_oracle(minilm_path, data_dir):
+    from fastsel.data import load_examples, make_dataloader, tokenize_examples
+    from fastsel.models import load_model
+
+    model, tok, _ = load_model(minilm_path, num_labels=2, seed=0)
+    ex = load_examples("sst2", data_dir, "train", num_examples=4, seed=1)
+    batch = next(iter(make_dataloader(tokenize_examples(ex, tok, 32), tok, batch_size=4)))
+    batch = {k: v for k, v in batch.items() if k != "special_tokens_mask"}
+    got = fisher_diagonal(model, [batch], mode="exact").diagonal
+    assert_diagonals_close(got, oracle_fisher(model, batch, "exact"), rtol=2e-4)
