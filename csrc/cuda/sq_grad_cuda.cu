@@ -458,8 +458,18 @@ cudaError_t launch_linear_sq_grad(const LinearSqGradParams& p, cudaStream_t stre
   DeviceInfo dev;
   const cudaError_t err = device_info(&dev);
   if (err != cudaSuccess) return err;
-  // T == 1 is a single GEMM of squares (SIMT, exact fp32 squares) for every dtype.
-  const bool tensor_cores = dev.major >= 8 && p.T > 1;
+  // T == 1 is a single GEMM of squares (SIMT, exact fp32 squares) for every dtype. The WMMA kernel
+  // needs sm_80 code: check the code actually loaded (a PTX-only build for an older arch traps).
+  bool tensor_cores = dev.major >= 8 && p.T > 1 && p.dtype != ElemType::F32;
+  if (tensor_cores) {
+    cudaFuncAttributes fa;
+    const cudaError_t ferr =
+        p.dtype == ElemType::BF16
+            ? cudaFuncGetAttributes(&fa, linear_sq_grad_wmma_kernel<__nv_bfloat16, 32>)
+            : cudaFuncGetAttributes(&fa, linear_sq_grad_wmma_kernel<__half, 32>);
+    if (ferr != cudaSuccess) return ferr;
+    tensor_cores = fa.ptxVersion >= 80;
+  }
   switch (p.dtype) {
     case ElemType::F32:
       return launch_linear_simt<float>(p, dev, stream);
