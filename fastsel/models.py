@@ -74,7 +74,11 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
             torch.manual_seed(seed)  # the new head's initialisation
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, local_files_only=local, **({"dtype": dtype} if dtype is not None else {})
+                path,
+                config=config,
+                local_files_only=local,
+                ignore_mismatched_sizes=True,  # a head of another task's size is re-initialised
+                **({"dtype": dtype} if dtype is not None else {}),
             )
     except (OSError, ValueError) as exc:
         where = "local directory" if local else "name (not a local directory; the hub is needed, which may be offline)"
