@@ -245,3 +245,15 @@ def test_real_minilm_on_sst2_matches_oracle(minilm_path, data_dir):
     batch = {k: v for k, v in batch.items() if k != "special_tokens_mask"}
     got = fisher_diagonal(model, [batch], mode="exact").diagonal
     assert_diagonals_close(got, oracle_fisher(model, batch, "exact"), rtol=2e-4)
+
+
+def test_reference_backend_gives_the_same_fisher(monkeypatch):
+    """Without the compiled extension everything runs on the *_ref twins, with the same result."""
+    import fastsel._backend as backend
+
+    model = tiny_model("bert")
+    batch = random_batch("bert", batch_size=4, pad_last=1)
+    kernel = fisher_diagonal(model, [batch]).diagonal
+    monkeypatch.setattr(backend, "EXTENSION", backend.ExtensionStatus(False, False, "test"))
+    assert backend.op_backend("accumulate_linear_sq_grad", "cpu")[0] == "reference"
+    assert_diagonals_close(fisher_diagonal(model, [batch]).diagonal, kernel, rtol=1e-5)
