@@ -104,6 +104,43 @@ def _rule_for(module: nn.Module) -> Rule:
 # --------------------------------------------------------------------------------------------------
 
 
+def _all_fire(root: Tensor, calls: list["_Call"], frontier: list[Tensor]) -> bool:
+    """Whether autograd.grad(root, frontier) provably reaches every captured output (fires its hook).
+
+    The engine runs exactly the graph nodes from which a captured node (a frontier output's grad_fn) can
+    be reached; an output's hook fires when its grad_fn runs, or when it is itself a frontier output.
+    Conservative: anything unusual (leaf outputs, a frontier output sharing a multi-output node) -> False.
+    """
+    targets = {f.grad_fn for f in frontier}
+    if None in targets or root.grad_fn is None:
+        return False
+    frontier_keys = {(f.grad_fn, f.output_nr) for f in frontier}
+    reaches: dict[object, bool] = {}
+    stack: list[tuple[object, bool]] = [(root.grad_fn, False)]
+    while stack:  # iterative post-order DFS (deep models would overflow the recursion limit)
+        node, expanded = stack.pop()
+        if node in reaches and not expanded:
+            continue
+        children = [n for n, _ in node.next_functions if n is not None]
+        if not expanded:
+            reaches.setdefault(node, False)
+            stack.append((node, True))
+            stack.extend((n, False) for n in children if n not in reaches)
+        else:
+            reaches[node] = any(n in targets or reaches.get(n, False) for n in children)
+    for c in calls:
+        fn = c.output.grad_fn
+        if fn is None:
+            return False
+        if reaches.get(fn, False):
+            continue
+        if (fn, c.output.output_nr) not in frontier_keys:
+            return False
+        if sum(1 for f in frontier if f.grad_fn is fn) != 1:  # a shared node captured, not run: unsure
+            return False
+    return True
+
+
 @dataclass
 class _Call:
     module_name: str
@@ -244,14 +281,20 @@ class SquaredGradAccumulator:
         # its hook, and no parameter gradient is computed (except those of deferred params, if any).
         frontier = [c.output for c in calls if c.input_is_root] or [c.output for c in calls]
         deferred_params = [self.params[n] for n in deferred]
-        for term in terms:
+        for k, term in enumerate(terms):
             for c in calls:
                 c.fired = False
-            hooks = [c.output.register_hook(self._grad_hook(c)) for c in calls]
+            total = term.sum()
+            # The last pass frees the graph as it goes (like a plain backward: activations are released
+            # layer by layer) when nothing needs it afterwards: no fallback, and every hook provably fires.
+            last = k == len(terms) - 1 and not deferred_params and _all_fire(total, calls, frontier)
+            hooks = [c.output.register_hook(self._grad_hook(c, release=last)) for c in calls]
             try:
-                grads = torch.autograd.grad(term.sum(), frontier + deferred_params, retain_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(total, frontier + deferred_params, retain_graph=not last, allow_unused=True)
                 # Outputs off every path to the frontier (fed only by uncaptured parameters) did not fire.
                 missed = [c.output for c in calls if not c.fired]
+                if missed and last:
+                    raise RuntimeError("fastsel: internal error: a captured output was not reached by the backward")
                 if missed:
                     torch.autograd.grad(term.sum(), missed, retain_graph=True, allow_unused=True)
             finally:
@@ -264,7 +307,8 @@ class SquaredGradAccumulator:
         self.num_examples += B
         st.calls.clear()
 
-    def _grad_hook(self, call: _Call) -> Callable[[Tensor], None]:
+    def _grad_hook(self, call: _Call, release: bool = False) -> Callable[[Tensor], None]:
+        """The hook on ``call.output``; ``release``: drop the saved input once used (the last pass)."""
         module = self._modules[call.module_name]
         own = self._owned[call.module_name]
         acc = {short: self.sums[full] for short, full in own.items()}
@@ -274,6 +318,8 @@ class SquaredGradAccumulator:
             if not call.fired:
                 call.fired = True
                 rule.accumulate(module, call.input, grad, acc)
+                if release:  # let the activations go as the backward moves on
+                    call.input = call.output = None  # type: ignore[assignment]
 
         return hook
 
