@@ -26,8 +26,8 @@ void accumulate_linear_sq_grad_cpu(const at::Tensor& out, const at::Tensor& grad
     out.addmm_(g.square().t(), x.select(1, 0).square());
     return;
   }
-  // (B, O, T): each block of output rows of one example is a contiguous slab.
-  const at::Tensor gt = as_float_btf(grad_output).transpose(1, 2).contiguous();
+  // g[b] is (T, O) row-major; its transposed column block is a plain BLAS "transposed" operand, no copy.
+  const at::Tensor g = as_float_btf(grad_output);
   // Rows per tile so that a (rows x I) fp32 tile (~128 KiB) stays in cache between the GEMM that
   // writes it and the square-accumulate that reads it.
   const int64_t rows = std::min<int64_t>(O, std::max<int64_t>(8, 32768 / I));
@@ -39,7 +39,7 @@ void accumulate_linear_sq_grad_cpu(const at::Tensor& out, const at::Tensor& grad
       at::Tensor acc = out.narrow(0, o0, r);
       at::Tensor t = tile.narrow(0, 0, r);
       for (int64_t b = 0; b < B; ++b) {
-        at::mm_out(t, gt[b].narrow(0, o0, r), x[b]);  // per-example gradient rows, (r, I)
+        at::mm_out(t, g[b].narrow(1, o0, r).t(), x[b]);  // per-example gradient rows, (r, I)
         acc.addcmul_(t, t);
       }
     }
