@@ -207,13 +207,17 @@ def variability_ratio(count: Tensor, mean: Tensor, m2: Tensor, variant: str = "x
 
     Sigma_b = M^T M / C (D x D, rank k <= C - 1) is never formed: the thin SVD M = U diag(s) V^T (C x D, cost
     O(C^2 D)) gives its eigenpairs (v_i, s_i^2 / C), so tr(Sigma_w Sigma_b^+) = sum_i C v_i^T Sigma_w v_i / s_i^2
-    over the nonzero s_i (numpy's matrix-rank tolerance s_i > s_max max(C, D) eps). O(D^2 C). Returns nu,
+    over the top C - 1 singular values that exceed max(C, D) eps ||means||. O(D^2 C). Returns nu,
     the rank of Sigma_b, tr(Sigma_w) and tr(Sigma_b).
     """
     sigma_w, M = scatter_matrices(count, mean, m2, variant)
     C, D = M.shape
     _, sing, Vh = torch.linalg.svd(M, full_matrices=False)
-    keep = sing > sing.max() * max(C, D) * torch.finfo(torch.float64).eps
+    # Rank <= C - 1 exactly (the centre is an average of the class means): the C-th singular value is
+    # rounding noise of the centring, ~eps * |mu|, never a direction to invert. Further degeneracy is
+    # judged against the scale of the means themselves, since that is what the rounding error scales with.
+    scale = max(float(sing.max()), float(torch.linalg.matrix_norm(mean.double(), ord=2)))
+    keep = (sing > scale * max(C, D) * torch.finfo(torch.float64).eps) & (torch.arange(sing.shape[0]) < C - 1)
     if not bool(keep.any()) or float(sing.max()) == 0.0:
         raise ValueError("fastsel: all class means coincide (Sigma_b = 0); the variability ratio is undefined")
     lam_k = sing[keep].square() / C  # nonzero eigenvalues of Sigma_b

@@ -97,6 +97,18 @@ def test_nu_is_scale_and_shift_invariant_and_wide_features():
     assert variability_ratio(*st2)["nu"] == pytest.approx(nu, rel=1e-7)
 
 
+@pytest.mark.parametrize("variant", ["xie", "papyan"])
+@pytest.mark.parametrize("C", [2, 3])
+def test_nu_with_large_offset_and_weak_class_signal(variant, C):
+    """Means far from 0, classes barely apart (random labels): the rounding noise of the centring must
+    not be inverted as a direction of Sigma_b (regression test)."""
+    rng = np.random.default_rng(C)
+    H = rng.normal(size=(6000, 64)) * 0.1 + rng.normal(size=64) * 5
+    y = rng.integers(0, C, 6000)
+    nu = variability_ratio(*stats_of(H, y, C, batch=256), variant=variant)["nu"]
+    assert nu == pytest.approx(numpy_nu(H, y, variant)[0], rel=1e-6)
+
+
 def test_class_errors():
     H, y = features((10, 1), seed=0)
     with pytest.raises(ValueError, match="at least 2 examples in every class"):
