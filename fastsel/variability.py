@@ -392,15 +392,34 @@ class VariabilityResult:
     num_skipped: int
 
 
+def _layer_ratio(stats: ClassStatistics, index: int, variant: str) -> dict[str, Any]:
+    """nu of one layer index; the embedding output (index 0, not ranked) may legitimately have no class
+    signal (CLS pooling: the first token's embedding is the same for every example), so there a
+    degenerate Sigma_b gives nu = None with the reason instead of failing the run."""
+    try:
+        return variability_ratio(*stats.layer(index), variant=variant)
+    except ValueError as exc:
+        if index != 0 or "coincide" not in str(exc):
+            raise
+        return {"nu": None, "rank_sigma_b": 0, "trace_sigma_w": None, "trace_sigma_b": 0.0, "note": str(exc)}
+
+
 def variability_from_statistics(stats: ClassStatistics, variants: Sequence[str] = VARIANTS) -> VariabilityResult:
     nu: dict[str, list[float]] = {}
     details: dict[str, list[dict[str, float]]] = {}
     for variant in variants:
-        rows = [variability_ratio(*stats.layer(i), variant=variant) for i in range(stats.num_layers)]
+        rows = [_layer_ratio(stats, i, variant) for i in range(stats.num_layers)]
         details[variant] = rows
         nu[variant] = [r["nu"] for r in rows]
     counts = [int(c) for c in stats.layer(0)[0].tolist()]
     return VariabilityResult(nu, details, counts, stats.num_examples, stats.num_skipped)
+
+
+def _embedding_extra(res: VariabilityResult, variant: str) -> dict[str, Any]:
+    d = res.details[variant][0]
+    if d["nu"] is None:  # no class signal in the embedding output: no "score" (tables skip it), say why
+        return {"nu_xie": res.nu["xie"][0], "nu_papyan": res.nu["papyan"][0], "note": d["note"]}
+    return {"score": d["nu"], "nu_xie": res.nu["xie"][0], "nu_papyan": res.nu["papyan"][0]}
 
 
 def variability_layer_scores(
@@ -436,7 +455,7 @@ def variability_layer_scores(
         mode=f"{variant}/{pooling}",
         higher_is_better=False,
         layers=layers,
-        extra={"embeddings": {"score": nu[0], "nu_xie": res.nu["xie"][0], "nu_papyan": res.nu["papyan"][0]}},
+        extra={"embeddings": _embedding_extra(res, variant)},
         info={"l_star": l_star, "zeta": smoothness(blocks), "zeta_papyan": smoothness(res.nu["papyan"][1:]),
               "pooling": pooling, "variant": variant, "class_counts": res.class_counts,
               "skipped_examples": res.num_skipped},

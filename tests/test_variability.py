@@ -198,9 +198,16 @@ def test_cls_pooling_and_left_padding():
         pool_mask(batch, "max")
     model = tiny_model("bert", num_labels=3)
     batches = tiny_batches("bert")
+    for b in batches:
+        b["input_ids"][:, 0] = 2  # the same CLS id everywhere, as a tokenizer gives
     stats = accumulate_class_statistics(model, batches, num_classes=3, pooling="cls")
     states, labels = oracle_layers(model, batches, "cls")
     assert variability_ratio(*stats.layer(2))["nu"] == pytest.approx(numpy_nu(states[2], labels)[0], rel=1e-6)
+    # the CLS embedding is the same for every example: no class signal there, reported, not fatal
+    scores = variability_layer_scores(stats, map_layers(model), pooling="cls")
+    assert "score" not in scores.extra["embeddings"] and "coincide" in scores.extra["embeddings"]["note"]
+    assert "ranking (best first)" in scores.table()  # the table skips the score-less embeddings row
+    assert all(np.isfinite(l.score) for l in scores.layers)
 
 
 def test_batch_size_and_order_invariance_of_the_pass():
