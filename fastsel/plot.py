@@ -6,7 +6,7 @@ from typing import Sequence
 
 from fastsel.scores import LayerScores
 
-__all__ = ["plot_layer_scores"]
+__all__ = ["plot_layer_scores", "plot_layer_curves"]
 
 
 def plot_layer_scores(
@@ -46,6 +46,55 @@ def plot_layer_scores(
         ax2.plot(layers, list(vals), color="#c55a11", marker="o", label=label)
         ax2.set_ylabel(label, color="#c55a11")
     ax.text(0.99, 0.97, f"top-{len(best)}: {sorted(best)}", transform=ax.transAxes, ha="right", va="top", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_layer_curves(
+    scores: LayerScores,
+    path: str | os.PathLike,
+    *,
+    secondary_key: str = "probe",
+    dashed_key: str | None = "nu_papyan",
+    ylabel: str | None = None,
+) -> None:
+    """Line plot of the per-layer score (log scale when positive and spanning > 10x), the best layer
+    marked; a layer value ``dashed_key`` (e.g. the Papyan variant of nu) as a dashed line, and
+    ``secondary_key`` (e.g. the probe score) on a twin axis when the layers carry it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [s.layer for s in scores.layers]
+    values = [s.score for s in scores.layers]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(layers) + 2.5), 3.6), dpi=120)
+    ax.plot(layers, values, color="#1f4e79", marker="o", label=scores.metric)
+    if dashed_key and all(dashed_key in s.values for s in scores.layers):
+        ax.plot(layers, [s.values[dashed_key] for s in scores.layers], color="#1f4e79", ls="--", alpha=0.6, label=dashed_key)
+    best = scores.ranking[0] if scores.layers else None
+    if best is not None:
+        ax.axvline(best, color="#888888", ls=":", lw=1)
+        ax.annotate(f"best = {best}", (best, values[best]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    if values and min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer (block index)")
+    ax.set_ylabel(ylabel or f"{scores.metric}" + (" (lower is better)" if not scores.higher_is_better else ""), color="#1f4e79")
+    handles, labels = ax.get_legend_handles_labels()
+    if all(secondary_key in s.values for s in scores.layers) and scores.layers:
+        ax2 = ax.twinx()
+        metric = scores.info.get("probe_metric", secondary_key)
+        ax2.plot(layers, [s.values[secondary_key] for s in scores.layers], color="#c55a11", marker="s", label=f"probe {metric}")
+        ax2.set_ylabel(f"probe {metric} (validation)", color="#c55a11")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    rho = scores.info.get("rho_probe")
+    rho_txt = f", rho={rho['pearson']:.2f}" if isinstance(rho, dict) and rho.get("pearson") is not None else ""
+    mode = f", {scores.mode}" if scores.mode else ""
+    ax.set_title(f"{scores.metric}{mode}: {scores.model.split('/')[-1]} on {scores.task} (N={scores.num_examples}{rho_txt})", fontsize=9)
+    ax.legend(handles, labels, fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

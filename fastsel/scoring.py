@@ -119,6 +119,7 @@ class Metric:
     classification_only: bool = False
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     help: str = ""
+    plot: Callable[[LayerScores, str | Path], None] | None = None  # None: fastsel.plot.plot_layer_scores
 
 
 METRICS: dict[str, Metric] = {}
@@ -174,7 +175,7 @@ def run_scoring(cfg: ScoreConfig, *, out: str | Path | None = None, plot: str | 
     if plot:
         from fastsel.plot import plot_layer_scores
 
-        plot_layer_scores(scores, plot)
+        (metric.plot or plot_layer_scores)(scores, plot)
     return scores
 
 
@@ -219,3 +220,8 @@ register_metric(
         help="diagonal Fisher information per layer (Lodha et al. 2023)",
     )
 )
+
+
+# Metrics defined in their own modules register themselves on import.
+import fastsel.variability  # noqa: E402,F401
+import fastsel.probing  # noqa: E402,F401

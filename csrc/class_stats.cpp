@@ -1,0 +1,48 @@
+// Schema and argument checks of the streaming class-statistics op.
+#include "class_stats.h"
+
+#include <torch/library.h>
+
+namespace fastsel {
+
+void check_class_stats_update(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
+                              const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels) {
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), "fastsel: hidden must be a floating tensor, got ",
+              hidden.scalar_type());
+  TORCH_CHECK(hidden.dim() == 3, "fastsel: hidden must be (B, T, D), got ", hidden.sizes());
+  const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2);
+  TORCH_CHECK(pool_mask.dim() == 2 && pool_mask.size(0) == B && pool_mask.size(1) == T,
+              "fastsel: pool_mask must be (B, T) = (", B, ", ", T, "), got ", pool_mask.sizes());
+  TORCH_CHECK(pool_mask.scalar_type() != at::kComplexFloat && pool_mask.scalar_type() != at::kComplexDouble,
+              "fastsel: pool_mask must be bool, integer or floating");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == B, "fastsel: labels must be (B,) = (", B, ",), got ",
+              labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "fastsel: labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(count.scalar_type() == at::kDouble, "fastsel: count must be float64, got ", count.scalar_type());
+  TORCH_CHECK(mean.scalar_type() == at::kDouble || mean.scalar_type() == at::kFloat,
+              "fastsel: mean must be float64 or float32, got ", mean.scalar_type());
+  TORCH_CHECK(m2.scalar_type() == mean.scalar_type(), "fastsel: m2 and mean must have the same dtype, got ",
+              m2.scalar_type(), " and ", mean.scalar_type());
+  TORCH_CHECK(count.dim() == 1, "fastsel: count must be (C,), got ", count.sizes());
+  const int64_t C = count.size(0);
+  TORCH_CHECK(C >= 1, "fastsel: count must have at least one class");
+  TORCH_CHECK(mean.dim() == 2 && mean.size(0) == C && mean.size(1) == D, "fastsel: mean must be (C, D) = (", C,
+              ", ", D, "), got ", mean.sizes());
+  TORCH_CHECK(m2.dim() == 3 && m2.size(0) == C && m2.size(1) == D && m2.size(2) == D,
+              "fastsel: m2 must be (C, D, D) = (", C, ", ", D, ", ", D, "), got ", m2.sizes());
+  for (const at::Tensor* t : {&count, &mean, &m2})
+    TORCH_CHECK(t->is_contiguous(), "fastsel: the accumulators (count, mean, m2) must be contiguous");
+  for (const at::Tensor* t : {&count, &mean, &m2, &pool_mask, &labels})
+    TORCH_CHECK(t->device() == hidden.device(), "fastsel: all tensors must be on ", hidden.device(), ", got one on ",
+                t->device());
+}
+
+}  // namespace fastsel
+
+TORCH_LIBRARY_FRAGMENT(fastsel, m) {
+  // Pool hidden (B, T, D) over pool_mask (B, T) per example, then merge each class's batch statistics
+  // into count (C,) f64, mean (C, D) and m2 (C, D, D) (f64 or f32) with Chan's formula. Examples with
+  // an empty pool_mask row are skipped. labels (B,) int64 in [0, C).
+  m.def("class_stats_update(Tensor(a!) count, Tensor(b!) mean, Tensor(c!) m2, Tensor hidden, Tensor pool_mask, "
+        "Tensor labels) -> ()");
+}

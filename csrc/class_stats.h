@@ -1,0 +1,20 @@
+// Streaming per-class statistics of pooled hidden states (the variability ratio of Xie et al. 2022).
+//
+// class_stats_update pools each example's hidden states (masked mean over its pooled tokens), groups
+// the pooled vectors by label and merges each class's batch (count, mean, scatter) into the running
+// (count, mean, m2) with Chan's parallel formula:
+//   n = n_a + n_b,  delta = mean_b - mean_a,
+//   mean = mean_a + delta * n_b / n,   m2 = m2_a + S_b + delta delta^T * n_a n_b / n,
+// where S_b = sum_{b in class} (x_b - mean_b)(x_b - mean_b)^T is centred on the batch mean, so nothing
+// is ever computed as a difference of large raw moments. Examples without any pooled token are
+// skipped (they have no sequence state); the caller counts them from pool_mask if it cares.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace fastsel {
+
+// Validate arguments (shared by every backend). Throws c10::Error with a readable message.
+void check_class_stats_update(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
+                              const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels);
+
+}  // namespace fastsel

@@ -1,0 +1,86 @@
+// CPU kernel of class_stats_update (semantics: fastsel/ops.py class_stats_update_ref).
+//
+// Pooling is one parallel pass over the batch (threads own examples, so no two threads write the same
+// row); each class's batch scatter is one GEMM of its centred pooled rows, merged with Chan's formula.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "class_stats.h"
+
+namespace fastsel {
+namespace {
+
+// pooled (B, D) = masked mean over t of h (B, T, D); ntok[b] = number of pooled tokens of example b.
+template <typename acc_t>
+void masked_mean_pool(const acc_t* h, const uint8_t* mask, acc_t* pooled, int64_t* ntok, int64_t B, int64_t T,
+                      int64_t D) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      acc_t* row = pooled + b * D;
+      for (int64_t d = 0; d < D; ++d) row[d] = acc_t(0);
+      int64_t n = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        if (!mask[b * T + t]) continue;
+        const acc_t* src = h + (b * T + t) * D;
+        for (int64_t d = 0; d < D; ++d) row[d] += src[d];
+        ++n;
+      }
+      if (n > 0) {
+        const acc_t inv = acc_t(1) / acc_t(n);
+        for (int64_t d = 0; d < D; ++d) row[d] *= inv;
+      }
+      ntok[b] = n;
+    }
+  });
+}
+
+void class_stats_update_cpu(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
+                            const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels) {
+  check_class_stats_update(count, mean, m2, hidden, pool_mask, labels);
+  const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2), C = count.size(0);
+  if (B == 0) return;
+  const at::Tensor lab = labels.contiguous();
+  const int64_t* lp = lab.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lp[b] >= 0 && lp[b] < C, "fastsel: label ", lp[b], " of example ", b, " out of range [0, ", C, ")");
+
+  const at::ScalarType acc = mean.scalar_type();
+  const at::Tensor h = hidden.to(acc).contiguous();
+  const at::Tensor mask = pool_mask.ne(0).to(at::kByte).contiguous();
+  at::Tensor pooled = at::empty({B, D}, mean.options());
+  std::vector<int64_t> ntok(B);
+  AT_DISPATCH_FLOATING_TYPES(acc, "class_stats_update_cpu", [&] {
+    masked_mean_pool<scalar_t>(h.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(), pooled.data_ptr<scalar_t>(),
+                               ntok.data(), B, T, D);
+  });
+
+  // Members of each class in this batch (examples with no pooled token are skipped).
+  std::vector<std::vector<int64_t>> members(C);
+  for (int64_t b = 0; b < B; ++b)
+    if (ntok[b] > 0) members[lp[b]].push_back(b);
+
+  double* cp = count.data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t nb = static_cast<int64_t>(members[c].size());
+    if (nb == 0) continue;
+    const at::Tensor idx = at::from_blob(members[c].data(), {nb}, at::TensorOptions().dtype(at::kLong)).clone();
+    const at::Tensor x = pooled.index_select(0, idx);  // (nb, D)
+    const at::Tensor mb = x.mean(0);                   // batch mean of the class
+    const at::Tensor xc = x - mb;                      // centred on the batch mean
+    const double na = cp[c], n = na + static_cast<double>(nb);
+    at::Tensor mc = mean[c], sc = m2[c];
+    const at::Tensor delta = mb - mc;
+    sc.addmm_(xc.t(), xc);
+    if (na > 0) sc.addr_(delta, delta, 1.0, na * static_cast<double>(nb) / n);
+    mc.add_(delta, static_cast<double>(nb) / n);
+    cp[c] = n;
+  }
+}
+
+}  // namespace
+}  // namespace fastsel
+
+TORCH_LIBRARY_IMPL(fastsel, CPU, m) { m.impl("class_stats_update", &fastsel::class_stats_update_cpu); }

@@ -1,0 +1,68 @@
+// CUDA glue of class_stats_update (compiled only in CUDA builds): checks, layout and dtype preparation,
+// workspaces, and the launch of the torch-free kernels in class_stats_cuda.cu on the current stream.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "class_stats.h"
+#include "cuda/class_stats_params.h"
+
+namespace fastsel {
+namespace {
+
+cuda::ClassStatsInput input_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::ClassStatsInput::F32;
+    case at::kDouble: return cuda::ClassStatsInput::F64;
+    case at::kBFloat16: return cuda::ClassStatsInput::BF16;
+    case at::kHalf: return cuda::ClassStatsInput::F16;
+    default: TORCH_CHECK(false, "fastsel: class_stats_update: unsupported hidden dtype ", t);
+  }
+}
+
+void class_stats_update_cuda(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
+                             const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels) {
+  check_class_stats_update(count, mean, m2, hidden, pool_mask, labels);
+  TORCH_CHECK(hidden.is_cuda(), "fastsel: class_stats_update CUDA kernel called with a non-CUDA tensor");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2), C = count.size(0);
+  if (B == 0) return;
+  // One host sync per call; a wrong label would otherwise silently corrupt another class.
+  const at::Tensor lab = labels.contiguous();
+  const bool in_range = at::logical_and(lab.ge(0), lab.lt(C)).all().item<bool>();
+  TORCH_CHECK(in_range, "fastsel: labels out of range [0, ", C, ")");
+
+  const at::Tensor h = hidden.contiguous();
+  const at::Tensor mask = pool_mask.ne(0).to(at::kFloat).contiguous();
+  const at::TensorOptions acc_opts = mean.options();
+  at::Tensor pooled = at::empty({B, D}, acc_opts);
+  at::Tensor ntok = at::empty({B}, hidden.options().dtype(at::kFloat));
+  at::Tensor batch_count = at::empty({C}, count.options());
+  at::Tensor batch_mean = at::empty({C, D}, acc_opts);
+
+  cuda::ClassStatsParams p{};
+  p.count = count.data_ptr<double>();
+  p.mean = mean.data_ptr();
+  p.m2 = m2.data_ptr();
+  p.hidden = h.data_ptr();
+  p.mask = mask.data_ptr<float>();
+  p.labels = lab.data_ptr<int64_t>();
+  p.pooled = pooled.data_ptr();
+  p.ntok = ntok.data_ptr<float>();
+  p.batch_count = batch_count.data_ptr<double>();
+  p.batch_mean = batch_mean.data_ptr();
+  p.B = B;
+  p.T = T;
+  p.D = D;
+  p.C = C;
+  p.input = input_type(h.scalar_type());
+  p.acc = mean.scalar_type() == at::kDouble ? cuda::ClassStatsAcc::F64 : cuda::ClassStatsAcc::F32;
+  const cudaError_t err = cuda::launch_class_stats_update(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "fastsel: class_stats_update CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+}  // namespace fastsel
+
+TORCH_LIBRARY_IMPL(fastsel, CUDA, m) { m.impl("class_stats_update", &fastsel::class_stats_update_cuda); }

@@ -1,0 +1,172 @@
+// CUDA kernels of class_stats_update (semantics: fastsel/ops.py class_stats_update_ref, csrc/cpu).
+//
+// Torch-free on purpose (see class_stats_params.h). Five launches on one stream, no atomics, so the
+// result is deterministic:
+//  1. pool:    block (example b, 256 features): pooled[b, d] = masked mean over t, ntok[b];
+//  2. bmean:   block (class c, 256 features): per-class batch count and mean of the pooled rows;
+//  3. scatter: block (16 x 16 tile of D x D, class c): S = sum_{b in c} (x_b - bmean_c)(x_b - bmean_c)^T
+//              staged 16 examples at a time in shared memory (a small GEMM), then the Chan merge
+//              m2 += S + delta delta^T * n_a n_b / n, reading the OLD mean and count;
+//  4. mean:    mean += delta * n_b / n (old count);
+//  5. count:   count += n_b.
+// Torch builds .cu files with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__, hence
+// the explicit conversions.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "class_stats_params.h"
+
+namespace fastsel {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kTile = 16;
+
+template <typename A>
+__device__ __forceinline__ A load_as(const float* p, int64_t i) { return static_cast<A>(p[i]); }
+template <typename A>
+__device__ __forceinline__ A load_as(const double* p, int64_t i) { return static_cast<A>(p[i]); }
+template <typename A>
+__device__ __forceinline__ A load_as(const __nv_bfloat16* p, int64_t i) { return static_cast<A>(__bfloat162float(p[i])); }
+template <typename A>
+__device__ __forceinline__ A load_as(const __half* p, int64_t i) { return static_cast<A>(__half2float(p[i])); }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    pool_kernel(const T* __restrict__ h, const float* __restrict__ mask, A* __restrict__ pooled,
+                float* __restrict__ ntok, int64_t T_, int64_t D) {
+  const int64_t b = blockIdx.x;
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const float* mrow = mask + b * T_;
+  A s = A(0);
+  float n = 0.f;
+  for (int64_t t = 0; t < T_; ++t) {
+    if (mrow[t] == 0.f) continue;  // uniform across the block: no divergence
+    n += 1.f;
+    if (d < D) s += load_as<A>(h, (b * T_ + t) * D + d);
+  }
+  if (d < D) pooled[b * D + d] = n > 0.f ? s / static_cast<A>(n) : A(0);
+  if (blockIdx.y == 0 && threadIdx.x == 0) ntok[b] = n;
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    batch_mean_kernel(const A* __restrict__ pooled, const float* __restrict__ ntok, const int64_t* __restrict__ labels,
+                      double* __restrict__ batch_count, A* __restrict__ batch_mean, int64_t B, int64_t D) {
+  const int64_t c = blockIdx.x;
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  A s = A(0);
+  double n = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    if (labels[b] != c || ntok[b] == 0.f) continue;
+    n += 1.0;
+    if (d < D) s += pooled[b * D + d];
+  }
+  if (d < D) batch_mean[c * D + d] = n > 0.0 ? s / static_cast<A>(n) : A(0);
+  if (blockIdx.y == 0 && threadIdx.x == 0) batch_count[c] = n;
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kTile * kTile)
+    scatter_merge_kernel(const A* __restrict__ pooled, const float* __restrict__ ntok,
+                         const int64_t* __restrict__ labels, const double* __restrict__ batch_count,
+                         const A* __restrict__ batch_mean, const double* __restrict__ count,
+                         const A* __restrict__ mean, A* __restrict__ m2, int64_t B, int64_t D) {
+  __shared__ A xi[kTile][kTile + 1];  // [example][feature i], +1 against bank conflicts
+  __shared__ A xj[kTile][kTile + 1];
+  const int64_t c = blockIdx.z;
+  const double nb = batch_count[c];
+  if (nb == 0.0) return;  // uniform per block: no class member in this batch
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t i = i0 + ty, j = j0 + tx;
+  const A* bm = batch_mean + c * D;
+  A s = A(0);
+  for (int64_t b0 = 0; b0 < B; b0 += kTile) {
+    // Thread (ty, tx) stages example b0 + ty, features i0 + tx and j0 + tx (zero outside the class).
+    const int64_t b = b0 + ty;
+    const bool member = b < B && labels[b] == c && ntok[b] != 0.f;
+    const int64_t fi = i0 + tx, fj = j0 + tx;
+    xi[ty][tx] = (member && fi < D) ? pooled[b * D + fi] - bm[fi] : A(0);
+    xj[ty][tx] = (member && fj < D) ? pooled[b * D + fj] - bm[fj] : A(0);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kTile; ++k) s += xi[k][ty] * xj[k][tx];
+    __syncthreads();
+  }
+  if (i >= D || j >= D) return;
+  const double na = count[c], n = na + nb;
+  const A w = static_cast<A>(na * nb / n);
+  const A di = bm[i] - mean[c * D + i], dj = bm[j] - mean[c * D + j];
+  m2[(c * D + i) * D + j] += s + w * di * dj;
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    mean_update_kernel(const double* __restrict__ batch_count, const A* __restrict__ batch_mean,
+                       const double* __restrict__ count, A* __restrict__ mean, int64_t D) {
+  const int64_t c = blockIdx.x;
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const double nb = batch_count[c];
+  if (nb == 0.0 || d >= D) return;
+  const A w = static_cast<A>(nb / (count[c] + nb));
+  mean[c * D + d] += (batch_mean[c * D + d] - mean[c * D + d]) * w;
+}
+
+__global__ void count_update_kernel(const double* __restrict__ batch_count, double* __restrict__ count, int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < C) count[c] += batch_count[c];
+}
+
+template <typename T, typename A>
+cudaError_t launch_typed(const ClassStatsParams& p, cudaStream_t stream) {
+  const int64_t dblocks = ceil_div(p.D, kThreads);
+  if (dblocks > 65535 || p.C > 65535 || ceil_div(p.D, kTile) > 65535) return cudaErrorInvalidConfiguration;
+  A* pooled = static_cast<A*>(p.pooled);
+  A* bmean = static_cast<A*>(p.batch_mean);
+  A* mean = static_cast<A*>(p.mean);
+  A* m2 = static_cast<A*>(p.m2);
+  const int64_t dgrid = dblocks > 0 ? dblocks : 1;
+  pool_kernel<T, A><<<dim3(static_cast<unsigned>(p.B), static_cast<unsigned>(dgrid)), kThreads, 0, stream>>>(
+      static_cast<const T*>(p.hidden), p.mask, pooled, p.ntok, p.T, p.D);
+  batch_mean_kernel<A><<<dim3(static_cast<unsigned>(p.C), static_cast<unsigned>(dgrid)), kThreads, 0, stream>>>(
+      pooled, p.ntok, p.labels, p.batch_count, bmean, p.B, p.D);
+  if (p.D > 0) {
+    const unsigned tiles = static_cast<unsigned>(ceil_div(p.D, kTile));
+    scatter_merge_kernel<A><<<dim3(tiles, tiles, static_cast<unsigned>(p.C)), dim3(kTile, kTile), 0, stream>>>(
+        pooled, p.ntok, p.labels, p.batch_count, bmean, p.count, mean, m2, p.B, p.D);
+    mean_update_kernel<A><<<dim3(static_cast<unsigned>(p.C), static_cast<unsigned>(dblocks)), kThreads, 0, stream>>>(
+        p.batch_count, bmean, p.count, mean, p.D);
+  }
+  count_update_kernel<<<static_cast<unsigned>(ceil_div(p.C, kThreads)), kThreads, 0, stream>>>(p.batch_count, p.count,
+                                                                                                p.C);
+  return cudaGetLastError();
+}
+
+template <typename A>
+cudaError_t launch_acc(const ClassStatsParams& p, cudaStream_t stream) {
+  switch (p.input) {
+    case ClassStatsInput::F32: return launch_typed<float, A>(p, stream);
+    case ClassStatsInput::F64: return launch_typed<double, A>(p, stream);
+    case ClassStatsInput::BF16: return launch_typed<__nv_bfloat16, A>(p, stream);
+    case ClassStatsInput::F16: return launch_typed<__half, A>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_class_stats_update(const ClassStatsParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.C == 0) return cudaSuccess;
+  if (p.B > 2147483647LL) return cudaErrorInvalidConfiguration;  // grid.x
+  return p.acc == ClassStatsAcc::F64 ? launch_acc<double>(p, stream) : launch_acc<float>(p, stream);
+}
+
+}  // namespace cuda
+}  // namespace fastsel

@@ -1,0 +1,37 @@
+// Torch-free interface between the CUDA glue (class_stats_cuda.cpp, ATen) and the kernels
+// (class_stats_cuda.cu) of class_stats_update. The glue validates, makes everything contiguous,
+// converts pool_mask to 0/1 float, range-checks labels and allocates the workspaces.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fastsel {
+namespace cuda {
+
+// Element type of `hidden`.
+enum class ClassStatsInput : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
+// Element type of mean / m2 / the workspaces `pooled` and `batch_mean` (count is always double).
+enum class ClassStatsAcc : int { F32 = 0, F64 = 1 };
+
+struct ClassStatsParams {
+  double* count;             // (C,) running counts
+  void* mean;                // (C, D) running class means, `acc`
+  void* m2;                  // (C, D, D) running scatters, `acc`
+  const void* hidden;        // (B, T, D), `input`
+  const float* mask;         // (B, T), 1 = pooled token, 0 = not
+  const int64_t* labels;     // (B,), values in [0, C)
+  void* pooled;              // workspace (B, D), `acc`
+  float* ntok;               // workspace (B,): pooled tokens per example
+  double* batch_count;       // workspace (C,)
+  void* batch_mean;          // workspace (C, D), `acc`
+  int64_t B, T, D, C;
+  ClassStatsInput input;
+  ClassStatsAcc acc;
+};
+
+// Enqueues the whole update on `stream` (nothing for B == 0) and returns cudaGetLastError().
+cudaError_t launch_class_stats_update(const ClassStatsParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastsel

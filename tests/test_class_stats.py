@@ -1,0 +1,183 @@
+"""The streaming class-statistics op: kernel vs reference vs a plain numpy oracle, edge cases, invariance."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastsel import ops
+from fastsel._backend import EXTENSION
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and EXTENSION.cuda else [])
+HAS_KERNEL = EXTENSION.loaded
+IMPLS = {"ref": ops.class_stats_update_ref}
+if HAS_KERNEL:
+    IMPLS["kernel"] = lambda *a: torch.ops.fastsel.class_stats_update(*a)
+
+
+def zeros(C: int, D: int, acc=torch.float64, device="cpu"):
+    return (torch.zeros(C, dtype=torch.float64, device=device), torch.zeros(C, D, dtype=acc, device=device),
+            torch.zeros(C, D, D, dtype=acc, device=device))
+
+
+def numpy_stats(hidden: np.ndarray, mask: np.ndarray, labels: np.ndarray, C: int):
+    """Independent oracle: pooled states by a loop, then per-class count, mean and scatter by numpy."""
+    pooled, labs = [], []
+    for b in range(hidden.shape[0]):
+        sel = mask[b] != 0
+        if sel.any():
+            pooled.append(hidden[b][sel].astype(np.float64).mean(0))
+            labs.append(labels[b])
+    D = hidden.shape[2]
+    pooled = np.array(pooled).reshape(-1, D)
+    labs = np.array(labs, dtype=np.int64)
+    count = np.zeros(C)
+    mean = np.zeros((C, D))
+    m2 = np.zeros((C, D, D))
+    for c in range(C):
+        x = pooled[labs == c]
+        count[c] = len(x)
+        if len(x):
+            mean[c] = x.mean(0)
+            xc = x - mean[c]
+            m2[c] = xc.T @ xc
+    return count, mean, m2
+
+
+def data(B=12, T=6, D=5, C=3, seed=0, dtype=torch.float32, p_keep=0.7):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(B, T, D, generator=g) * 3 + 1).to(dtype)
+    mask = (torch.rand(B, T, generator=g) < p_keep).long()
+    labels = torch.randint(0, C, (B,), generator=g)
+    return hidden, mask, labels
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(12, 6, 5, 3), (1, 1, 1, 1), (33, 17, 40, 4), (8, 3, 24, 2)])
+def test_matches_numpy(impl, device, dtype, shape):
+    B, T, D, C = shape
+    hidden, mask, labels = data(B, T, D, C, seed=sum(shape), dtype=dtype)
+    acc = zeros(C, D, device=device)
+    IMPLS[impl](*acc, hidden.to(device), mask.to(device), labels.to(device))
+    count, mean, m2 = numpy_stats(hidden.double().numpy(), mask.numpy(), labels.numpy(), C)
+    torch.testing.assert_close(acc[0].cpu(), torch.from_numpy(count))
+    torch.testing.assert_close(acc[1].cpu(), torch.from_numpy(mean), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(acc[2].cpu(), torch.from_numpy(m2), rtol=1e-9, atol=1e-8)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="compiled extension not loaded")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
+def test_kernel_matches_reference_accumulating(device, acc_dtype):
+    """Several updates into the same accumulators, float32 and float64 accumulators."""
+    C, D = 3, 16
+    a, b = zeros(C, D, acc_dtype, device), zeros(C, D, acc_dtype, device)
+    for seed in range(4):
+        hidden, mask, labels = data(10, 7, D, C, seed=seed)
+        args = (hidden.to(device), mask.to(device), labels.to(device))
+        torch.ops.fastsel.class_stats_update(*a, *args)
+        ops.class_stats_update_ref(*b, *args)
+    tol = dict(rtol=1e-4, atol=1e-3) if acc_dtype == torch.float32 else dict(rtol=1e-10, atol=1e-9)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **tol)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_batch_size_and_order_invariance(impl):
+    """Same data fed whole, in batches of 1, 5 and 7, and permuted: the same statistics (fp64)."""
+    C, D = 3, 8
+    hidden, mask, labels = data(40, 9, D, C, seed=3)
+    whole = zeros(C, D)
+    IMPLS[impl](*whole, hidden, mask, labels)
+    for bs in (1, 5, 7):
+        for perm in (torch.arange(40), torch.randperm(40, generator=torch.Generator().manual_seed(bs))):
+            acc = zeros(C, D)
+            for s in range(0, 40, bs):
+                idx = perm[s : s + bs]
+                IMPLS[impl](*acc, hidden[idx], mask[idx], labels[idx])
+            for x, y in zip(acc, whole):
+                torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_no_drift_with_large_offset(impl):
+    """States with a large common offset (1e4) and small spread: Chan merging keeps the scatter exact."""
+    C, D = 2, 4
+    g = torch.Generator().manual_seed(0)
+    hidden = (1e4 + torch.randn(64, 3, D, generator=g, dtype=torch.float64))
+    mask = torch.ones(64, 3)
+    labels = torch.arange(64) % 2
+    acc = zeros(C, D)
+    for s in range(0, 64, 3):
+        IMPLS[impl](*acc, hidden[s : s + 3], mask[s : s + 3], labels[s : s + 3])
+    count, mean, m2 = numpy_stats(hidden.numpy(), mask.numpy(), labels.numpy(), C)
+    torch.testing.assert_close(acc[2], torch.from_numpy(m2), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_empty_batch_one_class_batch_and_unpooled_examples(impl):
+    C, D = 3, 4
+    acc = zeros(C, D)
+    IMPLS[impl](*acc, torch.randn(0, 5, D), torch.ones(0, 5), torch.zeros(0, dtype=torch.long))
+    assert acc[0].sum() == 0 and acc[2].abs().sum() == 0
+    hidden, mask, _ = data(6, 5, D, C, seed=1, p_keep=1.0)
+    labels = torch.full((6,), 2)
+    mask[0] = 0  # no pooled token: skipped
+    IMPLS[impl](*acc, hidden, mask, labels)
+    assert acc[0].tolist() == [0.0, 0.0, 5.0]
+    count, mean, m2 = numpy_stats(hidden.double().numpy(), mask.numpy(), labels.numpy(), C)
+    torch.testing.assert_close(acc[1], torch.from_numpy(mean), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(acc[2], torch.from_numpy(m2), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_non_contiguous_inputs_and_bool_mask(impl):
+    C, D = 2, 6
+    hidden, mask, labels = data(8, 5, D, C, seed=4)
+    hid_nc = hidden.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
+    assert not hid_nc.is_contiguous()
+    a, b = zeros(C, D), zeros(C, D)
+    IMPLS[impl](*a, hid_nc, mask.bool().t().contiguous().t(), labels)
+    ops.class_stats_update_ref(*b, hidden, mask.float(), labels)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_bad_input(impl):
+    C, D = 2, 4
+    hidden, mask, labels = data(4, 3, D, C)
+    err = (ValueError, RuntimeError)
+    with pytest.raises(err, match="out of range"):
+        IMPLS[impl](*zeros(C, D), hidden, mask, labels + 5)
+    with pytest.raises(err, match="int64"):
+        IMPLS[impl](*zeros(C, D), hidden, mask, labels.int())
+    with pytest.raises(err, match="pool_mask"):
+        IMPLS[impl](*zeros(C, D), hidden, mask[:, :2], labels)
+    with pytest.raises(err, match="m2"):
+        count, mean, _ = zeros(C, D)
+        IMPLS[impl](count, mean, torch.zeros(C, D, D + 1, dtype=torch.float64), hidden, mask, labels)
+    with pytest.raises(err, match="count"):
+        IMPLS[impl](torch.zeros(C), *zeros(C, D)[1:], hidden, mask, labels)
+
+
+def test_wrapper_dispatches_to_a_backend():
+    C, D = 2, 3
+    hidden, mask, labels = data(5, 4, D, C)
+    a, b = zeros(C, D), zeros(C, D)
+    ops.class_stats_update(*a, hidden, mask, labels)
+    ops.class_stats_update_ref(*b, hidden, mask, labels)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="compiled extension not loaded")
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    C, D = 3, 5
+    hidden, mask, labels = data(6, 4, D, C)
+    for args in [(*zeros(C, D, device=device), hidden.to(device), mask.to(device), labels.to(device)),
+                 (*zeros(C, D, torch.float32, device=device), hidden.to(device), mask.bool().to(device), labels.to(device))]:
+        torch.library.opcheck(torch.ops.fastsel.class_stats_update.default, args)
