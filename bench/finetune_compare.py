@@ -50,6 +50,8 @@ STRATEGIES = [
     ("spafit-1-3-i", "full", 5e-4),
     ("position-top-2", "adapter", 5e-4),
 ]
+# the same plans trained without the cached frozen prefix: the epoch-time saving of the cache
+NO_CACHE = [("position-top-1", "full", 1e-4), ("fisher-top-1", "full", 1e-4)]
 
 
 def variability_scores(model, features, tokenizer, task: str, batch_size: int = 32) -> LayerScores:
@@ -110,8 +112,13 @@ def score_task(task: str, args, out: Path) -> dict[str, Path]:
     return paths
 
 
-def run_one(task: str, strategy: str, tuner: str, lr: float, scores: dict[str, Path], args, out: Path) -> dict | None:
-    name = strategy if tuner == "full" else f"{strategy}+{tuner}"
+def run_name(strategy: str, tuner: str, cache: str) -> str:
+    return (strategy if tuner == "full" else f"{strategy}+{tuner}") + ("" if cache == "auto" else f"+cache-{cache}")
+
+
+def run_one(task: str, strategy: str, tuner: str, lr: float, scores: dict[str, Path], args, out: Path,
+            cache: str = "auto") -> dict | None:
+    name = run_name(strategy, tuner, cache)
     run_dir = out / name
     if (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
@@ -120,7 +127,7 @@ def run_one(task: str, strategy: str, tuner: str, lr: float, scores: dict[str, P
            args.data_dir, "--strategy", strategy, "--tuner", tuner, "--epochs", str(args.epochs), "--lr", str(lr),
            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--train-examples",
            str(args.train_examples), "--seed", str(args.seed), "--lora-r", "8", "--lora-alpha", "16",
-           "--adapter-size", str(args.adapter_size), "--out", str(run_dir), "--no-progress"]
+           "--adapter-size", str(args.adapter_size), "--cache-prefix", cache, "--out", str(run_dir), "--no-progress"]
     if strategy.startswith(("fisher", "lstar", "top", "bottom")):
         cmd += ["--scores", str(score_file)]
     start = time.perf_counter()
@@ -143,7 +150,7 @@ def table(rows: list[dict]) -> str:
         plan = json.loads((Path(r["dir"]) / "plan.json").read_text())
         tuned = [l for l, b in enumerate(plan["blocks"]) if b["kind"] != "frozen"]
         cache = res.get("cache") or {}
-        lines.append(f"| {r['task']} | {res['strategy']} | {','.join(map(str, tuned)) or '-'} | {plan['head_layer']} | "
+        lines.append(f"| {r['task']} | {r.get('name', res['strategy'])} | {','.join(map(str, tuned)) or '-'} | {plan['head_layer']} | "
                      f"{metric} | {res['trainable_params']:,} | {res['epoch_seconds_mean']:.1f} | "
                      f"{cache.get('seconds', 0):.1f} | {res['peak_memory_mb']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -162,6 +169,7 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--adapter-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-compare", action="store_true", help="also train some plans without the prefix cache")
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args()
     wanted = {s for s in args.strategies.split(",") if s}
@@ -172,13 +180,15 @@ def main() -> int:
         tdir = out / task
         tdir.mkdir(parents=True, exist_ok=True)
         scores = score_task(task, args, tdir)
-        for strategy, tuner, lr in STRATEGIES:
-            name = strategy if tuner == "full" else f"{strategy}+{tuner}"
+        runs = [(s, t, lr, "auto") for s, t, lr in STRATEGIES]
+        runs += [(s, t, lr, "off") for s, t, lr in NO_CACHE] if args.cache_compare else []
+        for strategy, tuner, lr, cache in runs:
+            name = run_name(strategy, tuner, cache)
             if wanted and name not in wanted and strategy not in wanted:
                 continue
-            res = run_one(task, strategy, tuner, lr, scores, args, tdir)
+            res = run_one(task, strategy, tuner, lr, scores, args, tdir, cache)
             if res is not None:
-                rows.append({"task": task, "res": res, "dir": str(tdir / name)})
+                rows.append({"task": task, "res": res, "dir": str(tdir / name), "name": name})
                 (out / "table.md").write_text(table(rows))
     print(table(rows))
     return 0

@@ -17,6 +17,15 @@ LARGE = dict(vocab_size=28996, hidden_size=1024, num_hidden_layers=24, num_atten
              intermediate_size=4096, max_position_embeddings=512, type_vocab_size=2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box threads spin-wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def bert_large(num_labels: int = 3) -> BertConfig:
     return BertConfig(**LARGE, num_labels=num_labels)
 
