@@ -45,6 +45,8 @@ STRATEGIES = [
     ("lstar-up", "full", 1e-4),
     ("position-top-1", "full", 1e-4),
     ("position-top-3", "full", 1e-4),
+    ("middle-1", "full", 1e-4),
+    ("middle-1-trunc", "full", 1e-4),
     ("bitfit", "full", 1e-3),
     ("lora-i", "full", 5e-4),
     ("spafit-1-3-i", "full", 5e-4),
@@ -131,7 +133,8 @@ def run_one(task: str, strategy: str, tuner: str, lr: float, scores: dict[str, P
     if strategy.startswith(("fisher", "lstar", "top", "bottom")):
         cmd += ["--scores", str(score_file)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"FAILED {task} {name}: {proc.stderr[-2000:]}", flush=True)
         return None
@@ -169,13 +172,14 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--adapter-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per run (1 avoids spin-waiting on a shared box)")
     p.add_argument("--cache-compare", action="store_true", help="also train some plans without the prefix cache")
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args()
     wanted = {s for s in args.strategies.split(",") if s}
     out = Path(args.out)
     rows: list[dict] = []
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     for task in args.tasks.split(","):
         tdir = out / task
         tdir.mkdir(parents=True, exist_ok=True)

@@ -136,10 +136,18 @@ class EpochCallback(Protocol):
 
 
 def peak_memory_mb(device: str | torch.device = "cpu") -> float:
-    """Peak memory: CUDA max allocated on a GPU, else this process's peak resident set size (whole process)."""
+    """Peak memory: CUDA max allocated on a GPU, else this process's peak resident set size (whole process).
+
+    On Linux VmHWM is read from /proc/self/status: unlike ``ru_maxrss``, which a child inherits from its
+    parent across fork + exec, it belongs to this process alone.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
@@ -677,7 +685,7 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
         plan = build_plan(job.strategy, layer_map.num_layers, scores=scores, tuner=job.tuner,
                           lora=LoraSpec(r=job.lora_r, alpha=job.lora_alpha, dropout=job.lora_dropout),
                           adapter_size=job.adapter_size)
-    plan = plan.with_counts(model)
+    plan = plan.with_counts(model.config)  # on the meta device: no copy of the weights
     apply_plan(model, plan, layer_map)
 
     callbacks: list[EpochCallback] = []
