@@ -16,6 +16,8 @@ __all__ = ["main", "COMMANDS"]
 COMMANDS: dict[str, str] = {
     "score": "fastsel.cli:add_score_command",
     "info": "fastsel.cli:add_info_command",
+    "plan": "fastsel.tune_cli:add_plan_command",
+    "finetune": "fastsel.tune_cli:add_finetune_command",
 }
 
 

@@ -1,0 +1,697 @@
+"""Tuning plans: how every block, the embeddings, the pooler and the head are tuned, and where the head reads.
+
+A :class:`Plan` holds one :class:`Tuning` per block (0..L-1) plus one each for embeddings, pooler and head,
+and ``head_layer``: the block whose output the classification head reads (blocks above it are removed from
+the model, Xie et al. appendix B). Tuning kinds:
+
+========  =========================================================================================
+frozen    nothing trained
+full      every parameter of the part
+bitfit    the biases of the listed sub-layers (``biases``; all sub-layers when empty) -- BitFit
+lora      LoRA (``lora``: rank, alpha, which matrices) on the attention matrices, plus the biases of
+          the sub-layers in ``biases`` (SPAFIT's FT-I / FT-II)
+adapter   Houlsby bottleneck adapters (``adapter_size``) after the attention output and after the FFN
+          output, plus the block's LayerNorm parameters (Xie et al. B.2)
+========  =========================================================================================
+
+Unless a plan says otherwise the classification head is trained and the pooler is not.
+
+Layer indices are 0-based block indices, the same as in scores.json (``layers[l]`` is block ``l``). Xie et
+al. number layers 1..L; their ``(l_bottom, l_top, l_head)`` = (1, L, L) is our (0, L-1, L-1).
+
+Strategies (``build_plan(name, ...)``; see :data:`STRATEGIES`)
+----------------------------------------------------------------
+``full``, ``bitfit`` (all biases: embeddings, blocks, pooler), ``lora-i`` (query, key, value),
+``lora-ii`` (+ attention output dense); ``fisher-top-K`` / ``fisher-bottom-K`` (K blocks with the highest /
+lowest Fisher score; needs a Fisher scores.json), ``top-K`` / ``bottom-K`` (any scores.json, respecting its
+``higher_is_better``); ``layers-B-T-H`` (Xie's triple, 0-based); ``lstar-down-N`` = (l*-N+1, l*, L-1) and
+``lstar-down-N-trunc`` = (l*-N+1, l*, l*); ``lstar-up`` = (l*+1, L-1, L-1); ``lstar-prefix`` = (0, l*, l*)
+(l* from a variability scores.json: its top-level ``l_star``, else its best-ranked block);
+``position-top-K`` = (L-K, L-1, L-1); ``middle-N`` / ``middle-N-trunc`` = (m-N+1, m, L-1) / (.., m, m) with
+m = L // 2 (Xie's l_mid = 13 of 24, 1-based); ``spafit-N1-N2-i`` / ``spafit-N1-N2-ii``.
+Layer-selecting strategies tune the selected blocks with ``tuner`` (``full`` by default, ``adapter`` for
+adapter-tuning, or ``bitfit`` / ``lora``).
+
+SPAFIT groups (Arora & Wang, section 3.2, Tables 1 and 2)
+----------------------------------------------------------
+``spafit-N1-N2-{i,ii}`` holds, with 0-based block indices,
+
+- group 1 = blocks 0..N1 (N1 + 1 blocks): frozen;
+- group 2 = blocks N1+1..N2: BitFit on all sub-layers (every bias of the block, LayerNorm biases included);
+- group 3 = blocks N2+1..L-1: LoRA-I (query, key, value) or LoRA-II (+ attention.output.dense), r = 64,
+  alpha = 128, plus the biases of the intermediate and output sub-layers (intermediate.dense,
+  output.dense, output.LayerNorm); the attention biases of group 3 stay frozen.
+
+Why: this is the only reading of the groups that reproduces every SPAFIT row of Table 2 for
+BERT-large-cased. An exhaustive search over group boundaries ([0, N1) vs [0, N1], [N1, N2) vs (N1, N2]),
+bias sets (dense biases only / plus LayerNorm biases / plus LayerNorm weights) and head parameters (none,
+classifier for 1, 2 or 3 labels, with or without the pooler) has this as its unique solution. Per block of
+BERT-large: LoRA r=64 adds 2*64*1024 = 131,072 per matrix; all biases are 11,264; the intermediate/output
+biases 6,144. SPAFIT-4-9-I: group 1 = blocks 0..4, group 2 = blocks 5..9: 5 * 11,264 = 56,320, group 3 =
+blocks 10..23: 14 * (3 * 131,072 + 6,144) = 5,591,040, plus the classifier 3,075: 5,650,435 -> 5.65 M. The classifier counted is a 3-label head (MNLI's; 1024 * 3 + 3), and the pooler is frozen: with a
+2-label head SPAFIT-4-9-II would be 7.48 M, not 7.49 M, and LoRA-II 12.58 M, not 12.59 M. Full fine-tuning
+(333.58 M) counts everything, pooler included; LoRA-I / LoRA-II count LoRA matrices plus that classifier.
+
+Table 2's "Full BitFit 31.52 M" cannot be reproduced by any set of biases: all biases of BERT-large are
+0.27 M; 31.5 M needs the 29.7 M word-embedding table to be trained. Our ``bitfit`` trains all biases
+(275,459 parameters with the 3-label head), as BitFit is defined; the test records the discrepancy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+from fastsel.scores import LayerScores, atomic_write_text
+
+__all__ = [
+    "KINDS",
+    "SUBLAYERS",
+    "LORA_MATRICES",
+    "LoraSpec",
+    "Tuning",
+    "Plan",
+    "PlanError",
+    "ArchNames",
+    "arch_names",
+    "Strategy",
+    "STRATEGIES",
+    "register_strategy",
+    "build_plan",
+    "strategy_names",
+    "count_trainable",
+    "meta_model",
+    "FROZEN",
+    "FULL",
+]
+
+KINDS = ("frozen", "full", "bitfit", "lora", "adapter")
+SUBLAYERS = ("attention", "intermediate", "output")
+LORA_MATRICES = ("query", "key", "value", "attention_output")
+_PART_KINDS = ("frozen", "full", "bitfit")  # embeddings, pooler, head
+
+
+class PlanError(ValueError):
+    """A plan or strategy that cannot be built or applied (bad layer, bad triple, unknown strategy, ...)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture names: which modules of a block are the LoRA matrices, the sub-layers, the adapter sites
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchNames:
+    """Module names inside one block (relative to the block) for one family of architectures."""
+
+    lora: dict[str, str]  # logical matrix -> module path
+    sublayers: dict[str, tuple[str, ...]]  # sub-layer -> module path prefixes
+    attention_out: str  # linear after which the attention adapter goes
+    ffn_out: str  # linear after which the FFN adapter goes
+
+    def sublayer_of(self, rel_name: str) -> str | None:
+        for sub, prefixes in self.sublayers.items():
+            if any(rel_name.startswith(p + ".") or rel_name == p for p in prefixes):
+                return sub
+        return None
+
+
+_BERT_LIKE = ArchNames(
+    lora={"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+          "attention_output": "attention.output.dense"},
+    sublayers={"attention": ("attention",), "intermediate": ("intermediate",), "output": ("output",)},
+    attention_out="attention.output.dense",
+    ffn_out="output.dense",
+)
+_ARCH_NAMES: dict[str, ArchNames] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "deberta-v2": replace(_BERT_LIKE, lora={"query": "attention.self.query_proj", "key": "attention.self.key_proj",
+                                            "value": "attention.self.value_proj",
+                                            "attention_output": "attention.output.dense"}),
+    "distilbert": ArchNames(
+        lora={"query": "attention.q_lin", "key": "attention.k_lin", "value": "attention.v_lin",
+              "attention_output": "attention.out_lin"},
+        sublayers={"attention": ("attention", "sa_layer_norm"), "intermediate": ("ffn.lin1",),
+                   "output": ("ffn.lin2", "output_layer_norm")},
+        attention_out="attention.out_lin",
+        ffn_out="ffn.lin2",
+    ),
+}
+
+
+def arch_names(model_type: str) -> ArchNames:
+    if model_type not in _ARCH_NAMES:
+        raise PlanError(f"fastsel: no sub-layer names known for architecture {model_type!r}; "
+                        f"supported: {sorted(_ARCH_NAMES)}")
+    return _ARCH_NAMES[model_type]
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan dataclasses
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA on the listed attention matrices: rank ``r``, scaling ``alpha / r``, dropout on the input."""
+
+    r: int = 64
+    alpha: float = 128
+    matrices: tuple[str, ...] = ("query", "key", "value")
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "matrices", tuple(self.matrices))
+        if self.r < 1:
+            raise PlanError(f"fastsel: LoRA rank must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise PlanError(f"fastsel: LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise PlanError(f"fastsel: LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not self.matrices:
+            raise PlanError("fastsel: LoRA needs at least one matrix")
+        bad = [m for m in self.matrices if m not in LORA_MATRICES]
+        if bad:
+            raise PlanError(f"fastsel: unknown LoRA matrices {bad}; choose from {LORA_MATRICES}")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How one part (a block, the embeddings, the pooler or the head) is tuned; see the module docstring."""
+
+    kind: str = "frozen"
+    biases: tuple[str, ...] = ()  # bitfit: sub-layers (empty = all); lora: extra BitFit sub-layers
+    lora: LoraSpec | None = None
+    adapter_size: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "biases", tuple(self.biases))
+        if self.kind not in KINDS:
+            raise PlanError(f"fastsel: unknown tuning kind {self.kind!r}; choose from {KINDS}")
+        bad = [b for b in self.biases if b not in SUBLAYERS]
+        if bad:
+            raise PlanError(f"fastsel: unknown sub-layers {bad}; choose from {SUBLAYERS}")
+        if self.biases and self.kind not in ("bitfit", "lora"):
+            raise PlanError(f"fastsel: 'biases' only applies to bitfit and lora tuning, not {self.kind!r}")
+        if (self.kind == "lora") != (self.lora is not None):
+            raise PlanError("fastsel: a LoRA spec is needed for kind 'lora' and only for it")
+        if self.kind == "adapter":
+            if self.adapter_size is None or self.adapter_size < 1:
+                raise PlanError(f"fastsel: adapter tuning needs adapter_size >= 1, got {self.adapter_size}")
+        elif self.adapter_size is not None:
+            raise PlanError("fastsel: adapter_size only applies to kind 'adapter'")
+
+    @property
+    def trains(self) -> bool:
+        return self.kind != "frozen"
+
+    def short(self) -> str:
+        if self.kind == "lora":
+            assert self.lora is not None
+            s = f"lora(r={self.lora.r},{'+'.join(self.lora.matrices)})"
+            return s + (f"+bias({','.join(self.biases)})" if self.biases else "")
+        if self.kind == "bitfit" and self.biases:
+            return f"bitfit({','.join(self.biases)})"
+        if self.kind == "adapter":
+            return f"adapter({self.adapter_size})"
+        return self.kind
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind}
+        if self.biases:
+            d["biases"] = list(self.biases)
+        if self.lora is not None:
+            d["lora"] = {**asdict(self.lora), "matrices": list(self.lora.matrices)}
+        if self.adapter_size is not None:
+            d["adapter_size"] = self.adapter_size
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | str) -> "Tuning":
+        if isinstance(d, str):
+            d = {"kind": d}
+        unknown = set(d) - {"kind", "biases", "lora", "adapter_size"}
+        if unknown:
+            raise PlanError(f"fastsel: unknown tuning keys {sorted(unknown)}")
+        lora = d.get("lora")
+        return cls(kind=d.get("kind", "frozen"), biases=tuple(d.get("biases", ())),
+                   lora=LoraSpec(**lora) if lora is not None else None, adapter_size=d.get("adapter_size"))
+
+
+FROZEN = Tuning("frozen")
+FULL = Tuning("full")
+
+
+@dataclass
+class Plan:
+    """One tuning per block (0..L-1) plus embeddings, pooler and head; the head reads block ``head_layer``.
+
+    ``head_layer=None`` means the top block (no truncation). Blocks above ``head_layer`` are removed
+    from the model and must be frozen in the plan. ``trainable_params`` / ``params_by_group`` are filled
+    by :meth:`with_counts` (head included in the total).
+    """
+
+    blocks: list[Tuning]
+    embeddings: Tuning = FROZEN
+    pooler: Tuning = FROZEN
+    head: Tuning = FULL
+    head_layer: int | None = None
+    strategy: str = "custom"
+    details: dict[str, Any] = field(default_factory=dict)
+    trainable_params: int | None = None
+    params_by_group: dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        self.blocks = [b if isinstance(b, Tuning) else Tuning.from_dict(b) for b in self.blocks]
+        self.validate()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def head_at(self) -> int:
+        return self.num_layers - 1 if self.head_layer is None else self.head_layer
+
+    @property
+    def truncated(self) -> bool:
+        return self.head_at < self.num_layers - 1
+
+    def tuned_layers(self, kind: str | None = None) -> list[int]:
+        return [l for l, t in enumerate(self.blocks) if t.trains and (kind is None or t.kind == kind)]
+
+    @property
+    def first_trained_layer(self) -> int | None:
+        """Lowest block that trains anything (None when no block does)."""
+        tuned = self.tuned_layers()
+        return tuned[0] if tuned else None
+
+    @property
+    def lora_spec(self) -> LoraSpec | None:
+        specs = {t.lora for t in self.blocks if t.lora is not None}
+        return next(iter(specs)) if specs else None
+
+    def validate(self) -> None:
+        L = self.num_layers
+        if L < 1:
+            raise PlanError("fastsel: a plan needs at least one block")
+        if self.head_layer is not None and not 0 <= self.head_layer < L:
+            raise PlanError(f"fastsel: head layer {self.head_layer} out of range: the model has blocks 0..{L - 1}")
+        above = [l for l in range(self.head_at + 1, L) if self.blocks[l].trains]
+        if above:
+            raise PlanError(f"fastsel: blocks {above} are tuned but lie above the head layer {self.head_at}, "
+                            "which removes them from the model")
+        for part in ("embeddings", "pooler", "head"):
+            t = getattr(self, part)
+            if t.kind not in _PART_KINDS:
+                raise PlanError(f"fastsel: the {part} can be tuned {_PART_KINDS}, not {t.kind!r}")
+            if t.biases:
+                raise PlanError(f"fastsel: the {part} has no sub-layers; bitfit there trains all its biases")
+        specs = {t.lora for t in self.blocks if t.lora is not None}
+        if len(specs) > 1:
+            raise PlanError(f"fastsel: all LoRA blocks of a plan must share one LoRA spec, got {len(specs)}")
+
+    # -- JSON ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "strategy": self.strategy,
+            "num_layers": self.num_layers,
+            "head_layer": self.head_at,
+            "blocks": [t.to_dict() for t in self.blocks],
+            "embeddings": self.embeddings.to_dict(),
+            "pooler": self.pooler.to_dict(),
+            "head": self.head.to_dict(),
+            "details": self.details,
+        }
+        if self.trainable_params is not None:
+            d["trainable_params"] = self.trainable_params
+            d["params_by_group"] = self.params_by_group
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        known = {"strategy", "num_layers", "head_layer", "blocks", "embeddings", "pooler", "head", "details",
+                 "trainable_params", "params_by_group"}
+        unknown = set(d) - known
+        if unknown:
+            raise PlanError(f"fastsel: unknown plan keys {sorted(unknown)}")
+        if "blocks" not in d:
+            raise PlanError("fastsel: not a plan: missing key 'blocks'")
+        blocks = [Tuning.from_dict(b) for b in d["blocks"]]
+        if "num_layers" in d and d["num_layers"] != len(blocks):
+            raise PlanError(f"fastsel: plan says num_layers={d['num_layers']} but lists {len(blocks)} blocks")
+        head_layer = d.get("head_layer")
+        return cls(
+            blocks=blocks,
+            embeddings=Tuning.from_dict(d.get("embeddings", "frozen")),
+            pooler=Tuning.from_dict(d.get("pooler", "frozen")),
+            head=Tuning.from_dict(d.get("head", "full")),
+            head_layer=None if head_layer is None or head_layer == len(blocks) - 1 else int(head_layer),
+            strategy=d.get("strategy", "custom"),
+            details=d.get("details", {}),
+            trainable_params=d.get("trainable_params"),
+            params_by_group=d.get("params_by_group"),
+        )
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "Plan":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    # -- counts and display --------------------------------------------------------------------------
+
+    def with_counts(self, model_or_config: Any) -> "Plan":
+        """A copy with ``trainable_params`` / ``params_by_group`` counted on ``model_or_config`` (meta device)."""
+        counts = count_trainable(self, model_or_config)
+        return replace(self, trainable_params=counts["total"], params_by_group=counts)
+
+    def table(self) -> str:
+        """Per group: how it is tuned and its trainable parameters (after :meth:`with_counts`)."""
+        counts = self.params_by_group or {}
+        rows = [("embeddings", self.embeddings.short())]
+        for l, t in enumerate(self.blocks):
+            rows.append((f"layer.{l}", "removed" if l > self.head_at else t.short()))
+        rows += [("pooler", self.pooler.short()), ("head", self.head.short() + f" (reads block {self.head_at})")]
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        lines = [f"plan {self.strategy}: {self.num_layers} blocks, head on block {self.head_at}"]
+        lines.append(f"{'group'.ljust(w0)}  {'tuning'.ljust(w1)}  trainable")
+        for g, how in rows:
+            n = counts.get(g)
+            lines.append(f"{g.ljust(w0)}  {how.ljust(w1)}  {'' if n is None else f'{n:,}'}")
+        if self.trainable_params is not None:
+            total = counts.get("all_params")
+            frac = f" of {total:,} ({100 * self.trainable_params / total:.3f}%)" if total else ""
+            lines.append(f"{'total'.ljust(w0)}  {''.ljust(w1)}  {self.trainable_params:,}{frac}")
+        return "\n".join(lines)
+
+    # -- PEFT export ------------------------------------------------------------------------------------
+
+    def to_peft(self, model_type: str = "bert", layers_pattern: str = "layer") -> dict[str, Any]:
+        """``peft.LoraConfig`` keyword arguments for this plan.
+
+        LoRA blocks export their spec. A layer-selecting plan without LoRA exports its tuned blocks
+        as ``layers_to_transform`` with LoRA on query/key/value (r=8, alpha=16) so that the selection can be
+        used with PEFT directly. The head goes to ``modules_to_save``.
+        """
+        names = arch_names(model_type)
+        spec = self.lora_spec
+        layers = self.tuned_layers("lora") if spec is not None else self.tuned_layers()
+        if spec is None:
+            spec = LoraSpec(r=8, alpha=16)
+        if not layers:
+            raise PlanError("fastsel: the plan tunes no block, so there is nothing to export to PEFT")
+        return {
+            "r": spec.r,
+            "lora_alpha": spec.alpha,
+            "lora_dropout": spec.dropout,
+            "target_modules": [names.lora[m] for m in spec.matrices],
+            "layers_to_transform": layers,
+            "layers_pattern": layers_pattern,
+            "modules_to_save": ["classifier"] if self.head.trains else None,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Counting on the meta device
+# --------------------------------------------------------------------------------------------------
+
+
+def meta_model(config: Any):
+    """A sequence-classification model of ``config`` (a PretrainedConfig) on the meta device: no weights."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):  # a copy: truncation updates the model's config
+        return AutoModelForSequenceClassification.from_config(copy.deepcopy(config))
+
+
+def count_trainable(plan: Plan, model_or_config: Any) -> dict[str, int]:
+    """Trainable parameters per group (embeddings, layer.<l>, pooler, head), ``total`` and ``all_params``.
+
+    ``model_or_config``: a PretrainedConfig (a meta-device model is built and the plan applied to it) or a
+    model, which is deep-copied first so that the caller's model is left as it was.
+    """
+    import copy
+
+    from torch import nn
+
+    from fastsel.apply import apply_plan
+    from fastsel.layers import map_layers
+
+    if isinstance(model_or_config, nn.Module):
+        model = copy.deepcopy(model_or_config)
+    else:
+        model = meta_model(model_or_config)
+    all_params = sum(p.numel() for p in model.parameters())
+    apply_plan(model, plan)
+    layer_map = map_layers(model)
+    counts: dict[str, int] = {}
+    for group, names in layer_map.groups(model, trainable_only=True).items():
+        counts[group] = sum(model.get_parameter(n).numel() for n in names)
+    for l in range(layer_map.num_layers, plan.num_layers):  # removed blocks
+        counts[f"layer.{l}"] = 0
+    counts["total"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts["all_params"] = all_params
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Strategies
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StrategyArgs:
+    """What a strategy builder gets: the number of blocks, optional scores, and how to tune selections."""
+
+    num_layers: int
+    scores: LayerScores | None = None
+    tuner: str = "full"  # how selected blocks are tuned: full | adapter | bitfit | lora
+    lora: LoraSpec = LoraSpec()
+    adapter_size: int = 256
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A family of plans named by ``pattern`` (a regex with named groups, matched in full); ``name`` shows it."""
+
+    name: str
+    pattern: str
+    build: Callable[[StrategyArgs, dict[str, str]], Plan]
+    needs: str | None = None  # None | "scores" | "fisher" | "variability"
+    help: str = ""
+
+
+STRATEGIES: list[Strategy] = []
+TUNERS = ("full", "adapter", "bitfit", "lora")
+
+
+def register_strategy(strategy: Strategy) -> Strategy:
+    if any(s.pattern == strategy.pattern for s in STRATEGIES):
+        raise ValueError(f"fastsel: strategy {strategy.pattern!r} registered twice")
+    STRATEGIES.append(strategy)
+    return strategy
+
+
+def strategy_names() -> list[str]:
+    """Human-readable names of the registered strategies (patterns with K/N placeholders)."""
+    return [s.name for s in STRATEGIES]
+
+
+def find_strategy(name: str) -> tuple[Strategy, dict[str, str]]:
+    for s in STRATEGIES:
+        m = re.fullmatch(s.pattern, name.lower())
+        if m:
+            return s, m.groupdict()
+    raise PlanError(f"fastsel: unknown strategy {name!r}; known: {', '.join(strategy_names())}")
+
+
+def build_plan(
+    name: str,
+    num_layers: int,
+    *,
+    scores: LayerScores | None = None,
+    tuner: str = "full",
+    lora: LoraSpec | None = None,
+    adapter_size: int = 256,
+) -> Plan:
+    """The plan of strategy ``name`` for a model of ``num_layers`` blocks (see the module docstring)."""
+    if tuner not in TUNERS:
+        raise PlanError(f"fastsel: unknown tuner {tuner!r}; choose from {TUNERS}")
+    strategy, groups = find_strategy(name)
+    if strategy.needs is not None:
+        if scores is None:
+            raise PlanError(f"fastsel: strategy {name!r} needs a {strategy.needs} scores.json (--scores)")
+        if strategy.needs in ("fisher", "variability") and scores.metric != strategy.needs:
+            raise PlanError(f"fastsel: strategy {name!r} needs {strategy.needs} scores, got {scores.metric!r} scores")
+        if len(scores.layers) != num_layers:
+            raise PlanError(f"fastsel: the scores cover {len(scores.layers)} layers but the model has {num_layers}")
+    args = StrategyArgs(num_layers, scores, tuner, lora or LoraSpec(), adapter_size)
+    plan = strategy.build(args, groups)
+    plan.strategy = name.lower() if tuner == "full" else f"{name.lower()}+{tuner}"
+    if scores is not None and strategy.needs is not None:
+        plan.details.setdefault("scores", {"metric": scores.metric, "model": scores.model, "task": scores.task,
+                                           "ranking": scores.ranking})
+    return plan
+
+
+def _selected(args: StrategyArgs) -> Tuning:
+    if args.tuner == "full":
+        return FULL
+    if args.tuner == "adapter":
+        return Tuning("adapter", adapter_size=args.adapter_size)
+    if args.tuner == "bitfit":
+        return Tuning("bitfit")
+    return Tuning("lora", lora=args.lora)
+
+
+def _select(args: StrategyArgs, layers: list[int], head_layer: int | None = None, **details: Any) -> Plan:
+    L = args.num_layers
+    bad = [l for l in layers if not 0 <= l < L]
+    if bad:
+        raise PlanError(f"fastsel: layers {bad} out of range: the model has blocks 0..{L - 1}")
+    chosen = _selected(args)
+    blocks = [chosen if l in set(layers) else FROZEN for l in range(L)]
+    return Plan(blocks, head_layer=None if head_layer in (None, L - 1) else head_layer,
+                details={"layers": sorted(layers), **details})
+
+
+def triple_plan(args: StrategyArgs, bottom: int, top: int, head: int, **details: Any) -> Plan:
+    """Xie et al.'s (l_bottom, l_top, l_head), 0-based: tune blocks bottom..top, head reads block ``head``."""
+    L = args.num_layers
+    for what, v in (("l_bottom", bottom), ("l_top", top), ("l_head", head)):
+        if not 0 <= v < L:
+            raise PlanError(f"fastsel: {what}={v} out of range: the model has blocks 0..{L - 1}")
+    if bottom > top:
+        raise PlanError(f"fastsel: l_bottom={bottom} > l_top={top}")
+    if top > head:
+        raise PlanError(f"fastsel: l_top={top} > l_head={head}: tuned blocks above the head would be removed")
+    return _select(args, list(range(bottom, top + 1)), head, triple=[bottom, top, head], **details)
+
+
+def _k(groups: dict[str, str], key: str = "k") -> int:
+    k = int(groups[key])
+    if k < 1:
+        raise PlanError(f"fastsel: {key.upper()} must be >= 1, got {k}")
+    return k
+
+
+def _ranked(args: StrategyArgs, groups: dict[str, str], best: bool) -> Plan:
+    assert args.scores is not None
+    k = _k(groups)
+    if k > args.num_layers:
+        raise PlanError(f"fastsel: K={k} > the number of blocks ({args.num_layers})")
+    ranking = args.scores.ranking
+    layers = ranking[:k] if best else ranking[::-1][:k]
+    return _select(args, layers, k=k, by=args.scores.metric, order="best" if best else "worst")
+
+
+def l_star(scores: LayerScores) -> int:
+    """The best-specialised block: the scores' top-level ``l_star`` if present, else the best-ranked block."""
+    value = scores.info.get("l_star")
+    l = int(value) if value is not None else scores.ranking[0]
+    if not 0 <= l < len(scores.layers):
+        raise PlanError(f"fastsel: l_star={l} out of range 0..{len(scores.layers) - 1}")
+    return l
+
+
+def _lstar_down(args: StrategyArgs, groups: dict[str, str]) -> Plan:
+    assert args.scores is not None
+    n, ls = _k(groups, "n"), l_star(args.scores)
+    if n > ls + 1:
+        raise PlanError(f"fastsel: lstar-down-{n} needs {n} blocks at or below l*={ls}, only {ls + 1} exist")
+    head = ls if groups.get("trunc") else args.num_layers - 1
+    return triple_plan(args, ls - n + 1, ls, head, l_star=ls)
+
+
+def _lstar_up(args: StrategyArgs, groups: dict[str, str]) -> Plan:
+    assert args.scores is not None
+    ls, L = l_star(args.scores), args.num_layers
+    if ls == L - 1:
+        raise PlanError(f"fastsel: lstar-up: l*={ls} is the top block, nothing lies above it")
+    return triple_plan(args, ls + 1, L - 1, L - 1, l_star=ls)
+
+
+def _lstar_prefix(args: StrategyArgs, groups: dict[str, str]) -> Plan:
+    assert args.scores is not None
+    ls = l_star(args.scores)
+    return triple_plan(args, 0, ls, ls, l_star=ls)
+
+
+def _middle(args: StrategyArgs, groups: dict[str, str]) -> Plan:
+    n, mid = _k(groups, "n"), args.num_layers // 2
+    if n > mid + 1:
+        raise PlanError(f"fastsel: middle-{n} needs {n} blocks at or below the middle block {mid}")
+    return triple_plan(args, mid - n + 1, mid, mid if groups.get("trunc") else args.num_layers - 1, l_mid=mid)
+
+
+def _position_top(args: StrategyArgs, groups: dict[str, str]) -> Plan:
+    k, L = _k(groups), args.num_layers
+    if k > L:
+        raise PlanError(f"fastsel: K={k} > the number of blocks ({L})")
+    return triple_plan(args, L - k, L - 1, L - 1)
+
+
+def _explicit(args: StrategyArgs, groups: dict[str, str]) -> Plan:
+    return triple_plan(args, int(groups["b"]), int(groups["t"]), int(groups["h"]))
+
+
+def _full(args: StrategyArgs, groups: dict[str, str]) -> Plan:
+    if args.tuner == "full":  # conventional full fine-tuning: every parameter, pooler included
+        return Plan([FULL] * args.num_layers, embeddings=FULL, pooler=FULL)
+    return _select(args, list(range(args.num_layers)))  # e.g. full adapter-tuning
+
+
+def _bitfit(args: StrategyArgs, groups: dict[str, str]) -> Plan:
+    b = Tuning("bitfit")
+    return Plan([b] * args.num_layers, embeddings=b, pooler=b)
+
+
+def _lora_all(args: StrategyArgs, groups: dict[str, str]) -> Plan:
+    matrices = ("query", "key", "value") if groups["v"] == "i" else ("query", "key", "value", "attention_output")
+    spec = replace(args.lora, matrices=matrices)
+    return Plan([Tuning("lora", lora=spec)] * args.num_layers)
+
+
+def _spafit(args: StrategyArgs, groups: dict[str, str]) -> Plan:
+    n1, n2, L = int(groups["n1"]), int(groups["n2"]), args.num_layers
+    if not 0 <= n1 <= n2 < L:
+        raise PlanError(f"fastsel: spafit-{n1}-{n2} needs 0 <= N1 <= N2 < {L} (group 1 = blocks 0..N1, "
+                        f"group 2 = N1+1..N2, group 3 = N2+1..{L - 1})")
+    matrices = ("query", "key", "value") if groups["v"] == "i" else ("query", "key", "value", "attention_output")
+    g3 = Tuning("lora", biases=("intermediate", "output"), lora=replace(args.lora, matrices=matrices))
+    g2 = Tuning("bitfit")
+    blocks = [FROZEN if l <= n1 else g2 if l <= n2 else g3 for l in range(L)]
+    return Plan(blocks, details={"groups": {"1": [0, n1], "2": [n1 + 1, n2], "3": [n2 + 1, L - 1]}})
+
+
+for _s in [
+    Strategy("full", r"full", _full, help="every parameter (with --tuner adapter: adapters in every block)"),
+    Strategy("bitfit", r"bitfit", _bitfit, help="all biases (BitFit)"),
+    Strategy("lora-{i,ii}", r"lora-(?P<v>ii|i)", _lora_all, help="LoRA on query/key/value (i) or + attention output dense (ii)"),
+    Strategy("spafit-N1-N2-{i,ii}", r"spafit-(?P<n1>\d+)-(?P<n2>\d+)-(?P<v>ii|i)", _spafit, help="SPAFIT: frozen / BitFit / LoRA groups"),
+    Strategy("fisher-top-K", r"fisher-top-(?P<k>\d+)", lambda a, g: _ranked(a, g, True), "fisher", "K blocks of highest Fisher score"),
+    Strategy("fisher-bottom-K", r"fisher-bottom-(?P<k>\d+)", lambda a, g: _ranked(a, g, False), "fisher", "K blocks of lowest Fisher score"),
+    Strategy("top-K", r"top-(?P<k>\d+)", lambda a, g: _ranked(a, g, True), "scores", "K best-ranked blocks of any scores"),
+    Strategy("bottom-K", r"bottom-(?P<k>\d+)", lambda a, g: _ranked(a, g, False), "scores", "K worst-ranked blocks of any scores"),
+    Strategy("lstar-down-N[-trunc]", r"lstar-down-(?P<n>\d+)(?P<trunc>-trunc)?", _lstar_down, "variability",
+             "(l*-N+1, l*, L-1), or head at l* with -trunc"),
+    Strategy("lstar-up", r"lstar-up", _lstar_up, "variability", "(l*+1, L-1, L-1)"),
+    Strategy("lstar-prefix", r"lstar-prefix", _lstar_prefix, "variability", "(0, l*, l*)"),
+    Strategy("position-top-K", r"position-top-(?P<k>\d+)", _position_top, help="the top K blocks (L-K, L-1, L-1)"),
+    Strategy("middle-N[-trunc]", r"middle-(?P<n>\d+)(?P<trunc>-trunc)?", _middle, help="N blocks ending at the middle block L//2"),
+    Strategy("layers-B-T-H", r"layers-(?P<b>\d+)-(?P<t>\d+)-(?P<h>\d+)", _explicit, help="explicit (l_bottom, l_top, l_head), 0-based"),
+]:
+    register_strategy(_s)

@@ -1,0 +1,710 @@
+"""Training a planned model: loop, evaluation, checkpoints, cached frozen prefix, rank stability, HF Trainer glue.
+
+- :func:`train_model`: AdamW over the trainable parameters only, linear decay after a warmup ratio,
+  gradient clipping, evaluation after every epoch with the task's official metrics, best epoch kept
+  (its trainable parameters are restored at the end), seeded shuffling / dropout.
+- :class:`PrefixCache`: when the embeddings and blocks 0..c-1 are frozen and the data is fixed, their
+  output (B, T, H) is computed once (eval mode, so without dropout) and blocks c.. train on the cache. It
+  is exact whenever the frozen part would run without dropout anyway.
+- :func:`save_trained` / :func:`load_trained`: only the trained parameters (safetensors) plus the plan;
+  loading re-applies the plan to the base model and loads them.
+- :class:`RankStability`: re-computes the Fisher layer ranking at chosen epochs and reports per-layer rank
+  deviation and Kendall's tau against epoch 0 (Lodha et al. section 4, Figs 2-5).
+- :func:`trainer_callback`: wraps epoch callbacks for ``transformers.Trainer`` (whose optimizer, like
+  ours, only takes parameters with requires_grad).
+- :func:`run_finetune`: ``fastsel finetune``: score -> plan -> train -> results.json + curve plot.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fastsel.apply import apply_plan, trainable_parameters
+from fastsel.data import PadCollator, TaskSpec, get_task
+from fastsel.layers import LayerMap, map_layers
+from fastsel.metrics import main_metric, predictions_from_logits, task_metrics
+from fastsel.plans import Plan, PlanError
+from fastsel.progress import progress_bar
+from fastsel.scores import atomic_write_text
+
+__all__ = [
+    "TrainConfig",
+    "EpochRecord",
+    "TrainResult",
+    "EpochCallback",
+    "make_optimizer",
+    "index_batches",
+    "evaluate",
+    "train_model",
+    "PrefixCache",
+    "cacheable_prefix",
+    "save_trained",
+    "load_trained",
+    "RankStability",
+    "trainer_callback",
+    "FinetuneJob",
+    "run_finetune",
+    "peak_memory_mb",
+]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; validated on construction, round-trips through JSON (``asdict``)."""
+
+    epochs: int = 3
+    lr: float = 2e-5
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    cache_prefix: str = "auto"  # auto | on | off
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"fastsel: epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"fastsel: lr must be > 0, got {self.lr}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("fastsel: batch sizes must be >= 1")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"fastsel: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.cache_prefix not in ("auto", "on", "off"):
+            raise ValueError(f"fastsel: cache_prefix must be auto, on or off, got {self.cache_prefix!r}")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_seconds: float
+    eval_seconds: float
+    metrics: dict[str, float]
+    eval_loss: float | None = None
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochRecord]
+    best_epoch: int
+    best_metrics: dict[str, float]
+    main_metric: str
+    trainable_params: int
+    cache: dict[str, Any] | None = None
+    peak_memory_mb: float | None = None
+    callbacks: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def epoch_seconds_mean(self) -> float:
+        return float(np.mean([r.train_seconds for r in self.history]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "history": [asdict(r) for r in self.history],
+            "best": {"epoch": self.best_epoch, "metrics": self.best_metrics},
+            "main_metric": self.main_metric,
+            "trainable_params": self.trainable_params,
+            "epoch_seconds_mean": self.epoch_seconds_mean,
+            "cache": self.cache,
+            "peak_memory_mb": self.peak_memory_mb,
+            "callbacks": self.callbacks,
+        }
+
+
+class EpochCallback(Protocol):
+    """Called with epoch 0 before training and with e = 1..E after each epoch's evaluation."""
+
+    name: str
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None: ...
+
+    def report(self) -> Any: ...
+
+
+def peak_memory_mb(device: str | torch.device = "cpu") -> float:
+    """Peak memory: CUDA max allocated on a GPU, else this process's peak resident set size (whole process).
+
+    On Linux VmHWM is read from /proc/self/status: unlike ``ru_maxrss``, which a child inherits from its
+    parent across fork + exec, it belongs to this process alone.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimiser and batching
+# --------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
+    """AdamW over the parameters with requires_grad only, and a linear schedule with warmup."""
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for _, p in trainable_parameters(model)]
+    if not params:
+        raise PlanError("fastsel: the plan leaves no parameter to train")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(math.ceil(cfg.warmup_ratio * total_steps))
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def index_batches(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int = 0) -> list[list[int]]:
+    """Example indices per batch; shuffled by a generator keyed by (seed, epoch) so runs are reproducible."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    else:
+        order = list(range(n))
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in batch.items() if k != "special_tokens_mask"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cached frozen prefix
+# --------------------------------------------------------------------------------------------------
+
+
+def cacheable_prefix(plan: Plan) -> int:
+    """Number c of bottom blocks whose output can be cached: embeddings and blocks 0..c-1 frozen (0: none)."""
+    if plan.embeddings.trains:
+        return 0
+    first = plan.first_trained_layer
+    return plan.head_at + 1 if first is None else first
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _CachedInput(nn.Module):
+    """Stands in for the embeddings: returns the cached prefix output of the current batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        assert self.value is not None, "no cached batch set"
+        return self.value
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a cached block: returns its hidden-state input (as a 1-tuple when blocks return tuples)."""
+
+    def __init__(self, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any):
+        if isinstance(hidden_states, tuple):  # some architectures pass x as a tuple
+            hidden_states = hidden_states[0]
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+class PrefixCache:
+    """Outputs (T_i, H) of block c-1 (c = ``num_blocks``) for a fixed list of features, computed once.
+
+    ``activate(model)`` swaps the embeddings for a cache reader and blocks 0..c-1 for pass-throughs;
+    ``set_batch(indices)`` loads the padded (B, T, H) cache of those examples.
+    """
+
+    def __init__(self, model: nn.Module, layer_map: LayerMap, num_blocks: int, features: Sequence[dict],
+                 collator: PadCollator, batch_size: int = 64, device: str | torch.device = "cpu",
+                 progress: bool = False, desc: str = "cache") -> None:
+        if not 1 <= num_blocks <= layer_map.num_layers:
+            raise ValueError(f"fastsel: cannot cache {num_blocks} blocks of {layer_map.num_layers}")
+        self.layer_map, self.num_blocks, self.collator = layer_map, num_blocks, collator
+        self.device = torch.device(device)
+        self.left = collator.left
+        self.states: list[Tensor] = []
+        self.as_tuple = False
+        start = time.perf_counter()
+        block = layer_map.blocks(model)[num_blocks - 1]
+        captured: list[Any] = []
+
+        def hook(_m, _inp, out):
+            captured.append(out)
+            raise _StopForward  # nothing above the cached block is needed
+
+        handle = block.register_forward_hook(hook)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), progress_bar(len(features), desc, disable=not progress) as bar:
+                for idx in index_batches(len(features), batch_size, shuffle=False, seed=0):
+                    batch = collator([features[i] for i in idx])
+                    inputs = {k: v.to(self.device) for k, v in _model_inputs(batch).items() if k != "labels"}
+                    captured.clear()
+                    with contextlib.suppress(_StopForward):
+                        model(**inputs)
+                    out = captured[0]
+                    self.as_tuple = isinstance(out, tuple)
+                    h = (out[0] if self.as_tuple else out).detach()
+                    for row, i in enumerate(idx):
+                        n = len(features[i]["input_ids"])
+                        self.states.append((h[row, -n:] if self.left else h[row, :n]).clone())
+                    bar.update(len(idx))
+        finally:
+            handle.remove()
+            model.train(was_training)
+        self.seconds = time.perf_counter() - start
+        self._reader = _CachedInput()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.states)
+
+    def set_batch(self, indices: Sequence[int]) -> None:
+        states = [self.states[i] for i in indices]
+        width = max(s.shape[0] for s in states)
+        out = states[0].new_zeros(len(states), width, states[0].shape[1])
+        for row, s in enumerate(states):
+            if self.left:
+                out[row, width - s.shape[0] :] = s
+            else:
+                out[row, : s.shape[0]] = s
+        self._reader.value = out
+
+    @contextlib.contextmanager
+    def activate(self, model: nn.Module) -> Iterator[None]:
+        """Within the block, ``model(...)`` runs blocks c.. on the cached batch (set by ``set_batch``)."""
+        blocks = self.layer_map.blocks(model)
+        saved_blocks = [blocks[l] for l in range(self.num_blocks)]
+        emb_name = self.layer_map.embeddings_name
+        saved_emb = model.get_submodule(emb_name)
+        try:
+            model.set_submodule(emb_name, self._reader)
+            for l in range(self.num_blocks):
+                blocks[l] = _PassThrough(self.as_tuple)
+            yield
+        finally:
+            model.set_submodule(emb_name, saved_emb)
+            for l, b in enumerate(saved_blocks):
+                blocks[l] = b
+            self._reader.value = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation and training
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate(model: nn.Module, features: Sequence[dict], task: TaskSpec | str, collator: PadCollator, *,
+             batch_size: int = 64, device: str | torch.device = "cpu", cache: PrefixCache | None = None,
+             ) -> tuple[dict[str, float], float, np.ndarray]:
+    """(official metrics, mean loss, predictions (N,)) of ``model`` on labelled ``features``."""
+    spec = get_task(task)
+    if not features:
+        raise ValueError("fastsel: no evaluation examples")
+    was_training = model.training
+    model.eval()
+    logits, labels, loss_sum = [], [], 0.0
+    with torch.no_grad(), (cache.activate(model) if cache else contextlib.nullcontext()):
+        for idx in index_batches(len(features), batch_size, shuffle=False, seed=0):
+            batch = {k: v.to(device) for k, v in collator([features[i] for i in idx]).items()}
+            if cache is not None:
+                cache.set_batch(idx)
+            out = model(**_model_inputs(batch))
+            loss_sum += float(out.loss) * len(idx)
+            logits.append(out.logits.float().cpu())
+            labels.append(batch["labels"].cpu())
+    model.train(was_training)
+    pred = predictions_from_logits(torch.cat(logits).numpy(), spec.is_regression)
+    gold = torch.cat(labels).numpy()
+    return task_metrics(spec, pred, gold), loss_sum / len(features), pred
+
+
+def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in trainable_parameters(model)}
+
+
+def train_model(
+    model: nn.Module,
+    plan: Plan,
+    train_features: Sequence[dict],
+    eval_features: Sequence[dict],
+    task: TaskSpec | str,
+    tokenizer: Any,
+    cfg: TrainConfig,
+    *,
+    callbacks: Sequence[EpochCallback] = (),
+) -> TrainResult:
+    """Train ``model`` (the plan already applied) and restore the best epoch's trainable parameters.
+
+    Features are dicts from :func:`fastsel.data.tokenize_examples`. ``callbacks`` run at epoch 0 (before
+    training) and after every epoch, on the full model (never on the cached one).
+    """
+    spec = get_task(task)
+    if not train_features:
+        raise ValueError("fastsel: no training examples")
+    device = torch.device(cfg.device)
+    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    layer_map = map_layers(model)
+    collator = PadCollator(tokenizer)
+    metric = main_metric(spec)
+    trainable = sum(p.numel() for _, p in trainable_parameters(model))
+
+    prefix = cacheable_prefix(plan)
+    if cfg.cache_prefix == "on" and prefix == 0:
+        raise PlanError("fastsel: --cache-prefix on needs frozen embeddings and a frozen bottom block")
+    use_cache = prefix > 0 and cfg.cache_prefix != "off"
+    train_cache = eval_cache = None
+    cache_info = None
+    if use_cache:
+        train_cache = PrefixCache(model, layer_map, prefix, train_features, collator, cfg.eval_batch_size, device,
+                                  cfg.progress, "cache train prefix")
+        eval_cache = PrefixCache(model, layer_map, prefix, eval_features, collator, cfg.eval_batch_size, device,
+                                 cfg.progress, "cache eval prefix")
+        cache_info = {"blocks": prefix, "seconds": train_cache.seconds + eval_cache.seconds,
+                      "megabytes": (train_cache.nbytes + eval_cache.nbytes) / 2**20}
+
+    steps_per_epoch = math.ceil(len(train_features) / cfg.batch_size)
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
+    torch.manual_seed(cfg.seed)  # dropout
+    for cb in callbacks:
+        cb.on_epoch_end(0, model)
+
+    history: list[EpochRecord] = []
+    best_value, best_state, best_epoch = -math.inf, None, 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        start, loss_sum = time.perf_counter(), 0.0
+        batches = index_batches(len(train_features), cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
+        with (train_cache.activate(model) if train_cache else contextlib.nullcontext()), \
+                progress_bar(len(train_features), f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress) as bar:
+            for idx in batches:
+                batch = {k: v.to(device) for k, v in collator([train_features[i] for i in idx]).items()}
+                if train_cache is not None:
+                    train_cache.set_batch(idx)
+                loss = model(**_model_inputs(batch)).loss
+                loss.backward()
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([p for _, p in trainable_parameters(model)], cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += float(loss.detach()) * len(idx)
+                bar.update(len(idx))
+                bar.set_postfix(loss=f"{loss_sum / max(bar.n, 1):.4f}")
+        train_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        metrics, eval_loss, _ = evaluate(model, eval_features, spec, collator, batch_size=cfg.eval_batch_size,
+                                         device=device, cache=eval_cache)
+        history.append(EpochRecord(epoch, loss_sum / len(train_features), train_seconds,
+                                   time.perf_counter() - start, metrics, eval_loss))
+        if metrics[metric] > best_value:
+            best_value, best_state, best_epoch = metrics[metric], _trainable_state(model), epoch
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, model)
+    assert best_state is not None
+    with torch.no_grad():
+        for n, p in trainable_parameters(model):
+            p.copy_(best_state[n])
+    model.eval()
+    return TrainResult(history, best_epoch, history[best_epoch - 1].metrics, metric, trainable, cache_info,
+                       peak_memory_mb(device), {cb.name: cb.report() for cb in callbacks})
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: trained parameters only
+# --------------------------------------------------------------------------------------------------
+
+_WEIGHTS, _PLAN, _META = "trained.safetensors", "plan.json", "base.json"
+
+
+def save_trained(model: nn.Module, plan: Plan, out_dir: str | Path, *, base_model: str, num_labels: int,
+                 seed: int, extra: dict[str, Any] | None = None) -> Path:
+    """Write the trained parameters (safetensors), the plan and what is needed to rebuild the base model."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model)}
+    save_file(state, str(out / _WEIGHTS), metadata={"format": "pt", "fastsel": "trained-parameters"})
+    plan.to_json(out / _PLAN)
+    meta = {"base_model": base_model, "num_labels": num_labels, "seed": seed, **(extra or {})}
+    atomic_write_text(out / _META, json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_trained(run_dir: str | Path, *, device: str = "cpu", base_model: str | None = None):
+    """(model, tokenizer, plan): the base model with the plan applied and the trained parameters loaded."""
+    from safetensors.torch import load_file
+
+    from fastsel.models import load_model
+
+    run = Path(run_dir)
+    for name in (_WEIGHTS, _PLAN, _META):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"fastsel: {run} is not a fastsel run directory: {name} is missing")
+    meta = json.loads((run / _META).read_text())
+    plan = Plan.from_json(run / _PLAN)
+    model, tokenizer, _ = load_model(base_model or meta["base_model"], num_labels=meta["num_labels"], seed=meta["seed"])
+    apply_plan(model, plan)
+    state = load_file(str(run / _WEIGHTS))
+    expected = {n for n, _ in trainable_parameters(model)}
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"fastsel: saved parameters do not match the plan: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+    return model.to(device).eval(), tokenizer, plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank stability of the Fisher ranking during training
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _all_blocks_trainable(model: nn.Module) -> Iterator[None]:
+    """Every original block/embedding/head parameter requires grad (LoRA/adapter modules do not); restored after."""
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(".lora_" not in n and ".adapter." not in n)
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+
+
+class RankStability:
+    """Fisher layer ranking at ``epochs`` (0 = before training) on fixed ``features``; deviation vs epoch 0.
+
+    report(): {"epochs": {e: {"ranking", "scores", "rank_deviation" (per layer |rank_e - rank_0|),
+    "mean_deviation", "max_deviation", "kendall_tau"}}}.
+    """
+
+    name = "rank_stability"
+
+    def __init__(self, features: Sequence[dict], tokenizer: Any, epochs: Sequence[int] = (0,), *, batch_size: int = 16,
+                 mode: str = "empirical", seed: int = 0, device: str = "cpu", progress: bool = False) -> None:
+        if 0 not in epochs:
+            epochs = (0, *epochs)
+        self.features, self.epochs = list(features), sorted(set(int(e) for e in epochs))
+        self.collator, self.batch_size, self.mode, self.seed = PadCollator(tokenizer), batch_size, mode, seed
+        self.device, self.progress = device, progress
+        self.results: dict[int, dict[str, Any]] = {}
+
+    def _scores(self, model: nn.Module) -> list[float]:
+        from fastsel.fisher import fisher_layer_scores
+
+        batches = (self.collator(self.features[i : i + self.batch_size]) for i in range(0, len(self.features), self.batch_size))
+        with _all_blocks_trainable(model):
+            scores, _ = fisher_layer_scores(model, batches, mode=self.mode, seed=self.seed, device=self.device,
+                                            total=len(self.features), progress=self.progress)
+        return [s.score for s in scores.layers]
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        from scipy.stats import kendalltau
+
+        if epoch not in self.epochs:
+            return
+        values = self._scores(model)
+        ranking = sorted(range(len(values)), key=lambda l: (-values[l], l))
+        rank = [0] * len(values)
+        for r, l in enumerate(ranking):
+            rank[l] = r + 1
+        entry: dict[str, Any] = {"ranking": ranking, "scores": values, "ranks": rank}
+        if 0 in self.results:
+            rank0 = self.results[0]["ranks"]
+            dev = [abs(a - b) for a, b in zip(rank, rank0)]
+            tau = kendalltau(rank0, rank).statistic if len(rank) > 1 else 1.0
+            entry.update(rank_deviation=dev, mean_deviation=float(np.mean(dev)), max_deviation=int(max(dev)),
+                         kendall_tau=float(tau))
+        self.results[epoch] = entry
+
+    def report(self) -> dict[str, Any]:
+        return {"epochs": {str(e): r for e, r in sorted(self.results.items())}}
+
+
+def trainer_callback(*callbacks: EpochCallback):
+    """A ``transformers.TrainerCallback`` that runs fastsel epoch callbacks (epoch 0 at train begin)."""
+    from transformers import TrainerCallback
+
+    class _FastselCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            for cb in callbacks:
+                cb.on_epoch_end(0, model)
+
+        def on_epoch_end(self, args, state, control, model=None, **kw):
+            for cb in callbacks:
+                cb.on_epoch_end(int(round(state.epoch)), model)
+
+    return _FastselCallback()
+
+
+# --------------------------------------------------------------------------------------------------
+# fastsel finetune
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneJob:
+    """Everything ``fastsel finetune`` needs; see ``fastsel finetune --help``."""
+
+    model: str
+    task: str
+    out: str
+    data_dir: str | None = None
+    plan_path: str | None = None
+    strategy: str | None = None
+    scores_path: str | None = None
+    tuner: str = "full"
+    lora_r: int = 64
+    lora_alpha: float = 128
+    lora_dropout: float = 0.0
+    adapter_size: int = 256
+    score_examples: int = 512
+    fisher_mode: str = "empirical"
+    epochs: int = 3
+    lr: float = 2e-5
+    batch_size: int = 16
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_length: int = 128
+    train_examples: int | None = None
+    eval_examples: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    cache_prefix: str = "auto"
+    rank_epochs: tuple[int, ...] = ()
+    rank_examples: int = 256
+    progress: bool = True
+
+
+def _score_for(job: FinetuneJob, metric: str, model, tokenizer, layer_map, train_features, out: Path):
+    """Scores for a score-based strategy: Fisher on the loaded model, other metrics through fastsel.scoring."""
+    from fastsel.scores import LayerScores
+
+    if job.scores_path:
+        return LayerScores.from_json(job.scores_path)
+    if metric in ("fisher", "scores"):
+        from fastsel.data import make_dataloader
+        from fastsel.fisher import fisher_layer_scores
+
+        feats = train_features[: job.score_examples]
+        scores, _ = fisher_layer_scores(model, make_dataloader(feats, tokenizer, 16), mode=job.fisher_mode, seed=job.seed,
+                                        total=len(feats), progress=job.progress, layer_map=layer_map,
+                                        model_name=job.model, task=job.task, split="train")
+    else:
+        from fastsel.scoring import METRICS, ScoreConfig, run_scoring
+
+        if metric not in METRICS:
+            raise ValueError(f"fastsel: strategy needs {metric!r} scores but no {metric!r} metric is registered "
+                             f"(known: {sorted(METRICS)}); pass --scores with a {metric} scores.json")
+        scores = run_scoring(ScoreConfig(metric=metric, model=job.model, task=job.task, data_dir=job.data_dir,
+                                         num_examples=job.score_examples, balanced=True, seed=job.seed,
+                                         max_length=job.max_length, device=job.device), progress=job.progress)
+    scores.to_json(out / "scores.json")
+    return scores
+
+
+def _plot_curves(result: TrainResult, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r.epoch for r in result.history]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    ax.plot(epochs, [r.train_loss for r in result.history], marker="o", label="train loss", color="#1f4e79")
+    if all(r.eval_loss is not None for r in result.history):
+        ax.plot(epochs, [r.eval_loss for r in result.history], marker="s", label="eval loss", color="#9dc3e6")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_xticks(epochs)
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [r.metrics[result.main_metric] for r in result.history], marker="^", color="#c55a11",
+             label=f"eval {result.main_metric}")
+    ax2.set_ylabel(f"eval {result.main_metric}", color="#c55a11")
+    ax2.axvline(result.best_epoch, color="#c55a11", ls=":", lw=1)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="center right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_finetune(job: FinetuneJob) -> dict[str, Any]:
+    """Load data and model, build or read the plan (scoring first if needed), train, save; returns results."""
+    from fastsel.data import load_examples, tokenize_examples
+    from fastsel.models import load_model
+    from fastsel.plans import LoraSpec, build_plan, find_strategy
+
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig(epochs=job.epochs, lr=job.lr, batch_size=job.batch_size, warmup_ratio=job.warmup_ratio,
+                      weight_decay=job.weight_decay, seed=job.seed, device=job.device, cache_prefix=job.cache_prefix,
+                      progress=job.progress)
+    spec = get_task(job.task)
+    train_ex = load_examples(spec, job.data_dir, "train", num_examples=job.train_examples, seed=job.seed,
+                             balanced=job.train_examples is not None and not spec.is_regression)
+    eval_ex = load_examples(spec, job.data_dir, "validation", num_examples=job.eval_examples, seed=job.seed)
+    num_labels = 1 if spec.is_regression else spec.num_labels
+    model, tokenizer, layer_map = load_model(job.model, num_labels=num_labels, seed=job.seed, device=job.device)
+    train_features = tokenize_examples(train_ex, tokenizer, job.max_length)
+    eval_features = tokenize_examples(eval_ex, tokenizer, job.max_length)
+
+    score_seconds = 0.0
+    if job.plan_path:
+        plan = Plan.from_json(job.plan_path)
+    else:
+        assert job.strategy is not None
+        strategy, _ = find_strategy(job.strategy)
+        scores = None
+        if strategy.needs is not None:
+            start = time.perf_counter()
+            scores = _score_for(job, strategy.needs, model, tokenizer, layer_map, train_features, out)
+            score_seconds = time.perf_counter() - start
+        plan = build_plan(job.strategy, layer_map.num_layers, scores=scores, tuner=job.tuner,
+                          lora=LoraSpec(r=job.lora_r, alpha=job.lora_alpha, dropout=job.lora_dropout),
+                          adapter_size=job.adapter_size)
+    plan = plan.with_counts(model.config)  # on the meta device: no copy of the weights
+    apply_plan(model, plan, layer_map)
+
+    callbacks: list[EpochCallback] = []
+    if job.rank_epochs:
+        callbacks.append(RankStability(train_features[: job.rank_examples], tokenizer, job.rank_epochs, seed=job.seed,
+                                       device=job.device, progress=job.progress))
+    result = train_model(model, plan, train_features, eval_features, spec, tokenizer, cfg, callbacks=callbacks)
+    save_trained(model, plan, out, base_model=job.model, num_labels=num_labels, seed=job.seed)
+    results = {
+        "job": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(job).items()},
+        "task": spec.name,
+        "strategy": plan.strategy,
+        "plan_table": plan.table(),
+        "num_train": len(train_features),
+        "num_eval": len(eval_features),
+        "score_seconds": score_seconds,
+        **result.to_dict(),
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    _plot_curves(result, out / "curve.png", f"{plan.strategy} on {spec.name} ({layer_map.model_type}, "
+                                             f"{result.trainable_params:,} trainable)")
+    return results
