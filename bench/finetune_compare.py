@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from fastsel.data import get_task, load_examples, make_dataloader, tokenize_examples  # noqa: E402
 from fastsel.fisher import fisher_layer_scores  # noqa: E402
 from fastsel.models import load_model  # noqa: E402
-from fastsel.scores import LayerScore, LayerScores  # noqa: E402
+from fastsel.scoring import ScoreConfig, run_scoring  # noqa: E402
 
 # (strategy, tuner, learning rate). Learning rates are fixed per family, not swept: the fewer trainable
 # parameters, the larger the rate (as in Xie et al. B.4 / SPAFIT A.2).
@@ -56,39 +55,6 @@ STRATEGIES = [
 NO_CACHE = [("position-top-1", "full", 1e-4), ("fisher-top-1", "full", 1e-4)]
 
 
-def variability_scores(model, features, tokenizer, task: str, batch_size: int = 32) -> LayerScores:
-    """Xie et al. eq. (3) per block: nu = trace(Sigma_w Sigma_b^+) / |Y| on mean non-special-token states.
-
-    Used only when the ``variability`` metric of fastsel.scoring is not registered in this checkout.
-    """
-    model.eval()
-    feats: list[list[torch.Tensor]] = []
-    labels: list[int] = []
-    with torch.no_grad():
-        for batch in make_dataloader(features, tokenizer, batch_size):
-            out = model(**{k: v for k, v in batch.items() if k not in ("labels", "special_tokens_mask")},
-                        output_hidden_states=True)
-            keep = (batch["attention_mask"].bool() & ~batch["special_tokens_mask"].bool()).float()
-            keep = keep / keep.sum(1, keepdim=True).clamp(min=1)
-            feats.append([(h * keep.unsqueeze(-1)).sum(1).double() for h in out.hidden_states[1:]])
-            labels += batch["labels"].tolist()
-    y = np.array(labels)
-    classes = np.unique(y)
-    layers = []
-    for l in range(len(feats[0])):
-        h = torch.cat([f[l] for f in feats]).numpy()
-        means = np.stack([h[y == c].mean(0) for c in classes])
-        sw = sum(np.cov(h[y == c].T, bias=True) for c in classes) / len(classes)
-        d = means - means.mean(0)
-        sb = d.T @ d / len(classes)
-        nu = float(np.trace(sw @ np.linalg.pinv(sb, hermitian=True)) / len(classes))
-        layers.append(LayerScore(l, f"layer.{l}", nu))
-    s = LayerScores("variability", "minilm", task, "train", len(y), layers, higher_is_better=False,
-                    info={"computed_by": "bench/finetune_compare.py fallback"})
-    s.info["l_star"] = s.ranking[0]
-    return s
-
-
 def score_task(task: str, args, out: Path) -> dict[str, Path]:
     paths = {"fisher": out / "fisher.json", "variability": out / "variability.json"}
     if all(p.is_file() for p in paths.values()):
@@ -100,16 +66,9 @@ def score_task(task: str, args, out: Path) -> dict[str, Path]:
     fisher, _ = fisher_layer_scores(model, make_dataloader(feats, tok, 16), total=len(feats), layer_map=lm,
                                     model_name=args.model, task=task, split="train", progress=True)
     fisher.to_json(paths["fisher"])
-    try:
-        from fastsel.scoring import METRICS, ScoreConfig, run_scoring
-
-        if "variability" not in METRICS:
-            raise KeyError
-        var = run_scoring(ScoreConfig(metric="variability", model=args.model, task=task, data_dir=args.data_dir,
-                                      num_examples=args.score_examples, balanced=True, seed=args.seed,
-                                      max_length=args.max_length))
-    except KeyError:
-        var = variability_scores(model, feats, tok, task)
+    var = run_scoring(ScoreConfig(metric="variability", model=args.model, task=task, data_dir=args.data_dir,
+                                  num_examples=args.score_examples, balanced=True, seed=args.seed,
+                                  max_length=args.max_length))
     var.to_json(paths["variability"])
     return paths
 

@@ -12,7 +12,6 @@ Run (CPU):
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -29,7 +28,6 @@ sys.path.insert(0, str(REPO))
 from fastsel.layers import map_layers  # noqa: E402
 from fastsel.probing import collect_pooled_states  # noqa: E402
 from fastsel.variability import accumulate_class_statistics, variability_from_statistics, model_inputs  # noqa: E402
-from tests.tiny_models import tiny_model  # noqa: E402
 
 TINY = dict(arch="bert", num_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2)
 

@@ -8,7 +8,6 @@ B.2) the adapter starts close to the identity.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["BottleneckAdapter", "AdaptedLinear", "insert_adapter"]

@@ -47,7 +47,6 @@ def add_score_command(sub: argparse._SubParsersAction) -> None:
     for metric in METRICS.values():
         if metric.add_arguments is not None:
             group = p.add_argument_group(f"--metric {metric.name}")
-            before = {a.dest for a in p._actions}
             metric.add_arguments(group)  # type: ignore[arg-type]
     p.set_defaults(func=_run_score, _base_dests=base)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from torch import Tensor, nn
 from fastsel.layers import EMBEDDINGS, HEAD, POOLER, LayerMap, map_layers
 from fastsel.per_example import SquaredGradAccumulator
 from fastsel.progress import progress_bar
+
+if TYPE_CHECKING:
+    from fastsel.scores import LayerScores
 
 __all__ = [
     "FISHER_MODES",

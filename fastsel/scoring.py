@@ -12,13 +12,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from fastsel.data import Examples, TaskSpec, get_task, load_custom_examples, load_examples, make_dataloader, tokenize_examples
 from fastsel.layers import LayerMap
 from fastsel.models import load_model
-from fastsel.scores import LayerScores, atomic_write_text
+from fastsel.scores import LayerScores
 
 __all__ = ["ScoreConfig", "Metric", "METRICS", "register_metric", "ScoringContext", "prepare", "run_scoring"]
 

@@ -21,11 +21,10 @@ reported under ``extra["embeddings"]``.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +33,9 @@ from torch import Tensor, nn
 from fastsel import ops
 from fastsel.layers import LayerMap, map_layers
 from fastsel.progress import progress_bar
+
+if TYPE_CHECKING:
+    from fastsel.scores import LayerScores
 
 __all__ = [
     "POOLINGS",

@@ -7,7 +7,7 @@ import torch
 from fastsel.adapters import AdaptedLinear, BottleneckAdapter
 from fastsel.apply import apply_plan, trainable_parameters
 from fastsel.layers import map_layers
-from fastsel.plans import FULL, LoraSpec, Plan, PlanError, Tuning, build_plan
+from fastsel.plans import LoraSpec, Plan, PlanError, Tuning, build_plan
 from fastsel.train import TrainConfig, make_optimizer
 from tests.tiny_models import random_batch, tiny_model
 

@@ -13,7 +13,6 @@ import torch
 from fastsel.data import (
     TASKS,
     Examples,
-    TaskSpec,
     get_task,
     load_custom_examples,
     load_examples,

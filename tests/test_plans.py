@@ -9,7 +9,7 @@ from transformers import BertConfig
 
 from fastsel.apply import apply_plan
 from fastsel.cli import main
-from fastsel.plans import FULL, LoraSpec, Plan, PlanError, Tuning, build_plan, count_trainable, meta_model
+from fastsel.plans import FULL, LoraSpec, Plan, PlanError, Tuning, build_plan, count_trainable
 from fastsel.scores import LayerScore, LayerScores
 from tests.tiny_models import tiny_config, tiny_model
 
