@@ -339,7 +339,7 @@ def run_pass(
     try:
         with progress_bar(total=total, desc=f"{names} (rank {env.rank}/{env.world_size})" if env.world_size > 1 else names,
                           unit="ex", disable=not progress or not env.is_main) as bar:
-            bar.update(examples)
+            bar.initial = bar.n = examples  # resumed work: counted, but not in the rate and ETA
             for batch in reader:
                 batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
                 B = int(batch["input_ids"].shape[0])
