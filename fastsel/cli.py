@@ -112,6 +112,9 @@ def _run_score(args: argparse.Namespace) -> int:
         return 0
     if "," in cfg.metric:
         raise ValueError(f"fastsel: {cfg.metric!r}: only metrics of the streamed pass can share one pass")
+    if args.checkpoint or args.resume or args.max_tokens or args.autocast != "none" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"fastsel: metric {cfg.metric!r} does not run in the streamed pass; --max-tokens, --autocast, "
+                         "--checkpoint/--resume and torchrun need a streamed metric")
     scores = run_scoring(cfg, out=args.out, plot=args.plot, progress=not args.no_progress)
     print(scores.table())
     if args.out:
