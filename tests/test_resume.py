@@ -31,6 +31,7 @@ def env(tmp_path_factory):
     e = dict(os.environ)
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     e["FASTSEL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    e.setdefault("OMP_NUM_THREADS", "1")  # tiny model: threads only add contention
     return e
 
 
