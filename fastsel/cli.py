@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Callable
 
@@ -25,7 +26,8 @@ def add_score_command(sub: argparse._SubParsersAction) -> None:
     from fastsel.scoring import METRICS
 
     p = sub.add_parser("score", help="score every layer of an encoder on a task", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--metric", default="fisher", help=f"one of: {', '.join(sorted(METRICS))}")
+    p.add_argument("--metric", default="fisher",
+                   help=f"one of: {', '.join(sorted(METRICS))}; several, comma-separated, share one pass (e.g. fisher,variability)")
     p.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="local directory or hub name")
     p.add_argument("--task", default="sst2", help="GLUE/SuperGLUE task name, or 'custom' with --data-file")
     p.add_argument("--data-dir", default=None, help="folder with glue/ and superglue/ (or a GLUE_DIR); omit to use the hub")
@@ -43,6 +45,7 @@ def add_score_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write scores.json here")
     p.add_argument("--plot", default=None, help="write a PNG plot here")
     p.add_argument("--no-progress", action="store_true")
+    _add_pipeline_arguments(p)
     base = {a.dest for a in p._actions}
     for metric in METRICS.values():
         if metric.add_arguments is not None:
@@ -51,7 +54,28 @@ def add_score_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_score, _base_dests=base)
 
 
+def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the streamed pass (fastsel.pipeline): large corpora, torchrun, checkpoints."""
+    g = p.add_argument_group("large corpora, several processes (torchrun), checkpoints")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="padded tokens per batch (batch size follows the lengths); default: --batch-size examples")
+    g.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
+                   help="length-bucketed batches (minimal padding)")
+    g.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
+                   help="forward in bf16/fp16 autocast; accumulators stay fp32")
+    g.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="folder for atomic checkpoints (one file per rank)")
+    g.add_argument("--checkpoint-every", type=int, default=10000, metavar="M", help="examples between checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint")
+    g.add_argument("--prefetch", type=int, default=2, help="batches read ahead by a background thread")
+    g.add_argument("--cache-dir", default=None, help="tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)")
+
+
+_PIPELINE_DESTS = ("max_tokens", "bucket", "autocast", "checkpoint", "checkpoint_every", "resume", "prefetch", "cache_dir")
+
+
 def _run_score(args: argparse.Namespace) -> int:
+    from fastsel.pipeline import PipelineConfig, run_pipeline, supports
     from fastsel.scoring import ScoreConfig, run_scoring
 
     options = {k: v for k, v in vars(args).items() if k not in args._base_dests and not k.startswith("_") and k != "func"}
@@ -73,6 +97,25 @@ def _run_score(args: argparse.Namespace) -> int:
         regression=args.regression,
         options=options,
     )
+    if supports(cfg.metric):  # streamed pass: every metric with a consumer (fastsel.pipeline)
+        pcfg = PipelineConfig(**{k: getattr(args, k) for k in _PIPELINE_DESTS})
+        results = run_pipeline(cfg, pcfg, out=args.out, plot=args.plot, progress=not args.no_progress)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+        from fastsel.pipeline import output_path
+
+        for name, scores in results.items():
+            print(scores.table())
+            if args.out:
+                print(f"wrote {output_path(args.out, name, len(results))}")
+            if args.plot:
+                print(f"wrote {output_path(args.plot, name, len(results))}")
+        return 0
+    if "," in cfg.metric:
+        raise ValueError(f"fastsel: {cfg.metric!r}: only metrics of the streamed pass can share one pass")
+    if args.checkpoint or args.resume or args.max_tokens or args.autocast != "none" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"fastsel: metric {cfg.metric!r} does not run in the streamed pass; --max-tokens, --autocast, "
+                         "--checkpoint/--resume and torchrun need a streamed metric")
     scores = run_scoring(cfg, out=args.out, plot=args.plot, progress=not args.no_progress)
     print(scores.table())
     if args.out:

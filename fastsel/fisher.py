@@ -38,6 +38,8 @@ __all__ = [
     "layer_statistics",
     "example_uniforms",
     "fisher_terms",
+    "fisher_terms_from_logits",
+    "fisher_scores",
     "group_statistics",
 ]
 
@@ -49,14 +51,19 @@ FISHER_MODES = ("empirical", "sampled", "exact")
 # --------------------------------------------------------------------------------------------------
 
 
-def example_uniforms(seed: int, first_index: int, count: int) -> Tensor:
+def example_uniforms(seed: int, first_index: int, count: int, indices: Tensor | None = None) -> Tensor:
     """(count, 2) float64 uniforms in (0, 1) for examples first_index.. of the data, keyed by (seed, index).
 
+    ``indices`` (count,) integer, when given, are the examples' global positions instead of
+    first_index..first_index+count-1 (batches of length-bucketed or sharded data are not contiguous).
     Counter-based (splitmix64), so an example's draw does not depend on how the data is batched.
     """
     mask = (1 << 64) - 1
+    positions = range(first_index, first_index + count) if indices is None else [int(i) for i in indices.reshape(-1).tolist()]
+    if len(positions) != count:
+        raise ValueError(f"fastsel: {len(positions)} example indices for {count} examples")
     out = []
-    for i in range(first_index, first_index + count):
+    for i in positions:
         row = []
         for stream in (0, 1):
             z = (seed * 0x9E3779B97F4A7C15 + (2 * i + stream + 1) * 0xBF58476D1CE4E5B9) & mask
@@ -128,16 +135,36 @@ def likelihood_for(model: nn.Module) -> Likelihood:
     return LIKELIHOODS["gaussian" if num_labels == 1 or problem == "regression" else "categorical"]
 
 
-def fisher_terms(model: nn.Module, batch: Mapping[str, Tensor], mode: str, seed: int = 0, first_index: int = 0) -> list[Tensor]:
+def fisher_terms(
+    model: nn.Module, batch: Mapping[str, Tensor], mode: str, seed: int = 0, first_index: int | Tensor = 0
+) -> list[Tensor]:
     """Forward ``batch`` through ``model`` and return the per-example terms of its Fisher contribution.
 
-    ``first_index`` is the position of the batch's first example in the data (keys the sampled labels).
+    ``first_index`` is the position of the batch's first example in the data, or a (B,) tensor of each
+    example's position (keys the sampled labels).
     """
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "special_tokens_mask")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "special_tokens_mask", "index")}
     out = model(**inputs)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    noise = example_uniforms(seed, first_index, logits.shape[0]) if mode == "sampled" else torch.empty(0, 2)
-    return likelihood_for(model).terms(logits, batch.get("labels"), mode, noise)
+    return fisher_terms_from_logits(model, logits, batch.get("labels"), mode, seed, first_index)
+
+
+def fisher_terms_from_logits(
+    model: nn.Module, logits: Tensor, labels: Tensor | None, mode: str, seed: int = 0, first_index: int | Tensor = 0
+) -> list[Tensor]:
+    """The per-example Fisher terms of an already computed forward: logits (B, C) -> list of (B,) tensors.
+
+    ``first_index``: an int (examples first_index..first_index+B-1) or a (B,) tensor of global positions.
+    """
+    B = logits.shape[0]
+    if mode == "sampled":
+        if isinstance(first_index, Tensor):
+            noise = example_uniforms(seed, 0, B, indices=first_index)
+        else:
+            noise = example_uniforms(seed, int(first_index), B)
+    else:
+        noise = torch.empty(0, 2)
+    return likelihood_for(model).terms(logits, labels, mode, noise)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,21 +266,28 @@ def fisher_layer_scores(
     The LayerScores rank blocks 0..L-1 by sqrt(sum F_j^2) (highest first) and carry trace and parameter
     counts; ``extra`` holds the embeddings, pooler and head, unranked.
     """
-    from fastsel.scores import LayerScore, LayerScores
-
     layer_map = layer_map or map_layers(model)
     result = fisher_diagonal(model, batches, mode=mode, seed=seed, device=device, total=total, progress=progress)
+    scores = fisher_scores(result, model, layer_map, model_name=model_name, task=task, split=split)
+    return scores, result
+
+
+def fisher_scores(
+    result: FisherResult, model: nn.Module, layer_map: LayerMap | None = None, *, model_name: str = "", task: str = "", split: str = ""
+) -> "LayerScores":
+    """LayerScores of a FisherResult: blocks ranked by sqrt(sum F_j^2), extras (embeddings, pooler, head) unranked."""
+    from fastsel.scores import LayerScore, LayerScores
+
     layers, extra = layer_statistics(result.diagonal, model, layer_map)
-    scores = LayerScores(
+    return LayerScores(
         metric="fisher",
         model=model_name or getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
         task=task,
         split=split,
         num_examples=result.num_examples,
-        mode=mode,
+        mode=result.mode,
         higher_is_better=True,
         layers=[LayerScore(l["layer"], l["name"], l["score"], l["num_params"], l["trace"]) for l in layers],
         extra=extra,
         info={"fallback_params": list(result.fallback_params)} if result.fallback_params else {},
     )
-    return scores, result

@@ -1,0 +1,454 @@
+"""The scoring pass over large corpora: streamed batches, several metrics from one forward, several
+processes, checkpoints and resume.
+
+One pass feeds every *consumer* (one per metric) from the same forward::
+
+    for batch in BatchReader(corpus, plan[rank::K], start=cursor):     # memory-mapped, bucketed, prefetched
+        with every consumer's capture(batch):                         # Fisher: per-example gradient hooks
+            outputs = model(**inputs, output_hidden_states=any needs) # under optional bf16/fp16 autocast
+            for c in consumers: c.consume(batch, outputs)             # no-backward consumers first
+        every M examples: checkpoint {consumer states, cursor}        # atomic, one file per rank
+    for c in consumers: c.all_reduce(group)                           # sums / exact merges over ranks
+    rank 0: c.result() -> LayerScores -> scores.json (atomic)
+
+A metric joins the pass by registering a consumer factory with :func:`register_consumer`; the Fisher
+consumer (around :class:`fastsel.per_example.SquaredGradAccumulator`) is registered here. Consumers that
+keep per-class statistics merge them exactly with :func:`merge_class_stats` (Chan et al.).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from fastsel.checkpoint import load_checkpoint, rank_file, save_checkpoint
+from fastsel.distributed import DistEnv, all_gather_objects, all_reduce_sum_, barrier, init_distributed, shutdown_distributed
+from fastsel.layers import LayerMap
+from fastsel.progress import progress_bar
+from fastsel.scores import LayerScores
+from fastsel.stream import BatchReader, TokenizedCorpus, load_tokenized_corpus, padding_stats, plan_batches, shard_batches
+
+__all__ = [
+    "PipelineConfig",
+    "BatchConsumer",
+    "PipelineContext",
+    "CONSUMERS",
+    "register_consumer",
+    "supports",
+    "merge_class_stats",
+    "FisherConsumer",
+    "run_pass",
+    "run_pipeline",
+    "output_path",
+]
+
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineConfig:
+    """How the pass runs (not what it computes, except autocast and batching, which change float sums)."""
+
+    max_tokens: int | None = None  # padded tokens per batch; None: --batch-size examples per batch
+    bucket: bool = True  # length-bucketed batches (minimal padding)
+    autocast: str = "none"  # none | bf16 | fp16 forward; accumulators stay fp32
+    checkpoint: str | None = None  # folder of per-rank checkpoint files
+    checkpoint_every: int = 10000  # examples (over all ranks) between checkpoints
+    resume: bool = False
+    prefetch: int = 2  # batches read ahead by a background thread (0: inline)
+    cache_dir: str | None = None  # tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"fastsel: max_tokens must be >= 1, got {self.max_tokens}")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"fastsel: autocast must be one of {sorted(AUTOCAST)}, got {self.autocast!r}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"fastsel: checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.prefetch < 0:
+            raise ValueError(f"fastsel: prefetch must be >= 0, got {self.prefetch}")
+        if self.resume and not self.checkpoint:
+            raise ValueError("fastsel: --resume needs --checkpoint PATH (the folder the interrupted run wrote)")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PipelineConfig":
+        data = json.loads(text)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"fastsel: unknown PipelineConfig keys {sorted(unknown)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Consumers
+# --------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class BatchConsumer(Protocol):
+    """One metric's accumulator inside the shared pass.
+
+    batch: dict of input_ids (B, T), attention_mask (B, T), token_type_ids, special_tokens_mask (B, T),
+    labels (B,), index (B,) int64 global example positions. outputs: the model output of that batch
+    (``hidden_states`` present when any consumer sets ``needs_hidden_states``).
+    """
+
+    name: str
+    needs_backward: bool  # Fisher: True (the forward keeps its graph); class statistics: False
+    needs_hidden_states: bool
+
+    def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
+        """Entered around the forward (and the consume calls) of each batch: hooks, or nullcontext()."""
+
+    def consume(self, batch: Mapping[str, Tensor], outputs: Any) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def all_reduce(self, group: Any = None) -> None:
+        """Combine this rank's statistics with every other rank's (called once, after the pass)."""
+
+    def result(self) -> LayerScores: ...
+
+
+@dataclass
+class PipelineContext:
+    """What a consumer factory gets."""
+
+    config: Any  # ScoreConfig
+    pipeline: PipelineConfig
+    model: nn.Module
+    tokenizer: Any
+    layer_map: LayerMap
+    task: Any  # TaskSpec
+    device: torch.device
+    num_examples: int
+
+
+ConsumerFactory = Callable[[PipelineContext], BatchConsumer]
+CONSUMERS: dict[str, ConsumerFactory] = {}
+
+
+def register_consumer(name: str, factory: ConsumerFactory) -> ConsumerFactory:
+    """Make metric ``name`` (already in fastsel.scoring.METRICS) computable by the streamed pass."""
+    if name in CONSUMERS:
+        raise ValueError(f"fastsel: consumer for {name!r} registered twice")
+    CONSUMERS[name] = factory
+    return factory
+
+
+def supports(metric: str) -> bool:
+    """Whether every metric of a comma-separated list has a streaming consumer."""
+    return all(name in CONSUMERS for name in metric.split(","))
+
+
+def merge_class_stats(
+    count_a: Tensor, mean_a: Tensor, m2_a: Tensor, count_b: Tensor, mean_b: Tensor, m2_b: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact merge of two sets of per-class statistics (Chan, Golub & LeVeque 1979).
+
+    count (C,) examples per class, mean (C, D), m2 (C, D, D) = sum_i (x_i - mean)(x_i - mean)^T per class.
+    Returns the statistics of the union: n = na + nb, delta = mb - ma,
+    mean = ma + delta nb / n, M2 = M2a + M2b + delta delta^T na nb / n. Classes empty on both sides stay
+    zero. Computed in the inputs' dtype (use float64 accumulators for long corpora).
+    """
+    if count_a.shape != count_b.shape or mean_a.shape != mean_b.shape or m2_a.shape != m2_b.shape:
+        raise ValueError(f"fastsel: class statistics of different shapes: {tuple(mean_a.shape)} vs {tuple(mean_b.shape)}")
+    if mean_a.dim() != 2 or m2_a.shape != (*mean_a.shape, mean_a.shape[1]) or count_a.shape != mean_a.shape[:1]:
+        raise ValueError(f"fastsel: expected count (C,), mean (C, D), m2 (C, D, D); got {tuple(count_a.shape)}, "
+                         f"{tuple(mean_a.shape)}, {tuple(m2_a.shape)}")
+    na = count_a.to(mean_a.dtype)
+    nb = count_b.to(mean_a.dtype)
+    n = na + nb
+    safe = torch.where(n > 0, n, torch.ones_like(n))
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (nb / safe)[:, None]
+    m2 = m2_a + m2_b + delta[:, :, None] * delta[:, None, :] * (na * nb / safe)[:, None, None]
+    return count_a + count_b, mean, m2
+
+
+class FisherConsumer:
+    """Fisher diagonal of the shared pass: per-example squared gradients of the log-likelihood.
+
+    Wraps :class:`SquaredGradAccumulator`: ``capture`` hooks the model for the batch, ``consume`` turns
+    the logits into the likelihood terms (labels sampled per *global* example index) and runs the
+    backward. Sums are fp32 (whatever the autocast dtype); the rank reduction sums them in fp64.
+    """
+
+    name = "fisher"
+    needs_backward = True
+    needs_hidden_states = False
+
+    def __init__(self, ctx: PipelineContext) -> None:
+        from fastsel.fisher import FISHER_MODES
+        from fastsel.per_example import SquaredGradAccumulator
+
+        self.ctx = ctx
+        self.mode = ctx.config.options.get("fisher", "empirical")
+        if self.mode not in FISHER_MODES:
+            raise ValueError(f"fastsel: unknown Fisher mode {self.mode!r}; choose from {FISHER_MODES}")
+        self.seed = ctx.config.seed
+        self.acc = SquaredGradAccumulator(ctx.model)
+
+    def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
+        return self.acc.capture(batch_size=int(batch["input_ids"].shape[0]))
+
+    def consume(self, batch: Mapping[str, Tensor], outputs: Any) -> None:
+        from fastsel.fisher import fisher_terms_from_logits
+
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+        terms = fisher_terms_from_logits(self.ctx.model, logits, batch.get("labels"), self.mode, self.seed, batch["index"])
+        self.acc.backward(terms)
+
+    def state_dict(self) -> dict:
+        return {k: ({n: t.detach().cpu().clone() for n, t in v.items()} if k == "sums" else v)
+                for k, v in self.acc.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.acc.load_state_dict(state)
+
+    def all_reduce(self, group: Any = None) -> None:
+        names = sorted(self.acc.sums)
+        all_reduce_sum_([self.acc.sums[n] for n in names], group)
+        count = torch.tensor([float(self.acc.num_examples)], dtype=torch.float64, device=self.acc.sums[names[0]].device)
+        all_reduce_sum_([count], group)
+        self.acc.num_examples = int(count.item())
+        fallback = all_gather_objects(sorted(self.acc.fallback_params), group)
+        self.acc.fallback_params = set().union(*map(set, fallback))
+
+    def result(self) -> LayerScores:
+        from fastsel.fisher import FisherResult, fisher_scores
+
+        res = FisherResult(self.acc.mean(), self.acc.num_examples, self.mode, tuple(sorted(self.acc.fallback_params)))
+        cfg = self.ctx.config
+        return fisher_scores(res, self.ctx.model, self.ctx.layer_map, model_name=cfg.model, task=self.ctx.task.name, split=cfg.split)
+
+
+register_consumer("fisher", FisherConsumer)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device, name: str) -> ContextManager[Any]:
+    dtype = AUTOCAST[name]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _step(model: nn.Module, consumers: list[BatchConsumer], batch: dict[str, Tensor], autocast: str, device: torch.device) -> None:
+    """One batch through the model, shared by all consumers (see the module docstring)."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    grad = any(c.needs_backward for c in consumers)
+    hidden = any(c.needs_hidden_states for c in consumers)
+    kwargs = {"output_hidden_states": True} if hidden else {}
+    with contextlib.ExitStack() as stack:
+        for c in consumers:
+            stack.enter_context(c.capture(batch))
+        with torch.set_grad_enabled(grad), _autocast(device, autocast):
+            outputs = model(**inputs, **kwargs)
+        # Statistics of the forward first: the backward of gradient consumers may free the graph's buffers.
+        for c in sorted(consumers, key=lambda c: c.needs_backward):
+            with torch.set_grad_enabled(c.needs_backward):
+                c.consume(batch, outputs)
+
+
+def pass_settings(cfg: Any, pcfg: PipelineConfig, corpus_key: str, world_size: int) -> dict[str, Any]:
+    """Everything that decides the accumulators of a pass (the checkpoint fingerprint)."""
+    score = json.loads(cfg.to_json())
+    score.pop("device", None)  # a resumed run may move device; float results may then differ slightly
+    return {"score": score, "max_tokens": pcfg.max_tokens, "bucket": pcfg.bucket, "autocast": pcfg.autocast,
+            "corpus": corpus_key, "world_size": world_size}
+
+
+@dataclass
+class PassResult:
+    """consumers (reduced over ranks), examples seen by this rank, batch/padding statistics, timings."""
+
+    consumers: list[BatchConsumer]
+    examples: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def run_pass(
+    ctx: PipelineContext,
+    corpus: TokenizedCorpus,
+    consumers: list[BatchConsumer],
+    env: DistEnv,
+    *,
+    progress: bool = True,
+) -> PassResult:
+    """Run the streamed pass of ``consumers`` over this rank's shard of ``corpus``; reduce over ranks."""
+    cfg, pcfg = ctx.config, ctx.pipeline
+    lengths = corpus.lengths()
+    plan = plan_batches(lengths, batch_size=cfg.batch_size, max_tokens=pcfg.max_tokens, bucket=pcfg.bucket, seed=cfg.seed)
+    mine = shard_batches(plan, env.rank, env.world_size)
+    settings = pass_settings(cfg, pcfg, corpus.key, env.world_size)
+    ckpt = rank_file(pcfg.checkpoint, env.rank, env.world_size) if pcfg.checkpoint else None
+
+    cursor, examples = 0, 0
+    if ckpt is not None and pcfg.resume:
+        state = load_checkpoint(ckpt, settings)
+        if state is not None:
+            for c in consumers:
+                c.load_state_dict(state["consumers"][c.name])
+            cursor, examples = int(state["cursor"]), int(state["examples"])
+            print(f"fastsel: rank {env.rank} resumes at batch {cursor}/{len(mine)} ({examples} examples done) from {ckpt}",
+                  file=sys.stderr)
+        else:
+            print(f"fastsel: no checkpoint at {ckpt}; starting from the beginning", file=sys.stderr)
+
+    def save(complete: bool = False) -> None:
+        if ckpt is not None:
+            save_checkpoint(ckpt, settings=settings, cursor=cursor, examples=examples,
+                            consumers={c.name: c.state_dict() for c in consumers}, complete=complete)
+
+    every = max(1, math.ceil(pcfg.checkpoint_every / env.world_size))  # per rank
+    total = int(sum(len(b) for b in mine))
+    model = ctx.model
+    was_training = model.training
+    model.eval()
+    reader = BatchReader(corpus, ctx.tokenizer, mine, start=cursor, prefetch=pcfg.prefetch,
+                         pin_memory=ctx.device.type == "cuda")
+    tokens, since_save = 0, 0
+    start = time.perf_counter()
+    names = ",".join(c.name for c in consumers)
+    try:
+        with progress_bar(total=total, desc=f"{names} (rank {env.rank}/{env.world_size})" if env.world_size > 1 else names,
+                          unit="ex", disable=not progress or not env.is_main) as bar:
+            bar.initial = bar.n = examples  # resumed work: counted, but not in the rate and ETA
+            for batch in reader:
+                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+                B = int(batch["input_ids"].shape[0])
+                _step(model, consumers, batch, pcfg.autocast, ctx.device)
+                cursor += 1
+                examples += B
+                since_save += B
+                tokens += int(batch["attention_mask"].sum())
+                bar.update(B)
+                elapsed = time.perf_counter() - start
+                if elapsed > 0:
+                    bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s", refresh=False)
+                if since_save >= every and cursor < len(mine):
+                    save()
+                    since_save = 0
+    finally:
+        model.train(was_training)
+    save(complete=True)
+    seconds = time.perf_counter() - start
+    if env.active:
+        for c in consumers:
+            c.all_reduce(None)
+    pad = padding_stats(lengths, plan)
+    stats = {"batches": len(plan), "seconds_pass": round(seconds, 3), "tokens_this_run_rank0": tokens,
+             "padding_fraction": round(pad["padding_fraction"], 5), "world_size": env.world_size,
+             "max_tokens": pcfg.max_tokens, "bucket": pcfg.bucket, "autocast": pcfg.autocast}
+    return PassResult(consumers, examples, stats)
+
+
+def output_path(path: str | os.PathLike, metric: str, num_metrics: int) -> Path:
+    """``path`` itself for one metric; ``scores.json`` -> ``scores.fisher.json`` for several."""
+    path = Path(path)
+    return path if num_metrics == 1 else path.with_name(f"{path.stem}.{metric}{path.suffix}")
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    from fastsel.models import ModelLoadError, _quiet_transformers, resolve_model_path
+
+    path = resolve_model_path(name)
+    local = Path(path).is_dir()
+    try:
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(path, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        where = "local directory" if local else "name (not a local directory; the hub is needed, which may be offline)"
+        raise ModelLoadError(f"fastsel: could not load model {name!r} as a {where}: {exc}") from exc
+
+
+def run_pipeline(
+    cfg: Any,
+    pcfg: PipelineConfig | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    plot: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, LayerScores]:
+    """Score ``cfg.metric`` (comma-separated metrics: one shared pass) -> {metric: LayerScores}.
+
+    Under torchrun every rank returns the reduced scores; only rank 0 writes ``out`` / ``plot``
+    (``output_path`` names one file per metric when there are several).
+    """
+    from fastsel.models import load_model
+    from fastsel.scoring import METRICS
+
+    pcfg = pcfg or PipelineConfig()
+    names = cfg.metric.split(",")
+    if len(set(names)) != len(names):
+        raise ValueError(f"fastsel: metric listed twice in {cfg.metric!r}")
+    missing = [n for n in names if n not in CONSUMERS]
+    if missing:
+        raise ValueError(f"fastsel: metric(s) {missing} cannot run in the streamed pass; streamed: {sorted(CONSUMERS)}")
+    env = init_distributed(cfg.device)
+    try:
+        if env.world_size > 1 and env.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
+        tokenizer = _load_tokenizer(cfg.model)
+        # Rank 0 tokenises into the cache; the others then memory-map the same file.
+        if env.is_main:
+            corpus = load_tokenized_corpus(cfg, tokenizer, pcfg.cache_dir)
+        barrier(env)
+        if not env.is_main:
+            corpus = load_tokenized_corpus(cfg, tokenizer, pcfg.cache_dir)
+        task = corpus.task
+        for name in names:
+            if METRICS[name].classification_only and task.is_regression:
+                raise ValueError(f"fastsel: metric {name!r} needs classes, but task {task.name!r} is a regression task")
+        model, tokenizer, layer_map = load_model(cfg.model, num_labels=1 if task.is_regression else task.num_labels,
+                                                 seed=cfg.seed, device=env.device)
+        ctx = PipelineContext(cfg, pcfg, model, tokenizer, layer_map, task, env.device, len(corpus))
+        consumers = [CONSUMERS[n](ctx) for n in names]
+        start = time.perf_counter()
+        result = run_pass(ctx, corpus, consumers, env, progress=progress)
+        scores = {c.name: c.result() for c in result.consumers}
+        seconds = round(time.perf_counter() - start, 3)
+        for s in scores.values():
+            s.info.setdefault("seconds", seconds)
+            s.info.setdefault("config", json.loads(cfg.to_json()))
+            s.info.setdefault("pipeline", result.stats)
+        if env.is_main:
+            for name, s in scores.items():
+                if out:
+                    s.to_json(output_path(out, name, len(names)))
+                if plot:
+                    from fastsel.plot import plot_layer_scores
+
+                    plot_layer_scores(s, output_path(plot, name, len(names)))
+        barrier(env)
+        return scores
+    finally:
+        shutdown_distributed(env)
