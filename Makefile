@@ -26,9 +26,9 @@ install: $(STAMP)
 
 demo: install
 	$(PY) -m fastsel info
-	$(PY) -m fastsel score --metric fisher --model minilm --task sst2 --data-dir $(DATA_DIR) \
+	$(PY) -m fastsel score --metric fisher,variability --model minilm --task sst2 --data-dir $(DATA_DIR) \
 	    --num-examples 1000 --batch-size 32 --max-length 64 \
-	    --out runs/demo/fisher_sst2.json --plot runs/demo/fisher_sst2.png
+	    --out runs/demo/sst2.json --plot runs/demo/sst2.png
 
 test: install
 	$(PY) -m pytest -q tests

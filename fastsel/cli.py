@@ -97,7 +97,9 @@ def _run_score(args: argparse.Namespace) -> int:
         regression=args.regression,
         options=options,
     )
-    if supports(cfg.metric):  # streamed pass: every metric with a consumer (fastsel.pipeline)
+    # Streamed pass: every metric with a consumer (fastsel.pipeline); probes keep the scored subset's
+    # states in memory and need a validation pass, so they run in memory.
+    if supports(cfg.metric) and not cfg.options.get("probe"):
         pcfg = PipelineConfig(**{k: getattr(args, k) for k in _PIPELINE_DESTS})
         results = run_pipeline(cfg, pcfg, out=args.out, plot=args.plot, progress=not args.no_progress)
         if int(os.environ.get("RANK", "0")) != 0:
@@ -114,8 +116,9 @@ def _run_score(args: argparse.Namespace) -> int:
     if "," in cfg.metric:
         raise ValueError(f"fastsel: {cfg.metric!r}: only metrics of the streamed pass can share one pass")
     if args.checkpoint or args.resume or args.max_tokens or args.autocast != "none" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"fastsel: metric {cfg.metric!r} does not run in the streamed pass; --max-tokens, --autocast, "
-                         "--checkpoint/--resume and torchrun need a streamed metric")
+        raise ValueError(f"fastsel: metric {cfg.metric!r}{' with --probe' if cfg.options.get('probe') else ''} does not run "
+                         "in the streamed pass; --max-tokens, --autocast, --checkpoint/--resume and torchrun need a "
+                         "streamed metric (fisher, variability without --probe)")
     scores = run_scoring(cfg, out=args.out, plot=args.plot, progress=not args.no_progress)
     print(scores.table())
     if args.out:

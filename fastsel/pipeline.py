@@ -447,7 +447,7 @@ def run_pipeline(
                 if plot:
                     from fastsel.plot import plot_layer_scores
 
-                    plot_layer_scores(s, output_path(plot, name, len(names)))
+                    (METRICS[name].plot or plot_layer_scores)(s, output_path(plot, name, len(names)))
         barrier(env)
         return scores
     finally:

@@ -245,21 +245,16 @@ def smoothness(nu: Sequence[float]) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# The streaming pass (with atomic checkpoints for --resume)
+# The streaming pass
 # --------------------------------------------------------------------------------------------------
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old or the new checkpoint, never half of one
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _check_labels(batch: Mapping[str, Tensor]) -> None:
+    labels = batch.get("labels")
+    if labels is None:
+        raise ValueError("fastsel: the variability ratio needs labels")
+    if labels.is_floating_point():
+        raise ValueError("fastsel: the variability ratio needs class labels, got real-valued (regression) labels")
 
 
 def accumulate_class_statistics(
@@ -273,47 +268,22 @@ def accumulate_class_statistics(
     dtype: torch.dtype = torch.float64,
     total: int | None = None,
     progress: bool = False,
-    checkpoint: str | os.PathLike | None = None,
-    resume: bool = False,
-    checkpoint_every: int = 50,
-    fingerprint: Mapping[str, Any] | None = None,
     on_layer: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
 ) -> ClassStatistics:
     """One forward per batch; every layer's pooled states are merged into ClassStatistics as produced.
 
     batches: dicts with input_ids, attention_mask (B, T), special_tokens_mask (B, T) for mean pooling,
-    optional token_type_ids, and integer labels (B,) in [0, num_classes). Must be deterministic (not
-    shuffled) for ``resume``. ``checkpoint``: every ``checkpoint_every`` batches (and at the end) the
-    statistics and the number of batches consumed are written atomically there; with ``resume`` a run
-    starts from it (skipping the consumed batches without a forward) and ends with the same result as
-    an uninterrupted run. ``fingerprint`` (e.g. the run's config) must match the checkpoint's.
+    optional token_type_ids, and integer labels (B,) in [0, num_classes). In-memory API; for corpora that
+    need checkpoints, several processes or one pass with Fisher, the CLI runs
+    :class:`VariabilityConsumer` inside :func:`fastsel.pipeline.run_pass`.
     ``on_layer(index, hidden, mask, labels)``, if given, also sees every layer's states (e.g. to keep the
     pooled states of a small probe set from the same forward).
     """
     if pooling not in POOLINGS:
         raise ValueError(f"fastsel: unknown pooling {pooling!r}; choose from {POOLINGS}")
-    if checkpoint_every < 1:
-        raise ValueError(f"fastsel: checkpoint_every must be >= 1, got {checkpoint_every}")
     layer_map = layer_map or map_layers(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     stats = ClassStatistics(layer_map.num_layers + 1, num_classes, dtype)
-    fingerprint = dict(fingerprint or {})
-    done = 0
-    ckpt = Path(checkpoint) if checkpoint else None
-    if resume:
-        if ckpt is None:
-            raise ValueError("fastsel: --resume needs --checkpoint PATH")
-        if ckpt.exists():
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            if state.get("fingerprint") != fingerprint:
-                raise ValueError(f"fastsel: checkpoint {ckpt} was written by a different run: {state.get('fingerprint')} != {fingerprint}")
-            stats.load_state_dict(state["stats"], device)
-            done = int(state["batches"])
-
-    def save(batches_done: int) -> None:
-        if ckpt is not None:
-            _save_checkpoint(ckpt, {"version": 1, "batches": batches_done, "stats": stats.state_dict(), "fingerprint": fingerprint})
-
     was_training = model.training
     model.eval()
     current: dict[str, Tensor] = {}
@@ -326,15 +296,8 @@ def accumulate_class_statistics(
     try:
         with progress_bar(total=total, desc=f"variability ({pooling})", unit="ex", disable=not progress) as bar, \
                 layer_taps(model, layer_map, consume), torch.no_grad():
-            bar.update(stats.num_examples)
-            for i, batch in enumerate(batches):
-                if i < done:
-                    continue  # consumed before the interruption
-                labels = batch.get("labels")
-                if labels is None:
-                    raise ValueError("fastsel: the variability ratio needs labels")
-                if labels.is_floating_point():
-                    raise ValueError("fastsel: the variability ratio needs class labels, got real-valued (regression) labels")
+            for batch in batches:
+                _check_labels(batch)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 B = int(batch["input_ids"].shape[0])
                 if B == 0:
@@ -345,12 +308,8 @@ def accumulate_class_statistics(
                 stats.num_examples += B
                 stats.num_skipped += int((current["mask"].sum(1) == 0).sum())
                 bar.update(B)
-                if (i + 1) % checkpoint_every == 0:
-                    save(i + 1)
-                done = i + 1
     finally:
         model.train(was_training)
-    save(done)
     if stats.num_examples == 0:
         raise ValueError("fastsel: no examples to compute the variability ratio on (empty data)")
     return stats
@@ -465,22 +424,88 @@ def variability_layer_scores(
 
 
 # --------------------------------------------------------------------------------------------------
-# The metric (fastsel score --metric variability)
+# The streamed pass (fastsel.pipeline): checkpoints, several processes, one pass with Fisher
 # --------------------------------------------------------------------------------------------------
 
 
-def _fingerprint(ctx) -> dict[str, Any]:
-    cfg = ctx.config
-    return {"model": cfg.model, "task": ctx.task.name, "split": cfg.split, "num_examples": len(ctx.features),
-            "batch_size": cfg.batch_size, "max_length": cfg.max_length, "seed": cfg.seed, "balanced": cfg.balanced,
-            "pooling": cfg.options.get("pooling", "mean"), "data_file": cfg.data_file}
+class VariabilityConsumer:
+    """Class statistics inside :func:`fastsel.pipeline.run_pass`.
+
+    ``capture`` taps every block while the shared forward runs (the same forward the Fisher backward
+    uses with ``--metric fisher,variability``), so no hidden states are kept; the statistics are
+    checkpointable (``state_dict``) and merged exactly over ranks (Chan's formula, in rank order).
+    """
+
+    name = "variability"
+    needs_backward = False
+    needs_hidden_states = False  # hooks on the blocks, not output_hidden_states
+
+    def __init__(self, ctx: Any) -> None:
+        opts = ctx.config.options
+        self.ctx = ctx
+        self.pooling = opts.get("pooling") or "mean"
+        self.variant = opts.get("variant") or "xie"
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"fastsel: unknown pooling {self.pooling!r}; choose from {POOLINGS}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"fastsel: unknown variant {self.variant!r}; choose from {VARIANTS}")
+        self.stats = ClassStatistics(ctx.layer_map.num_layers + 1, ctx.task.num_labels)
+        self._mask: Tensor | None = None
+        self._labels: Tensor | None = None
+
+    def _tap(self, index: int, hidden: Tensor) -> None:
+        self.stats.update(index, hidden, self._mask, self._labels)  # type: ignore[arg-type]
+
+    @contextlib.contextmanager
+    def capture(self, batch: Mapping[str, Tensor]) -> Iterator["VariabilityConsumer"]:
+        _check_labels(batch)
+        self._mask, self._labels = pool_mask(batch, self.pooling), batch["labels"].long()
+        with layer_taps(self.ctx.model, self.ctx.layer_map, self._tap):
+            yield self
+
+    def consume(self, batch: Mapping[str, Tensor], outputs: Any) -> None:
+        self.stats.num_examples += int(batch["input_ids"].shape[0])
+        self.stats.num_skipped += int((self._mask.sum(1) == 0).sum())  # type: ignore[union-attr]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stats.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.stats.load_state_dict(state, self.ctx.device)
+
+    def all_reduce(self, group: Any = None) -> None:
+        from fastsel.distributed import all_merge_class_stats, all_reduce_sum_
+
+        st = self.stats
+        width = int(getattr(self.ctx.model.config, "hidden_size", 0) or getattr(self.ctx.model.config, "dim"))
+        for i in range(st.num_layers):
+            if st.count[i] is None:  # this rank saw no data: it contributes empty classes
+                st.count[i] = torch.zeros(st.num_classes, dtype=torch.float64, device=self.ctx.device)
+                st.mean[i] = torch.zeros(st.num_classes, width, dtype=st.dtype, device=self.ctx.device)
+                st.m2[i] = torch.zeros(st.num_classes, width, width, dtype=st.dtype, device=self.ctx.device)
+            st.count[i], st.mean[i], st.m2[i] = all_merge_class_stats(st.count[i], st.mean[i], st.m2[i], group)
+        counters = torch.tensor([st.num_examples, st.num_skipped], dtype=torch.float64, device=self.ctx.device)
+        all_reduce_sum_([counters], group)
+        st.num_examples, st.num_skipped = (int(v) for v in counters.tolist())
+
+    def result(self) -> "LayerScores":
+        if self.stats.num_examples == 0:
+            raise ValueError("fastsel: no examples to compute the variability ratio on (empty data)")
+        cfg = self.ctx.config
+        return variability_layer_scores(self.stats, self.ctx.layer_map, variant=self.variant, pooling=self.pooling,
+                                        model_name=cfg.model, task=self.ctx.task.name, split=cfg.split)
+
+
+# --------------------------------------------------------------------------------------------------
+# The metric (fastsel score --metric variability)
+# --------------------------------------------------------------------------------------------------
 
 
 def _variability_run(ctx) -> "LayerScores":
     opts = ctx.config.options
     pooling = opts.get("pooling") or "mean"
     variant = opts.get("variant") or "xie"
-    probe_states = PooledStates() if opts.get("probe") and not opts.get("resume") else None
+    probe_states = PooledStates() if opts.get("probe") else None
     stats = accumulate_class_statistics(
         ctx.model,
         ctx.loader(),
@@ -489,10 +514,6 @@ def _variability_run(ctx) -> "LayerScores":
         layer_map=ctx.layer_map,
         total=len(ctx.features),
         progress=ctx.progress,
-        checkpoint=opts.get("checkpoint"),
-        resume=bool(opts.get("resume", False)),
-        checkpoint_every=int(opts.get("checkpoint_every") or 50),
-        fingerprint=_fingerprint(ctx),
         on_layer=probe_states,
     )
     scores = variability_layer_scores(stats, ctx.layer_map, variant=variant, pooling=pooling, model_name=ctx.config.model,
@@ -509,17 +530,17 @@ def _variability_args(p) -> None:
                    help="sequence state: mean of the non-special tokens, or the first (CLS) token (variability, cca, numrank, probe)")
     p.add_argument("--variant", choices=VARIANTS, default="xie",
                    help="xie: class-balanced Sigma_w, Sigma_b (section 3.1); papyan: frequency-weighted, global mean (appendix A.1)")
-    p.add_argument("--checkpoint", default=None, help="write the accumulators here (atomically) every --checkpoint-every batches")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint (same result as an uninterrupted run)")
     p.add_argument("--probe", action="store_true",
                    help="also train a probe per layer and report the probe score s and rho(nu, s) (see --metric probe options)")
 
 
 def _register() -> None:
+    from fastsel.pipeline import CONSUMERS, register_consumer
     from fastsel.plot import plot_layer_curves
     from fastsel.scoring import METRICS, Metric, register_metric
 
+    if "variability" not in CONSUMERS:
+        register_consumer("variability", VariabilityConsumer)
     if "variability" not in METRICS:
         register_metric(
             Metric(

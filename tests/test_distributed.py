@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from fastsel.pipeline import PipelineConfig, output_path, run_pipeline
 from fastsel.scoring import ScoreConfig
 
-from stream_helpers import register_classmean, save_tiny_bert
+from stream_helpers import save_tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
 N = 90
@@ -35,7 +35,7 @@ def tiny_dir(tmp_path_factory, minilm_path):
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path)
 
 
-def _cfg(tiny_dir, data_dir, metric="fisher,classmean"):
+def _cfg(tiny_dir, data_dir, metric="fisher,variability"):
     return ScoreConfig(metric=metric, model=tiny_dir, task="sst2", data_dir=str(data_dir), num_examples=N, batch_size=4,
                        max_length=40, options={"fisher": "sampled"})
 
@@ -43,7 +43,7 @@ def _cfg(tiny_dir, data_dir, metric="fisher,classmean"):
 def _worker(rank: int, world: int, port: int, cfg_json: str, pcfg_json: str, out: str, cache: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FASTSEL_CACHE=cache)
-    register_classmean()
+    import fastsel.scoring  # noqa: F401  (registers the variability consumer in the spawned process)
     scores = run_pipeline(ScoreConfig.from_json(cfg_json), PipelineConfig.from_json(pcfg_json), out=out, progress=False)
     assert not dist.is_initialized()  # the pass tore its group down
     assert scores["fisher"].num_examples == N  # every rank holds the reduced result
@@ -62,14 +62,13 @@ def _close(a: dict, b: dict, rtol: float = 1e-5) -> None:
 def test_two_gloo_processes_equal_one(tmp_path, tiny_dir, data_dir, monkeypatch, max_tokens):
     cache = str(tmp_path / "cache")
     monkeypatch.setenv("FASTSEL_CACHE", cache)
-    register_classmean()
     cfg = _cfg(tiny_dir, data_dir)
     pcfg = PipelineConfig(max_tokens=max_tokens, checkpoint=str(tmp_path / "ck2"), checkpoint_every=16)
     one = tmp_path / "one.json"
     run_pipeline(cfg, PipelineConfig(max_tokens=max_tokens), out=one, progress=False)
     two = tmp_path / "two.json"
     mp.spawn(_worker, args=(2, _free_port(), cfg.to_json(), pcfg.to_json(), str(two), cache), nprocs=2, join=True)
-    for metric in ("fisher", "classmean"):
+    for metric in ("fisher", "variability"):
         a = json.loads(output_path(one, metric, 2).read_text())
         b = json.loads(output_path(two, metric, 2).read_text())
         assert b["pipeline"]["world_size"] == 2

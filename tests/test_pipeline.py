@@ -15,7 +15,7 @@ from fastsel.pipeline import FisherConsumer, PipelineConfig, PipelineContext, me
 from fastsel.scoring import ScoreConfig
 from fastsel.stream import BatchReader, load_tokenized_corpus, padding_stats, plan_batches, shard_batches
 
-from stream_helpers import ClassMeanConsumer, batch_class_stats, pooled, register_classmean, save_tiny_bert
+from stream_helpers import ClassMeanConsumer, batch_class_stats, pooled, save_tiny_bert
 
 N = 120
 
@@ -219,6 +219,27 @@ def test_one_pass_fisher_and_class_statistics(tiny_dir, data_dir, cache):
             torch.testing.assert_close(m2[c], torch.from_numpy((xc - xc.mean(0)).T @ (xc - xc.mean(0))), rtol=1e-4, atol=1e-4)
 
 
+def test_one_pass_fisher_and_variability_equal_each_alone(tiny_dir, data_dir, cache):
+    """The real variability consumer shares the Fisher forward: nu equals the in-memory computation."""
+    from fastsel.data import make_dataloader
+    from fastsel.variability import VariabilityConsumer, accumulate_class_statistics, variability_layer_scores
+
+    cfg = _cfg(tiny_dir, data_dir, metric="fisher,variability")
+    ctx, corpus = _setup(cfg, PipelineConfig(max_tokens=200))
+    both = run_pass(ctx, corpus, [FisherConsumer(ctx), VariabilityConsumer(ctx)], DistEnv(), progress=False)
+    fisher_alone = run_pass(ctx, corpus, [FisherConsumer(ctx)], DistEnv(), progress=False).consumers[0]
+    for n, s in fisher_alone.acc.sums.items():
+        assert torch.equal(both.consumers[0].acc.sums[n], s)
+    streamed = both.consumers[1].result()
+    ex = load_examples("sst2", data_dir, "train", num_examples=N, seed=0)
+    loader = make_dataloader(tokenize_examples(ex, ctx.tokenizer, cfg.max_length), ctx.tokenizer, 8)
+    stats = accumulate_class_statistics(ctx.model, loader, num_classes=2, layer_map=ctx.layer_map)
+    memory = variability_layer_scores(stats, ctx.layer_map)
+    assert streamed.num_examples == memory.num_examples == N
+    assert [l.score for l in streamed.layers] == pytest.approx([l.score for l in memory.layers], rel=1e-6)
+    assert streamed.info["l_star"] == memory.info["l_star"]
+
+
 @pytest.mark.parametrize("autocast", ["bf16", "fp16"])
 def test_autocast_keeps_fp32_accumulators_close(tiny_dir, data_dir, cache, autocast):
     cfg = _cfg(tiny_dir, data_dir, num_examples=40)
@@ -247,14 +268,14 @@ def test_pipeline_config_round_trip_and_errors():
 
 
 def test_cli_two_metrics_one_pass(tmp_path, tiny_dir, data_dir, cache, capsys):
-    register_classmean()
-    out = tmp_path / "scores.json"
-    rc = main(["score", "--metric", "fisher,classmean", "--model", tiny_dir, "--task", "sst2", "--data-dir", str(data_dir),
+    out, plot = tmp_path / "scores.json", tmp_path / "scores.png"
+    rc = main(["score", "--metric", "fisher,variability", "--plot", str(plot), "--model", tiny_dir, "--task", "sst2", "--data-dir", str(data_dir),
                "--num-examples", "40", "--max-tokens", "256", "--autocast", "bf16", "--out", str(out), "--no-progress"])
     assert rc == 0
     f = json.loads(output_path(out, "fisher", 2).read_text())
-    c = json.loads(output_path(out, "classmean", 2).read_text())
-    assert f["metric"] == "fisher" and c["metric"] == "classmean" and f["num_examples"] == c["num_examples"] == 40
+    c = json.loads(output_path(out, "variability", 2).read_text())
+    assert f["metric"] == "fisher" and c["metric"] == "variability" and f["num_examples"] == c["num_examples"] == 40
+    assert "l_star" in c and output_path(plot, "variability", 2).exists() and output_path(plot, "fisher", 2).exists()
     assert f["pipeline"]["autocast"] == "bf16" and f["pipeline"]["max_tokens"] == 256
     assert capsys.readouterr().out.count("ranking (best first)") == 2
 

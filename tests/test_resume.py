@@ -1,4 +1,4 @@
-"""Checkpoints and --resume: a real `python -m fastsel score` killed with SIGKILL and restarted gives the
+"""Checkpoints and --resume: a real `python -m fastsel score --metric fisher,variability` killed with SIGKILL and restarted gives the
 scores of an uninterrupted run, bit for bit; mismatched settings are refused; files are never torn."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastsel.checkpoint import CheckpointMismatch, load_checkpoint, rank_file, save_checkpoint
+from fastsel.pipeline import output_path
 
 from stream_helpers import save_tiny_bert
 
@@ -36,14 +37,23 @@ def env(tmp_path_factory):
 
 
 def _cmd(tiny_dir, data_dir, out, *extra):
-    return [sys.executable, "-m", "fastsel", "score", "--model", tiny_dir, "--task", "sst2", "--data-dir", str(data_dir),
+    return [sys.executable, "-m", "fastsel", "score", "--metric", "fisher,variability", "--model", tiny_dir, "--task", "sst2",
+            "--data-dir", str(data_dir),
             "--num-examples", str(N), "--batch-size", "4", "--max-length", "40", "--fisher", "sampled", "--no-progress",
             "--out", str(out), *extra]
 
 
 def _core(path: Path) -> dict:
-    d = json.loads(path.read_text())
-    return {k: d[k] for k in ("layers", "ranking", "extra", "num_examples", "mode")}
+    """The scores of both metrics of one pass (written as path.fisher.json and path.variability.json)."""
+    out = {}
+    for metric in ("fisher", "variability"):
+        d = json.loads(output_path(path, metric, 2).read_text())
+        out[metric] = {k: d[k] for k in ("layers", "ranking", "extra", "num_examples", "mode")}
+    return out
+
+
+def _written(path: Path) -> bool:
+    return any(output_path(path, m, 2).exists() for m in ("fisher", "variability"))
 
 
 def _cursor(ckpt: Path) -> tuple[int, bool]:
@@ -82,11 +92,11 @@ def test_sigkill_and_resume_give_the_uninterrupted_scores(tmp_path, tiny_dir, da
     ckpt = rank_file(ckdir, 0, 1)
     args = _cmd(tiny_dir, data_dir, out, "--checkpoint", str(ckdir), "--checkpoint-every", "20")
     first = _run_until_checkpoint(args, env, ckpt, min_cursor=1)
-    assert not out.exists()  # no output, and certainly no half-written one
+    assert not _written(out)  # no output, and certainly no half-written one
     assert first < N // 4
     # resume, and kill again later: resuming a resumed run works too
     second = _run_until_checkpoint(args + ["--resume"], env, ckpt, min_cursor=first + 10)
-    assert second > first and not out.exists()
+    assert second > first and not _written(out)
     assert not [p for p in ckdir.iterdir() if p.name != ckpt.name and not p.name.endswith(".tmp")]
     done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
