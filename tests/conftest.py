@@ -31,3 +31,15 @@ def tiny_tokenizer(minilm_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(minilm_path))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_token_cache(tmp_path_factory):
+    """Tokenised-corpus caches of the streamed pass go to a temporary folder, not ~/.cache/fastsel."""
+    old = os.environ.get("FASTSEL_CACHE")
+    os.environ["FASTSEL_CACHE"] = str(tmp_path_factory.mktemp("fastsel-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FASTSEL_CACHE", None)
+    else:
+        os.environ["FASTSEL_CACHE"] = old
