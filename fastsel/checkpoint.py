@@ -7,15 +7,15 @@ and the folder fsync'ed: a reader sees the old checkpoint or the new one, never 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastsel.atomic import atomic_write
 
 __all__ = ["CheckpointMismatch", "fingerprint", "rank_file", "save_checkpoint", "load_checkpoint"]
 
@@ -35,15 +35,6 @@ def rank_file(directory: str | os.PathLike, rank: int, world_size: int) -> Path:
     return Path(directory) / f"rank{rank}-of-{world_size}.pt"
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_checkpoint(path: str | os.PathLike, *, settings: dict[str, Any], cursor: int, examples: int,
                     consumers: dict[str, dict], complete: bool = False) -> None:
     """Write {settings, fingerprint, cursor (batches done), examples, consumer states} atomically."""
@@ -51,18 +42,7 @@ def save_checkpoint(path: str | os.PathLike, *, settings: dict[str, Any], cursor
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": _FORMAT, "settings": settings, "fingerprint": fingerprint(settings), "cursor": int(cursor),
              "examples": int(examples), "consumers": consumers, "complete": bool(complete)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
 def load_checkpoint(path: str | os.PathLike, settings: dict[str, Any]) -> dict[str, Any] | None:

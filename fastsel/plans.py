@@ -64,7 +64,8 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
-from fastsel.scores import LayerScores, atomic_write_text
+from fastsel.atomic import atomic_write_text
+from fastsel.scores import LayerScores
 
 __all__ = [
     "KINDS",

@@ -11,15 +11,14 @@ Metrics where lower is better (the variability ratio) rank ascending; ``higher_i
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-__all__ = ["LayerScore", "LayerScores", "atomic_write_text"]
+from fastsel.atomic import atomic_write_text
+
+__all__ = ["LayerScore", "LayerScores"]
 
 
 @dataclass
@@ -162,21 +161,3 @@ class LayerScores:
         lines = [title + f" ({order})", fmt(head)] + [fmt(r) for r in rows]
         lines.append("ranking (best first): " + " ".join(map(str, self.ranking)))
         return "\n".join(lines)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers never see a half-written file (tmp + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-

@@ -35,7 +35,7 @@ from fastsel.layers import LayerMap, map_layers
 from fastsel.metrics import main_metric, predictions_from_logits, task_metrics
 from fastsel.plans import Plan, PlanError
 from fastsel.progress import progress_bar
-from fastsel.scores import atomic_write_text
+from fastsel.atomic import atomic_write_text
 
 __all__ = [
     "TrainConfig",
