@@ -160,4 +160,6 @@ class LayerScores:
         order = "higher is better" if self.higher_is_better else "lower is better"
         lines = [title + f" ({order})", fmt(head)] + [fmt(r) for r in rows]
         lines.append("ranking (best first): " + " ".join(map(str, self.ranking)))
+        if "l_star" in self.info:
+            lines.append(f"l* = {self.info['l_star']}")
         return "\n".join(lines)
