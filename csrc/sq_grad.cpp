@@ -23,7 +23,10 @@ at::Tensor as_btf(const at::Tensor& t) {
   return t.reshape({t.size(0), positions, t.size(-1)});
 }
 
-void check_linear_sq_grad(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& input) {
+void check_linear_sq_grad(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& input,
+                          int64_t variant) {
+  TORCH_CHECK(variant >= 0 && variant <= kLinearVariantMax, "fastsel: linear_sq_grad variant must be in [0, ",
+              kLinearVariantMax, "], got ", variant);
   check_float(grad_output, "grad_output");
   check_float(input, "input");
   check_out(out, grad_output);
@@ -72,7 +75,9 @@ void check_embedding_sq_grad(const at::Tensor& out, const at::Tensor& grad_outpu
 
 TORCH_LIBRARY_FRAGMENT(fastsel, m) {
   // out[o, i] += sum_b (sum_t grad_output[b, t, o] * input[b, t, i])^2
-  m.def("accumulate_linear_sq_grad(Tensor(a!) out, Tensor grad_output, Tensor input) -> ()");
+  // variant: which kernel runs (0 = the backend's own choice; CUDA: 1 = 64x64 WMMA, 2 = 128x128 cp.async
+  // pipelined WMMA). Every variant computes the same sums; CPU has one kernel and accepts any variant.
+  m.def("accumulate_linear_sq_grad(Tensor(a!) out, Tensor grad_output, Tensor input, int variant=0) -> ()");
   // out[d] += sum_b (sum_t grad_output[b, t, d] * input[b, t, d])^2   (input omitted: a bias, input = 1)
   m.def("accumulate_norm_sq_grad(Tensor(a!) out, Tensor grad_output, Tensor? input) -> ()");
   // out[v, d] += sum_b (sum_{t: indices[b, t] = v} grad_output[b, t, d])^2, rows == padding_idx skipped

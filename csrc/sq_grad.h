@@ -10,7 +10,11 @@
 namespace fastsel {
 
 // Validate arguments (shared by every backend). Throws c10::Error with a readable message.
-void check_linear_sq_grad(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& input);
+// Kernel variants of the linear op (see the schema in sq_grad.cpp).
+constexpr int64_t kLinearVariantAuto = 0, kLinearVariantWmma = 1, kLinearVariantPipelined = 2, kLinearVariantMax = 2;
+
+void check_linear_sq_grad(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& input,
+                          int64_t variant = 0);
 void check_norm_sq_grad(const at::Tensor& out, const at::Tensor& grad_output, const std::optional<at::Tensor>& input);
 void check_embedding_sq_grad(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& indices);
 

@@ -2,17 +2,51 @@
 
 fastsel never fails to import because fastsel._C is missing or broken: every op then runs its
 pure-torch reference and ``fastsel info`` says why.
+
+Backends of an op (not every op has every one):
+  ``reference``  the pure-torch ``*_ref`` twin (always there; the oracle)
+  ``kernel``     the compiled kernel for the tensor's device (C++ on CPU, CUDA on GPU), its default variant
+  ``bmm``        (linear op) per-example batched GEMMs over chunks of examples into a bounded workspace,
+                 then the square-accumulate: no custom kernel, cuBLAS / MKL do the work
+  ``wmma``       (linear op, CUDA) the 64x64-tile WMMA kernel
+  ``pipelined``  (linear op, CUDA) the 128x128-tile cp.async multi-stage WMMA kernel
+
+The choice, first match wins: the ``backend=`` argument of the op's wrapper; ``FASTSEL_BACKEND``
+(``reference`` for every op, or ``op=backend,...`` / a bare backend name for the ops that have it); for the
+linear op on CUDA the measured table ``fastsel/backend_table.json``; else ``kernel`` when compiled, else
+``reference``. Decisions are cached per (op, device, dtype, shape class): the hot path pays a dict lookup.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["EXTENSION", "ExtensionStatus", "op_backend", "FORCE_REFERENCE_ENV"]
+__all__ = [
+    "EXTENSION",
+    "ExtensionStatus",
+    "op_backend",
+    "FORCE_REFERENCE_ENV",
+    "BACKEND_ENV",
+    "LINEAR_BACKENDS",
+    "BACKEND_TABLE_PATH",
+    "linear_backends_available",
+    "choose_linear_backend",
+    "linear_shape_class",
+    "env_backend",
+    "torch_mismatch",
+]
 
-FORCE_REFERENCE_ENV = "FASTSEL_BACKEND"  # "reference" forces the pure-torch path everywhere
+BACKEND_ENV = "FASTSEL_BACKEND"
+FORCE_REFERENCE_ENV = BACKEND_ENV  # "reference" forces the pure-torch path everywhere (older name)
+LINEAR_BACKENDS: tuple[str, ...] = ("reference", "bmm", "kernel", "wmma", "pipelined")
+CUDA_ONLY_LINEAR = ("wmma", "pipelined")
+BACKEND_TABLE_PATH = Path(__file__).with_name("backend_table.json")
 
 
 @dataclass(frozen=True)
@@ -20,20 +54,42 @@ class ExtensionStatus:
     loaded: bool
     cuda: bool
     reason: str
+    built_with_torch: str | None = None  # torch.__version__ the extension was compiled against
+    built_with_cuda: str | None = None  # CUDA toolkit version of the CUDA kernels (None: no CUDA kernels)
+    cuda_archs: str | None = None  # the arches the CUDA kernels were compiled for
 
 
 def _load() -> ExtensionStatus:
-    if os.environ.get(FORCE_REFERENCE_ENV, "").lower() == "reference":
-        return ExtensionStatus(False, False, f"{FORCE_REFERENCE_ENV}=reference")
+    if os.environ.get(BACKEND_ENV, "").strip().lower() == "reference":
+        return ExtensionStatus(False, False, f"{BACKEND_ENV}=reference")
     try:
-        from fastsel import _C  # noqa: F401  (registers torch.ops.fastsel.*)
+        from fastsel import _C  # registers torch.ops.fastsel.*
     except Exception as exc:  # ImportError, or an undefined-symbol OSError from an ABI mismatch
         return ExtensionStatus(False, False, f"fastsel._C not importable: {type(exc).__name__}: {exc}")
+    built_torch = getattr(_C, "torch_version", None)
+    built_cuda = getattr(_C, "cuda_version", None) or None
+    archs = getattr(_C, "cuda_archs", None) or None
     has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("fastsel::accumulate_linear_sq_grad", "CUDA")
-    return ExtensionStatus(True, has_cuda, "compiled extension loaded" + (" with CUDA kernels" if has_cuda else " (CPU kernels only)"))
+    reason = "compiled extension loaded" + (" with CUDA kernels" if has_cuda else " (CPU kernels only)")
+    return ExtensionStatus(True, has_cuda, reason, built_torch, built_cuda, archs)
 
 
 EXTENSION: ExtensionStatus = _load()
+
+
+def torch_mismatch(status: ExtensionStatus | None = None) -> str | None:
+    """A warning when the extension was built against another torch than the one running, else None.
+
+    Only the release (2.13.0 of 2.13.0+cpu) is compared: the local part names the wheel flavour.
+    """
+    status = status or EXTENSION
+    if not status.loaded or not status.built_with_torch:
+        return None
+    built, running = status.built_with_torch.split("+")[0], torch.__version__.split("+")[0]
+    if built != running:
+        return (f"fastsel._C was built against torch {status.built_with_torch} but torch {torch.__version__} is "
+                f"running: rebuild it (pip install --no-build-isolation -e .)")
+    return None
 
 
 def op_backend(op_name: str, device: torch.device | str) -> tuple[str, str]:
@@ -49,3 +105,116 @@ def op_backend(op_name: str, device: torch.device | str) -> tuple[str, str]:
         why = "extension built without CUDA kernels" if key == "CUDA" else f"{qualname} has no {key} kernel"
         return "reference", why
     return key.lower(), f"compiled {key} kernel"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-op backend choice (FASTSEL_BACKEND, the measured table), cached
+# ---------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _env_choices(raw: str) -> tuple[tuple[str | None, str], ...]:
+    """Parse FASTSEL_BACKEND: 'reference', 'bmm', 'accumulate_linear_sq_grad=pipelined,...'."""
+    out = []
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        op, _, name = part.rpartition("=")
+        out.append((op.strip() or None, name.strip().lower()))
+    return tuple(out)
+
+
+def env_backend(op_name: str) -> str | None:
+    """The backend FASTSEL_BACKEND asks for ``op_name`` (None: no preference)."""
+    for op, name in _env_choices(os.environ.get(BACKEND_ENV, "")):
+        if op in (None, op_name):
+            return name
+    return None
+
+
+def linear_backends_available(device: torch.device | str) -> tuple[str, ...]:
+    """The backends of the linear op that can run on ``device`` (always 'reference' and 'bmm')."""
+    device = torch.device(device)
+    names = ["reference", "bmm"]
+    if op_backend("accumulate_linear_sq_grad", device)[0] != "reference":
+        names.append("kernel")
+        if device.type == "cuda":
+            names += list(CUDA_ONLY_LINEAR)
+    return tuple(names)
+
+
+def linear_shape_class(B: int, T: int, O: int, I: int) -> tuple[str, str, str]:
+    """Coarse classes of a linear-op call the table distinguishes: (tokens per example, batch, layer size)."""
+    t = "T1" if T <= 1 else "T<=32" if T <= 32 else "T<=256" if T <= 256 else "T>256"
+    b = "B<=8" if B <= 8 else "B<=32" if B <= 32 else "B>32"
+    size = "OI<=1M" if O * I <= (1 << 20) else "OI>1M"
+    return t, b, size
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> dict[str, Any]:
+    try:
+        return json.loads(BACKEND_TABLE_PATH.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _dtype_key(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "other")
+
+
+@functools.lru_cache(maxsize=4096)
+def _table_choice(capability: str, dtype: str, shape_class: tuple[str, str, str]) -> tuple[str, str] | None:
+    table = _table()
+    for rule in table.get("rules", []):
+        when = rule.get("when", {})
+        if when.get("capability", capability) != capability and when.get("capability") != "*":
+            continue
+        if dtype not in when.get("dtype", [dtype]):
+            continue
+        if any(when.get(key) not in (None, value) for key, value in zip(("T", "B", "OI"), shape_class)):
+            continue
+        return rule["backend"], f"table {BACKEND_TABLE_PATH.name}: {rule.get('why', 'measured')}"
+    default = table.get("default")
+    return (default, f"table {BACKEND_TABLE_PATH.name}: default") if default else None
+
+
+@functools.lru_cache(maxsize=64)
+def _capability(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{major}.{minor}"
+
+
+def choose_linear_backend(device: torch.device, dtype: torch.dtype, B: int, T: int, O: int, I: int,
+                          requested: str | None = None) -> str:
+    """The backend the linear op runs for this call (see the module docstring for the order)."""
+    name = requested or env_backend("accumulate_linear_sq_grad")
+    if name is not None:
+        if name not in LINEAR_BACKENDS:
+            raise ValueError(f"fastsel: unknown backend {name!r} for accumulate_linear_sq_grad; choose from {LINEAR_BACKENDS}")
+        available = linear_backends_available(device)
+        if name not in available:
+            raise ValueError(f"fastsel: backend {name!r} of accumulate_linear_sq_grad cannot run on {device}: "
+                             f"{op_backend('accumulate_linear_sq_grad', device)[1]} (available: {', '.join(available)})")
+        return name
+    return _default_linear(device.type, device.index if device.index is not None else 0, dtype, linear_shape_class(B, T, O, I))
+
+
+@functools.lru_cache(maxsize=4096)
+def _default_linear(device_type: str, index: int, dtype: torch.dtype, shape_class: tuple[str, str, str]) -> str:
+    if op_backend("accumulate_linear_sq_grad", device_type)[0] == "reference":
+        return "reference"
+    if device_type != "cuda":
+        return "kernel"
+    picked = _table_choice(_capability(index), _dtype_key(dtype), shape_class)
+    # No measurement for this GPU: cuBLAS's batched GEMMs are the safer choice than an unmeasured kernel.
+    return picked[0] if picked else "bmm"
+
+
+def explain_linear_default(device: torch.device | str, dtype: torch.dtype, B: int, T: int, O: int, I: int) -> str:
+    """Why the default linear backend is what it is (for ``fastsel info``)."""
+    device = torch.device(device)
+    if env_backend("accumulate_linear_sq_grad"):
+        return f"{BACKEND_ENV}={os.environ.get(BACKEND_ENV)}"
+    if device.type != "cuda":
+        return op_backend("accumulate_linear_sq_grad", device)[1]
+    picked = _table_choice(_capability(device.index or 0), _dtype_key(dtype), linear_shape_class(B, T, O, I))
+    return picked[1] if picked else "no measurement for this GPU in the table: batched GEMMs (the safer one)"

@@ -1,13 +1,16 @@
 """The CUDA kernel sources (csrc/**/*.cu) compile with a bare nvcc for sm_80 and sm_90, and the
-kernels of csrc/cuda/sq_grad_cuda.cu give the right numbers when emulated on the CPU.
+kernels of csrc/cuda/sq_grad_kernels.cu and linear_pipelined_kernels.cu give the right numbers when
+emulated on the CPU.
 
 The .cu files are torch-free by design, so this runs without a GPU or a CUDA build of torch; it is
 skipped when nvcc is not on PATH. The second compile variant adds the flags torch's CUDAExtension
 passes (no implicit half/bf16 conversions), which the kernels must also survive.
 
 The emulation compiles the kernel file as host C++ (g++): one std::thread per CUDA thread, a
-std::barrier per block / warp for __syncthreads / __syncwarp, blocks run one after another, and WMMA
-fragments held whole by every lane (so only the fragment *layout* is not exercised). It checks index
+std::barrier per block / warp for __syncthreads / __syncwarp, blocks run one after another, WMMA
+fragments held whole by every lane (so only the fragment *layout* is not exercised), and cp.async
+copies done synchronously (so the pipeline's stage reuse is exercised, its asynchrony is not: the
+wait_group/barrier protocol is checked by compute-sanitizer racecheck on a GPU, bench/gpu_check.sh). It checks index
 math, edges, zero-fill, splits and atomics against a float64 reference; it is no substitute for a GPU.
 """
 from __future__ import annotations
@@ -114,7 +117,9 @@ inline void emu_launch(dim3 grid, dim3 block, std::function<void()> body) {
 }
 extern "C" cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 extern "C" cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? g_sms : 9; return cudaSuccess; }
+  *v = a == cudaDevAttrMultiProcessorCount ? g_sms : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 227 * 1024 : 9;
+  return cudaSuccess; }
+template <class F> cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) { return cudaSuccess; }
 extern "C" cudaError_t cudaGetLastError() { return cudaSuccess; }
 template <class F> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F*) { a->ptxVersion = 80; return cudaSuccess; }
 
@@ -162,7 +167,8 @@ static void compare(const char* what, const std::vector<float>& got, const std::
   if (!ok) ++fails;
   printf("%-60s %s worst rel err %.2e\n", what, ok ? "ok  " : "FAIL", worst);
 }
-template <class T> void linear_case(ElemType dt, int64_t B, int64_t Tn, int64_t O, int64_t I, int sms) {
+template <class T> void linear_case(ElemType dt, int64_t B, int64_t Tn, int64_t O, int64_t I, int sms,
+                                    LinearVariant variant = LinearVariant::Auto) {
   g_sms = sms;
   std::vector<T> g(B * Tn * O), x(B * Tn * I);
   for (auto& v : g) v = cvt<T>(rnd());
@@ -178,10 +184,10 @@ template <class T> void linear_case(ElemType dt, int64_t B, int64_t Tn, int64_t 
         for (int64_t t = 0; t < Tn; ++t) s += (double)back(g[(b * Tn + t) * O + o]) * back(x[(b * Tn + t) * I + i]);
         ref[o * I + i] += s * s;
       }
-  LinearSqGradParams p{out.data(), g.data(), x.data(), B, Tn, O, I, dt};
+  LinearSqGradParams p{out.data(), g.data(), x.data(), B, Tn, O, I, dt, variant};
   if (launch_linear_sq_grad(p, nullptr) != cudaSuccess) ++fails;
   char buf[128];
-  snprintf(buf, sizeof buf, "linear dt=%d B=%ld T=%ld O=%ld I=%ld sms=%d", (int)dt, B, Tn, O, I, sms);
+  snprintf(buf, sizeof buf, "linear dt=%d B=%ld T=%ld O=%ld I=%ld sms=%d variant=%d", (int)dt, B, Tn, O, I, sms, (int)variant);
   compare(buf, out, ref);
 }
 template <class T> void norm_case(ElemType dt, int64_t B, int64_t Tn, int64_t D, bool has_x, int sms) {
@@ -246,6 +252,15 @@ int main() {
   linear_case<__half>(ElemType::F16, 2, 33, 70, 130, 1);
   linear_case<__half>(ElemType::F16, 7, 16, 16, 24, 8);
   linear_case<__nv_bfloat16>(ElemType::BF16, 6, 1, 30, 40, 2);
+  // linear pipelined (128x128 tiles, cp.async stages; TK 16 and 32; edges in o and i; example streams
+  // longer than the pipeline; splits over examples with atomics; misaligned shapes fall back to WMMA)
+  linear_case<__nv_bfloat16>(ElemType::BF16, 3, 40, 136, 264, 1, LinearVariant::Pipelined);
+  linear_case<__half>(ElemType::F16, 5, 16, 64, 128, 8, LinearVariant::Pipelined);
+  linear_case<__nv_bfloat16>(ElemType::BF16, 2, 33, 72, 40, 1, LinearVariant::Pipelined);
+  linear_case<__half>(ElemType::F16, 7, 5, 8, 16, 4, LinearVariant::Pipelined);
+  linear_case<__nv_bfloat16>(ElemType::BF16, 3, 9, 70, 130, 1, LinearVariant::Pipelined);
+  linear_case<__nv_bfloat16>(ElemType::BF16, 4, 1, 24, 40, 1, LinearVariant::Pipelined);
+  linear_case<float>(ElemType::F32, 3, 6, 24, 40, 1, LinearVariant::Pipelined);
   // norm
   norm_case<float>(ElemType::F32, 3, 13, 70, true, 1);
   norm_case<float>(ElemType::F32, 5, 1, 33, false, 4);
@@ -285,16 +300,26 @@ def _cuda_include_dir() -> Path | None:
     return None
 
 
-def _host_translation(cu_source: str) -> str:
-    """sq_grad_cuda.cu as host C++: CUDA headers swapped for the emulation, launches made calls."""
-    src = cu_source
-    for inc in ("#include <cuda_bf16.h>", "#include <cuda_fp16.h>", "#include <cuda_runtime.h>", "#include <mma.h>"):
+CUDA_HEADERS = ("#include <cuda_bf16.h>", "#include <cuda_fp16.h>", "#include <cuda_runtime.h>", "#include <mma.h>")
+# The kernel files of the per-example squared-gradient ops, emulated together as one translation unit.
+SQ_GRAD_CU = ["sq_grad_kernels.cu", "linear_pipelined_kernels.cu"]
+
+
+def _host_translation(cu_sources: list[str]) -> str:
+    """The kernel files as one host C++ unit: CUDA headers swapped for the emulation, launches made calls."""
+    cuda_dir = REPO / "csrc" / "cuda"
+    device_h = (cuda_dir / "sq_grad_device.cuh").read_text()
+    src = "\n".join(cu_sources)
+    src = src.replace('#include "sq_grad_device.cuh"', device_h, 1).replace('#include "sq_grad_device.cuh"', "")
+    for inc in CUDA_HEADERS:
         src = src.replace(inc, "")
-    params = REPO / "csrc" / "cuda" / "sq_grad_params.h"
-    src = src.replace('#include "sq_grad_params.h"', f'#include "emu.h"\n#include "{params}"')
-    launch = re.compile(r"(\w+(?:<[^;<>]*>)?)<<<([^,]+),\s*([^,]+),\s*0,\s*stream>>>\((.*?)\);", re.S)
-    src, n = launch.subn(lambda m: f"emu_launch({m.group(2)}, {m.group(3)}, [&]{{ {m.group(1)}({m.group(4)}); }});", src)
-    assert n > 0, "no kernel launch of the form kernel<<<grid, block, 0, stream>>>(...) found"
+    src = src.replace("#pragma once", "")
+    src = src.replace('#include "sq_grad_params.h"', f'#include "emu.h"\n#include "{cuda_dir / "sq_grad_params.h"}"', 1)
+    src = src.replace('#include "sq_grad_params.h"', "")
+    # kernel<<<grid, block, shared_bytes, stream>>>(args); -> emu_launch(grid, block, [&]{ kernel(args); });
+    launch = re.compile(r"(\w+(?:<[^;<>]*>)?)<<<([^,]+),\s*([^,]+),\s*([^,]+?),\s*stream>>>\((.*?)\);", re.S)
+    src, n = launch.subn(lambda m: f"emu_launch({m.group(2)}, {m.group(3)}, [&]{{ {m.group(1)}({m.group(5)}); }});", src)
+    assert n > 0, "no kernel launch of the form kernel<<<grid, block, smem, stream>>>(...) found"
     return src
 
 
@@ -304,7 +329,8 @@ def test_kernels_emulated_on_cpu(tmp_path: Path):
     if include is None:
         pytest.skip("CUDA include directory (cuda_bf16.h) not found")
     (tmp_path / "emu.h").write_text(EMU_H)
-    (tmp_path / "kernels_emu.cpp").write_text(_host_translation((REPO / "csrc" / "cuda" / "sq_grad_cuda.cu").read_text()))
+    sources = [(REPO / "csrc" / "cuda" / name).read_text() for name in SQ_GRAD_CU]
+    (tmp_path / "kernels_emu.cpp").write_text(_host_translation(sources))
     (tmp_path / "main.cpp").write_text(EMU_MAIN)
     exe = tmp_path / "emu"
     cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-w", f"-I{include}", f"-I{tmp_path}", str(tmp_path / "main.cpp"), "-o", str(exe)]

@@ -15,8 +15,9 @@ namespace {
 
 at::Tensor as_float_btf(const at::Tensor& t) { return as_btf(t).to(at::kFloat).contiguous(); }
 
-void accumulate_linear_sq_grad_cpu(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& input) {
-  check_linear_sq_grad(out, grad_output, input);
+void accumulate_linear_sq_grad_cpu(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& input,
+                                   int64_t variant) {
+  check_linear_sq_grad(out, grad_output, input, variant);  // one CPU kernel: every variant runs it
   const at::Tensor x = as_float_btf(input);  // (B, T, I)
   const int64_t B = x.size(0), T = x.size(1), I = x.size(2), O = grad_output.size(-1);
   if (B == 0 || T == 0 || O == 0 || I == 0) return;

@@ -1,7 +1,8 @@
 // CUDA glue of class_stats_update (compiled only in CUDA builds): checks, layout and dtype preparation,
-// workspaces, and the launch of the torch-free kernels in class_stats_cuda.cu on the current stream.
+// the grouping of examples by class, workspaces, and the launch of the torch-free kernels in
+// class_stats_kernels.cu on the current stream. No host synchronisation.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -28,10 +29,12 @@ void class_stats_update_cuda(const at::Tensor& count, const at::Tensor& mean, co
   const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2), C = count.size(0);
   if (B == 0) return;
-  // One host sync per call; a wrong label would otherwise silently corrupt another class.
   const at::Tensor lab = labels.contiguous();
-  const bool in_range = at::logical_and(lab.ge(0), lab.lt(C)).all().item<bool>();
-  TORCH_CHECK(in_range, "fastsel: labels out of range [0, ", C, ")");
+  // Group the examples by class on the device: class c's members are order[offsets[c] .. offsets[c+1]).
+  // (Out-of-range labels land outside every class range here; the pool kernel traps on them.)
+  const at::Tensor order = std::get<1>(at::sort(lab, /*stable=*/true, /*dim=*/0, /*descending=*/false)).contiguous();
+  const at::Tensor offsets =
+      at::searchsorted(lab.index_select(0, order), at::arange(C + 1, lab.options())).to(at::kLong).contiguous();
 
   const at::Tensor h = hidden.contiguous();
   const at::Tensor mask = pool_mask.ne(0).to(at::kFloat).contiguous();
@@ -48,6 +51,8 @@ void class_stats_update_cuda(const at::Tensor& count, const at::Tensor& mean, co
   p.hidden = h.data_ptr();
   p.mask = mask.data_ptr<float>();
   p.labels = lab.data_ptr<int64_t>();
+  p.order = order.data_ptr<int64_t>();
+  p.offsets = offsets.data_ptr<int64_t>();
   p.pooled = pooled.data_ptr();
   p.ntok = ntok.data_ptr<float>();
   p.batch_count = batch_count.data_ptr<double>();
@@ -58,7 +63,7 @@ void class_stats_update_cuda(const at::Tensor& count, const at::Tensor& mean, co
   p.C = C;
   p.input = input_type(h.scalar_type());
   p.acc = mean.scalar_type() == at::kDouble ? cuda::ClassStatsAcc::F64 : cuda::ClassStatsAcc::F32;
-  const cudaError_t err = cuda::launch_class_stats_update(p, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = cuda::launch_class_stats_update(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "fastsel: class_stats_update CUDA launch failed: ", cudaGetErrorString(err));
 }
 

@@ -1,6 +1,8 @@
 // Torch-free interface between the CUDA glue (class_stats_cuda.cpp, ATen) and the kernels
-// (class_stats_cuda.cu) of class_stats_update. The glue validates, makes everything contiguous,
-// converts pool_mask to 0/1 float, range-checks labels and allocates the workspaces.
+// (class_stats_kernels.cu) of class_stats_update. The glue validates shapes, makes everything
+// contiguous, converts pool_mask to 0/1 float, groups the examples by class (a stable sort of the labels
+// and the class offsets, on the device) and allocates the workspaces. Labels are range-checked by the
+// kernels (a label outside [0, C) traps): nothing synchronises with the host.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -20,7 +22,9 @@ struct ClassStatsParams {
   void* m2;                  // (C, D, D) running scatters, `acc`
   const void* hidden;        // (B, T, D), `input`
   const float* mask;         // (B, T), 1 = pooled token, 0 = not
-  const int64_t* labels;     // (B,), values in [0, C)
+  const int64_t* labels;     // (B,), values in [0, C) (checked on the device)
+  const int64_t* order;      // (B,) example indices sorted by label (stable): class c's members are
+  const int64_t* offsets;    // order[offsets[c] .. offsets[c + 1]), offsets (C + 1,)
   void* pooled;              // workspace (B, D), `acc`
   float* ntok;               // workspace (B,): pooled tokens per example
   double* batch_count;       // workspace (C,)

@@ -1,9 +1,14 @@
 // CUDA registrations of the per-example squared-gradient ops: the ATen side of sq_grad_cuda.cu.
 //
 // The kernels are torch-free (see sq_grad_params.h); this file does what needs ATen: the shared
-// argument checks, device guard, dtype casts (bf16/fp16 kept when both operands share it, anything
-// else computed in fp32, as the CPU kernels do), .contiguous(), the per-example sort of embedding
-// indices, and raising kernel launch errors. Only CUDA builds compile it (FASTSEL_WITH_CUDA).
+// argument checks, device guard, dtype casts, .contiguous(), the per-example sort of embedding indices,
+// and raising kernel launch errors. Only CUDA builds compile it (FASTSEL_WITH_CUDA).
+//
+// Dtypes: bf16/fp16 operands stay half and go to the tensor cores. A half operand paired with an fp32
+// one (under autocast a LayerNorm output is fp32 while the linear after it ran, and back-propagated, in
+// bf16) is cast to that half type on the device, which is what autocast fed the forward's matmul;
+// anything else is computed in fp32. Nothing here synchronises with the host: shapes are host-side
+// metadata, and index checks happen in the kernels.
 #include <ATen/ATen.h>
 // c10/cuda/CUDAStream.h rather than ATen/cuda/CUDAContext.h: same current stream
 // (at::cuda::getCurrentCUDAStream forwards to it) without pulling in the cuBLAS/cuSPARSE headers.
@@ -38,18 +43,24 @@ ElemType elem_type(at::ScalarType t) {
 }
 
 bool kernel_native(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// The dtype the kernel reads: the operands' own when they agree on fp32/bf16/fp16, else fp32.
+// The dtype the kernel reads: the operands' own when they agree on fp32/bf16/fp16; the half type when
+// one is half and the other fp32; else fp32.
 at::ScalarType kernel_dtype(at::ScalarType a, at::ScalarType b) {
-  return (a == b && kernel_native(a)) ? a : at::kFloat;
+  if (a == b && kernel_native(a)) return a;
+  if (is_half(a) && b == at::kFloat) return a;
+  if (is_half(b) && a == at::kFloat) return b;
+  return at::kFloat;
 }
 
 at::Tensor btf_as(const at::Tensor& t, at::ScalarType dtype) { return as_btf(t).to(dtype).contiguous(); }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-void accumulate_linear_sq_grad_cuda(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& input) {
-  check_linear_sq_grad(out, grad_output, input);
+void accumulate_linear_sq_grad_cuda(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& input,
+                                    int64_t variant) {
+  check_linear_sq_grad(out, grad_output, input, variant);
   if (out.numel() == 0 || grad_output.numel() == 0 || input.numel() == 0) return;  // nothing to add
   const c10::cuda::CUDAGuard device_guard(out.device());
   const at::ScalarType dtype = kernel_dtype(grad_output.scalar_type(), input.scalar_type());
@@ -64,6 +75,8 @@ void accumulate_linear_sq_grad_cuda(const at::Tensor& out, const at::Tensor& gra
   p.O = g.size(2);
   p.I = x.size(2);
   p.dtype = elem_type(dtype);
+  p.variant = static_cast<LinearVariant>(variant);
+  p.device = out.get_device();
   C10_CUDA_CHECK(launch_linear_sq_grad(p, current_stream()));
 }
 
@@ -85,6 +98,7 @@ void accumulate_norm_sq_grad_cuda(const at::Tensor& out, const at::Tensor& grad_
   p.T = g.size(1);
   p.D = g.size(2);
   p.dtype = elem_type(dtype);
+  p.device = out.get_device();
   C10_CUDA_CHECK(launch_norm_sq_grad(p, current_stream()));
 }
 
@@ -102,11 +116,8 @@ void accumulate_embedding_sq_grad_cuda(const at::Tensor& out, const at::Tensor& 
   std::tie(sorted, perm) = at::sort(idx, /*dim=*/1);
   sorted = sorted.contiguous();
   perm = perm.contiguous();
-  // Range check (one host sync): the smallest and largest index are the first and last sorted columns.
-  const at::Tensor bounds = at::stack({sorted.select(1, 0).min(), sorted.select(1, T - 1).max()}).cpu();
-  const int64_t lo = bounds[0].item<int64_t>(), hi = bounds[1].item<int64_t>();
-  TORCH_CHECK(lo >= 0, "fastsel: embedding index ", lo, " out of range [0, ", V, ")");
-  TORCH_CHECK(hi < V, "fastsel: embedding index ", hi, " out of range [0, ", V, ")");
+  // The range check is the kernel's (sorted rows: first and last entries), so no host sync here.
+  TORCH_CHECK(V > 0, "fastsel: embedding index out of range [0, 0): out has no rows");
   EmbeddingSqGradParams p{};
   p.out = out.data_ptr<float>();
   p.g = g.data_ptr();

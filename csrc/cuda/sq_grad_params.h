@@ -14,6 +14,9 @@ namespace cuda {
 // Element type of grad_output / input. Both operands of one call have the same type (the glue casts).
 enum class ElemType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
+// Kernel variants of the linear op (same numbers as kLinearVariant* in csrc/sq_grad.h).
+enum class LinearVariant : int { Auto = 0, Wmma = 1, Pipelined = 2 };
+
 // out[o, i] += sum_b (sum_t g[b, t, o] * x[b, t, i])^2
 struct LinearSqGradParams {
   float* out;       // (O, I) fp32, contiguous
@@ -21,6 +24,8 @@ struct LinearSqGradParams {
   const void* x;    // (B, T, I), contiguous, `dtype`
   int64_t B, T, O, I;
   ElemType dtype;
+  LinearVariant variant = LinearVariant::Auto;
+  int device = 0;   // CUDA device index the pointers live on (device properties are cached per index)
 };
 
 // out[d] += sum_b (sum_t g[b, t, d] * x[b, t, d])^2; x == nullptr means x = 1 (a bias).
@@ -30,11 +35,14 @@ struct NormSqGradParams {
   const void* x;    // (B, T, D) or nullptr
   int64_t B, T, D;
   ElemType dtype;
+  int device = 0;
 };
 
 // out[v, d] += sum_b (sum_{t: idx[b, t] = v} g[b, t, d])^2, v == padding_idx skipped.
 // The glue sorts each example's indices: sorted_idx[b, :] ascending, perm[b, k] = the position t of
-// sorted_idx[b, k], so each (example, token) group is a contiguous run. Indices are range-checked.
+// sorted_idx[b, k], so each (example, token) group is a contiguous run. Indices are range-checked on the
+// device (an index outside [0, V) stops the kernel with a device-side trap, as torch's own embedding
+// kernels do): no host synchronisation.
 struct EmbeddingSqGradParams {
   float* out;                // (V, D) fp32
   const void* g;             // (B, T, D)

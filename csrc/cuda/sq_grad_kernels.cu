@@ -1,4 +1,5 @@
-// CUDA kernels of the per-example squared-gradient ops (semantics: fastsel/ops.py *_ref, csrc/cpu).
+// CUDA kernels of the per-example squared-gradient ops (semantics: fastsel/ops.py *_ref, csrc/cpu), and
+// the launchers that pick a kernel. The 128x128 pipelined linear kernel is in linear_pipelined_kernels.cu.
 //
 // Torch-free on purpose: CI compiles this file with a bare nvcc, so it sees only raw pointers through
 // sq_grad_params.h; the ATen glue lives in sq_grad_cuda.cpp. Torch builds .cu files with
@@ -16,63 +17,23 @@
 //    square per example; plain RMW when examples are not split, else one atomicAdd per column.
 //  * embedding: the glue sorts each example's indices, so an (example, token) group is a contiguous
 //    run; a block owns the runs whose first position falls in its chunk of one example and atomicAdds
-//    each run's squared row sum into out[v, :] (atomics: two examples may hit the same row).
+//    each run's squared row sum into out[v, :] (atomics: two examples may hit the same row). An index
+//    outside [0, V) traps (device-side check: no host sync in the glue).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdio>
 
+#include "sq_grad_device.cuh"
 #include "sq_grad_params.h"
 
 namespace fastsel {
 namespace cuda {
 namespace {
-
-// ------------------------------------------------------------------------------------------------
-// Element helpers
-// ------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T zero_value();
-template <>
-__device__ __forceinline__ __nv_bfloat16 zero_value<__nv_bfloat16>() { return __float2bfloat16(0.f); }
-template <>
-__device__ __forceinline__ __half zero_value<__half>() { return __float2half(0.f); }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-struct DeviceInfo {
-  int sms = 1;
-  int major = 0;
-};
-
-inline cudaError_t device_info(DeviceInfo* info) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&info->sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
-  return cudaDeviceGetAttribute(&info->major, cudaDevAttrComputeCapabilityMajor, dev);
-}
-
-// Number of blocks to split a reduction over `work` items into, so that about `target_blocks` blocks
-// run in all; returns the chunk size (items per block) and sets *splits (<= 65535, for grid.y).
-inline int64_t split_chunk(int64_t work, int64_t tiles, int64_t target_blocks, int64_t granule, int64_t* splits) {
-  int64_t want = ceil_div(target_blocks, tiles);
-  if (want < 1) want = 1;
-  if (want > 65535) want = 65535;
-  int64_t chunk = ceil_div(work, want);
-  chunk = ceil_div(chunk, granule) * granule;
-  if (chunk < granule) chunk = granule;
-  *splits = ceil_div(work, chunk);
-  return chunk;
-}
 
 // ------------------------------------------------------------------------------------------------
 // Linear, bf16/fp16: WMMA. Block = 4 warps (2 x 2), tile 64 (o) x 64 (i); each warp owns 32 x 32 =
@@ -400,14 +361,20 @@ constexpr int64_t kEmbChunk = 32;
 template <typename T>
 __global__ void __launch_bounds__(kEmbThreads)
     embedding_sq_grad_kernel(float* __restrict__ out, const T* __restrict__ g, const int64_t* __restrict__ sorted_idx,
-                             const int64_t* __restrict__ perm, int64_t Tlen, int64_t D, int64_t padding_idx,
-                             int64_t chunks_per_example) {
+                             const int64_t* __restrict__ perm, int64_t Tlen, int64_t D, int64_t V,
+                             int64_t padding_idx, int64_t chunks_per_example) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) / chunks_per_example;
   const int64_t k0 = (static_cast<int64_t>(blockIdx.x) % chunks_per_example) * kEmbChunk;
   const int64_t k1 = k0 + kEmbChunk < Tlen ? k0 + kEmbChunk : Tlen;
   const int64_t* srow = sorted_idx + b * Tlen;
   const int64_t* prow = perm + b * Tlen;
   const T* gb = g + b * Tlen * D;
+  // Range check: each row is sorted, so its first and last entries bound it (one block per example does it).
+  if (k0 == 0 && blockIdx.y == 0 && threadIdx.x == 0 && Tlen > 0 && (srow[0] < 0 || srow[Tlen - 1] >= V)) {
+    printf("fastsel: embedding index out of range [0, %lld) in example %lld\n", static_cast<long long>(V),
+           static_cast<long long>(b));
+    __trap();
+  }
   // Skip the rest of a run that started in an earlier chunk (uniform across the block).
   int64_t first = k0;
   while (first < k1 && first > 0 && srow[first - 1] == srow[first]) ++first;
@@ -419,7 +386,7 @@ __global__ void __launch_bounds__(kEmbThreads)
     while (k < k1) {
       const int64_t v = srow[k];
       int64_t e = k;
-      if (v == padding_idx) {  // nn.Embedding never updates its padding row
+      if (v == padding_idx || v < 0 || v >= V) {  // out of range: the check above traps  // nn.Embedding never updates its padding row
         while (e < Tlen && srow[e] == v) ++e;
       } else {
         float s = 0.f;
@@ -443,7 +410,7 @@ cudaError_t launch_embedding(const EmbeddingSqGradParams& p, cudaStream_t stream
   if (col_blocks > 65535) col_blocks = 65535;  // the kernel loops over the remaining columns
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(col_blocks));
   embedding_sq_grad_kernel<T><<<grid, kEmbThreads, 0, stream>>>(p.out, static_cast<const T*>(p.g), p.sorted_idx, p.perm,
-                                                                p.T, p.D, p.padding_idx, chunks);
+                                                                p.T, p.D, p.V, p.padding_idx, chunks);
   return cudaGetLastError();
 }
 
@@ -453,31 +420,41 @@ cudaError_t launch_embedding(const EmbeddingSqGradParams& p, cudaStream_t stream
 // Launchers
 // ------------------------------------------------------------------------------------------------
 
+// Whether the WMMA kernels have sm_80+ machine code or PTX in this build (a PTX-only build for an older
+// arch would trap in them). Asked once per process: the answer is a property of the binary.
+template <typename T>
+bool wmma_code_loaded() {
+  static std::atomic<int> state{-1};  // -1 unknown, 0 no, 1 yes
+  int s = state.load(std::memory_order_acquire);
+  if (s < 0) {
+    cudaFuncAttributes fa;
+    s = (cudaFuncGetAttributes(&fa, linear_sq_grad_wmma_kernel<T, 32>) == cudaSuccess && fa.ptxVersion >= 80) ? 1 : 0;
+    state.store(s, std::memory_order_release);
+  }
+  return s == 1;
+}
+
+template <typename T>
+cudaError_t launch_linear_half(const LinearSqGradParams& p, const DeviceInfo& dev, cudaStream_t stream) {
+  // T == 1 is a single GEMM of squares (SIMT, exact fp32 squares) for every variant.
+  if (p.T <= 1 || dev.major < 8 || !wmma_code_loaded<T>()) return launch_linear_simt<T>(p, dev, stream);
+  if (p.variant == LinearVariant::Pipelined && linear_pipelined_eligible(p, dev))
+    return launch_linear_pipelined(p, dev, stream);
+  return launch_linear_wmma<T>(p, dev, stream);
+}
+
 cudaError_t launch_linear_sq_grad(const LinearSqGradParams& p, cudaStream_t stream) {
   if (p.B <= 0 || p.T <= 0 || p.O <= 0 || p.I <= 0) return cudaSuccess;
   DeviceInfo dev;
-  const cudaError_t err = device_info(&dev);
+  const cudaError_t err = device_info(p.device, &dev);
   if (err != cudaSuccess) return err;
-  // T == 1 is a single GEMM of squares (SIMT, exact fp32 squares) for every dtype. The WMMA kernel
-  // needs sm_80 code: check the code actually loaded (a PTX-only build for an older arch traps).
-  bool tensor_cores = dev.major >= 8 && p.T > 1 && p.dtype != ElemType::F32;
-  if (tensor_cores) {
-    cudaFuncAttributes fa;
-    const cudaError_t ferr =
-        p.dtype == ElemType::BF16
-            ? cudaFuncGetAttributes(&fa, linear_sq_grad_wmma_kernel<__nv_bfloat16, 32>)
-            : cudaFuncGetAttributes(&fa, linear_sq_grad_wmma_kernel<__half, 32>);
-    if (ferr != cudaSuccess) return ferr;
-    tensor_cores = fa.ptxVersion >= 80;
-  }
   switch (p.dtype) {
-    case ElemType::F32:
+    case ElemType::F32:  // fp32 stays exact fp32 (SIMT) in every variant: no TF32 rounding of the Fisher
       return launch_linear_simt<float>(p, dev, stream);
     case ElemType::BF16:
-      return tensor_cores ? launch_linear_wmma<__nv_bfloat16>(p, dev, stream)
-                          : launch_linear_simt<__nv_bfloat16>(p, dev, stream);
+      return launch_linear_half<__nv_bfloat16>(p, dev, stream);
     case ElemType::F16:
-      return tensor_cores ? launch_linear_wmma<__half>(p, dev, stream) : launch_linear_simt<__half>(p, dev, stream);
+      return launch_linear_half<__half>(p, dev, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -485,7 +462,7 @@ cudaError_t launch_linear_sq_grad(const LinearSqGradParams& p, cudaStream_t stre
 cudaError_t launch_norm_sq_grad(const NormSqGradParams& p, cudaStream_t stream) {
   if (p.B <= 0 || p.T <= 0 || p.D <= 0) return cudaSuccess;
   DeviceInfo dev;
-  const cudaError_t err = device_info(&dev);
+  const cudaError_t err = device_info(p.device, &dev);
   if (err != cudaSuccess) return err;
   switch (p.dtype) {
     case ElemType::F32:

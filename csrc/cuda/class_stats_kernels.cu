@@ -1,11 +1,13 @@
 // CUDA kernels of class_stats_update (semantics: fastsel/ops.py class_stats_update_ref, csrc/cpu).
 //
 // Torch-free on purpose (see class_stats_params.h). Five launches on one stream, no atomics, so the
-// result is deterministic:
-//  1. pool:    block (example b, 256 features): pooled[b, d] = masked mean over t, ntok[b];
+// result is deterministic. The glue hands over the examples grouped by class (order, offsets), so the
+// per-class kernels walk their class's members only (D^2 B FMAs for the scatter, not C D^2 B):
+//  1. pool:    block (example b, 256 features): pooled[b, d] = masked mean over t, ntok[b]; traps on a
+//              label outside [0, C) (device-side check);
 //  2. bmean:   block (class c, 256 features): per-class batch count and mean of the pooled rows;
 //  3. scatter: block (16 x 16 tile of D x D, class c): S = sum_{b in c} (x_b - bmean_c)(x_b - bmean_c)^T
-//              staged 16 examples at a time in shared memory (a small GEMM), then the Chan merge
+//              staged 16 members at a time in shared memory (a small GEMM), then the Chan merge
 //              m2 += S + delta delta^T * n_a n_b / n, reading the OLD mean and count;
 //  4. mean:    mean += delta * n_b / n (old count);
 //  5. count:   count += n_b.
@@ -16,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 
 #include "class_stats_params.h"
 
@@ -39,9 +42,14 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
-    pool_kernel(const T* __restrict__ h, const float* __restrict__ mask, A* __restrict__ pooled,
-                float* __restrict__ ntok, int64_t T_, int64_t D) {
+    pool_kernel(const T* __restrict__ h, const float* __restrict__ mask, const int64_t* __restrict__ labels,
+                A* __restrict__ pooled, float* __restrict__ ntok, int64_t T_, int64_t D, int64_t C) {
   const int64_t b = blockIdx.x;
+  if (blockIdx.y == 0 && threadIdx.x == 0 && (labels[b] < 0 || labels[b] >= C)) {
+    printf("fastsel: class_stats_update: label %lld of example %lld out of range [0, %lld)\n",
+           static_cast<long long>(labels[b]), static_cast<long long>(b), static_cast<long long>(C));
+    __trap();
+  }
   const int64_t d = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   const float* mrow = mask + b * T_;
   A s = A(0);
@@ -57,14 +65,16 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
-    batch_mean_kernel(const A* __restrict__ pooled, const float* __restrict__ ntok, const int64_t* __restrict__ labels,
-                      double* __restrict__ batch_count, A* __restrict__ batch_mean, int64_t B, int64_t D) {
+    batch_mean_kernel(const A* __restrict__ pooled, const float* __restrict__ ntok, const int64_t* __restrict__ order,
+                      const int64_t* __restrict__ offsets, double* __restrict__ batch_count, A* __restrict__ batch_mean,
+                      int64_t D) {
   const int64_t c = blockIdx.x;
   const int64_t d = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   A s = A(0);
   double n = 0.0;
-  for (int64_t b = 0; b < B; ++b) {
-    if (labels[b] != c || ntok[b] == 0.f) continue;
+  for (int64_t k = offsets[c]; k < offsets[c + 1]; ++k) {
+    const int64_t b = order[k];
+    if (ntok[b] == 0.f) continue;
     n += 1.0;
     if (d < D) s += pooled[b * D + d];
   }
@@ -75,9 +85,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename A>
 __global__ void __launch_bounds__(kTile * kTile)
     scatter_merge_kernel(const A* __restrict__ pooled, const float* __restrict__ ntok,
-                         const int64_t* __restrict__ labels, const double* __restrict__ batch_count,
-                         const A* __restrict__ batch_mean, const double* __restrict__ count,
-                         const A* __restrict__ mean, A* __restrict__ m2, int64_t B, int64_t D) {
+                         const int64_t* __restrict__ order, const int64_t* __restrict__ offsets,
+                         const double* __restrict__ batch_count, const A* __restrict__ batch_mean,
+                         const double* __restrict__ count, const A* __restrict__ mean, A* __restrict__ m2, int64_t D) {
   __shared__ A xi[kTile][kTile + 1];  // [example][feature i], +1 against bank conflicts
   __shared__ A xj[kTile][kTile + 1];
   const int64_t c = blockIdx.z;
@@ -88,10 +98,12 @@ __global__ void __launch_bounds__(kTile * kTile)
   const int64_t i = i0 + ty, j = j0 + tx;
   const A* bm = batch_mean + c * D;
   A s = A(0);
-  for (int64_t b0 = 0; b0 < B; b0 += kTile) {
-    // Thread (ty, tx) stages example b0 + ty, features i0 + tx and j0 + tx (zero outside the class).
-    const int64_t b = b0 + ty;
-    const bool member = b < B && labels[b] == c && ntok[b] != 0.f;
+  const int64_t first = offsets[c], last = offsets[c + 1];
+  for (int64_t k0 = first; k0 < last; k0 += kTile) {
+    // Thread (ty, tx) stages member k0 + ty, features i0 + tx and j0 + tx (zero past the class's members).
+    const int64_t k = k0 + ty;
+    const int64_t b = k < last ? order[k] : 0;
+    const bool member = k < last && ntok[b] != 0.f;
     const int64_t fi = i0 + tx, fj = j0 + tx;
     xi[ty][tx] = (member && fi < D) ? pooled[b * D + fi] - bm[fi] : A(0);
     xj[ty][tx] = (member && fj < D) ? pooled[b * D + fj] - bm[fj] : A(0);
@@ -134,13 +146,13 @@ cudaError_t launch_typed(const ClassStatsParams& p, cudaStream_t stream) {
   A* m2 = static_cast<A*>(p.m2);
   const int64_t dgrid = dblocks > 0 ? dblocks : 1;
   pool_kernel<T, A><<<dim3(static_cast<unsigned>(p.B), static_cast<unsigned>(dgrid)), kThreads, 0, stream>>>(
-      static_cast<const T*>(p.hidden), p.mask, pooled, p.ntok, p.T, p.D);
+      static_cast<const T*>(p.hidden), p.mask, p.labels, pooled, p.ntok, p.T, p.D, p.C);
   batch_mean_kernel<A><<<dim3(static_cast<unsigned>(p.C), static_cast<unsigned>(dgrid)), kThreads, 0, stream>>>(
-      pooled, p.ntok, p.labels, p.batch_count, bmean, p.B, p.D);
+      pooled, p.ntok, p.order, p.offsets, p.batch_count, bmean, p.D);
   if (p.D > 0) {
     const unsigned tiles = static_cast<unsigned>(ceil_div(p.D, kTile));
     scatter_merge_kernel<A><<<dim3(tiles, tiles, static_cast<unsigned>(p.C)), dim3(kTile, kTile), 0, stream>>>(
-        pooled, p.ntok, p.labels, p.batch_count, bmean, p.count, mean, m2, p.B, p.D);
+        pooled, p.ntok, p.order, p.offsets, p.batch_count, bmean, p.count, mean, m2, p.D);
     mean_update_kernel<A><<<dim3(static_cast<unsigned>(p.C), static_cast<unsigned>(dblocks)), kThreads, 0, stream>>>(
         p.batch_count, bmean, p.count, mean, p.D);
   }
