@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Callable
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "check_device"]
 
 # name -> "module:function" adding the subparser (imported lazily so `fastsel info` stays fast)
 COMMANDS: dict[str, str] = {
@@ -142,6 +142,34 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_device(spec: str) -> None:
+    """Raise ValueError (one line) when ``--device spec`` cannot run here: an unknown device string, CUDA on a
+    CPU-only torch or with no GPU visible, an index past the visible devices."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {spec!r} is not a device ({str(exc).splitlines()[0]})") from None
+    if device.type == "cpu" or device.type == "meta":
+        return
+    if device.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise ValueError(f"--device {spec}: this torch ({torch.__version__}) is a CPU-only build; "
+                             "install a CUDA build of torch, or use --device cpu")
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: no CUDA GPU is visible to torch {torch.__version__} "
+                             "(check the driver and CUDA_VISIBLE_DEVICES), or use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {spec}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+        return
+    backend = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"--device {spec}: no {device.type} device is available to torch {torch.__version__}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsel", description="Which layers of a pretrained encoder to fine-tune.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if isinstance(getattr(args, "device", None), str):
+            check_device(args.device)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("fastsel: interrupted", file=sys.stderr)
