@@ -6,8 +6,19 @@ PY        := $(VENV)/bin/python
 DATA_DIR  ?= ../shared/data
 STAMP     := $(VENV)/.fastsel-installed
 SOURCES   := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
+# CUDA build (`make cuda-build`): its own venv with a CUDA torch, and its own copy of the sources, so that its
+# fastsel/_C*.so never replaces the CPU one that the editable install in .venv keeps in the source tree.
+CUDA_VENV   ?= .venv-cuda
+CUDA_PY     := $(CUDA_VENV)/bin/python
+CUDA_TORCH  ?= torch==2.14.1
+CUDA_ARCHS  ?= 8.0;9.0
+CUDA_SRC    := build/cuda-src
+CUDA_DEPS   := $(CUDA_VENV)/.fastsel-deps
+CUDA_BUILT  := $(CUDA_VENV)/.fastsel-built
+CUDA_INPUTS := setup.py pyproject.toml README.md $(shell find csrc fastsel -type f \( -name '*.cpp' -o -name '*.cu' \
+               -o -name '*.h' -o -name '*.cuh' -o -name '*.py' -o -name '*.json' \) 2>/dev/null)
 
-.PHONY: install demo test test-fast bench bench-gpu cuda-check clean
+.PHONY: install demo test test-fast bench bench-gpu cuda-check cuda-build gpu-check gpu-check-dry clean clean-cuda
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +53,47 @@ bench: install
 bench-gpu: install
 	$(PY) -m pytest -q bench -k "gpu or cuda" --benchmark-columns=min,mean,stddev,rounds
 
-# Compile-only check of every CUDA source (what CI does; no GPU needed).
+# CUDA build without a GPU: a CUDA torch in $(CUDA_VENV) (installed once, stamp), fastsel built from a copy of
+# the sources in $(CUDA_SRC) (its ninja objects are kept there: later builds recompile what changed) with CUDA
+# kernels for $(CUDA_ARCHS), installed (not editable) into $(CUDA_VENV); then it fails unless the installed
+# fastsel loads its extension with a CUDA kernel for every op (python -m fastsel.info --require-cuda).
+$(CUDA_PY):
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install -q --upgrade pip
+
+$(CUDA_DEPS): $(CUDA_PY) pyproject.toml
+	$(CUDA_PY) -m pip install -q "$(CUDA_TORCH)" setuptools wheel ninja numpy
+	$(CUDA_PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+	    > $(CUDA_VENV)/fastsel-requirements.txt
+	$(CUDA_PY) -m pip install -q -r $(CUDA_VENV)/fastsel-requirements.txt "$(CUDA_TORCH)"
+	touch $(CUDA_DEPS)
+
+$(CUDA_BUILT): $(CUDA_DEPS) $(CUDA_INPUTS)
+	rm -rf $(CUDA_SRC)/csrc $(CUDA_SRC)/fastsel
+	mkdir -p $(CUDA_SRC)
+	cp -a setup.py pyproject.toml README.md csrc fastsel $(CUDA_SRC)/
+	find $(CUDA_SRC)/fastsel \( -name '_C*.so' -o -name '*.pyc' \) -delete
+	@echo "building (full log: build/cuda-build.log)"
+	set -o pipefail; cd $(CUDA_SRC) && TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" FASTSEL_FORCE_CUDA=1 \
+	    $(abspath $(CUDA_PY)) -m pip install -v --no-build-isolation --no-deps --force-reinstall . 2>&1 \
+	    | tee $(abspath build/cuda-build.log) \
+	    | { grep --line-buffered -E '^ *(fastsel:|\[[0-9]+/[0-9]+\])|error|Successfully' | cut -c1-300 || true; } \
+	    || { echo "CUDA build FAILED; the end of build/cuda-build.log:"; tail -60 $(abspath build/cuda-build.log); exit 1; }
+	touch $(CUDA_BUILT)
+
+$(CUDA_BUILT): SHELL := /bin/bash
+cuda-build: $(CUDA_BUILT)
+	cd build && $(abspath $(CUDA_PY)) -m fastsel info --json > cuda-info.json
+	cd build && $(abspath $(CUDA_PY)) -m fastsel.info --require-cuda
+
+# On a GPU machine: build, test and benchmark the CUDA kernels (bench/gpu_check.sh); --dry: what it would run.
+gpu-check:
+	bash bench/gpu_check.sh
+
+gpu-check-dry: install
+	PY=$(PY) bash bench/gpu_check.sh --dry
+
+# Compile-only check of every CUDA source with nvcc alone (no torch headers; superseded by cuda-build).
 cuda-check:
 	@for f in $$(find csrc -name '*.cu'); do \
 	    echo "nvcc $$f"; \
@@ -52,3 +103,6 @@ cuda-check:
 
 clean:
 	rm -rf build fastsel/_C*.so runs .pytest_cache .benchmarks
+
+clean-cuda:
+	rm -rf $(CUDA_VENV) $(CUDA_SRC)
