@@ -257,3 +257,37 @@ def test_reference_backend_gives_the_same_fisher(monkeypatch):
     monkeypatch.setattr(backend, "EXTENSION", backend.ExtensionStatus(False, False, "test"))
     assert backend.op_backend("accumulate_linear_sq_grad", "cpu")[0] == "reference"
     assert_diagonals_close(fisher_diagonal(model, [batch]).diagonal, kernel, rtol=1e-5)
+
+
+# -- the CUDA path, end to end (runs where a GPU and the CUDA kernels are; `-k cuda` selects it) --------
+
+from fastsel._backend import BACKEND_ENV, linear_backends_available  # noqa: E402
+
+CUDA_LINEAR_BACKENDS = [b for b in linear_backends_available("cuda") if b != "reference"] if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, id=f"cuda-{b}") for b in CUDA_LINEAR_BACKENDS])
+@pytest.mark.parametrize("arch", ["bert", "deberta-v2", "distilbert"])
+def test_cuda_fisher_matches_the_cpu_oracle(arch, backend, monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, f"accumulate_linear_sq_grad={backend}")
+    model = tiny_model(arch, num_labels=3)
+    batch = random_batch(arch, batch_size=6, seq_len=11, pad_last=2, num_labels=3)
+    want = oracle_fisher(model, batch, "empirical")
+    got = fisher_diagonal(model.cuda(), [batch], mode="empirical").diagonal
+    assert_diagonals_close({n: t.cpu() for n, t in got.items()}, want, rtol=2e-4)
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, id=f"cuda-{b}") for b in CUDA_LINEAR_BACKENDS])
+def test_cuda_fisher_under_bf16_autocast_is_close_to_fp32(backend, monkeypatch):
+    """Mixed operands (fp32 LayerNorm outputs, bf16 output gradients) take the half path; layer scores stay close."""
+    monkeypatch.setenv(BACKEND_ENV, f"accumulate_linear_sq_grad={backend}")
+    model = tiny_model("bert", num_labels=2, hidden_size=64, intermediate_size=128, num_attention_heads=4).cuda()
+    batch = random_batch("bert", batch_size=8, seq_len=24, num_labels=2)
+    exact = fisher_diagonal(model, [batch]).diagonal
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        half = fisher_diagonal(model, [batch]).diagonal
+    want, _ = layer_statistics({n: t.cpu() for n, t in exact.items()}, model)
+    got, _ = layer_statistics({n: t.cpu() for n, t in half.items()}, model)
+    for w, g in zip(want, got):
+        assert math.isfinite(g["score"])
+        assert g["score"] == pytest.approx(w["score"], rel=0.05)

@@ -4,10 +4,10 @@
 // argument checks, device guard, dtype casts, .contiguous(), the per-example sort of embedding indices,
 // and raising kernel launch errors. Only CUDA builds compile it (FASTSEL_WITH_CUDA).
 //
-// Dtypes: bf16/fp16 operands stay half and go to the tensor cores. A half operand paired with an fp32
-// one (under autocast a LayerNorm output is fp32 while the linear after it ran, and back-propagated, in
-// bf16) is cast to that half type on the device, which is what autocast fed the forward's matmul;
-// anything else is computed in fp32. Nothing here synchronises with the host: shapes are host-side
+// Dtypes: bf16/fp16 operands stay half and go to the tensor cores. In the linear op a half operand
+// paired with an fp32 one (under autocast a LayerNorm output is fp32 while the linear after it ran, and
+// back-propagated, in bf16) is cast to that half type on the device, which is what autocast fed the
+// forward's matmul; anything else (and the norm op's mixed pairs) is computed in fp32. Nothing here synchronises with the host: shapes are host-side
 // metadata, and index checks happen in the kernels.
 #include <ATen/ATen.h>
 // c10/cuda/CUDAStream.h rather than ATen/cuda/CUDAContext.h: same current stream
@@ -45,12 +45,13 @@ ElemType elem_type(at::ScalarType t) {
 bool kernel_native(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// The dtype the kernel reads: the operands' own when they agree on fp32/bf16/fp16; the half type when
-// one is half and the other fp32; else fp32.
-at::ScalarType kernel_dtype(at::ScalarType a, at::ScalarType b) {
+// The dtype the kernel reads: the operands' own when they agree on fp32/bf16/fp16; with `half_wins`
+// (the linear op, whose tensor cores need both operands half) the half type when one is half and the
+// other fp32; else fp32 (the memory-bound norm op reads fp32 at no real cost and keeps x_hat exact).
+at::ScalarType kernel_dtype(at::ScalarType a, at::ScalarType b, bool half_wins = false) {
   if (a == b && kernel_native(a)) return a;
-  if (is_half(a) && b == at::kFloat) return a;
-  if (is_half(b) && a == at::kFloat) return b;
+  if (half_wins && is_half(a) && b == at::kFloat) return a;
+  if (half_wins && is_half(b) && a == at::kFloat) return b;
   return at::kFloat;
 }
 
@@ -63,7 +64,7 @@ void accumulate_linear_sq_grad_cuda(const at::Tensor& out, const at::Tensor& gra
   check_linear_sq_grad(out, grad_output, input, variant);
   if (out.numel() == 0 || grad_output.numel() == 0 || input.numel() == 0) return;  // nothing to add
   const c10::cuda::CUDAGuard device_guard(out.device());
-  const at::ScalarType dtype = kernel_dtype(grad_output.scalar_type(), input.scalar_type());
+  const at::ScalarType dtype = kernel_dtype(grad_output.scalar_type(), input.scalar_type(), /*half_wins=*/true);
   const at::Tensor g = btf_as(grad_output, dtype);  // (B, T, O)
   const at::Tensor x = btf_as(input, dtype);        // (B, T, I)
   LinearSqGradParams p{};
