@@ -101,10 +101,30 @@ def sync(device: torch.device) -> None:
 
 
 def free(device: torch.device) -> None:
+    """Collect garbage and return cached GPU memory; never raises (a broken CUDA context is found by
+    :func:`cuda_healthy` after the section)."""
     gc.collect()
     if device.type == "cuda":
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        except Exception as exc:  # noqa: BLE001
+            print(f"gpu_check: CUDA error while freeing memory: {type(exc).__name__}: {exc}", flush=True)
+
+
+def cuda_healthy(device: torch.device) -> bool:
+    """False once the CUDA context is broken (a sticky error such as an illegal memory access): every later
+    CUDA call would fail, so the remaining sections need a fresh process."""
+    if device.type != "cuda":
+        return True
+    try:
+        t = torch.ones(4, device=device)
+        ok = float((t + 1).sum().item()) == 8.0
         torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        return ok
+    except Exception as exc:  # noqa: BLE001
+        print(f"gpu_check: the CUDA context is broken: {type(exc).__name__}: {exc}", flush=True)
+        return False
 
 
 def time_once(fn: Callable[[], Any], device: torch.device) -> float:
@@ -176,7 +196,7 @@ def extra_peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
 
 
 class Run:
-    def __init__(self, out_dir: Path, dry: bool, device: torch.device, budget_s: float) -> None:
+    def __init__(self, out_dir: Path, dry: bool, device: torch.device, budget_s: float, resume: bool = False) -> None:
         self.out_dir, self.dry, self.device = out_dir, dry, device
         self.cfg = make_config(dry)
         self.t0 = time.monotonic()
@@ -185,6 +205,12 @@ class Run:
                                      "budget_s": budget_s, "sections": {}}
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "gpu_check.json"
+        if resume and self.path.is_file():  # a fresh process after a broken CUDA context: keep what was measured
+            try:
+                old = json.loads(self.path.read_text())
+                self.data = {**old, "sections": old.get("sections", {}), "resumed": old.get("resumed", 0) + 1}
+            except ValueError:
+                pass
 
     @property
     def cuda(self) -> bool:
@@ -219,6 +245,11 @@ class Run:
             res.pop("deadline", None)
             res["seconds"] = round(time.monotonic() - t0, 2)
             free(self.device)
+            # GPU_CHECK_FAKE_BROKEN=<section>: pretend that section broke the context (tests the restart on a CPU)
+            if not cuda_healthy(self.device) or os.environ.get("GPU_CHECK_FAKE_BROKEN") == name:
+                res["cuda_context_broken"] = True
+                if not str(res["status"]).startswith("failed"):
+                    res["status"] = "failed (CUDA context broken)"
             self.save()
             print(f"--- {name}: {res['status']} ({res['seconds']} s)", flush=True)
 
@@ -1014,6 +1045,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     ap.add_argument("--budget-s", type=float, default=None, help="wall-time budget of the whole run (default 240; dry 150)")
     ap.add_argument("--summary", action="store_true", help="only print the summary table of OUT/gpu_check.json")
+    ap.add_argument("--resume", action="store_true", help="keep the sections already in OUT/gpu_check.json (used "
+                    "internally: after a section breaks the CUDA context the rest run in a fresh process)")
     args = ap.parse_args(argv)
     if args.summary:
         return print_summary(args.out)
@@ -1023,14 +1056,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry:
         torch.manual_seed(0)
-    run = Run(args.out, args.dry, device, args.budget_s or (150.0 if args.dry else 240.0))
+    budget = args.budget_s or (150.0 if args.dry else 240.0)
+    run = Run(args.out, args.dry, device, budget, resume=args.resume)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     for name in wanted:
         if name not in SECTIONS:
             print(f"gpu_check: unknown section {name!r}", file=sys.stderr)
             return 2
-    for name in ["env"] + [s for s in wanted if s != "env"]:
+    order = ([] if args.resume else ["env"]) + [s for s in wanted if s != "env" or args.resume]
+    for i, name in enumerate(order):
         run.section(name, SECTIONS[name])
+        rest = order[i + 1:]
+        if run.data["sections"][name].get("cuda_context_broken") and rest and run.data.get("resumed", 0) < 3:
+            # every later CUDA call would fail: the remaining sections in a fresh process (same JSON)
+            left = max(30.0, run.deadline - time.monotonic())
+            print(f"gpu_check: CUDA context broken in section {name}; restarting for {', '.join(rest)}", flush=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--sections", ",".join(rest),
+                   "--resume", "--budget-s", f"{left:.0f}", "--device", str(device)] + (["--dry"] if args.dry else [])
+            os.execv(sys.executable, cmd)
     run.data["seconds"] = round(time.monotonic() - run.t0, 1)
     run.save()
     print()

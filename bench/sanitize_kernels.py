@@ -97,6 +97,9 @@ def check_linear(chk: Checker, device: torch.device, gen: torch.Generator) -> No
             cases.append((f"B{B} T{T} O{O} I{I}", (B, T), O, I, False))
     cases.append(("2-d input (T=1) O70 I130", (5,), 70, 130, False))
     cases.append(("non-contiguous x, T17 O96 I136", (B, 17), 96, 136, True))
+    # many examples per block (the per-block example loop), and many tiles with partial last ones
+    cases.append(("B64 T17 O96 I136", (64, 17), 96, 136, False))
+    cases.append(("B2 T33 O512 I1032", (2, 33), 512, 1032, False))
     for backend in backends:
         for dname, dtype in DTYPES.items():
             for label, lead, O, I, strided in cases:

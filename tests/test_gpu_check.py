@@ -73,6 +73,22 @@ def test_gpu_check_dry_every_section(tmp_path):
     assert "fisher: fastsel / train step" in data["targets"]
 
 
+def test_broken_cuda_context_restarts_the_rest_in_a_fresh_process(tmp_path):
+    """After a section breaks the CUDA context (faked here), the remaining sections run in a new process that
+    keeps the JSON so far; the exit code says a section failed."""
+    env = {**os.environ, "GPU_CHECK_FAKE_BROKEN": "gemm", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry", "--out", str(tmp_path),
+                           "--sections", "gemm,error", "--budget-s", "100"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert data["resumed"] == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert data["sections"]["env"]["status"] == "ok"
+    assert data["sections"]["gemm"]["status"] == "failed (CUDA context broken)"
+    assert data["sections"]["error"]["status"] == "ok"
+    assert proc.returncode == 1
+    assert "gpu_check summary" in proc.stdout
+
+
 def test_gpu_check_sh_dry_steps(tmp_path):
     """The driver: steps recorded, GPU-only ones skipped, summary printed last (bench left out: above)."""
     env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
