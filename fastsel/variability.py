@@ -468,6 +468,20 @@ class VariabilityConsumer:
     def state_dict(self) -> dict[str, Any]:
         return self.stats.state_dict()
 
+    def finite_flag(self) -> Tensor | None:
+        """0-dim bool tensor: every class statistic is finite (checked by the pass, one sync per batch)."""
+        st = self.stats
+        flags = [torch.isfinite(t).all() for ts in (st.mean, st.m2) for t in ts if t is not None]
+        return torch.stack(flags).all() if flags else None
+
+    def first_nonfinite(self) -> str | None:
+        st = self.stats
+        for i in range(st.num_layers):
+            for what, t in (("mean", st.mean[i]), ("scatter", st.m2[i])):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    return f"class {what} of {'the embeddings' if i == 0 else f'block {i - 1}'} (variability statistics)"
+        return None
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.stats.load_state_dict(state, self.ctx.device)
 
