@@ -102,6 +102,7 @@ inline void emu_launch(dim3 grid, dim3 block, std::function<void()> body) {
   gridDim = {grid.x, grid.y, grid.z};
   blockDim = {block.x, block.y, block.z};
   unsigned n = block.x * block.y;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
   for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       std::barrier<> bar(n);
@@ -111,7 +112,7 @@ inline void emu_launch(dim3 grid, dim3 block, std::function<void()> body) {
       std::vector<std::thread> ts;
       for (unsigned ty = 0; ty < block.y; ++ty)
         for (unsigned tx = 0; tx < block.x; ++tx)
-          ts.emplace_back([=] { threadIdx = {tx, ty, 0}; blockIdx = {bx, by, 0}; body(); });
+          ts.emplace_back([=] { threadIdx = {tx, ty, 0}; blockIdx = {bx, by, bz}; body(); });
       for (auto& t : ts) t.join();
     }
 }
@@ -184,7 +185,8 @@ template <class T> void linear_case(ElemType dt, int64_t B, int64_t Tn, int64_t 
         for (int64_t t = 0; t < Tn; ++t) s += (double)back(g[(b * Tn + t) * O + o]) * back(x[(b * Tn + t) * I + i]);
         ref[o * I + i] += s * s;
       }
-  LinearSqGradParams p{out.data(), g.data(), x.data(), B, Tn, O, I, dt, variant};
+  // Device properties are cached per device index: one emulated "device" per SM count.
+  LinearSqGradParams p{out.data(), g.data(), x.data(), B, Tn, O, I, dt, variant, /*device=*/sms};
   if (launch_linear_sq_grad(p, nullptr) != cudaSuccess) ++fails;
   char buf[128];
   snprintf(buf, sizeof buf, "linear dt=%d B=%ld T=%ld O=%ld I=%ld sms=%d variant=%d", (int)dt, B, Tn, O, I, sms, (int)variant);
@@ -204,7 +206,7 @@ template <class T> void norm_case(ElemType dt, int64_t B, int64_t Tn, int64_t D,
       for (int64_t t = 0; t < Tn; ++t) { int64_t k = (b * Tn + t) * D + d; s += (double)back(g[k]) * (has_x ? back(x[k]) : 1.0); }
       ref[d] += s * s;
     }
-  NormSqGradParams p{out.data(), g.data(), has_x ? x.data() : nullptr, B, Tn, D, dt};
+  NormSqGradParams p{out.data(), g.data(), has_x ? x.data() : nullptr, B, Tn, D, dt, /*device=*/sms};
   if (launch_norm_sq_grad(p, nullptr) != cudaSuccess) ++fails;
   char buf[128];
   snprintf(buf, sizeof buf, "norm dt=%d B=%ld T=%ld D=%ld x=%d sms=%d", (int)dt, B, Tn, D, (int)has_x, sms);
@@ -258,6 +260,7 @@ int main() {
   linear_case<__half>(ElemType::F16, 5, 16, 64, 128, 8, LinearVariant::Pipelined);
   linear_case<__nv_bfloat16>(ElemType::BF16, 2, 33, 72, 40, 1, LinearVariant::Pipelined);
   linear_case<__half>(ElemType::F16, 7, 5, 8, 16, 4, LinearVariant::Pipelined);
+  linear_case<__nv_bfloat16>(ElemType::BF16, 9, 20, 256, 128, 3, LinearVariant::Pipelined);
   linear_case<__nv_bfloat16>(ElemType::BF16, 3, 9, 70, 130, 1, LinearVariant::Pipelined);
   linear_case<__nv_bfloat16>(ElemType::BF16, 4, 1, 24, 40, 1, LinearVariant::Pipelined);
   linear_case<float>(ElemType::F32, 3, 6, 24, 40, 1, LinearVariant::Pipelined);
@@ -278,6 +281,82 @@ int main() {
   EmbeddingSqGradParams ep{nullptr, nullptr, nullptr, nullptr, 2, 0, 4, 5, -1, ElemType::F32};
   launch_linear_sq_grad(lp, nullptr); launch_norm_sq_grad(np, nullptr); launch_embedding_sq_grad(ep, nullptr);
   printf("empty launches: %d\n", g_launches - before);
+  printf("%s (%d failures)\n", fails ? "FAILED" : "ALL OK", fails);
+  return fails != 0;
+}
+"""
+
+
+EMU_CLASS_STATS_MAIN = r"""#include "kernels_emu.cpp"
+#include <algorithm>
+#include <cstdio>
+#include <numeric>
+#include <random>
+using namespace fastsel::cuda;
+static std::mt19937 rng(7);
+static float rnd() { return std::uniform_real_distribution<float>(-1.f, 1.f)(rng); }
+static int fails = 0;
+static void compare(const char* what, const std::vector<double>& got, const std::vector<double>& ref, double tol) {
+  double worst = 0, scale = 1e-30;
+  for (double v : ref) scale = std::max(scale, std::abs(v));
+  for (size_t i = 0; i < got.size(); ++i) worst = std::max(worst, std::abs(got[i] - ref[i]) / scale);
+  const bool ok = worst < tol;
+  if (!ok) ++fails;
+  printf("%-60s %s worst rel err %.2e\n", what, ok ? "ok  " : "FAIL", worst);
+}
+// Two batches merged into a running state (count, mean, m2), against a float64 two-pass reference over all
+// the pooled states; examples without pooled tokens skipped; classes absent from a batch.
+void class_stats_case(int64_t B, int64_t T, int64_t D, int64_t C) {
+  std::vector<double> count(C, 0.0), mean(C * D, 0.0), m2(C * D * D, 0.0);
+  std::vector<std::vector<double>> members(C);  // pooled states per class, for the reference
+  for (int batch = 0; batch < 2; ++batch) {
+    std::vector<float> h(B * T * D), mask(B * T);
+    std::vector<int64_t> labels(B);
+    for (auto& v : h) v = rnd();
+    for (int64_t b = 0; b < B; ++b) {
+      labels[b] = batch == 0 ? (b % (C - 1)) : std::uniform_int_distribution<int64_t>(0, C - 1)(rng);  // class C-1 absent at first
+      const int64_t len = (b == 1) ? 0 : 1 + b % T;  // example 1 has no pooled token
+      for (int64_t t = 0; t < T; ++t) mask[b * T + t] = t < len ? 1.f : 0.f;
+      if (len == 0) continue;
+      std::vector<double> x(D, 0.0);
+      for (int64_t t = 0; t < len; ++t) for (int64_t d = 0; d < D; ++d) x[d] += h[(b * T + t) * D + d];
+      for (auto& v : x) v /= len;
+      members[labels[b]].insert(members[labels[b]].end(), x.begin(), x.end());
+    }
+    std::vector<int64_t> order(B), offsets(C + 1);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return labels[a] < labels[c]; });
+    for (int64_t c = 0; c <= C; ++c)
+      offsets[c] = std::lower_bound(order.begin(), order.end(), c, [&](int64_t e, int64_t v) { return labels[e] < v; }) - order.begin();
+    std::vector<double> pooled(B * D), batch_count(C), batch_mean(C * D);
+    std::vector<float> ntok(B);
+    ClassStatsParams p{count.data(), mean.data(), m2.data(), h.data(), mask.data(), labels.data(), order.data(),
+                       offsets.data(), pooled.data(), ntok.data(), batch_count.data(), batch_mean.data(), B, T, D, C,
+                       ClassStatsInput::F32, ClassStatsAcc::F64};
+    if (launch_class_stats_update(p, nullptr) != cudaSuccess) ++fails;
+  }
+  std::vector<double> rc(C), rm(C * D, 0.0), rs(C * D * D, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t n = members[c].size() / D;
+    rc[c] = n;
+    for (int64_t k = 0; k < n; ++k) for (int64_t d = 0; d < D; ++d) rm[c * D + d] += members[c][k * D + d] / n;
+    for (int64_t k = 0; k < n; ++k)
+      for (int64_t i = 0; i < D; ++i)
+        for (int64_t j = 0; j < D; ++j)
+          rs[(c * D + i) * D + j] += (members[c][k * D + i] - rm[c * D + i]) * (members[c][k * D + j] - rm[c * D + j]);
+  }
+  char buf[128];
+  snprintf(buf, sizeof buf, "class_stats B=%ld T=%ld D=%ld C=%ld: count", B, T, D, C);
+  compare(buf, count, rc, 1e-12);
+  snprintf(buf, sizeof buf, "class_stats B=%ld T=%ld D=%ld C=%ld: mean", B, T, D, C);
+  compare(buf, mean, rm, 1e-6);
+  snprintf(buf, sizeof buf, "class_stats B=%ld T=%ld D=%ld C=%ld: m2", B, T, D, C);
+  compare(buf, m2, rs, 1e-6);
+}
+int main() {
+  class_stats_case(7, 5, 20, 3);
+  class_stats_case(19, 9, 70, 2);   // more members than the 16-row staging, features past one tile
+  class_stats_case(5, 3, 130, 4);   // several pool column blocks
   printf("%s (%d failures)\n", fails ? "FAILED" : "ALL OK", fails);
   return fails != 0;
 }
@@ -305,7 +384,7 @@ CUDA_HEADERS = ("#include <cuda_bf16.h>", "#include <cuda_fp16.h>", "#include <c
 SQ_GRAD_CU = ["sq_grad_kernels.cu", "linear_pipelined_kernels.cu"]
 
 
-def _host_translation(cu_sources: list[str]) -> str:
+def _host_translation(cu_sources: list[str], params: str = "sq_grad_params.h") -> str:
     """The kernel files as one host C++ unit: CUDA headers swapped for the emulation, launches made calls."""
     cuda_dir = REPO / "csrc" / "cuda"
     device_h = (cuda_dir / "sq_grad_device.cuh").read_text()
@@ -314,8 +393,8 @@ def _host_translation(cu_sources: list[str]) -> str:
     for inc in CUDA_HEADERS:
         src = src.replace(inc, "")
     src = src.replace("#pragma once", "")
-    src = src.replace('#include "sq_grad_params.h"', f'#include "emu.h"\n#include "{cuda_dir / "sq_grad_params.h"}"', 1)
-    src = src.replace('#include "sq_grad_params.h"', "")
+    src = src.replace(f'#include "{params}"', f'#include "emu.h"\n#include "{cuda_dir / params}"', 1)
+    src = src.replace(f'#include "{params}"', "")
     # kernel<<<grid, block, shared_bytes, stream>>>(args); -> emu_launch(grid, block, [&]{ kernel(args); });
     launch = re.compile(r"(\w+(?:<[^;<>]*>)?)<<<([^,]+),\s*([^,]+),\s*([^,]+?),\s*stream>>>\((.*?)\);", re.S)
     src, n = launch.subn(lambda m: f"emu_launch({m.group(2)}, {m.group(3)}, [&]{{ {m.group(1)}({m.group(5)}); }});", src)
@@ -339,3 +418,20 @@ def test_kernels_emulated_on_cpu(tmp_path: Path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "ALL OK" in run.stdout, run.stdout + run.stderr
     assert "empty launches: 0" in run.stdout, run.stdout
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
+def test_class_stats_kernels_emulated_on_cpu(tmp_path: Path):
+    include = _cuda_include_dir()
+    if include is None:
+        pytest.skip("CUDA include directory (cuda_bf16.h) not found")
+    (tmp_path / "emu.h").write_text(EMU_H)
+    source = (REPO / "csrc" / "cuda" / "class_stats_kernels.cu").read_text()
+    (tmp_path / "kernels_emu.cpp").write_text(_host_translation([source], params="class_stats_params.h"))
+    (tmp_path / "main.cpp").write_text(EMU_CLASS_STATS_MAIN)
+    exe = tmp_path / "emu"
+    cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-w", f"-I{include}", f"-I{tmp_path}", str(tmp_path / "main.cpp"), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "ALL OK" in run.stdout, run.stdout + run.stderr

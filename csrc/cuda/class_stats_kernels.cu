@@ -3,8 +3,8 @@
 // Torch-free on purpose (see class_stats_params.h). Five launches on one stream, no atomics, so the
 // result is deterministic. The glue hands over the examples grouped by class (order, offsets), so the
 // per-class kernels walk their class's members only (D^2 B FMAs for the scatter, not C D^2 B):
-//  1. pool:    block (example b, 256 features): pooled[b, d] = masked mean over t, ntok[b]; traps on a
-//              label outside [0, C) (device-side check);
+//  1. pool:    block (example b, 64 features, 4 token rows): pooled[b, d] = masked mean over t, ntok[b];
+//              traps on a label outside [0, C) (device-side check);
 //  2. bmean:   block (class c, 256 features): per-class batch count and mean of the pooled rows;
 //  3. scatter: block (16 x 16 tile of D x D, class c): S = sum_{b in c} (x_b - bmean_c)(x_b - bmean_c)^T
 //              staged 16 members at a time in shared memory (a small GEMM), then the Chan merge
@@ -40,27 +40,48 @@ __device__ __forceinline__ A load_as(const __half* p, int64_t i) { return static
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Pool: a block owns kPoolCols features of one example; its kPoolRows warp rows split the tokens (so a
+// long sequence is read by 4x more loads in flight than one thread per feature would issue) and are
+// reduced in shared memory in a fixed order (deterministic).
+constexpr int kPoolCols = 64;
+constexpr int kPoolRows = kThreads / kPoolCols;
+
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
     pool_kernel(const T* __restrict__ h, const float* __restrict__ mask, const int64_t* __restrict__ labels,
                 A* __restrict__ pooled, float* __restrict__ ntok, int64_t T_, int64_t D, int64_t C) {
+  __shared__ A part[kPoolRows][kPoolCols];
+  __shared__ float cnt[kPoolRows];
   const int64_t b = blockIdx.x;
   if (blockIdx.y == 0 && threadIdx.x == 0 && (labels[b] < 0 || labels[b] >= C)) {
     printf("fastsel: class_stats_update: label %lld of example %lld out of range [0, %lld)\n",
            static_cast<long long>(labels[b]), static_cast<long long>(b), static_cast<long long>(C));
     __trap();
   }
-  const int64_t d = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const int lane = threadIdx.x % kPoolCols, row = threadIdx.x / kPoolCols;
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * kPoolCols + lane;
   const float* mrow = mask + b * T_;
   A s = A(0);
   float n = 0.f;
-  for (int64_t t = 0; t < T_; ++t) {
-    if (mrow[t] == 0.f) continue;  // uniform across the block: no divergence
+#pragma unroll 4
+  for (int64_t t = row; t < T_; t += kPoolRows) {
+    if (mrow[t] == 0.f) continue;  // uniform across each warp (a warp is one row): no divergence
     n += 1.f;
     if (d < D) s += load_as<A>(h, (b * T_ + t) * D + d);
   }
-  if (d < D) pooled[b * D + d] = n > 0.f ? s / static_cast<A>(n) : A(0);
-  if (blockIdx.y == 0 && threadIdx.x == 0) ntok[b] = n;
+  part[row][lane] = s;
+  if (lane == 0) cnt[row] = n;
+  __syncthreads();
+  if (row != 0) return;
+  A total = A(0);
+  float count = 0.f;
+#pragma unroll
+  for (int r = 0; r < kPoolRows; ++r) {
+    total += part[r][lane];
+    count += cnt[r];
+  }
+  if (d < D) pooled[b * D + d] = count > 0.f ? total / static_cast<A>(count) : A(0);
+  if (blockIdx.y == 0 && lane == 0) ntok[b] = count;
 }
 
 template <typename A>
@@ -145,19 +166,25 @@ cudaError_t launch_typed(const ClassStatsParams& p, cudaStream_t stream) {
   A* mean = static_cast<A*>(p.mean);
   A* m2 = static_cast<A*>(p.m2);
   const int64_t dgrid = dblocks > 0 ? dblocks : 1;
-  pool_kernel<T, A><<<dim3(static_cast<unsigned>(p.B), static_cast<unsigned>(dgrid)), kThreads, 0, stream>>>(
-      static_cast<const T*>(p.hidden), p.mask, p.labels, pooled, p.ntok, p.T, p.D, p.C);
-  batch_mean_kernel<A><<<dim3(static_cast<unsigned>(p.C), static_cast<unsigned>(dgrid)), kThreads, 0, stream>>>(
-      pooled, p.ntok, p.order, p.offsets, p.batch_count, bmean, p.D);
+  const int64_t pool_cols = p.D > 0 ? ceil_div(p.D, kPoolCols) : 1;
+  const unsigned tiles = static_cast<unsigned>(ceil_div(p.D, kTile));
+  // Named launch shapes (one launch per line, nothing but names inside <<< >>>: the CPU emulation of the
+  // tests rewrites these launches textually).
+  const dim3 pool_grid(static_cast<unsigned>(p.B), static_cast<unsigned>(pool_cols));
+  const dim3 class_grid(static_cast<unsigned>(p.C), static_cast<unsigned>(dgrid));
+  const dim3 scatter_grid(tiles, tiles, static_cast<unsigned>(p.C));
+  const dim3 scatter_block(kTile, kTile);
+  const dim3 count_grid(static_cast<unsigned>(ceil_div(p.C, kThreads)));
+  pool_kernel<T, A><<<pool_grid, kThreads, 0, stream>>>(static_cast<const T*>(p.hidden), p.mask, p.labels, pooled,
+                                                       p.ntok, p.T, p.D, p.C);
+  batch_mean_kernel<A><<<class_grid, kThreads, 0, stream>>>(pooled, p.ntok, p.order, p.offsets, p.batch_count, bmean,
+                                                            p.D);
   if (p.D > 0) {
-    const unsigned tiles = static_cast<unsigned>(ceil_div(p.D, kTile));
-    scatter_merge_kernel<A><<<dim3(tiles, tiles, static_cast<unsigned>(p.C)), dim3(kTile, kTile), 0, stream>>>(
-        pooled, p.ntok, p.order, p.offsets, p.batch_count, bmean, p.count, mean, m2, p.D);
-    mean_update_kernel<A><<<dim3(static_cast<unsigned>(p.C), static_cast<unsigned>(dblocks)), kThreads, 0, stream>>>(
-        p.batch_count, bmean, p.count, mean, p.D);
+    scatter_merge_kernel<A><<<scatter_grid, scatter_block, 0, stream>>>(pooled, p.ntok, p.order, p.offsets,
+                                                                        p.batch_count, bmean, p.count, mean, m2, p.D);
+    mean_update_kernel<A><<<class_grid, kThreads, 0, stream>>>(p.batch_count, bmean, p.count, mean, p.D);
   }
-  count_update_kernel<<<static_cast<unsigned>(ceil_div(p.C, kThreads)), kThreads, 0, stream>>>(p.batch_count, p.count,
-                                                                                                p.C);
+  count_update_kernel<<<count_grid, kThreads, 0, stream>>>(p.batch_count, p.count, p.C);
   return cudaGetLastError();
 }
 

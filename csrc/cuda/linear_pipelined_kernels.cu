@@ -2,9 +2,11 @@
 // for bf16/fp16 operands, aimed at the speed of the weight-gradient GEMM of the same shape (the per-example
 // products have exactly its FLOPs, plus O*I*B squares).
 //
-// Against the 64x64 kernel of sq_grad_kernels.cu:
-//  * CTA tile 128 (o) x 128 (i), 8 warps in a 4 x 2 grid, each warp 32 x 64 = 2 x 4 WMMA 16x16x16
-//    accumulator fragments (twice the reuse of every staged element per barrier);
+// Against the 64x64 WMMA kernel of sq_grad_kernels.cu:
+//  * CTA tile 128 (o) x 128 (i), 8 warps in a 4 x 2 grid, each warp 32 x 64 = 2 x 8 mma.sync m16n8k16
+//    tiles (four times the work per staged element per barrier);
+//  * fragments loaded with ldmatrix.trans straight from the k-major tiles (WMMA's col-major loads compile
+//    to generic LD + MOVM transposes: measured on an H200 at 10-15 % of the bf16 GEMM rate);
 //  * a kStages-deep cp.async pipeline (16-byte copies that bypass L1 and land in shared memory while the
 //    tensor cores work on earlier stages): the k-tiles of every example of the block's range are ONE
 //    stream (example b's t-tiles, then b+1's, ...), so the pipeline never drains between examples;
@@ -14,16 +16,18 @@
 // keeps the 64x64 kernel): O, I multiples of 8 and 16-byte aligned operands, so every 16-byte chunk is
 // either wholly inside or wholly outside a row.
 //
-// Blocks split the examples (grid.y) when the tiles alone would not fill the GPU; each then adds its
+// Blocks split the examples (grid.y) when the tiles alone would not fill the GPU, with the chunk of
+// examples per block chosen so that the last wave is as full as possible; each block then adds its
 // partial sum with atomicAdd once at the end (order of fp32 adds varies); with grid.y == 1 the update is
 // a plain read-modify-write.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "sq_grad_device.cuh"
 #include "sq_grad_params.h"
@@ -46,18 +50,15 @@ constexpr int kPipeWarpsO = 4, kPipeWarpsI = 2;
 constexpr int kPipeThreads = 32 * kPipeWarpsO * kPipeWarpsI;
 constexpr int kPipeWarpO = kPipeTile / kPipeWarpsO;  // 32 rows of o per warp
 constexpr int kPipeWarpI = kPipeTile / kPipeWarpsI;  // 64 columns of i per warp
-constexpr int kFragO = kPipeWarpO / 16, kFragI = kPipeWarpI / 16;
+constexpr int kFragO = kPipeWarpO / 16, kFragN = kPipeWarpI / 8;  // m16n8k16 tiles per warp: 2 x 8
 constexpr int kStages = 4;
 
 // Elements of one pipeline stage: the G tile, then the X tile, TK rows of kPipeLd each. (Constexpr
 // variables rather than functions: device code may use them without --expt-relaxed-constexpr.)
 template <int TK>
 constexpr int kStageElems = 2 * TK * kPipeLd;
-// The pipeline, or the epilogue's per-warp 16x16 fp32 scratch, whichever is larger (never both at once).
 template <typename T, int TK>
-constexpr int kPipeSmemBytes = kStages * kStageElems<TK> * static_cast<int>(sizeof(T)) > (kPipeThreads / 32) * 256 * 4
-                                   ? kStages * kStageElems<TK> * static_cast<int>(sizeof(T))
-                                   : (kPipeThreads / 32) * 256 * 4;
+constexpr int kPipeSmemBytes = kStages * kStageElems<TK> * static_cast<int>(sizeof(T));
 
 // Issue the copies of k-tile j (example b_begin + j / ktiles, rows t0 .. t0 + TK) of G's o-tile and X's
 // i-tile into `stage`: TK rows x 16 chunks of 8 elements each, per operand.
@@ -82,13 +83,85 @@ __device__ __forceinline__ void load_k_tile(T* stage, const T* __restrict__ g, c
   }
 }
 
+// ---- warp-level matrix instructions: ldmatrix and mma.sync m16n8k16 (sm_80+) -----------------------
+// The CPU emulation of the tests (g++, no __CUDACC__) gets the same warp-collective semantics from
+// per-warp scratch and __syncwarp: the PTX ISA's fragment layouts, written out once more, so that a
+// wrong address or register order in the kernel shows up as a wrong number there too.
+
+// Four 8x8 b16 matrices, transposed: lane 8j + r gives the address of row r of matrix j (16 bytes);
+// register j of lane 4r + w receives elements (2w, r) and (2w + 1, r) of matrix j (low half first).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+#if defined(__CUDACC__)
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#else
+  static const uint16_t* rows[32][32];  // [warp][lane]
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  rows[warp][lane] = static_cast<const uint16_t*>(smem_row);
+  __syncwarp();
+  for (int j = 0; j < 4; ++j) {
+    const int w = lane % 4, c = lane / 4;
+    const uint32_t lo = rows[warp][8 * j + 2 * w][c], hi = rows[warp][8 * j + 2 * w + 1][c];
+    r[j] = lo | (hi << 16);
+  }
+  __syncwarp();
+#endif
+}
+
+// d (16x8 fp32) += a (16x16, row) * b (16x8, col); T = __nv_bfloat16 or __half. Fragments (g = lane / 4,
+// w = lane % 4): a[0] = A(g, 2w..2w+1), a[1] = A(g+8, ..), a[2] = A(g, 2w+8..), a[3] = A(g+8, 2w+8..);
+// b[0] = B(2w..2w+1, g), b[1] = B(2w+8.., g); d[0..1] = D(g, 2w..2w+1), d[2..3] = D(g+8, 2w..2w+1).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDACC__)
+  if constexpr (sizeof(T) == 2 && std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  static uint32_t fa[32][32][4], fb[32][32][2];  // [warp][lane][register]
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int k = 0; k < 4; ++k) fa[warp][lane][k] = a[k];
+  for (int k = 0; k < 2; ++k) fb[warp][lane][k] = b[k];
+  __syncwarp();
+  auto half = [](uint32_t v, int e) {
+    const uint16_t bits = static_cast<uint16_t>(e ? v >> 16 : v & 0xffff);
+    T t;
+    memcpy(&t, &bits, 2);
+    return to_float(t);
+  };
+  auto A = [&](int m, int k) {  // element (m, k) of A from the lane that holds it
+    const int reg = (m >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return half(fa[warp][4 * (m % 8) + (k % 8) / 2][reg], k % 2);
+  };
+  auto Bm = [&](int k, int n) { return half(fb[warp][4 * n + (k % 8) / 2][k >= 8 ? 1 : 0], k % 2); };
+  const int g = lane / 4, w = lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int m = g + (e >= 2 ? 8 : 0), n = 2 * w + (e % 2);
+    float s = 0.f;
+    for (int k = 0; k < 16; ++k) s += A(m, k) * Bm(k, n);
+    d[e] += s;
+  }
+  __syncwarp();
+#endif
+}
+
 template <typename T, int TK>
 __global__ void __launch_bounds__(kPipeThreads, 1)
     linear_sq_grad_pipelined_kernel(float* __restrict__ out, const T* __restrict__ g, const T* __restrict__ x,
                                     int64_t B, int64_t Tlen, int64_t O, int64_t I, int64_t tiles_i, int64_t b_chunk) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  namespace wmma = nvcuda::wmma;
-  static_assert(TK % 16 == 0, "TK must be a multiple of the WMMA k = 16");
   FASTSEL_DYNAMIC_SMEM(smem_raw, (kPipeSmemBytes<T, TK>));
   T* smem = reinterpret_cast<T*>(smem_raw);
 
@@ -98,89 +171,107 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
   const int64_t b_end = b_begin + b_chunk < B ? b_begin + b_chunk : B;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = (warp / kPipeWarpsI) * kPipeWarpO, wn = (warp % kPipeWarpsI) * kPipeWarpI;
+  // ldmatrix row addresses of this lane (matrix j = lane / 8, row lane % 8), as offsets in a stage:
+  // A = G^T is stored k-major (sG[t][o]): matrices (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15,
+  // m 8-15) are a[0..3]; B = X is stored k-major (sX[t][i]): (k 0-7, n 0-7), (k 8-15, n 0-7) are b[0..1] of
+  // an n-tile and (k 0-7, n 8-15), (k 8-15, n 8-15) those of the next.
+  const int jm = lane / 8, jr = lane % 8;
+  const int a_off = ((jm / 2) * 8 + jr) * kPipeLd + wm + (jm % 2) * 8;
+  const int b_off = TK * kPipeLd + ((jm % 2) * 8 + jr) * kPipeLd + wn + (jm / 2) * 8;
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragO][kFragI], sq[kFragO][kFragI];
+  float acc[kFragO][kFragN][4], sq[kFragO][kFragN][4];
 #pragma unroll
   for (int r = 0; r < kFragO; ++r)
 #pragma unroll
-    for (int c = 0; c < kFragI; ++c) {
-      wmma::fill_fragment(acc[r][c], 0.f);
-      wmma::fill_fragment(sq[r][c], 0.f);
-    }
+    for (int c = 0; c < kFragN; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[r][c][e] = sq[r][c][e] = 0.f;
 
   const int64_t ktiles = (Tlen + TK - 1) / TK;  // k-tiles per example
   const int64_t n = b_end > b_begin ? (b_end - b_begin) * ktiles : 0;
-  // Prologue: the first kStages - 1 k-tiles in flight (a group is committed even when empty, so that
-  // the wait_group count below always refers to the same tile).
+  // The prefetch cursor walks (example, first row) of the k-tiles in stream order. A group is committed
+  // even when empty, so that the wait_group count below always refers to the same k-tile.
+  int64_t pf_b = b_begin, pf_t0 = 0;
+  auto advance = [&]() {
+    pf_t0 += TK;
+    if (pf_t0 >= Tlen) {
+      pf_t0 = 0;
+      ++pf_b;
+    }
+  };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n) load_k_tile<T, TK>(smem + s * kStageElems<TK>, g, x, b_begin + s / ktiles, (s % ktiles) * TK, Tlen,
-                                  o0, O, i0, I);
+    if (s < n) {
+      load_k_tile<T, TK>(smem + s * kStageElems<TK>, g, x, pf_b, pf_t0, Tlen, o0, O, i0, I);
+      advance();
+    }
     cp_async_commit();
   }
+  int64_t kt = 0;  // k-tile within the current example
   for (int64_t j = 0; j < n; ++j) {
     cp_async_wait<kStages - 2>();  // this thread's copies of k-tile j have landed ...
     __syncthreads();               // ... and everyone's; and every warp is done with k-tile j - 1's stage
-    const int64_t jn = j + kStages - 1;  // refill the stage k-tile j - 1 used
-    if (jn < n)
-      load_k_tile<T, TK>(smem + (jn % kStages) * kStageElems<TK>, g, x, b_begin + jn / ktiles,
-                         (jn % ktiles) * TK, Tlen, o0, O, i0, I);
+    if (j + kStages - 1 < n) {     // refill the stage k-tile j - 1 used
+      load_k_tile<T, TK>(smem + ((j + kStages - 1) % kStages) * kStageElems<TK>, g, x, pf_b, pf_t0, Tlen, o0, O, i0,
+                         I);
+      advance();
+    }
     cp_async_commit();
 
-    const T* sG = smem + (j % kStages) * kStageElems<TK>;
-    const T* sX = sG + TK * kPipeLd;
+    const T* stage = smem + (j % kStages) * kStageElems<TK>;
 #pragma unroll
     for (int kk = 0; kk < TK; kk += 16) {
-      // A = G^T (o x t): element (m = o, k = t) sits at sG[k][m], i.e. column-major with ld kPipeLd.
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a[kFragO];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf[kFragI];
+      uint32_t a[kFragO][4], b[kFragN][2];
 #pragma unroll
-      for (int r = 0; r < kFragO; ++r) wmma::load_matrix_sync(a[r], sG + kk * kPipeLd + wm + 16 * r, kPipeLd);
+      for (int r = 0; r < kFragO; ++r) ldmatrix_x4_trans(a[r], stage + a_off + kk * kPipeLd + 16 * r);
 #pragma unroll
-      for (int c = 0; c < kFragI; ++c) wmma::load_matrix_sync(bf[c], sX + kk * kPipeLd + wn + 16 * c, kPipeLd);
+      for (int c = 0; c < kFragN; c += 2) {
+        uint32_t q[4];
+        ldmatrix_x4_trans(q, stage + b_off + kk * kPipeLd + 8 * c);
+        b[c][0] = q[0];
+        b[c][1] = q[1];
+        b[c + 1][0] = q[2];
+        b[c + 1][1] = q[3];
+      }
 #pragma unroll
       for (int r = 0; r < kFragO; ++r)
 #pragma unroll
-        for (int c = 0; c < kFragI; ++c) wmma::mma_sync(acc[r][c], a[r], bf[c], acc[r][c]);
+        for (int c = 0; c < kFragN; ++c) mma_16816<T>(acc[r][c], a[r], b[c]);
     }
-    if (j % ktiles == ktiles - 1) {  // example boundary: square this example's product, start the next
+    if (++kt == ktiles) {  // example boundary: square this example's product, start the next
+      kt = 0;
 #pragma unroll
       for (int r = 0; r < kFragO; ++r)
 #pragma unroll
-        for (int c = 0; c < kFragI; ++c)
+        for (int c = 0; c < kFragN; ++c)
 #pragma unroll
-          for (int e = 0; e < acc[r][c].num_elements; ++e) {
-            sq[r][c].x[e] += acc[r][c].x[e] * acc[r][c].x[e];
-            acc[r][c].x[e] = 0.f;
+          for (int e = 0; e < 4; ++e) {
+            sq[r][c][e] = fmaf(acc[r][c][e], acc[r][c][e], sq[r][c][e]);
+            acc[r][c][e] = 0.f;
           }
     }
   }
   cp_async_wait<0>();
-  __syncthreads();  // the pipeline's shared memory becomes the epilogue's scratch
 
-  // Fragment layout is opaque: go through a per-warp 16x16 scratch to write only in-bounds elements.
-  float* scratch = reinterpret_cast<float*>(smem_raw) + warp * 256;
+  // The accumulator layout is known: d[0..1] at (row g, columns 2w, 2w+1), d[2..3] eight rows down.
   const bool atomic = gridDim.y > 1;
+  const int gr = lane / 4, gc = 2 * (lane % 4);
 #pragma unroll
-  for (int r = 0; r < kFragO; ++r) {
+  for (int r = 0; r < kFragO; ++r)
 #pragma unroll
-    for (int c = 0; c < kFragI; ++c) {
-      wmma::store_matrix_sync(scratch, sq[r][c], 16, wmma::mem_row_major);
-      __syncwarp();
-      for (int e = lane; e < 256; e += 32) {
-        const int64_t o = o0 + wm + 16 * r + e / 16;
-        const int64_t i = i0 + wn + 16 * c + e % 16;
+    for (int c = 0; c < kFragN; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t o = o0 + wm + 16 * r + gr + (e >= 2 ? 8 : 0);
+        const int64_t i = i0 + wn + 8 * c + gc + (e % 2);
         if (o < O && i < I) {
           float* dst = out + o * I + i;
           if (atomic)
-            atomicAdd(dst, scratch[e]);
+            atomicAdd(dst, sq[r][c][e]);
           else
-            *dst += scratch[e];
+            *dst += sq[r][c][e];
         }
       }
-      __syncwarp();
-    }
-  }
 #else
   __trap();  // the launcher only picks this kernel on sm_80+
 #endif
@@ -205,10 +296,22 @@ cudaError_t launch_typed(const LinearSqGradParams& p, const DeviceInfo& dev, cud
   const int64_t tiles_i = ceil_div(p.I, kPipeTile);
   const int64_t tiles = ceil_div(p.O, kPipeTile) * tiles_i;
   if (tiles > 0x7fffffff) return cudaErrorInvalidValue;
-  // One 256-thread block per SM (registers: two 32x64 fp32 fragment sets per warp); ~2 waves of blocks,
-  // split over examples only as far as needed to get there.
-  int64_t splits = 1;
-  const int64_t chunk = split_chunk(p.B, tiles, 2LL * dev.sms, 1, &splits);
+  // One 256-thread block per SM (registers: two 32x64 fp32 fragment sets per warp). Examples per block:
+  // the chunk c minimising the time of the slowest SM, waves(c) * (c k-tile streams + a fixed cost of
+  // about two k-tiles' worth for prologue and epilogue), where waves(c) = ceil(tiles * ceil(B / c) / SMs).
+  const int64_t ktiles = ceil_div(p.T, TK);
+  int64_t chunk = p.B, best = -1;
+  const int64_t sms = dev.sms > 0 ? dev.sms : 1;
+  for (int64_t c = 1; c <= p.B && c <= 4096; ++c) {
+    const int64_t blocks = tiles * ceil_div(p.B, c);
+    if (ceil_div(p.B, c) > 65535) continue;
+    const int64_t cost = ceil_div(blocks, sms) * (c * ktiles + 2);
+    if (best < 0 || cost < best) {
+      best = cost;
+      chunk = c;
+    }
+  }
+  const int64_t splits = ceil_div(p.B, chunk);
   const cudaError_t err = opt_in_smem<T, TK>(p.device);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
