@@ -186,7 +186,8 @@ def test_backend_on_a_plain_torch_module():
     assert not acc.fallback_params
 
 
-def test_weight_shared_across_calls_uses_exact_fallback():
+def test_weight_shared_across_calls_is_combined_per_example():
+    """A Linear called twice on the examples: its two calls' per-example gradients add up before squaring."""
     torch.manual_seed(0)
     lin = nn.Linear(4, 4)
     head = nn.Linear(4, 2)
@@ -206,7 +207,68 @@ def test_weight_shared_across_calls_uses_exact_fallback():
         for n, g in zip(want, grads):
             want[n] += g.square()
     assert_diagonals_close(acc.mean(), {n: w / 5 for n, w in want.items()})
-    assert acc.fallback_params == {"lin.weight", "lin.bias"}
+    assert not acc.fallback_params
+
+
+# -- batch-shared parameters (relative positions): captured where they meet the examples, no fallback ----
+
+DEBERTA_VARIANTS = {
+    "share-c2p-p2c": dict(share_att_key=True, pos_att_type=["p2c", "c2p"]),
+    "own-c2p-p2c": dict(share_att_key=False, pos_att_type=["p2c", "c2p"]),
+    "own-c2p": dict(share_att_key=False, pos_att_type=["c2p"]),
+    "share-p2c": dict(share_att_key=True, pos_att_type=["p2c"]),
+    "no-rel-norm": dict(norm_rel_ebd="none"),
+}
+
+
+@pytest.mark.parametrize("variant", list(DEBERTA_VARIANTS))
+@pytest.mark.parametrize("mode", MODES)
+def test_deberta_relative_attention_without_fallback(variant, mode):
+    model = tiny_model("deberta-v2", num_labels=3, **DEBERTA_VARIANTS[variant])
+    batch = random_batch("deberta-v2", batch_size=5, seq_len=9, pad_last=2, num_labels=3)
+    got = fisher_diagonal(model, [batch], mode=mode)
+    assert got.fallback_params == ()
+    assert_diagonals_close(got.diagonal, oracle_fisher(model, batch, mode))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_parameter_needs_the_fallback(arch):
+    model = tiny_model(arch, num_labels=2)
+    batch = random_batch(arch, batch_size=4, pad_last=1)
+    assert fisher_diagonal(model, [batch]).fallback_params == ()
+
+
+def test_deberta_batch_of_one_and_batch_size_invariance():
+    model = tiny_model("deberta-v2", num_labels=2)
+    batch = random_batch("deberta-v2", batch_size=6, pad_last=2)
+    whole = fisher_diagonal(model, [batch]).diagonal
+    for size in (1, 4):
+        pieces = [{k: v[s : s + size] for k, v in batch.items()} for s in range(0, 6, size)]
+        got = fisher_diagonal(model, pieces)
+        assert got.fallback_params == ()
+        assert_diagonals_close(got.diagonal, whole, rtol=1e-5)
+
+
+def test_deberta_padding_invariance():
+    model = tiny_model("deberta-v2")
+    batch = random_batch("deberta-v2", batch_size=4, seq_len=8)
+    padded = {
+        "input_ids": torch.cat([batch["input_ids"], torch.zeros(4, 5, dtype=torch.long)], 1),
+        "attention_mask": torch.cat([batch["attention_mask"], torch.zeros(4, 5, dtype=torch.long)], 1),
+        "labels": batch["labels"],
+    }
+    assert_diagonals_close(fisher_diagonal(model, [padded]).diagonal, fisher_diagonal(model, [batch]).diagonal, rtol=1e-5)
+
+
+def test_shared_capture_with_several_chunks(monkeypatch):
+    """The batched vector-Jacobian product cut into chunks of examples gives the same diagonal."""
+    import fastsel.per_example as pe
+
+    model = tiny_model("deberta-v2", num_labels=3)
+    batch = random_batch("deberta-v2", batch_size=5, pad_last=2, num_labels=3)
+    whole = fisher_diagonal(model, [batch], mode="exact").diagonal
+    monkeypatch.setattr(pe, "SHARED_WORKSPACE_BYTES", 1)  # one example at a time
+    assert_diagonals_close(fisher_diagonal(model, [batch], mode="exact").diagonal, whole, rtol=1e-5)
 
 
 # -- bad input -------------------------------------------------------------------------------------

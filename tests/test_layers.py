@@ -14,6 +14,9 @@ EXPECTED_BLOCKS = {
     "deberta-v2": "deberta.encoder.layer",
     "distilbert": "distilbert.transformer.layer",
     "electra": "electra.encoder.layer",
+    "modernbert": "model.layers",
+    "llama": "model.layers",
+    "qwen2": "model.layers",
 }
 
 
@@ -29,7 +32,8 @@ def test_every_parameter_in_exactly_one_group(arch):
         block = dict(model.get_submodule(lm.block_name(l)).named_parameters())
         assert len(groups[f"layer.{l}"]) == len(block) > 0
     assert groups["embeddings"] and groups["head"]
-    assert any("word_embeddings" in n for n in groups["embeddings"])
+    table = model.get_input_embeddings().weight
+    assert any(p is table for n, p in model.named_parameters() if n in groups["embeddings"])
 
 
 def test_layer_1_never_matches_layer_10():

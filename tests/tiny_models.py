@@ -8,13 +8,16 @@ from transformers import (
     DebertaV2Config,
     DistilBertConfig,
     ElectraConfig,
+    LlamaConfig,
+    ModernBertConfig,
+    Qwen2Config,
     RobertaConfig,
     XLMRobertaConfig,
     AutoModelForSequenceClassification,
 )
 
 VOCAB = 64
-ARCHS = ["bert", "roberta", "deberta-v2", "distilbert", "electra", "xlm-roberta"]
+ARCHS = ["bert", "roberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "modernbert", "llama", "qwen2"]
 
 
 def tiny_config(arch: str, num_labels: int = 2, num_layers: int = 3, **overrides):
@@ -40,6 +43,18 @@ def tiny_config(arch: str, num_labels: int = 2, num_layers: int = 3, **overrides
     elif arch == "albert":
         cfg = AlbertConfig(embedding_size=8, hidden_size=16, num_hidden_layers=num_layers, num_attention_heads=2,
                            intermediate_size=24, **common)
+    elif arch == "modernbert":
+        # alternating global / sliding-window (local) attention, LayerNorms without bias, eager attention
+        cfg = ModernBertConfig(hidden_size=16, num_hidden_layers=num_layers, num_attention_heads=2, intermediate_size=24,
+                               global_attn_every_n_layers=2, local_attention=4, pad_token_id=0, bos_token_id=1,
+                               eos_token_id=2, cls_token_id=1, sep_token_id=2, attn_implementation="eager", **common)
+    elif arch in ("llama", "qwen2"):
+        # decoder-only sequence classifiers (the last non-pad token's logits): RMSNorm, rotary positions,
+        # grouped-query attention; pad_token_id is required to find each example's last token
+        config_cls = LlamaConfig if arch == "llama" else Qwen2Config
+        cfg = config_cls(hidden_size=16, num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=24, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         attn_implementation="eager", **common)
     else:
         raise ValueError(arch)
     for k, v in overrides.items():
