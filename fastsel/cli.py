@@ -170,8 +170,19 @@ def check_device(spec: str) -> None:
         raise ValueError(f"--device {spec}: no {device.type} device is available to torch {torch.__version__}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <what> (see fastsel <command> --help)``, exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastsel", description="Which layers of a pretrained encoder to fine-tune.")
+    parser = _Parser(prog="fastsel", description="Which layers of a pretrained encoder to fine-tune.")
     sub = parser.add_subparsers(dest="command", required=True)
     for target in COMMANDS.values():
         module, func = target.split(":")
@@ -192,12 +203,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, OSError, RuntimeError) as exc:
         # Bad input gets one clear line, not a traceback; FASTSEL_DEBUG=1 shows the traceback.
-        import os
-
         if os.environ.get("FASTSEL_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_describe(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a bug of fastsel: still one line, the traceback on demand
+        if os.environ.get("FASTSEL_DEBUG"):
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {_one_line(exc)}); rerun with FASTSEL_DEBUG=1 for the "
+              "traceback and please report it", file=sys.stderr)
+        return 1
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception; OSErrors without the file name in their text get it added."""
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in str(exc):
+        return _one_line(f"{exc.strerror or exc}: {exc.filename}")
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror and exc.filename:
+        return _one_line(f"{exc.strerror}: {exc.filename}")
+    return _one_line(exc)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ SuperGLUE RTE is registered as ``sg-rte`` (GLUE RTE is ``rte``).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -210,6 +211,8 @@ def _parse_label(value: Any, spec: TaskSpec, where: str) -> int | float:
             out = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{where}: label {value!r} is not a number (task {spec.name} is regression)") from None
+        if not math.isfinite(out):
+            raise ValueError(f"{where}: label {value!r} is not a finite number (task {spec.name} is regression)")
         return out
     if isinstance(value, bool):
         return int(value)
@@ -441,6 +444,28 @@ def _read_glue_tsv(spec: TaskSpec, path: Path, split: str) -> tuple[list[str], l
     return a, b, labels
 
 
+_FIELD_LIMIT = 64 * 2**20  # characters per CSV/TSV field (csv's default, 128 KiB, is too small for long documents)
+
+
+@contextlib.contextmanager
+def _reading(path: Path, what: str = "") -> Any:
+    """Turn what a malformed file makes the readers raise into one clear ValueError naming the file."""
+    if csv.field_size_limit() < _FIELD_LIMIT:
+        csv.field_size_limit(_FIELD_LIMIT)
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         "save the file as UTF-8") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: malformed {what or 'CSV/TSV'} file ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
+    except (TypeError, AttributeError, KeyError) as e:
+        raise ValueError(f"{path}: malformed {what or 'record'} ({type(e).__name__}: {e}); "
+                         "check the fields and their types") from None
+
+
 def _chain_first(first, reader):
     yield first
     yield from reader
@@ -586,9 +611,11 @@ def load_examples(
     else:
         path = _resolve_file(spec, Path(data_dir).expanduser(), split)
         if spec.benchmark == "glue":
-            a, b, labels = _read_glue_tsv(spec, path, split)
+            with _reading(path, f"GLUE {spec.name} TSV"):
+                a, b, labels = _read_glue_tsv(spec, path, split)
         else:
-            a, b, labels = _convert_sg(spec, _iter_jsonl(path), split, str(path))
+            with _reading(path, f"SuperGLUE {spec.name} record"):
+                a, b, labels = _convert_sg(spec, _iter_jsonl(path), split, str(path))
         src = str(path)
     if not a:
         raise ValueError(f"no examples in {src} (task {spec.name}, split {split})")
@@ -616,7 +643,10 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     if ext in (".jsonl", ".ndjson", ".json"):
         text = path.read_text(encoding="utf-8-sig")
         if ext == ".json" and text.lstrip().startswith("["):
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
             if not all(isinstance(r, dict) for r in data):
                 raise ValueError(f"{path}: expected a JSON list of objects")
             rows = list(enumerate(data, 1))
@@ -653,7 +683,8 @@ def load_custom_examples(
         raise ValueError(f"text_fields must name 1 or 2 columns, got {text_fields}")
     if not path.is_file():
         raise FileNotFoundError(f"custom data file {str(path)!r} does not exist")
-    fields, rows = _read_table(path)
+    with _reading(path):
+        fields, rows = _read_table(path)
     missing = [c for c in [*text_fields, label_field] if c not in fields]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; columns found: {fields}")

@@ -117,6 +117,8 @@ class ScoreConfig:
                 raise ValueError(f"fastsel: unknown metric {name!r}; choose from {sorted(METRICS)}")
         if self.batch_size < 1:
             raise ValueError(f"fastsel: batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"fastsel: seed must be in 0..2**63-1, got {self.seed}")
         if self.max_length < 2:
             raise ValueError(f"fastsel: max_length must be >= 2, got {self.max_length}")
         if self.num_examples is not None and self.num_examples < 1:

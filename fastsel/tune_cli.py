@@ -30,6 +30,20 @@ def load_config(model: str, num_labels: int):
         raise OSError(f"fastsel: could not read the config of {model!r}: {exc}") from exc
 
 
+def read_scores(path: str):
+    """A scores.json as LayerScores; a file that is not one is a one-line ValueError naming it."""
+    from fastsel.scores import LayerScores
+
+    try:
+        return LayerScores.from_json(path)
+    except UnicodeDecodeError:
+        raise ValueError(f"fastsel: {path}: not a scores.json (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"fastsel: {path}: not a scores.json (malformed JSON: {exc.msg} at line {exc.lineno})") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"fastsel: {path}: not a scores.json ({type(exc).__name__}: {exc})") from None
+
+
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     from fastsel.plans import TUNERS, strategy_names
 
@@ -47,7 +61,7 @@ def _plan_from_args(args: argparse.Namespace, num_layers: int, scores=None):
     from fastsel.scores import LayerScores
 
     if scores is None and args.scores:
-        scores = LayerScores.from_json(args.scores)
+        scores = read_scores(args.scores)
     return build_plan(args.strategy, num_layers, scores=scores, tuner=args.tuner,
                       lora=LoraSpec(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout),
                       adapter_size=args.adapter_size)
