@@ -470,8 +470,11 @@ class SquaredGradAccumulator:
     the parameters that needed the exact per-example loop (none for the supported encoders).
     """
 
-    def __init__(self, model: nn.Module, param_names: Sequence[str] | None = None) -> None:
+    def __init__(self, model: nn.Module, param_names: Sequence[str] | None = None, *, capture_shared: bool = True) -> None:
         self.model = model
+        # False: no tracking of batch-shared computations; their parameters take the exact per-example
+        # fallback (the behaviour before the capture existed; for comparisons and as an escape hatch)
+        self.capture_shared = capture_shared
         wanted = set(param_names) if param_names is not None else None
         self.params: dict[str, nn.Parameter] = {
             n: p for n, p in model.named_parameters() if p.requires_grad and (wanted is None or n in wanted)
@@ -560,13 +563,13 @@ class SquaredGradAccumulator:
             raise RuntimeError("fastsel: capture() is not re-entrant")
         self._state = _BatchState(batch_size=batch_size)
         handles = []
-        tracker = _SharedTracker(self.params, batch_size)
+        tracker = _SharedTracker(self.params, batch_size) if self.capture_shared else None
         try:
             for mname, module in self._modules.items():
                 handles.append(module.register_forward_pre_hook(lambda m, a, n=mname: self._pre_hook(n, m, a)))
                 handles.append(module.register_forward_hook(lambda m, a, o, n=mname: self._fwd_hook(n, m, a, o)))
             self._state.tracker = tracker
-            with tracker:
+            with tracker if tracker is not None else contextlib.nullcontext():
                 yield self
         finally:
             for h in handles:

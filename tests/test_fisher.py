@@ -238,6 +238,17 @@ def test_no_parameter_needs_the_fallback(arch):
     assert fisher_diagonal(model, [batch]).fallback_params == ()
 
 
+def test_capture_off_gives_the_old_exact_fallback():
+    """capture_shared=False: the shared parameters take the per-example loop, with the same result."""
+    model = tiny_model("deberta-v2", num_labels=3)
+    batch = random_batch("deberta-v2", batch_size=4, pad_last=1, num_labels=3)
+    fast = fisher_diagonal(model, [batch])
+    old = fisher_diagonal(model, [batch], accumulator=SquaredGradAccumulator(model, capture_shared=False))
+    assert fast.fallback_params == ()
+    assert "deberta.encoder.rel_embeddings.weight" in old.fallback_params
+    assert_diagonals_close(old.diagonal, fast.diagonal, rtol=1e-5)
+
+
 def test_deberta_batch_of_one_and_batch_size_invariance():
     model = tiny_model("deberta-v2", num_labels=2)
     batch = random_batch("deberta-v2", batch_size=6, pad_last=2)
