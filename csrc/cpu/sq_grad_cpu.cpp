@@ -27,21 +27,32 @@ void accumulate_linear_sq_grad_cpu(const at::Tensor& out, const at::Tensor& grad
     out.addmm_(g.square().t(), x.select(1, 0).square());
     return;
   }
-  // g[b] is (T, O) row-major; its transposed column block is a plain BLAS "transposed" operand, no copy.
   const at::Tensor g = as_float_btf(grad_output);
-  // Rows per tile so that a (rows x I) fp32 tile (~128 KiB) stays in cache between the GEMM that
-  // writes it and the square-accumulate that reads it.
-  const int64_t rows = std::min<int64_t>(O, std::max<int64_t>(8, 32768 / I));
+  // Output rows in blocks (one per task), examples in chunks: one at::bmm per (block, chunk) writes the
+  // chunk's per-example gradient rows (nb, r, I) into a bounded fp32 workspace, then one fused pass adds
+  // their squares into the accumulator rows (no per-example mm / addcmul dispatches).
+  // at least two blocks per thread, so that every thread has work
+  const int64_t per_thread = (O + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  const int64_t rows = std::min<int64_t>({O, std::max<int64_t>(16, 65536 / I), std::max<int64_t>(8, per_thread)});
   const int64_t num_blocks = (O + rows - 1) / rows;
+  // workspace ~ 2 MiB per task: chunk * rows * I floats
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(B, (int64_t(1) << 19) / std::max<int64_t>(1, rows * I)));
+  const at::Tensor gt = g.transpose(1, 2);  // (B, O, T), a strided view: BLAS reads it transposed
   at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor tile = at::empty({rows, I}, x.options());
+    at::Tensor ws = at::empty({chunk, rows, I}, x.options());
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t o0 = blk * rows, r = std::min(rows, O - o0);
-      at::Tensor acc = out.narrow(0, o0, r);
-      at::Tensor t = tile.narrow(0, 0, r);
-      for (int64_t b = 0; b < B; ++b) {
-        at::mm_out(t, g[b].narrow(1, o0, r).t(), x[b]);  // per-example gradient rows, (r, I)
-        acc.addcmul_(t, t);
+      float* acc = out.data_ptr<float>() + o0 * I;  // rows o0..o0+r of a contiguous (O, I)
+      for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+        const int64_t nb = std::min(chunk, B - b0);
+        at::Tensor w = ws.narrow(0, 0, nb).narrow(1, 0, r);
+        at::bmm_out(w, gt.narrow(0, b0, nb).narrow(1, o0, r), x.narrow(0, b0, nb));
+        const float* wp = w.data_ptr<float>();
+        const int64_t n = r * I, stride = w.stride(0);
+        for (int64_t e = 0; e < nb; ++e) {
+          const float* src = wp + e * stride;
+          for (int64_t k = 0; k < n; ++k) acc[k] += src[k] * src[k];
+        }
       }
     }
   });
