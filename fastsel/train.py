@@ -17,9 +17,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import os
+import random
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +39,8 @@ from fastsel.layers import LayerMap, map_layers
 from fastsel.metrics import main_metric, predictions_from_logits, task_metrics
 from fastsel.plans import Plan, PlanError
 from fastsel.progress import progress_bar
-from fastsel.atomic import atomic_write_text
+from fastsel.atomic import atomic_write, atomic_write_text
+from fastsel.checkpoint import fingerprint
 
 __all__ = [
     "TrainConfig",
@@ -73,6 +78,9 @@ class TrainConfig:
     device: str = "cpu"
     cache_prefix: str = "auto"  # auto | on | off
     progress: bool = True
+    checkpoint: str | None = None  # training-state file (atomic): trainable params, optimizer, scheduler, RNG, position
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at the end of every epoch only)
+    resume: bool = False  # continue from ``checkpoint`` when it exists
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -85,6 +93,10 @@ class TrainConfig:
             raise ValueError(f"fastsel: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.cache_prefix not in ("auto", "on", "off"):
             raise ValueError(f"fastsel: cache_prefix must be auto, on or off, got {self.cache_prefix!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"fastsel: checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.resume and not self.checkpoint:
+            raise ValueError("fastsel: resume needs a checkpoint path")
 
 
 @dataclass
@@ -340,6 +352,86 @@ def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in trainable_parameters(model)}
 
 
+# --------------------------------------------------------------------------------------------------
+# Training checkpoints: everything that decides the rest of the run, written atomically
+# --------------------------------------------------------------------------------------------------
+
+_TRAIN_FORMAT = "fastsel-train-checkpoint-1"
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train_settings(cfg: TrainConfig, plan: Plan, train_features: Sequence[dict], eval_features: Sequence[dict]) -> dict:
+    """What decides a training run (the checkpoint's fingerprint): settings, plan and a hash of the data."""
+    h = hashlib.sha256()
+    for part, feats in (("train", train_features), ("eval", eval_features)):
+        h.update(part.encode())
+        for f in feats:
+            h.update(np.asarray(f["input_ids"], dtype=np.int64).tobytes())
+            h.update(repr(f.get("labels")).encode())
+    train = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint", "checkpoint_every", "resume", "device")}
+    return {"train": train, "plan": plan.to_dict(), "data": h.hexdigest(), "num_train": len(train_features),
+            "num_eval": len(eval_features)}
+
+
+def save_train_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """torch.save of ``state`` to a temporary file beside ``path``, fsync'ed and renamed over it."""
+    atomic_write(path, lambda f: torch.save({"format": _TRAIN_FORMAT, **state}, f), binary=True)
+
+
+def load_train_checkpoint(path: str | Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The training checkpoint at ``path`` (None when there is none); CheckpointMismatch when it is another run's."""
+    from fastsel.checkpoint import CheckpointMismatch, fingerprint
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a file that is not a checkpoint: one line
+        raise CheckpointMismatch(f"fastsel: {path} is not a readable fastsel training checkpoint ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != _TRAIN_FORMAT:
+        raise CheckpointMismatch(f"fastsel: {path} is not a fastsel training checkpoint")
+    if state.get("fingerprint") != fingerprint(settings):
+        old = state.get("settings", {})
+        diff = []
+        for group in sorted(set(old) | set(settings)):
+            a, b = old.get(group), settings.get(group)
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            elif a != b:
+                diff.append(f"{group} differs")
+        raise CheckpointMismatch(f"fastsel: training checkpoint {path} was written by a run with other settings "
+                                 f"({', '.join(diff[:6])}); rerun with the same settings, or remove it / drop --resume")
+    return state
+
+
+def _nonfinite_loss(model: nn.Module, loss: float, epoch: int, step: int, saved: str | None) -> ValueError:
+    from fastsel.scoring import NonFiniteError
+
+    where = "none of the parameters (the loss itself: check the labels and the inputs)"
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            where = f"parameter {name}"
+            break
+    kept = f"; the checkpoint of {saved} is kept" if saved else ""
+    return NonFiniteError(f"fastsel: the training loss is {loss} at epoch {epoch}, step {step}; first non-finite: {where}; "
+                          f"nothing written{kept}; try a lower --lr, fp32, or check the model's weights")
+
+
 def train_model(
     model: nn.Module,
     plan: Plan,
@@ -385,31 +477,79 @@ def train_model(
     steps_per_epoch = math.ceil(len(train_features) / cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
     torch.manual_seed(cfg.seed)  # dropout
-    for cb in callbacks:
-        cb.on_epoch_end(0, model)
 
     history: list[EpochRecord] = []
     best_value, best_state, best_epoch = -math.inf, None, 0
-    for epoch in range(1, cfg.epochs + 1):
+    first_epoch, skip, step, resumed_loss = 1, 0, 0, 0.0
+    settings = train_settings(cfg, plan, train_features, eval_features) if cfg.checkpoint else None
+    state = load_train_checkpoint(cfg.checkpoint, settings) if cfg.checkpoint and cfg.resume else None  # type: ignore[arg-type]
+    saved: str | None = None
+    if state is not None:
+        if callbacks:
+            raise ValueError("fastsel: --resume does not support epoch callbacks (--rank-epochs); rerun without one of them")
+        with torch.no_grad():
+            for n, p in trainable_parameters(model):
+                p.copy_(state["params"][n])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = [EpochRecord(**r) for r in state["history"]]
+        best_value, best_epoch, best_state = state["best_value"], state["best_epoch"], state["best_state"]
+        first_epoch, skip, step, resumed_loss = state["epoch"], state["batch"], state["step"], state["loss_sum"]
+        _set_rng_state(state["rng"], device)
+        saved = f"step {step}"
+        print(f"fastsel: resuming training at epoch {first_epoch}, batch {skip} (step {step}) from {cfg.checkpoint}",
+              file=sys.stderr)
+        del state
+    else:
+        if cfg.resume:
+            print(f"fastsel: no training checkpoint at {cfg.checkpoint}; starting from the beginning", file=sys.stderr)
+        for cb in callbacks:
+            cb.on_epoch_end(0, model)
+
+    def checkpoint(epoch: int, batch: int, loss_sum: float) -> None:
+        nonlocal saved
+        if not cfg.checkpoint:
+            return
+        save_train_checkpoint(cfg.checkpoint, {
+            "settings": settings, "fingerprint": fingerprint(settings),
+            "params": {n: p.detach().cpu().clone() for n, p in trainable_parameters(model)},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(device),
+            "epoch": epoch, "batch": batch, "step": step, "loss_sum": loss_sum,
+            "history": [asdict(r) for r in history], "best_value": best_value, "best_epoch": best_epoch,
+            "best_state": None if best_state is None else {n: t.detach().cpu() for n, t in best_state.items()},
+        })
+        saved = f"step {step}"
+
+    for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         start, loss_sum = time.perf_counter(), 0.0
         batches = index_batches(len(train_features), cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
+        done = 0
+        if epoch == first_epoch and skip:
+            done, loss_sum = skip, resumed_loss
         with (train_cache.activate(model) if train_cache else contextlib.nullcontext()), \
                 progress_bar(len(train_features), f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress) as bar:
-            for idx in batches:
+            bar.initial = bar.n = sum(len(b) for b in batches[:done])
+            for b, idx in enumerate(batches[done:], start=done):
                 batch = {k: v.to(device) for k, v in collator([train_features[i] for i in idx]).items()}
                 if train_cache is not None:
                     train_cache.set_batch(idx)
                 loss = model(**_model_inputs(batch)).loss
+                loss_value = float(loss.detach())  # the step's one host sync
+                if not math.isfinite(loss_value):
+                    raise _nonfinite_loss(model, loss_value, epoch, step + 1, saved)
                 loss.backward()
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_([p for _, p in trainable_parameters(model)], cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum += float(loss.detach()) * len(idx)
+                step += 1
+                loss_sum += loss_value * len(idx)
                 bar.update(len(idx))
                 bar.set_postfix(loss=f"{loss_sum / max(bar.n, 1):.4f}")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < len(batches):
+                    checkpoint(epoch, b + 1, loss_sum)
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
         metrics, eval_loss, _ = evaluate(model, eval_features, spec, collator, batch_size=cfg.eval_batch_size,
@@ -420,6 +560,7 @@ def train_model(
             best_value, best_state, best_epoch = metrics[metric], _trainable_state(model), epoch
         for cb in callbacks:
             cb.on_epoch_end(epoch, model)
+        checkpoint(epoch + 1, 0, 0.0)
     assert best_state is not None
     with torch.no_grad():
         for n, p in trainable_parameters(model):
@@ -439,12 +580,13 @@ _WEIGHTS, _PLAN, _META = "trained.safetensors", "plan.json", "base.json"
 def save_trained(model: nn.Module, plan: Plan, out_dir: str | Path, *, base_model: str, num_labels: int,
                  seed: int, extra: dict[str, Any] | None = None) -> Path:
     """Write the trained parameters (safetensors), the plan and what is needed to rebuild the base model."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model)}
-    save_file(state, str(out / _WEIGHTS), metadata={"format": "pt", "fastsel": "trained-parameters"})
+    blob = save(state, metadata={"format": "pt", "fastsel": "trained-parameters"})
+    atomic_write(out / _WEIGHTS, lambda f: f.write(blob), binary=True)
     plan.to_json(out / _PLAN)
     meta = {"base_model": base_model, "num_labels": num_labels, "seed": seed, **(extra or {})}
     atomic_write_text(out / _META, json.dumps(meta, indent=2) + "\n")
@@ -595,6 +737,11 @@ class FinetuneJob:
     rank_epochs: tuple[int, ...] = ()
     rank_examples: int = 256
     progress: bool = True
+    checkpoint_every: int = 0  # optimizer steps between training checkpoints (0: every epoch end)
+    resume: bool = False  # continue from <out>/train-state.pt
+
+
+TRAIN_STATE = "train-state.pt"
 
 
 def _score_for(job: FinetuneJob, metric: str, model, tokenizer, layer_map, train_features, out: Path):
@@ -663,13 +810,17 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(epochs=job.epochs, lr=job.lr, batch_size=job.batch_size, warmup_ratio=job.warmup_ratio,
                       weight_decay=job.weight_decay, seed=job.seed, device=job.device, cache_prefix=job.cache_prefix,
-                      progress=job.progress)
+                      progress=job.progress, checkpoint=str(out / TRAIN_STATE), checkpoint_every=job.checkpoint_every,
+                      resume=job.resume)
     spec = get_task(job.task)
     train_ex = load_examples(spec, job.data_dir, "train", num_examples=job.train_examples, seed=job.seed,
                              balanced=job.train_examples is not None and not spec.is_regression)
     eval_ex = load_examples(spec, job.data_dir, "validation", num_examples=job.eval_examples, seed=job.seed)
     num_labels = 1 if spec.is_regression else spec.num_labels
     model, tokenizer, layer_map = load_model(job.model, num_labels=num_labels, seed=job.seed, device=job.device)
+    from fastsel.models import clamp_max_length
+
+    job.max_length, limit = clamp_max_length(job.max_length, model.config, job.model)
     train_features = tokenize_examples(train_ex, tokenizer, job.max_length)
     eval_features = tokenize_examples(eval_ex, tokenizer, job.max_length)
 
@@ -704,6 +855,7 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
         "num_train": len(train_features),
         "num_eval": len(eval_features),
         "score_seconds": score_seconds,
+        "max_length_limit": limit,
         **result.to_dict(),
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")

@@ -131,6 +131,10 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank-epochs", default="", help="comma-separated epochs at which to re-rank layers by Fisher")
     p.add_argument("--rank-examples", type=int, default=256)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="also checkpoint every STEPS optimizer steps (always at each epoch end) to OUT/train-state.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/train-state.pt (same settings; same result as uninterrupted)")
     p.add_argument("--out", required=True, help="run directory")
     p.set_defaults(func=_run_finetune)
 
@@ -150,6 +154,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, cache_prefix=args.cache_prefix,
         rank_epochs=tuple(int(e) for e in args.rank_epochs.split(",") if e.strip()),
         rank_examples=args.rank_examples, progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every, resume=args.resume,
     )
     results = run_finetune(job)
     best = results["best"]

@@ -263,3 +263,110 @@ def test_finetune_cli_on_minilm(tmp_path, data_dir, minilm_path, capsys):
         rc = main(["finetune", "--model", str(minilm_path), "--task", "rte", "--data-dir", str(data_dir), "--strategy",
                    "lstar-up", "--train-examples", "8", "--epochs", "1", "--out", str(tmp_path / "r2"), "--no-progress"])
         assert rc == 2 and "no 'variability' metric is registered" in capsys.readouterr().err
+
+
+# -- fastsel finetune: checkpoints, SIGKILL, --resume (issue 15) ---------------------------------------
+
+
+def _ft_state(path):
+    import torch
+
+    s = torch.load(path, map_location="cpu", weights_only=False)
+    return s["epoch"], s["batch"], s["step"]
+
+
+@pytest.fixture(scope="module")
+def ft_setup(tmp_path_factory, minilm_path):
+    import os
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from stream_helpers import save_tiny_bert
+
+    repo = Path(__file__).resolve().parents[1]
+    model = save_tiny_bert(tmp_path_factory.mktemp("ft-tiny"), minilm_path)
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return model, env
+
+
+def _ft_cmd(model, data_dir, out, *extra):
+    import sys
+
+    return [sys.executable, "-m", "fastsel", "finetune", "--model", model, "--task", "rte", "--data-dir", str(data_dir),
+            "--strategy", "top-2", "--train-examples", "32", "--eval-examples", "8", "--epochs", "2", "--batch-size", "4",
+            "--max-length", "24", "--lr", "1e-3", "--no-progress", "--out", str(out), *extra]
+
+
+def test_finetune_sigkill_and_resume_is_bit_identical(tmp_path, ft_setup, data_dir):
+    import signal
+    import subprocess
+    import time
+
+    model, env = ft_setup
+    ref = tmp_path / "ref"
+    subprocess.run(_ft_cmd(model, data_dir, ref), env=env, check=True, capture_output=True)
+
+    out = tmp_path / "run"
+    args = _ft_cmd(model, data_dir, out, "--checkpoint-every", "1")
+    state = out / "train-state.pt"
+    kills = []
+    for target in (2, 11):  # mid epoch 1, then mid epoch 2 of the resumed run
+        proc = subprocess.Popen(args + (["--resume"] if kills else []), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and proc.poll() is None:
+                if state.exists() and _ft_state(state)[2] >= target:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.01)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+        kills.append(_ft_state(state))
+        assert not (out / "results.json").exists()
+    assert kills[0][2] >= 2 and kills[1][2] > kills[0][2]
+    done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming training at epoch" in done.stderr
+    from safetensors.torch import load_file
+
+    got, want = load_file(out / "trained.safetensors"), load_file(ref / "trained.safetensors")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)  # bit for bit
+    a, b = (json.loads((d / "results.json").read_text()) for d in (ref, out))
+    for r in (a, b):
+        for h in r["history"]:
+            h.pop("train_seconds"), h.pop("eval_seconds")
+    assert a["history"] == b["history"] and a["best"] == b["best"]
+
+    # other settings: refused in one line
+    bad = subprocess.run(_ft_cmd(model, data_dir, out, "--resume", "--lr", "2e-3"), env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "other settings" in bad.stderr and "lr" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_finetune_nan_loss_is_one_line(tmp_path, ft_setup, data_dir, capsys):
+    from pathlib import Path
+
+    from transformers import BertForSequenceClassification
+
+    from fastsel.cli import main
+
+    model, _ = ft_setup
+    broken = tmp_path / "broken"
+    m = BertForSequenceClassification.from_pretrained(model)
+    with torch.no_grad():
+        m.bert.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
+    m.save_pretrained(broken)
+    for f in Path(model).iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            (broken / f.name).write_bytes(f.read_bytes())
+    rc = main(["finetune", "--model", str(broken), "--task", "rte", "--data-dir", str(data_dir), "--strategy", "top-2",
+               "--train-examples", "8", "--eval-examples", "4", "--epochs", "1", "--batch-size", "4", "--max-length", "16",
+               "--no-progress", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "training loss is nan" in err and "encoder.layer.0.output.dense.weight" in err
+    assert not (tmp_path / "out" / "results.json").exists()
