@@ -1119,6 +1119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     ap.add_argument("--budget-s", type=float, default=None, help="wall-time budget of the whole run (default 240; dry 150)")
     ap.add_argument("--summary", action="store_true", help="only print the summary table of OUT/gpu_check.json")
+    ap.add_argument("--bert-batch-size", type=int, default=None,
+                    help="examples per batch of the BERT model of the fisher/variability/profile sections (default 32)")
+    ap.add_argument("--bert-seq-len", type=int, default=None, help="tokens per example there (default 128)")
     ap.add_argument("--resume", action="store_true", help="keep the sections already in OUT/gpu_check.json (used "
                     "internally: after a section breaks the CUDA context the rest run in a fresh process)")
     args = ap.parse_args(argv)
@@ -1132,6 +1135,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
     budget = args.budget_s or (150.0 if args.dry else 240.0)
     run = Run(args.out, args.dry, device, budget, resume=args.resume)
+    for key, value in (("batch_size", args.bert_batch_size), ("seq_len", args.bert_seq_len)):
+        if value is not None:  # another regime of the same model (e.g. GPU-bound rather than launch-bound)
+            run.cfg["bert"][key] = value
+            run.data.setdefault("bert_override", {})[key] = value
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     for name in wanted:
         if name not in SECTIONS:
@@ -1148,7 +1155,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--sections", ",".join(rest),
-                   "--resume", "--budget-s", f"{left:.0f}", "--device", str(device)] + (["--dry"] if args.dry else [])
+                   "--resume", "--budget-s", f"{left:.0f}", "--device", str(device)] + (["--dry"] if args.dry else []) \
+                + ([f"--bert-batch-size={args.bert_batch_size}"] if args.bert_batch_size else []) \
+                + ([f"--bert-seq-len={args.bert_seq_len}"] if args.bert_seq_len else [])
             os.execv(sys.executable, cmd)
     run.data["seconds"] = round(time.monotonic() - run.t0, 1)
     run.save()

@@ -75,8 +75,9 @@ void check_embedding_sq_grad(const at::Tensor& out, const at::Tensor& grad_outpu
 
 TORCH_LIBRARY_FRAGMENT(fastsel, m) {
   // out[o, i] += sum_b (sum_t grad_output[b, t, o] * input[b, t, i])^2
-  // variant: which kernel runs (0 = the backend's own choice; CUDA: 1 = 64x64 WMMA, 2 = 128x128 cp.async
-  // pipelined WMMA). Every variant computes the same sums; CPU has one kernel and accepts any variant.
+  // variant: which kernel runs (0 = the backend's own choice: on CUDA the pipelined kernel where it applies;
+  // 1 = 64x64 WMMA, 2 = 128x128 cp.async-pipelined mma.sync). Every variant computes the same sums; CPU has
+  // one kernel and accepts any variant.
   m.def("accumulate_linear_sq_grad(Tensor(a!) out, Tensor grad_output, Tensor input, int variant=0) -> ()");
   // out[d] += sum_b (sum_t grad_output[b, t, d] * input[b, t, d])^2   (input omitted: a bias, input = 1)
   m.def("accumulate_norm_sq_grad(Tensor(a!) out, Tensor grad_output, Tensor? input) -> ()");

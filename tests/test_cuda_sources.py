@@ -249,11 +249,14 @@ int main() {
   linear_case<float>(ElemType::F32, 2, 17, 70, 130, 1);
   linear_case<float>(ElemType::F32, 9, 3, 66, 5, 8);
   // linear WMMA (TK 16 and 32, vector and scalar staging, edges, splits)
-  linear_case<__nv_bfloat16>(ElemType::BF16, 3, 5, 20, 37, 1);
+  linear_case<__nv_bfloat16>(ElemType::BF16, 3, 5, 20, 37, 1, LinearVariant::Wmma);
+  linear_case<__nv_bfloat16>(ElemType::BF16, 4, 40, 64, 72, 1, LinearVariant::Wmma);
+  linear_case<__half>(ElemType::F16, 2, 33, 70, 130, 1, LinearVariant::Wmma);
+  linear_case<__half>(ElemType::F16, 7, 16, 16, 24, 8, LinearVariant::Wmma);
+  linear_case<__nv_bfloat16>(ElemType::BF16, 6, 1, 30, 40, 2, LinearVariant::Wmma);
+  // Auto: pipelined where it applies (aligned), WMMA where not
   linear_case<__nv_bfloat16>(ElemType::BF16, 4, 40, 64, 72, 1);
   linear_case<__half>(ElemType::F16, 2, 33, 70, 130, 1);
-  linear_case<__half>(ElemType::F16, 7, 16, 16, 24, 8);
-  linear_case<__nv_bfloat16>(ElemType::BF16, 6, 1, 30, 40, 2);
   // linear pipelined (128x128 tiles, cp.async stages; TK 16 and 32; edges in o and i; example streams
   // longer than the pipeline; splits over examples with atomics; misaligned shapes fall back to WMMA)
   linear_case<__nv_bfloat16>(ElemType::BF16, 3, 40, 136, 264, 1, LinearVariant::Pipelined);

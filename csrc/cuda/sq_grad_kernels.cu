@@ -438,8 +438,10 @@ template <typename T>
 cudaError_t launch_linear_half(const LinearSqGradParams& p, const DeviceInfo& dev, cudaStream_t stream) {
   // T == 1 is a single GEMM of squares (SIMT, exact fp32 squares) for every variant.
   if (p.T <= 1 || dev.major < 8 || !wmma_code_loaded<T>()) return launch_linear_simt<T>(p, dev, stream);
-  if (p.variant == LinearVariant::Pipelined && linear_pipelined_eligible(p, dev))
-    return launch_linear_pipelined(p, dev, stream);
+  // Auto: the pipelined kernel where it applies. Measured on an H200 (bench/gpu_check_h200.json) it beat the
+  // 64x64 WMMA kernel on every bf16 shape timed (1.2-2.8x); the choice between it and cuBLAS batched GEMMs
+  // is the Python side's (fastsel/backend_table.json).
+  if (p.variant != LinearVariant::Wmma && linear_pipelined_eligible(p, dev)) return launch_linear_pipelined(p, dev, stream);
   return launch_linear_wmma<T>(p, dev, stream);
 }
 
