@@ -79,8 +79,8 @@ def example_uniforms(seed: int, first_index: int, count: int, indices: Tensor | 
 class Likelihood:
     """terms(outputs (B, C), labels (B,), mode, noise (B, 2) uniforms) -> list of (B,) tensors.
 
-    For ``exact`` the expectation over y is written as several terms pre-scaled by sqrt(p(y)), so that
-    sum_terms (d term_b)**2 = E_y (d log p(y | x_b))**2 for every example b.
+    For ``exact`` the expectation over y is written as several terms whose squared gradients add up to it:
+    sum_terms (d term_b)**2 = E_y (d log p(y | x_b))**2 for every example b (C - 1 terms for C classes).
     """
 
     name: str
@@ -99,9 +99,27 @@ def _categorical_terms(logits: Tensor, labels: Tensor | None, mode: str, noise: 
         y = torch.searchsorted(cdf, u).clamp_(max=logp.shape[1] - 1).to(logits.device)
         return [logp.gather(1, y).squeeze(1)]
     if mode == "exact":
-        weights = logp.detach().exp().sqrt()
-        return [weights[:, c] * logp[:, c] for c in range(logp.shape[1])]
+        return _exact_categorical_terms(logits.float())
     raise ValueError(f"fastsel: unknown Fisher mode {mode!r}; choose from {FISHER_MODES}")
+
+
+def _exact_categorical_terms(z: Tensor) -> list[Tensor]:
+    """C - 1 terms v_k . z (z the logits, v_k fixed) with sum_k (d v_k.z)^2 = sum_c p_c (d log p_c)^2.
+
+    d log p_c = J^T (e_c - p), so sum_c p_c (d log p_c)(d log p_c)^T = J^T (diag(p) - p p^T) J; that matrix
+    has rank C - 1 (the all-ones vector spans its null space), and its eigen-decomposition
+    sum_k lambda_k u_k u_k^T gives v_k = sqrt(lambda_k) u_k: C - 1 backward passes instead of C (one for a
+    binary task).
+    """
+    C = z.shape[1]
+    p = torch.softmax(z.detach().double(), dim=-1)
+    if C == 2:  # closed form: diag(p) - p p^T = p0 p1 (1, -1)(1, -1)^T
+        w = (p[:, 0] * p[:, 1]).sqrt().to(z.dtype)
+        return [w * (z[:, 0] - z[:, 1])]
+    m = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    evals, evecs = torch.linalg.eigh(m)  # ascending: the first is the null direction (0 up to round-off)
+    v = (evecs[:, :, 1:] * evals[:, None, 1:].clamp_min(0).sqrt()).to(z.dtype)  # (B, C, C - 1)
+    return [(v[:, :, k] * z).sum(1) for k in range(C - 1)]
 
 
 def _gaussian_terms(pred: Tensor, labels: Tensor | None, mode: str, noise: Tensor) -> list[Tensor]:

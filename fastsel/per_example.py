@@ -465,8 +465,8 @@ class SquaredGradAccumulator:
                 acc.backward([per_example_term])   # each term has shape (B,)
         fisher = acc.mean()                          # {param name: tensor shaped like the param}
 
-    Each term's per-example gradients are squared and summed; several terms (e.g. one per class,
-    pre-weighted by sqrt(p_c)) add up. ``num_examples`` counts the examples seen. ``fallback_params``:
+    Each term's per-example gradients are squared and summed; several terms (e.g. the C - 1
+    terms of the exact Fisher) add up. ``num_examples`` counts the examples seen. ``fallback_params``:
     the parameters that needed the exact per-example loop (none for the supported encoders).
     """
 

@@ -68,16 +68,18 @@ def test_regression_gaussian_likelihood(mode):
     assert_diagonals_close(got.diagonal, oracle_fisher(model, batch, mode))
 
 
-def test_exact_mode_is_expectation_over_classes():
-    """exact = sum_c p_c (d log p_c)^2: compare with explicit per-class empirical passes."""
-    model = tiny_model("bert", num_labels=3)
-    batch = random_batch("bert", batch_size=3, num_labels=3)
+@pytest.mark.parametrize("num_labels", [2, 3, 5])
+def test_exact_mode_is_expectation_over_classes(num_labels):
+    """exact = sum_c p_c (d log p_c)^2: compare with explicit per-class empirical passes; C - 1 terms."""
+    model = tiny_model("bert", num_labels=num_labels)
+    batch = random_batch("bert", batch_size=3, num_labels=num_labels)
+    assert len(fisher_terms(model, batch, "exact")) == num_labels - 1
     exact = fisher_diagonal(model, [batch], mode="exact").diagonal
     with torch.no_grad():
         probs = torch.softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
     manual = {n: torch.zeros_like(t) for n, t in exact.items()}
     for b in range(3):
-        for c in range(3):
+        for c in range(num_labels):
             one = {k: v[b : b + 1] for k, v in batch.items()}
             one["labels"] = torch.tensor([c])
             emp = fisher_diagonal(model, [one], mode="empirical").diagonal
