@@ -645,9 +645,10 @@ class SquaredGradAccumulator:
                 c.grad = None
             total = term.sum()
             # The last pass frees the graph as it goes (like a plain backward: activations are released
-            # layer by layer) when nothing needs it afterwards: no fallback, no shared sub-computation to
-            # differentiate afterwards, and every hook provably fires.
-            last = k == len(terms) - 1 and not deferred_params and not captures and _all_fire(total, calls, frontier)
+            # layer by layer) when nothing needs it afterwards: no fallback, and every hook provably fires.
+            # The shared sub-computation behind a capture survives: the engine stops at T (an input of the
+            # grad call) and never runs, hence never frees, the nodes behind it; the batched VJP needs them.
+            last = k == len(terms) - 1 and not deferred_params and _all_fire(total, calls, frontier)
             hooks = [c.output.register_hook(self._grad_hook(c, release=last)) for c in calls]
             inputs = frontier + expanded + deferred_params
             try:
