@@ -405,36 +405,30 @@ def _host_translation(cu_sources: list[str], params: str = "sq_grad_params.h") -
     return src
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
-def test_kernels_emulated_on_cpu(tmp_path: Path):
+def _emulate(tmp_path: Path, sources: list[str], params: str, main: str) -> str:
+    """Compile the kernel files with the emulation header and ``main`` as host C++, run it, return its stdout."""
     include = _cuda_include_dir()
     if include is None:
         pytest.skip("CUDA include directory (cuda_bf16.h) not found")
     (tmp_path / "emu.h").write_text(EMU_H)
-    sources = [(REPO / "csrc" / "cuda" / name).read_text() for name in SQ_GRAD_CU]
-    (tmp_path / "kernels_emu.cpp").write_text(_host_translation(sources))
-    (tmp_path / "main.cpp").write_text(EMU_MAIN)
+    texts = [(REPO / "csrc" / "cuda" / name).read_text() for name in sources]
+    (tmp_path / "kernels_emu.cpp").write_text(_host_translation(texts, params=params))
+    (tmp_path / "main.cpp").write_text(main)
     exe = tmp_path / "emu"
     cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-w", f"-I{include}", f"-I{tmp_path}", str(tmp_path / "main.cpp"), "-o", str(exe)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "ALL OK" in run.stdout, run.stdout + run.stderr
-    assert "empty launches: 0" in run.stdout, run.stdout
+    return run.stdout
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
+def test_kernels_emulated_on_cpu(tmp_path: Path):
+    out = _emulate(tmp_path, SQ_GRAD_CU, "sq_grad_params.h", EMU_MAIN)
+    assert "empty launches: 0" in out, out
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
 def test_class_stats_kernels_emulated_on_cpu(tmp_path: Path):
-    include = _cuda_include_dir()
-    if include is None:
-        pytest.skip("CUDA include directory (cuda_bf16.h) not found")
-    (tmp_path / "emu.h").write_text(EMU_H)
-    source = (REPO / "csrc" / "cuda" / "class_stats_kernels.cu").read_text()
-    (tmp_path / "kernels_emu.cpp").write_text(_host_translation([source], params="class_stats_params.h"))
-    (tmp_path / "main.cpp").write_text(EMU_CLASS_STATS_MAIN)
-    exe = tmp_path / "emu"
-    cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-w", f"-I{include}", f"-I{tmp_path}", str(tmp_path / "main.cpp"), "-o", str(exe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "ALL OK" in run.stdout, run.stdout + run.stderr
+    _emulate(tmp_path, ["class_stats_kernels.cu"], "class_stats_params.h", EMU_CLASS_STATS_MAIN)
