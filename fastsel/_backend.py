@@ -40,6 +40,7 @@ __all__ = [
     "linear_shape_class",
     "env_backend",
     "torch_mismatch",
+    "explain_linear_default",
 ]
 
 BACKEND_ENV = "FASTSEL_BACKEND"
@@ -93,13 +94,20 @@ def torch_mismatch(status: ExtensionStatus | None = None) -> str | None:
 
 
 def op_backend(op_name: str, device: torch.device | str) -> tuple[str, str]:
-    """(backend, reason) for running ``fastsel::op_name`` on ``device``: 'cuda', 'cpu' or 'reference'."""
-    device = torch.device(device)
-    if not EXTENSION.loaded:
-        return "reference", EXTENSION.reason
-    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
+    """(backend, reason) for running ``fastsel::op_name`` on ``device``: 'cuda', 'cpu' or 'reference'.
+
+    Cached per (op, device type, extension status): the ops ask on every call, per layer and batch.
+    """
+    return _op_backend(op_name, torch.device(device).type, EXTENSION)
+
+
+@functools.lru_cache(maxsize=256)
+def _op_backend(op_name: str, device_type: str, status: ExtensionStatus) -> tuple[str, str]:
+    if not status.loaded:
+        return "reference", status.reason
+    key = "CUDA" if device_type == "cuda" else "CPU" if device_type == "cpu" else None
     if key is None:
-        return "reference", f"no kernel for device type {device.type!r}"
+        return "reference", f"no kernel for device type {device_type!r}"
     qualname = f"fastsel::{op_name}"
     if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key):
         why = "extension built without CUDA kernels" if key == "CUDA" else f"{qualname} has no {key} kernel"
@@ -195,12 +203,14 @@ def choose_linear_backend(device: torch.device, dtype: torch.dtype, B: int, T: i
             raise ValueError(f"fastsel: backend {name!r} of accumulate_linear_sq_grad cannot run on {device}: "
                              f"{op_backend('accumulate_linear_sq_grad', device)[1]} (available: {', '.join(available)})")
         return name
-    return _default_linear(device.type, device.index if device.index is not None else 0, dtype, linear_shape_class(B, T, O, I))
+    index = device.index if device.index is not None else 0
+    return _default_linear(device.type, index, dtype, linear_shape_class(B, T, O, I), EXTENSION)
 
 
 @functools.lru_cache(maxsize=4096)
-def _default_linear(device_type: str, index: int, dtype: torch.dtype, shape_class: tuple[str, str, str]) -> str:
-    if op_backend("accumulate_linear_sq_grad", device_type)[0] == "reference":
+def _default_linear(device_type: str, index: int, dtype: torch.dtype, shape_class: tuple[str, str, str],
+                    status: ExtensionStatus) -> str:
+    if _op_backend("accumulate_linear_sq_grad", device_type, status)[0] == "reference":
         return "reference"
     if device_type != "cuda":
         return "kernel"

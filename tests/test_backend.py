@@ -91,3 +91,14 @@ def test_torch_mismatch_warns_only_on_another_release():
     assert backend.torch_mismatch(same) is None
     assert "rebuild" in backend.torch_mismatch(other)
     assert backend.torch_mismatch(backend.ExtensionStatus(False, False, "x")) is None
+
+
+def test_cached_choices_follow_the_extension_status(monkeypatch):
+    """Decisions are cached, but keyed on the extension's status: forcing the reference path still works."""
+    device = torch.device("cpu")
+    before = backend.choose_linear_backend(device, torch.float32, 2, 3, 4, 5)
+    monkeypatch.setattr(backend, "EXTENSION", backend.ExtensionStatus(False, False, "forced in a test"))
+    assert backend.op_backend("accumulate_norm_sq_grad", device) == ("reference", "forced in a test")
+    assert backend.choose_linear_backend(device, torch.float32, 2, 3, 4, 5) == "reference"
+    monkeypatch.undo()
+    assert backend.choose_linear_backend(device, torch.float32, 2, 3, 4, 5) == before
