@@ -69,9 +69,37 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint")
     g.add_argument("--prefetch", type=int, default=2, help="batches read ahead by a background thread")
     g.add_argument("--cache-dir", default=None, help="tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)")
+    g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="torchrun: how long a rank waits for the others in a collective before it fails with an error "
+                        "(a rank that died) instead of hanging; default 1800")
 
 
-_PIPELINE_DESTS = ("max_tokens", "bucket", "autocast", "checkpoint", "checkpoint_every", "resume", "prefetch", "cache_dir")
+_PIPELINE_DESTS = ("max_tokens", "bucket", "autocast", "checkpoint", "checkpoint_every", "resume", "prefetch", "cache_dir",
+                   "dist_timeout")
+
+
+def check_writable(path: str | os.PathLike, what: str, *, directory: bool = False) -> None:
+    """OSError (one line) now, not after the pass, when ``path`` cannot be written: a temporary file is created
+    (and removed) where the output will go. Leaves nothing behind."""
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path).expanduser()
+    folder = target if directory else target.parent
+    if not directory and target.is_dir():
+        raise IsADirectoryError(f"{what} {str(target)!r} is a directory; give a file name")
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{what} {str(target)!r} cannot be written: {str(parent)!r} is a file, not a folder")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fastsel-probe-", delete=True) as f:
+            f.write(b"x")
+            f.flush()
+    except OSError as exc:
+        raise OSError(f"{what} {str(target)!r} cannot be written ({exc.strerror or exc})") from None
 
 
 def _run_score(args: argparse.Namespace) -> int:
@@ -79,6 +107,12 @@ def _run_score(args: argparse.Namespace) -> int:
     from fastsel.scoring import ScoreConfig, run_scoring
 
     options = {k: v for k, v in vars(args).items() if k not in args._base_dests and not k.startswith("_") and k != "func"}
+    if int(os.environ.get("RANK", "0")) == 0:  # fail before the pass, not after it
+        for path, what in ((args.out, "--out"), (args.plot, "--plot")):
+            if path:
+                check_writable(path, what)
+    if args.checkpoint:
+        check_writable(args.checkpoint, "--checkpoint", directory=True)
     cfg = ScoreConfig(
         metric=args.metric,
         model=args.model,
@@ -191,13 +225,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (torchrun stopping the other ranks after one failed, a scheduler preempting the job)."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if isinstance(getattr(args, "device", None), str):
             check_device(args.device)
         return int(args.func(args) or 0)
+    except Terminated:
+        rank = os.environ.get("RANK")
+        why = " (under torchrun: another rank failed or the job was stopped)" if rank is not None else ""
+        print(f"error: fastsel: stopped by SIGTERM{why}; files are written atomically, and with --checkpoint "
+              "the same command with --resume continues", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("fastsel: interrupted", file=sys.stderr)
         return 130

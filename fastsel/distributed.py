@@ -7,6 +7,7 @@ then scores its shard of the batch plan and the accumulators are combined at the
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -16,7 +17,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "all_reduce_sum_", "all_gather_objects",
-           "all_merge_class_stats", "barrier"]
+           "all_merge_class_stats", "barrier", "PeerFailure", "DEFAULT_TIMEOUT_S"]
+
+DEFAULT_TIMEOUT_S = 1800.0  # a collective waiting longer than this for another rank fails (torch's default; --dist-timeout)
+
+
+class PeerFailure(RuntimeError):
+    """Another process of the run died, stopped, or did not reach a collective in time."""
 
 
 @dataclass
@@ -38,11 +45,12 @@ class DistEnv:
         return self.world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(device: str = "cpu") -> DistEnv:
+def init_distributed(device: str = "cpu", timeout_s: float | None = None) -> DistEnv:
     """Join the process group described by torchrun's environment (one process: nothing to do).
 
     The backend is NCCL for CUDA devices, gloo otherwise; rank r uses cuda:LOCAL_RANK when ``device`` is
-    "cuda". An already initialised group (tests, launchers) is reused.
+    "cuda". An already initialised group (tests, launchers) is reused. ``timeout_s`` bounds every collective
+    (default DEFAULT_TIMEOUT_S): a rank whose peer died fails with an error instead of hanging.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -63,20 +71,57 @@ def init_distributed(device: str = "cpu") -> DistEnv:
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    timeout = datetime.timedelta(seconds=float(timeout_s or DEFAULT_TIMEOUT_S))
+    if backend == "nccl":  # NCCL honours the timeout only with async error handling
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    try:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
+    except (RuntimeError, ValueError) as exc:
+        raise PeerFailure(f"fastsel: rank {rank}/{world} could not join the process group "
+                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); check MASTER_ADDR/MASTER_PORT "
+                          "and that every rank started") from None
     return DistEnv(rank, world, local, dev, owns_group=True)
 
 
 def shutdown_distributed(env: DistEnv) -> None:
     if env.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a group whose peers died may not tear down cleanly; we are leaving anyway
+            pass
 
 
+def _collective(what: str):
+    """Turn a failed collective (a peer died, was killed, or timed out) into one PeerFailure line."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except PeerFailure:
+                raise
+            except Exception as exc:  # noqa: BLE001 - gloo/NCCL raise RuntimeError/DistError subclasses
+                rank = dist.get_rank() if dist.is_initialized() else "?"
+                world = dist.get_world_size() if dist.is_initialized() else "?"
+                detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+                raise PeerFailure(f"fastsel: rank {rank}/{world}: {what} failed, another process of the run died, was "
+                                  f"stopped or did not answer in time ({detail})") from None
+        return inner
+    return wrap
+
+
+@_collective("the barrier")
 def barrier(env: DistEnv) -> None:
     if env.active:
-        dist.barrier()
+        if dist.get_backend() == "gloo":  # names the ranks that did not arrive
+            dist.monitored_barrier(wait_all_ranks=True)
+        else:
+            dist.barrier()
 
 
+@_collective("the reduction of the accumulators")
 def all_reduce_sum_(tensors: Sequence[Tensor], group: Any = None) -> None:
     """Sum each tensor over the ranks, in place; the reduction runs in float64 (fewer rounding errors)."""
     for t in tensors:
@@ -85,6 +130,7 @@ def all_reduce_sum_(tensors: Sequence[Tensor], group: Any = None) -> None:
         t.copy_(buf.to(t.dtype))
 
 
+@_collective("gathering the ranks' results")
 def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order."""
     out: list[Any] = [None] * dist.get_world_size(group)
@@ -92,6 +138,7 @@ def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
     return out
 
 
+@_collective("merging the class statistics")
 def all_merge_class_stats(
     count: Tensor, mean: Tensor, m2: Tensor, group: Any = None,
     merge: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None,

@@ -72,6 +72,7 @@ class PipelineConfig:
     resume: bool = False
     prefetch: int = 2  # batches read ahead by a background thread (0: inline)
     cache_dir: str | None = None  # tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)
+    dist_timeout: float | None = None  # seconds a collective waits for the other ranks (None: distributed default)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,6 +86,8 @@ class PipelineConfig:
             raise ValueError(f"fastsel: checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.prefetch < 0:
             raise ValueError(f"fastsel: prefetch must be >= 0, got {self.prefetch}")
+        if self.dist_timeout is not None and not self.dist_timeout > 0:
+            raise ValueError(f"fastsel: dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.resume and not self.checkpoint:
             raise ValueError("fastsel: --resume needs --checkpoint PATH (the folder the interrupted run wrote)")
 
@@ -523,9 +526,6 @@ def run_pipeline(
     Under torchrun every rank returns the reduced scores; only rank 0 writes ``out`` / ``plot``
     (``output_path`` names one file per metric when there are several).
     """
-    from fastsel.models import load_model
-    from fastsel.scoring import METRICS
-
     pcfg = pcfg or PipelineConfig()
     names = cfg.metric.split(",")
     if len(set(names)) != len(names):
@@ -533,47 +533,61 @@ def run_pipeline(
     missing = [n for n in names if n not in CONSUMERS]
     if missing:
         raise ValueError(f"fastsel: metric(s) {missing} cannot run in the streamed pass; streamed: {sorted(CONSUMERS)}")
-    from fastsel.scoring import apply_length_limit, check_scores_finite
+    from fastsel.distributed import PeerFailure
+    from fastsel.scoring import apply_length_limit
 
     limit = apply_length_limit(cfg)  # before the corpus key: the cache holds the clamped lengths
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, pcfg.dist_timeout)
     try:
-        if env.world_size > 1 and env.device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
-        tokenizer = _load_tokenizer(cfg.model)
-        # Rank 0 tokenises into the cache; the others then memory-map the same file.
-        if env.is_main:
-            corpus = load_tokenized_corpus(cfg, tokenizer, pcfg.cache_dir)
-        barrier(env)
-        if not env.is_main:
-            corpus = load_tokenized_corpus(cfg, tokenizer, pcfg.cache_dir)
-        task = corpus.task
-        for name in names:
-            if METRICS[name].classification_only and task.is_regression:
-                raise ValueError(f"fastsel: metric {name!r} needs classes, but task {task.name!r} is a regression task")
-        model, tokenizer, layer_map = load_model(cfg.model, num_labels=1 if task.is_regression else task.num_labels,
-                                                 seed=cfg.seed, device=env.device)
-        ctx = PipelineContext(cfg, pcfg, model, tokenizer, layer_map, task, env.device, len(corpus))
-        consumers = [CONSUMERS[n](ctx) for n in names]
-        start = time.perf_counter()
-        result = run_pass(ctx, corpus, consumers, env, progress=progress)
-        scores = {c.name: c.result() for c in result.consumers}
-        seconds = round(time.perf_counter() - start, 3)
-        for s in scores.values():
-            check_scores_finite(s)
-            s.info.setdefault("max_length_limit", limit)
-            s.info.setdefault("seconds", seconds)
-            s.info.setdefault("config", json.loads(cfg.to_json()))
-            s.info.setdefault("pipeline", result.stats)
-        if env.is_main:
-            for name, s in scores.items():
-                if out:
-                    s.to_json(output_path(out, name, len(names)))
-                if plot:
-                    from fastsel.plot import plot_layer_scores
-
-                    (METRICS[name].plot or plot_layer_scores)(s, output_path(plot, name, len(names)))
-        barrier(env)
-        return scores
+        return _run_pipeline(cfg, pcfg, env, names, limit, out, plot, progress)
+    except PeerFailure as exc:
+        if pcfg.checkpoint:
+            raise PeerFailure(f"{exc}; the checkpoints in {pcfg.checkpoint} stay loadable: rerun the same command with "
+                              "--resume to continue") from None
+        raise
     finally:
         shutdown_distributed(env)
+
+
+def _run_pipeline(cfg: Any, pcfg: PipelineConfig, env: DistEnv, names: list[str], limit: int | None,
+                  out: str | os.PathLike | None, plot: str | os.PathLike | None, progress: bool) -> dict[str, LayerScores]:
+    from fastsel.models import load_model
+    from fastsel.scoring import METRICS, check_scores_finite
+
+    if env.world_size > 1 and env.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
+    tokenizer = _load_tokenizer(cfg.model)
+    # Rank 0 tokenises into the cache; the others then memory-map the same file.
+    if env.is_main:
+        corpus = load_tokenized_corpus(cfg, tokenizer, pcfg.cache_dir)
+    barrier(env)
+    if not env.is_main:
+        corpus = load_tokenized_corpus(cfg, tokenizer, pcfg.cache_dir)
+    task = corpus.task
+    for name in names:
+        if METRICS[name].classification_only and task.is_regression:
+            raise ValueError(f"fastsel: metric {name!r} needs classes, but task {task.name!r} is a regression task")
+    model, tokenizer, layer_map = load_model(cfg.model, num_labels=1 if task.is_regression else task.num_labels,
+                                             seed=cfg.seed, device=env.device)
+    ctx = PipelineContext(cfg, pcfg, model, tokenizer, layer_map, task, env.device, len(corpus))
+    consumers = [CONSUMERS[n](ctx) for n in names]
+    start = time.perf_counter()
+    result = run_pass(ctx, corpus, consumers, env, progress=progress)
+    scores = {c.name: c.result() for c in result.consumers}
+    seconds = round(time.perf_counter() - start, 3)
+    for s in scores.values():
+        check_scores_finite(s)
+        s.info.setdefault("max_length_limit", limit)
+        s.info.setdefault("seconds", seconds)
+        s.info.setdefault("config", json.loads(cfg.to_json()))
+        s.info.setdefault("pipeline", result.stats)
+    if env.is_main:
+        for name, s in scores.items():
+            if out:
+                s.to_json(output_path(out, name, len(names)))
+            if plot:
+                from fastsel.plot import plot_layer_scores
+
+                (METRICS[name].plot or plot_layer_scores)(s, output_path(plot, name, len(names)))
+    barrier(env)
+    return scores

@@ -190,6 +190,27 @@ def _build(cfg, tokenizer, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _build_lock(final: Path) -> Iterator[None]:
+    """An exclusive lock (``flock`` on ``.<key>.lock`` beside the cache) while one process builds a corpus cache.
+
+    The build itself is atomic (temporary folder + rename) even without it; the lock only saves the second
+    process from tokenising the same data again. Released by the kernel if its holder dies.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the atomic rename alone keeps the cache whole
+        yield
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def load_tokenized_corpus(cfg, tokenizer, cache_dir: str | os.PathLike | None = None, build: bool = True) -> TokenizedCorpus:
     """The tokenised corpus of ``cfg`` (ScoreConfig), built on first use and memory-mapped afterwards."""
     import datasets
@@ -199,7 +220,9 @@ def load_tokenized_corpus(cfg, tokenizer, cache_dir: str | os.PathLike | None = 
     if not (final / "task.json").is_file():
         if not build:
             raise FileNotFoundError(f"fastsel: corpus cache {final} missing")
-        _build(cfg, tokenizer, final)
+        with _build_lock(final):  # a second run building the same cache waits, then reads the first one's
+            if not (final / "task.json").is_file():
+                _build(cfg, tokenizer, final)
     task = _task_from_json(json.loads((final / "task.json").read_text()))
     with _quiet_datasets():
         ds = datasets.Dataset.from_file(str(final / "data.arrow"))  # memory-mapped
