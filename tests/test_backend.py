@@ -102,3 +102,12 @@ def test_cached_choices_follow_the_extension_status(monkeypatch):
     assert backend.choose_linear_backend(device, torch.float32, 2, 3, 4, 5) == "reference"
     monkeypatch.undo()
     assert backend.choose_linear_backend(device, torch.float32, 2, 3, 4, 5) == before
+
+
+def test_table_ships_with_the_package():
+    """Package data: a non-editable install (make cuda-build) must find the measured table too."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert backend.BACKEND_TABLE_PATH.name in pyproject["tool"]["setuptools"]["package-data"]["fastsel"]
