@@ -279,6 +279,9 @@ class _SharedTracker(TorchFunctionMode):
         roots = frozenset().union(*(self.shared[id(t)][1] for t in shared_in))
         examples = [t for t in tensors if not self.is_shared(t) and t.requires_grad]
         batchy = [t for t in tensors if not self.is_shared(t) and not t.requires_grad and t.dim() >= 1 and t.shape[0] == self.B]
+        if func is Tensor.expand_as and len(args) > 1:  # the second argument gives only the shape
+            examples = [t for t in examples if t is not args[1]]
+            batchy = [t for t in batchy if t is not args[1]]
         if func in _BROADCASTS and not examples and args and self.is_shared(args[0]):
             out = self._broadcast(func, args, kwargs)
             if out is not None:

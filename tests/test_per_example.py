@@ -183,6 +183,8 @@ class SharedExpand(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(self.gate.weight).unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, 4, d)
+        h = torch.sigmoid(self.gate.weight)[None, :, :1].expand_as(x[:, :4, :])  # (B, 4, d), shape from x
+        g = g * h
         return self.fc(torch.bmm(g, x.transpose(1, 2)).transpose(1, 2)).mean(1)  # (B, T, 4) -> (B, 3)
 
 
