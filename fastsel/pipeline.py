@@ -237,9 +237,14 @@ class FisherConsumer:
         return sums if isinstance(sums, dict) else self.acc.state_dict().get("sums", {})
 
     def finite_flag(self) -> Tensor | None:
-        """0-dim bool tensor: every accumulator is finite (no host sync here)."""
-        flags = [torch.isfinite(t).all() for t in self._sums().values() if t.is_floating_point()]
-        return torch.stack(flags).all() if flags else None
+        """0-dim bool tensor: every accumulator is finite (no host sync here).
+
+        The sums are non-negative, so the sum of each is finite exactly when all its elements are (short of a
+        total above the float range, itself a broken Fisher): one read of the accumulators, no temporaries;
+        far cheaper than ``isfinite(t).all()`` on a CPU.
+        """
+        totals = [t.sum() for t in self._sums().values() if t.is_floating_point()]
+        return torch.isfinite(torch.stack(totals)).all() if totals else None
 
     def first_nonfinite(self) -> str | None:
         """The first accumulator (in the model's parameter order) holding NaN/Inf, named, or None."""

@@ -471,8 +471,9 @@ class VariabilityConsumer:
     def finite_flag(self) -> Tensor | None:
         """0-dim bool tensor: every class statistic is finite (checked by the pass, one sync per batch)."""
         st = self.stats
-        flags = [torch.isfinite(t).all() for ts in (st.mean, st.m2) for t in ts if t is not None]
-        return torch.stack(flags).all() if flags else None
+        # a sum is NaN/Inf when any element is (finite float64 statistics do not overflow): one cheap read
+        totals = [t.sum() for ts in (st.mean, st.m2) for t in ts if t is not None]
+        return torch.isfinite(torch.stack(totals)).all() if totals else None
 
     def first_nonfinite(self) -> str | None:
         st = self.stats

@@ -162,3 +162,24 @@ def test_device_cuda_on_cpu_torch_is_one_line(capsys, data_dir):
     rc = main(["score", "--device", "cuda", "--task", "sst2", "--data-dir", str(data_dir), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: --device cuda") and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_nonfinite_accumulator_names_the_parameter(tmp_path, capsys, minilm_path, data_dir, monkeypatch):
+    """Finite logits but an Inf in a Fisher accumulator (e.g. a gradient overflow): caught at that batch."""
+    from fastsel.pipeline import FisherConsumer
+
+    model = _tiny_bert(tmp_path / "m", minilm_path)
+    consume, seen = FisherConsumer.consume, {"n": 0}
+
+    def broken(self, batch, outputs):
+        consume(self, batch, outputs)
+        seen["n"] += 1
+        if seen["n"] == 3:
+            self.acc.sums["bert.encoder.layer.2.intermediate.dense.weight"][1, 1] = float("inf")
+
+    monkeypatch.setattr(FisherConsumer, "consume", broken)
+    out = tmp_path / "s.json"
+    rc = _score(model, data_dir, out, "--metric", "fisher", "--prefetch", "0")
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert rc == 2 and len(err) == 1 and "accumulators at batch 2" in err[0]
+    assert "bert.encoder.layer.2.intermediate.dense.weight (block 2)" in err[0] and not out.exists()
