@@ -110,6 +110,7 @@ def test_killed_rank_makes_the_other_stop_with_a_clear_error(tmp_path, tiny_dir,
     assert json.loads(out.read_text())["num_examples"] == 400
 
 
+@pytest.mark.slow
 def test_stopped_rank_times_out_instead_of_hanging(tmp_path, tiny_dir, data_dir, env):
     """A rank frozen (SIGSTOP) mid-pass: the other fails after --dist-timeout, with one line, and does not hang."""
     ckdir = tmp_path / "ckpt"
@@ -186,6 +187,7 @@ def _limit_file_size():  # in the child: files above 256 KiB fail with EFBIG (as
     resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
 
 
+@pytest.mark.slow
 def test_real_write_error_from_the_kernel_leaves_no_partial_file(tmp_path, tiny_dir, data_dir, env):
     ckdir, out = tmp_path / "ckpt", tmp_path / "s.json"
     warm = subprocess.run([sys.executable, "-m", "fastsel", *_args(tiny_dir, data_dir, n=40)], env=env,

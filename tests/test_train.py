@@ -370,3 +370,17 @@ def test_finetune_nan_loss_is_one_line(tmp_path, ft_setup, data_dir, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "training loss is nan" in err and "encoder.layer.0.output.dense.weight" in err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_finetune_clamps_max_length(tmp_path, ft_setup, data_dir, capsys):
+    from fastsel.cli import main
+
+    model, _ = ft_setup
+    rc = main(["finetune", "--model", model, "--task", "rte", "--data-dir", str(data_dir), "--strategy", "top-1",
+               "--train-examples", "8", "--eval-examples", "4", "--epochs", "1", "--batch-size", "4",
+               "--max-length", "5000", "--no-progress", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert sum("--max-length 5000" in l for l in err.splitlines()) == 1
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert r["max_length_limit"] == 128 and r["job"]["max_length"] == 128
