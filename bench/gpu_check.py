@@ -12,7 +12,7 @@ leaves the results so far; an error is recorded and the next section runs):
                {8, 32, 128}, T in {128, 512}, bf16 and fp32: checked against the fp32 reference, then timed
                (interleaved with the weight-gradient GEMM of the same shape, the physical limit); one
                mixed-dtype call (g bf16, x fp32, as under autocast); per-(dtype, shape class) winners
-               ("linear_winners", with rules in the format of fastsel/backend_table.json)
+               ("linear_winners", with rules in the format of fastsel/ops/backend_table.json)
   error        bf16 inputs: relative error of every backend vs an fp64 oracle, and of a bf16 pure-torch
                per-example bmm, on BERT-base shapes (B=32, T=128)
   fisher       BERT-base Fisher pass (B=32, T=128) under bf16 autocast: fastsel (default and each linear
@@ -317,7 +317,7 @@ def section_env(run: Run, res: dict) -> None:
         res["cpu"] = platform.processor() or platform.machine()
         run.data["skipped_no_gpu"] = ["CUDA-only linear backends (wmma, pipelined)", "peak GPU memory (extra_mib = null)",
                                       "GPU timings (CPU timings of tiny shapes only exercise the code)"]
-    from fastsel import _backend
+    from fastsel.ops import backend as _backend
     from fastsel.ops import OPS
 
     ext = _backend.EXTENSION
@@ -380,7 +380,7 @@ def linear_call(name: str) -> Callable:
 
 
 def linear_variants(device: torch.device) -> list[str]:
-    from fastsel._backend import linear_backends_available
+    from fastsel.ops.backend import linear_backends_available
 
     return [b for b in linear_backends_available(device) if b != "reference"]
 
@@ -388,7 +388,7 @@ def linear_variants(device: torch.device) -> list[str]:
 def _linear_config(run: Run, res: dict, dname: str, shape_name: str, O: int, I: int, B: int, T: int,
                    variants: list[str], timed: list[str], too_slow: dict) -> dict:
     from fastsel import ops
-    from fastsel._backend import linear_shape_class
+    from fastsel.ops.backend import linear_shape_class
 
     dev, dtype = run.device, DTYPES[dname]
     rec: dict[str, Any] = {"dtype": dname, "shape": shape_name, "O": O, "I": I, "B": B, "T": T,
@@ -559,7 +559,7 @@ def section_linear(run: Run, res: dict) -> None:
 
 def section_error(run: Run, res: dict) -> None:
     from fastsel import ops
-    from fastsel._backend import linear_backends_available
+    from fastsel.ops.backend import linear_backends_available
 
     dev = run.device
     B, T = run.cfg["error_BT"]

@@ -163,7 +163,7 @@ step_build() {
     # GPU_CHECK_REBUILD=1 builds regardless.
     if [ "${GPU_CHECK_REBUILD:-0}" != 1 ] && python3 -c "
 import sys, fastsel
-from fastsel._backend import EXTENSION, torch_mismatch
+from fastsel.ops.backend import EXTENSION, torch_mismatch
 print('prebuilt fastsel._C:', EXTENSION)
 sys.exit(0 if EXTENSION.loaded and EXTENSION.cuda and torch_mismatch() is None else 1)"; then
         python3 -m fastsel info

@@ -1,9 +1,9 @@
-"""Write fastsel/backend_table.json (the default CUDA backend of the linear op) from a gpu_check.json.
+"""Write fastsel/ops/backend_table.json (the default CUDA backend of the linear op) from a gpu_check.json.
 
-    python bench/make_backend_table.py bench/gpu_check_h200.json [--out fastsel/backend_table.json]
+    python bench/make_backend_table.py bench/gpu_check_h200.json [--out fastsel/ops/backend_table.json]
 
 The rules are gpu_check's ``linear_winners.rules``: per (GPU capability, operand dtype, shape class of
-``fastsel._backend.linear_shape_class``) the backend with the lowest geometric-mean slowdown against the
+``fastsel.ops.backend.linear_shape_class``) the backend with the lowest geometric-mean slowdown against the
 best backend of each measured configuration, among those that passed their agreement check. A GPU with
 no rule falls back to the table's default, cuBLAS batched GEMMs (``bmm``), the backend that needs no
 custom kernel.
@@ -27,7 +27,7 @@ def table_from(data: dict, source: str) -> dict:
     return {
         "about": (
             "Default CUDA backend of fastsel::accumulate_linear_sq_grad per GPU capability, operand dtype and shape "
-            "class (fastsel._backend.linear_shape_class); first matching rule wins, else 'default'. Written by "
+            "class (fastsel.ops.backend.linear_shape_class); first matching rule wins, else 'default'. Written by "
             f"bench/make_backend_table.py from {source} ({data.get('gpu')}, torch {data.get('sections', {}).get('env', {}).get('torch')})."
         ),
         "default": "bmm",
@@ -38,7 +38,7 @@ def table_from(data: dict, source: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("gpu_check_json", type=Path)
-    ap.add_argument("--out", type=Path, default=REPO / "fastsel" / "backend_table.json")
+    ap.add_argument("--out", type=Path, default=REPO / "fastsel" / "ops" / "backend_table.json")
     args = ap.parse_args()
     table = table_from(json.loads(args.gpu_check_json.read_text()), args.gpu_check_json.name)
     args.out.write_text(json.dumps(table, indent=1) + "\n")

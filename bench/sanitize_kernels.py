@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from fastsel import ops  # noqa: E402
-from fastsel import _backend  # noqa: E402
+from fastsel.ops import backend as _backend  # noqa: E402
 
 COMPILED_LINEAR = ("kernel", "wmma", "pipelined")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

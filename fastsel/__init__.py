@@ -3,4 +3,4 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fastsel._backend import EXTENSION  # noqa: E402,F401
+from fastsel.ops.backend import EXTENSION  # noqa: E402,F401

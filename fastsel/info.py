@@ -8,9 +8,8 @@ from typing import Any
 import torch
 
 import fastsel
-import fastsel._backend as _backend
-from fastsel._backend import EXTENSION, op_backend
-from fastsel.ops import OPS
+from fastsel.ops import OPS, backend
+from fastsel.ops.backend import EXTENSION, op_backend
 
 __all__ = ["info", "format_info", "cuda_build_problems", "main"]
 
@@ -26,8 +25,8 @@ def info() -> dict[str, Any]:
         try:
             args = (torch.device("cuda"), torch.bfloat16, 32, 128, 768, 768)
             linear_cuda = {"shape": "bf16 B=32 T=128 768x768",
-                           "backend": _backend.choose_linear_backend(*args),
-                           "reason": _backend.explain_linear_default(*args)}
+                           "backend": backend.choose_linear_backend(*args),
+                           "reason": backend.explain_linear_default(*args)}
         except AttributeError:  # the backend module renamed its helpers
             linear_cuda = None
         except (RuntimeError, ValueError) as exc:
@@ -54,7 +53,7 @@ def info() -> dict[str, Any]:
 
 
 def _mismatch() -> str | None:
-    check = getattr(_backend, "torch_mismatch", None)
+    check = getattr(backend, "torch_mismatch", None)
     return check() if check is not None else None
 
 

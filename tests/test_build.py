@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import fastsel
-from fastsel import _backend
-from fastsel._backend import EXTENSION, ExtensionStatus, torch_mismatch
+from fastsel.ops import backend as _backend
+from fastsel.ops.backend import EXTENSION, ExtensionStatus, torch_mismatch
 
 ROOT = Path(__file__).resolve().parents[1]
 

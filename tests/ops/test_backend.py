@@ -1,4 +1,4 @@
-"""Backend choice (fastsel._backend): FASTSEL_BACKEND, the measured table, caching, build information."""
+"""Backend choice (fastsel.ops.backend): FASTSEL_BACKEND, the measured table, caching, build information; fastsel info."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-import fastsel._backend as backend
 from fastsel import ops
+from fastsel.ops import backend, linear
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_env_bare_name_and_bad_name(fresh_choice):
 
 def test_bmm_is_used_when_asked(fresh_choice):
     calls = []
-    fresh_choice.setattr(ops, "accumulate_linear_sq_grad_bmm", lambda *a, **k: calls.append(a))
+    fresh_choice.setattr(linear, "accumulate_linear_sq_grad_bmm", lambda *a, **k: calls.append(a))
     ops.accumulate_linear_sq_grad(torch.zeros(4, 5), torch.randn(2, 3, 4), torch.randn(2, 3, 5), backend="bmm")
     assert len(calls) == 1
 
@@ -109,5 +109,27 @@ def test_table_ships_with_the_package():
     import tomllib
     from pathlib import Path
 
-    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert backend.BACKEND_TABLE_PATH.name in pyproject["tool"]["setuptools"]["package-data"]["fastsel"]
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert backend.BACKEND_TABLE_PATH.name in pyproject["tool"]["setuptools"]["package-data"]["fastsel.ops"]
+
+
+def test_info_reports_a_backend_for_every_op():
+    from fastsel.info import format_info, info
+
+    data = info()
+    assert set(data["ops"]) == set(ops.OPS)
+    for op, per_dev in data["ops"].items():
+        assert per_dev["cpu"]["backend"] == ("cpu" if backend.EXTENSION.loaded else "reference")
+    assert "extension fastsel._C" in format_info(data)
+
+
+def test_reference_backend_can_be_forced(monkeypatch):
+    monkeypatch.setattr(backend, "EXTENSION", backend.ExtensionStatus(False, False, "forced in a test"))
+    assert backend.op_backend("accumulate_linear_sq_grad", "cpu") == ("reference", "forced in a test")
+
+
+def test_old_module_path_is_the_same_module():
+    """fastsel._backend (the path before fastsel.ops became a package) is the backend module itself."""
+    import fastsel._backend
+
+    assert fastsel._backend is backend

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastsel import ops
-from fastsel._backend import EXTENSION
+from fastsel.ops.backend import EXTENSION
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and EXTENSION.cuda else [])
 HAS_KERNEL = EXTENSION.loaded

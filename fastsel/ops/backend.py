@@ -1,4 +1,4 @@
-"""Loading of the compiled extension, and which backend each op runs on.
+"""Loading of the compiled extension (fastsel._C), and which backend each op runs on.
 
 fastsel never fails to import because fastsel._C is missing or broken: every op then runs its
 pure-torch reference and ``fastsel info`` says why.
@@ -13,7 +13,7 @@ Backends of an op (not every op has every one):
 
 The choice, first match wins: the ``backend=`` argument of the op's wrapper; ``FASTSEL_BACKEND``
 (``reference`` for every op, or ``op=backend,...`` / a bare backend name for the ops that have it); for the
-linear op on CUDA the measured table ``fastsel/backend_table.json``; else ``kernel`` when compiled, else
+linear op on CUDA the measured table ``fastsel/ops/backend_table.json``; else ``kernel`` when compiled, else
 ``reference``. Decisions are cached per (op, device, dtype, shape class): the hot path pays a dict lookup.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ BACKEND_ENV = "FASTSEL_BACKEND"
 FORCE_REFERENCE_ENV = BACKEND_ENV  # "reference" forces the pure-torch path everywhere (older name)
 LINEAR_BACKENDS: tuple[str, ...] = ("reference", "bmm", "kernel", "wmma", "pipelined")
 CUDA_ONLY_LINEAR = ("wmma", "pipelined")
-BACKEND_TABLE_PATH = Path(__file__).with_name("backend_table.json")
+BACKEND_TABLE_PATH = Path(__file__).with_name("backend_table.json")  # fastsel/ops/backend_table.json
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,83 @@
+"""Streaming per-class statistics of pooled hidden states (the variability ratio, fastsel.variability)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastsel.ops.backend import EXTENSION
+from fastsel.ops.common import use_kernel
+
+__all__ = ["class_stats_update", "class_stats_update_ref"]
+
+
+def class_stats_update(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, pool_mask: Tensor, labels: Tensor) -> None:
+    """Pool ``hidden`` per example and merge each class's batch statistics into the running ones, in place.
+
+    count (C,) float64; mean (C, D) and m2 (C, D, D) float64 or float32 (same dtype); hidden (B, T, D)
+    any float dtype; pool_mask (B, T) (nonzero = pooled token); labels (B,) int64 in [0, C).
+    Example b's state is the mean of hidden[b, t] over its pooled tokens; examples with no pooled token
+    are skipped. For each class the batch's (count n_b, mean, centred scatter S_b) is merged with
+    Chan's formula: n = n_a + n_b, mean += delta n_b / n, m2 += S_b + delta delta^T n_a n_b / n.
+    """
+    if use_kernel("class_stats_update", hidden.device):
+        torch.ops.fastsel.class_stats_update(count, mean, m2, hidden, pool_mask, labels)
+    else:
+        class_stats_update_ref(count, mean, m2, hidden, pool_mask, labels)
+
+
+def _check_class_stats(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, pool_mask: Tensor, labels: Tensor) -> None:
+    if not hidden.is_floating_point() or hidden.dim() != 3:
+        raise ValueError(f"fastsel: hidden must be a floating (B, T, D) tensor, got {hidden.dtype} {tuple(hidden.shape)}")
+    B, T, D = hidden.shape
+    if tuple(pool_mask.shape) != (B, T):
+        raise ValueError(f"fastsel: pool_mask must be (B, T) = {(B, T)}, got {tuple(pool_mask.shape)}")
+    if labels.dtype != torch.int64 or tuple(labels.shape) != (B,):
+        raise ValueError(f"fastsel: labels must be int64 (B,) = ({B},), got {labels.dtype} {tuple(labels.shape)}")
+    if count.dtype != torch.float64 or count.dim() != 1 or count.shape[0] < 1:
+        raise ValueError(f"fastsel: count must be float64 (C,), got {count.dtype} {tuple(count.shape)}")
+    C = count.shape[0]
+    if mean.dtype not in (torch.float32, torch.float64) or m2.dtype != mean.dtype:
+        raise ValueError(f"fastsel: mean and m2 must both be float32 or float64, got {mean.dtype} and {m2.dtype}")
+    if tuple(mean.shape) != (C, D) or tuple(m2.shape) != (C, D, D):
+        raise ValueError(f"fastsel: mean must be (C, D) = {(C, D)} and m2 (C, D, D), got {tuple(mean.shape)}, {tuple(m2.shape)}")
+    if not (count.is_contiguous() and mean.is_contiguous() and m2.is_contiguous()):
+        raise ValueError("fastsel: the accumulators (count, mean, m2) must be contiguous")
+    for t in (count, mean, m2, pool_mask, labels):
+        if t.device != hidden.device:
+            raise ValueError(f"fastsel: all tensors must be on {hidden.device}, got one on {t.device}")
+    if B and (labels.min() < 0 or labels.max() >= C):
+        raise ValueError(f"fastsel: labels out of range [0, {C})")
+
+
+def class_stats_update_ref(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, pool_mask: Tensor, labels: Tensor) -> None:
+    """Pure-torch twin of :func:`class_stats_update` (vectorised over the batch, one-hot over classes)."""
+    _check_class_stats(count, mean, m2, hidden, pool_mask, labels)
+    B, _, D = hidden.shape
+    if B == 0:
+        return
+    acc = mean.dtype
+    w = (pool_mask != 0).to(acc)  # (B, T)
+    ntok = w.sum(1)  # (B,)
+    pooled = torch.bmm(w.unsqueeze(1), hidden.to(acc)).squeeze(1) / ntok.clamp(min=1).unsqueeze(1)  # (B, D)
+    onehot = torch.nn.functional.one_hot(labels, count.shape[0]).to(acc) * (ntok > 0).to(acc).unsqueeze(1)  # (B, C)
+    nb = onehot.sum(0)  # (C,)
+    present = nb > 0
+    bmean = (onehot.t() @ pooled) / nb.clamp(min=1).unsqueeze(1)  # (C, D)
+    centred = pooled.unsqueeze(0) - bmean.unsqueeze(1)  # (C, B, D)
+    weighted = centred * onehot.t().unsqueeze(2)
+    scatter = weighted.transpose(1, 2) @ centred  # (C, D, D): S_b = sum_{b in c} x_c x_c^T
+    na = count.to(acc)
+    n = na + nb
+    delta = bmean - mean  # (C, D)
+    coef = torch.where(present, na * nb / n.clamp(min=1), torch.zeros_like(n))
+    m2.add_(scatter + coef.view(-1, 1, 1) * delta.unsqueeze(2) * delta.unsqueeze(1))
+    mean.add_(delta * torch.where(present, nb / n.clamp(min=1), torch.zeros_like(n)).unsqueeze(1))
+    count.add_(nb.to(torch.float64))
+
+
+if EXTENSION.loaded:  # fake (meta) kernel: the op runs under torch.compile / FakeTensor
+
+    @torch.library.register_fake("fastsel::class_stats_update")
+    def _(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, pool_mask: Tensor, labels: Tensor) -> None:
+        torch._check(hidden.dim() == 3, lambda: "hidden must be (B, T, D)")
+        torch._check(m2.dim() == 3, lambda: "m2 must be (C, D, D)")
