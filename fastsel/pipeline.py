@@ -350,15 +350,15 @@ def _nonfinite_error(ctx: "PipelineContext", consumers: list, batch: Mapping[str
     idx = batch["index"].tolist() if "index" in batch else []
     shown = ",".join(map(str, idx[:4])) + (",..." if len(idx) > 4 else "")
     rank_txt = f" of rank {rank}/{world}" if world > 1 else ""
-    if autocast == "fp16":
+    if where and "weights" in where:
+        hint = "the model's weights are broken: reload or re-download the checkpoint (fp32 cannot fix them)"
+    elif autocast == "fp16":
         hint = "try --autocast bf16 (fp16 overflows easily), or fp32 (--autocast none)"
     elif autocast == "bf16":
         hint = "try fp32 (--autocast none)"
-    elif where and "weights" in where:
-        hint = "the model's weights are broken: reload or re-download the checkpoint (fp32 cannot fix them)"
     else:
         hint = "try fp32 (--autocast none) and check the model's weights and the inputs"
-    kept = f"; the checkpoint of batch {saved} is kept" if saved else ""
+    kept = f"; the checkpoint of batch {saved} is kept" if saved is not None else ""
     return NonFiniteError(f"fastsel: non-finite values (NaN/Inf) in {what} at batch {batch_no}{rank_txt} (examples {shown}); "
                           f"first affected: {where or 'unknown'}; no scores written{kept}; {hint}")
 
