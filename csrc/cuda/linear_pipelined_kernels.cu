@@ -290,9 +290,9 @@ template <typename T, int TK>
 cudaError_t launch_typed(const LinearSqGradParams& p, const DeviceInfo& dev, cudaStream_t stream) {
   const T* g = static_cast<const T*>(p.g);
   const T* x = static_cast<const T*>(p.x);
-  const int64_t tiles_i = ceil_div(p.I, kPipeTile);
-  const int64_t tiles = ceil_div(p.O, kPipeTile) * tiles_i;
-  if (tiles > 0x7fffffff) return cudaErrorInvalidValue;
+  int64_t tiles_i = 0;
+  const int64_t tiles = out_tiles(p, kPipeTile, &tiles_i);
+  if (tiles < 0) return cudaErrorInvalidValue;
   // One 256-thread block per SM (registers: two 32x64 fp32 fragment sets per warp). Examples per block:
   // the chunk c minimising the time of the slowest SM, waves(c) * (c k-tile streams + a fixed cost of
   // about two k-tiles' worth for prologue and epilogue), where waves(c) = ceil(tiles * ceil(B / c) / SMs).

@@ -57,6 +57,14 @@ inline cudaError_t device_info(int dev, DeviceInfo* info) {
   return cudaSuccess;
 }
 
+// Square tiles of an (O x I) output, numbered row-major for grid.x: sets *tiles_i (tiles along I) and
+// returns the number of tiles, or -1 when they do not fit grid.x.
+inline int64_t out_tiles(const LinearSqGradParams& p, int64_t tile, int64_t* tiles_i) {
+  *tiles_i = ceil_div(p.I, tile);
+  const int64_t tiles = ceil_div(p.O, tile) * *tiles_i;
+  return tiles > 0x7fffffff ? -1 : tiles;
+}
+
 // Number of blocks to split a reduction over `work` items into, so that about `target_blocks` blocks
 // run in all; returns the chunk size (items per block) and sets *splits (<= 65535, for grid.y).
 inline int64_t split_chunk(int64_t work, int64_t tiles, int64_t target_blocks, int64_t granule, int64_t* splits) {

@@ -258,9 +258,9 @@ template <typename T>
 cudaError_t launch_linear_simt(const LinearSqGradParams& p, const DeviceInfo& dev, cudaStream_t stream) {
   const T* g = static_cast<const T*>(p.g);
   const T* x = static_cast<const T*>(p.x);
-  const int64_t tiles_i = ceil_div(p.I, kSimtTile);
-  const int64_t tiles = ceil_div(p.O, kSimtTile) * tiles_i;
-  if (tiles > 0x7fffffff) return cudaErrorInvalidValue;
+  int64_t tiles_i = 0;
+  const int64_t tiles = out_tiles(p, kSimtTile, &tiles_i);
+  if (tiles < 0) return cudaErrorInvalidValue;
   const int64_t target = 4LL * dev.sms;  // ~2 waves of 256-thread blocks
   int64_t splits = 1;
   if (p.T == 1) {
@@ -280,9 +280,9 @@ template <typename T>
 cudaError_t launch_linear_wmma(const LinearSqGradParams& p, const DeviceInfo& dev, cudaStream_t stream) {
   const T* g = static_cast<const T*>(p.g);
   const T* x = static_cast<const T*>(p.x);
-  const int64_t tiles_i = ceil_div(p.I, kWmmaTile);
-  const int64_t tiles = ceil_div(p.O, kWmmaTile) * tiles_i;
-  if (tiles > 0x7fffffff) return cudaErrorInvalidValue;
+  int64_t tiles_i = 0;
+  const int64_t tiles = out_tiles(p, kWmmaTile, &tiles_i);
+  if (tiles < 0) return cudaErrorInvalidValue;
   int64_t splits = 1;
   const int64_t chunk = split_chunk(p.B, tiles, 8LL * dev.sms, 1, &splits);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
