@@ -367,7 +367,13 @@ class BatchReader:
                     raise item
                 yield item
         finally:
+            # Stop the reader thread and wait for it (it stops before its next read; draining frees a blocked
+            # put), so that no thread is left inside Arrow when an error or a signal ends the process.
             stop.set()
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    q.get_nowait()
+            for _ in range(1000):
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        q.get_nowait()
+                thread.join(timeout=0.01)
+                if not thread.is_alive():
+                    break

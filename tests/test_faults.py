@@ -137,6 +137,33 @@ def test_stopped_rank_times_out_instead_of_hanging(tmp_path, tiny_dir, data_dir,
     assert not (tmp_path / "s.json").exists()
 
 
+def test_sigterm_is_one_line_and_the_checkpoint_resumes(tmp_path, tiny_dir, data_dir, env):
+    """torchrun stops the surviving ranks with SIGTERM (so do schedulers): one line, exit 143, resumable."""
+    ckdir, out = tmp_path / "ckpt", tmp_path / "s.json"
+    argv = _args(tiny_dir, data_dir, "--checkpoint", str(ckdir), "--checkpoint-every", "8", "--out", str(out), n=200)
+    proc = subprocess.Popen([sys.executable, "-m", "fastsel", *argv], env=dict(env, PYTHONFAULTHANDLER="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not rank_file(ckdir, 0, 1).exists():
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        FAULTS["injected"] += 1
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # a hang: dump every thread's stack (PYTHONFAULTHANDLER) and fail
+            proc.send_signal(signal.SIGABRT)
+            pytest.fail("no exit 120 s after SIGTERM:\n" + proc.communicate(timeout=60)[1][-6000:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    errors = _errors(err)
+    assert proc.returncode == 143 and len(errors) == 1 and "SIGTERM" in errors[0] and "Traceback" not in err, err[-2000:]
+    assert not out.exists()
+    done = subprocess.run([sys.executable, "-m", "fastsel", *argv, "--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "resumes at batch" in done.stderr, done.stderr[-2000:]
+
+
 # -- full disk, unwritable outputs -----------------------------------------------------------------------
 
 
