@@ -85,8 +85,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"fastsel: epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0:
-            raise ValueError(f"fastsel: lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"fastsel: lr must be a finite number > 0, got {self.lr}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("fastsel: batch sizes must be >= 1")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -139,6 +139,13 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_finetune)
 
 
+def _epochs(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(e) for e in text.split(",") if e.strip())
+    except ValueError:
+        raise ValueError(f"fastsel: --rank-epochs takes comma-separated epoch numbers (e.g. 1,3), got {text!r}") from None
+
+
 def _run_finetune(args: argparse.Namespace) -> int:
     from fastsel.train import FinetuneJob, run_finetune
 
@@ -152,7 +159,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
         max_length=args.max_length, train_examples=args.train_examples, eval_examples=args.eval_examples,
         seed=args.seed, device=args.device, cache_prefix=args.cache_prefix,
-        rank_epochs=tuple(int(e) for e in args.rank_epochs.split(",") if e.strip()),
+        rank_epochs=_epochs(args.rank_epochs),
         rank_examples=args.rank_examples, progress=not args.no_progress,
         checkpoint_every=args.checkpoint_every, resume=args.resume,
     )

@@ -496,3 +496,45 @@ def test_subprocess_errors_are_one_line(tmp_path, tiny_dir, case):
     errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
     assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
     _record("subprocess", errors[0][len("error:"):].strip())
+
+
+FINETUNE_OPTIONS = {
+    "--strategy": ["top-1", "full", "bitfit", "nosuch", "fisher-top-1", "lora-i"],
+    "--epochs": ["0", "1", "-2"],
+    "--lr": ["0", "-1", "1e-3", "nan"],
+    "--batch-size": ["0", "4", "x"],
+    "--warmup-ratio": ["0.5", "1.5", "-0.1"],
+    "--cache-prefix": ["auto", "on", "off"],
+    "--task": ["rte", "stsb", "nosuch", "copa"],
+    "--checkpoint-every": ["-1", "0", "1"],
+    "--rank-epochs": ["", "x", "1"],
+    "--seed": ["0", "-5", str(2**70)],
+    "--max-length": ["1", "16", "9999"],
+}
+
+
+@_settings(12)
+@given(opts=st.dictionaries(st.sampled_from(sorted(FINETUNE_OPTIONS)), st.none(), max_size=3).flatmap(
+    lambda d: st.fixed_dictionaries({k: st.sampled_from(FINETUNE_OPTIONS[k]) for k in d})),
+       resume=st.booleans(), plan=st.sampled_from([None, "garbage"]))
+def test_fuzz_cli_finetune(tmp_path_factory, tiny_dir, data_dir, opts, resume, plan):
+    base = tmp_path_factory.mktemp("ft")
+    opts = {"--strategy": "top-1", "--task": "rte", "--epochs": "1", "--max-length": "16", **opts}
+    if plan is not None:
+        opts.pop("--strategy")
+        (base / "plan.json").write_bytes(b'{"strategy": 3, "layers": "x"}')
+        opts["--plan"] = str(base / "plan.json")
+    argv = ["finetune", "--model", tiny_dir, "--data-dir", str(data_dir), "--train-examples", "8", "--eval-examples", "4",
+            "--no-progress", "--out", str(base / "run"), *itertools.chain(*opts.items()), *(["--resume"] if resume else [])]
+    rc, out, err = _run_cli(argv)
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert "Traceback" not in err, err
+    if rc == 0:
+        assert not errors, err
+        r = json.loads((base / "run" / "results.json").read_text())
+        assert r["history"] and all(math.isfinite(h["train_loss"]) for h in r["history"])
+        _record("cli-finetune", None)
+    else:
+        assert len(errors) == 1 and "internal error" not in errors[0], err[-3000:]
+        assert not (base / "run" / "results.json").exists()
+        _record("cli-finetune", errors[0][len("error:"):].strip())
