@@ -67,23 +67,20 @@ def _record(test: str, error: str | None) -> None:
         STATS["errors"][_template(error)] += 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _report(request):
-    yield
+def _summary() -> str:
     n_err = len(STATS["errors"])
-    line = (f"fuzz: {STATS['inputs']} inputs tried ({dict(STATS['by_test'])}), {STATS['inputs'] - STATS['failures']} "
+    return (f"fuzz: {STATS['inputs']} inputs tried ({dict(STATS['by_test'])}), {STATS['inputs'] - STATS['failures']} "
             f"succeeded ({dict(STATS['ok_by_test'])}), {STATS['failures']} one-line errors of {n_err} distinct kinds, "
             "0 tracebacks")
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        reporter.write_line(line)
-    else:
-        sys.__stdout__.write("\n" + line + "\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
     report = os.environ.get("FASTSEL_FUZZ_REPORT")
     if report:
         Path(report).write_text(json.dumps({"inputs": STATS["inputs"], "failures": STATS["failures"],
-                                            "distinct_errors": n_err, "by_test": dict(STATS["by_test"]),
+                                            "distinct_errors": len(STATS["errors"]), "by_test": dict(STATS["by_test"]),
                                             "ok_by_test": dict(STATS["ok_by_test"]),
                                             "errors": dict(STATS["errors"].most_common())}, indent=2))
 
@@ -538,3 +535,9 @@ def test_fuzz_cli_finetune(tmp_path_factory, tiny_dir, data_dir, opts, resume, p
         assert len(errors) == 1 and "internal error" not in errors[0], err[-3000:]
         assert not (base / "run" / "results.json").exists()
         _record("cli-finetune", errors[0][len("error:"):].strip())
+
+
+def test_zz_fuzz_counts(capsys):
+    """Last in the module: prints how many inputs were tried and how many distinct errors were met."""
+    with capsys.disabled():
+        print("\n" + _summary())
