@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from fastsel.fisher import fisher_diagonal, fisher_layer_scores, fisher_terms, layer_statistics
 from fastsel.layers import map_layers
 from fastsel.per_example import SquaredGradAccumulator
-from tiny_models import ARCHS, random_batch, tiny_model
+from tiny_models import FISHER_ARCHS as ARCHS, random_batch, tiny_model
 
 MODES = ["empirical", "sampled", "exact"]
 

@@ -5,7 +5,7 @@ import pytest
 from torch import nn
 
 from fastsel.layers import UnsupportedArchitectureError, map_layers
-from tiny_models import ARCHS, tiny_model
+from tiny_models import FISHER_ARCHS as ARCHS, tiny_model
 
 EXPECTED_BLOCKS = {
     "bert": "bert.encoder.layer",
