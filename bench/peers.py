@@ -134,6 +134,13 @@ def fastsel_fisher(model: nn.Module, batch: Batch) -> Diagonal:
     return fisher_diagonal(model, [batch], mode="empirical").diagonal
 
 
+def fastsel_fisher_exact(model: nn.Module, batch: Batch) -> Diagonal:
+    """fastsel, exact mode (the expectation over every class: C - 1 weighted backward passes)."""
+    from fastsel.fisher import fisher_diagonal
+
+    return fisher_diagonal(model, [batch], mode="exact").diagonal
+
+
 def loop(model: nn.Module, batch: Batch) -> Diagonal:
     """The oracle: one forward + backward per example, gradients squared and summed."""
     params = _trainable(model)
@@ -217,6 +224,7 @@ METHODS: dict[str, Method] = {
     for m in [
         Method("plain", plain, "batched forward+backward (floor)"),
         Method("fastsel", fastsel_fisher, "fastsel.fisher_diagonal"),
+        Method("fastsel-exact", fastsel_fisher_exact, "fastsel.fisher_diagonal, exact mode (not the loop's empirical Fisher)"),
         Method("loop", loop, "per-example loop"),
         Method("vmap", vmap, "torch.func vmap(grad)"),
         Method("opacus", opacus, "Opacus GradSampleModule, explicit ids"),
