@@ -10,6 +10,8 @@ from torch.testing import assert_close
 
 from fastsel.fisher import fisher_diagonal, fisher_layer_scores, fisher_terms, layer_statistics
 from fastsel.layers import map_layers
+from fastsel.ops import backend
+from fastsel.ops.backend import BACKEND_ENV, linear_backends_available
 from fastsel.per_example import SquaredGradAccumulator
 from tiny_models import FISHER_ARCHS as ARCHS, random_batch, tiny_model
 
@@ -324,8 +326,6 @@ def test_real_minilm_on_sst2_matches_oracle(minilm_path, data_dir):
 
 def test_reference_backend_gives_the_same_fisher(monkeypatch):
     """Without the compiled extension everything runs on the *_ref twins, with the same result."""
-    import fastsel._backend as backend
-
     model = tiny_model("bert")
     batch = random_batch("bert", batch_size=4, pad_last=1)
     kernel = fisher_diagonal(model, [batch]).diagonal
@@ -336,7 +336,6 @@ def test_reference_backend_gives_the_same_fisher(monkeypatch):
 
 # -- the CUDA path, end to end (runs where a GPU and the CUDA kernels are; `-k cuda` selects it) --------
 
-from fastsel._backend import BACKEND_ENV, linear_backends_available  # noqa: E402
 
 CUDA_LINEAR_BACKENDS = [b for b in linear_backends_available("cuda") if b != "reference"] if torch.cuda.is_available() else []
 
