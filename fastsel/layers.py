@@ -33,7 +33,9 @@ class LayerMap:
     Every trainable parameter belongs to exactly one group: ``"embeddings"`` (token/position/type
     embeddings and anything else of the backbone outside the blocks, e.g. DeBERTa's relative position
     table), ``"layer.<l>"``, ``"pooler"`` (the backbone's pretrained pooler) or ``"head"`` (what the task
-    model adds: classifier, DeBERTa's context pooler, ...).
+    model adds: classifier, DeBERTa's context pooler, ...). ``final_norm_name`` is the norm pre-LN
+    backbones (Llama, Qwen2, ModernBERT) apply to the last block's output: it belongs to the last layer
+    (its output is the last hidden state, HF's ``hidden_states[-1]``), not to the embeddings.
     """
 
     model_type: str
@@ -43,6 +45,7 @@ class LayerMap:
     blocks_name: str
     pooler_name: str | None
     head_names: tuple[str, ...] = field(default_factory=tuple)
+    final_norm_name: str | None = None
 
     def block_name(self, layer: int) -> str:
         if not 0 <= layer < self.num_layers:
@@ -62,6 +65,8 @@ class LayerMap:
         layer = self.layer_of(param_name)
         if layer is not None:
             return f"layer.{layer}"
+        if self.final_norm_name and _within(param_name, self.final_norm_name):
+            return f"layer.{self.num_layers - 1}"
         if self.pooler_name and _within(param_name, self.pooler_name):
             return POOLER
         if self.backbone_name == "" or _within(param_name, self.backbone_name):
@@ -145,6 +150,7 @@ def map_layers(model: nn.Module) -> LayerMap:
     head_names = tuple(
         name for name, child in model.named_children() if backbone_name and name != backbone_name and _has_params(child)
     )
+    final_norm_name = _final_norm_name(backbone, backbone_name, blocks_name, embeddings_name, pooler_name)
     return LayerMap(
         model_type=model_type,
         num_layers=len(blocks),
@@ -153,7 +159,30 @@ def map_layers(model: nn.Module) -> LayerMap:
         blocks_name=blocks_name,
         pooler_name=pooler_name,
         head_names=head_names,
+        final_norm_name=final_norm_name,
     )
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("Norm", "RMSNorm"))
+
+
+def _final_norm_name(backbone: nn.Module, backbone_name: str, blocks_name: str, embeddings_name: str,
+                     pooler_name: str | None) -> str | None:
+    """The backbone's own norm after the blocks (``norm`` of Llama/Qwen2, ``final_norm`` of ModernBERT), if any.
+
+    By structure: the one parameterised normalisation module among the backbone's direct children that is
+    neither the embeddings, nor the container of the blocks, nor the pooler. (Norms inside the encoder,
+    such as DeBERTa's relative-embedding LayerNorm, are not direct children and are not considered.)
+    """
+    found = []
+    for name, child in backbone.named_children():
+        qualified = f"{backbone_name}.{name}" if backbone_name else name
+        if qualified in (embeddings_name, pooler_name) or _within(blocks_name, qualified):
+            continue
+        if _is_norm(child) and _has_params(child):
+            found.append(qualified)
+    return found[0] if len(found) == 1 else None
 
 
 def _embeddings_name(model: nn.Module, backbone: nn.Module, backbone_name: str, blocks_name: str) -> str:

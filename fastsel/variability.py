@@ -93,17 +93,21 @@ def layer_taps(model: nn.Module, layer_map: LayerMap, consume: Callable[[int, Te
     """Call ``consume(index, hidden (B, T, D))`` as each layer's states are produced during a forward.
 
     index 0 is the embedding output (the input of block 0, i.e. ``hidden_states[0]`` of HF models),
-    index l + 1 the output of block l. Hooks are removed on exit.
+    index l + 1 the output of block l, as HF's ``hidden_states[l + 1]``: for the last block of a pre-LN
+    backbone with a final norm (Llama, Qwen2, ModernBERT) that is the norm's output. Hooks are removed on exit.
     """
     blocks = layer_map.blocks(model)
     handles = [
         blocks[0].register_forward_pre_hook(lambda _m, args, kwargs: consume(0, _first_tensor(args, kwargs)), with_kwargs=True)
     ]
-    for l, block in enumerate(blocks):
+    outputs = list(blocks)
+    if layer_map.final_norm_name:
+        outputs[-1] = model.get_submodule(layer_map.final_norm_name)
+    for l, module in enumerate(outputs):
         def hook(_m, _args, out, l=l):
             consume(l + 1, out[0] if isinstance(out, (tuple, list)) else out)
 
-        handles.append(block.register_forward_hook(hook))
+        handles.append(module.register_forward_hook(hook))
     try:
         yield
     finally:

@@ -13,7 +13,7 @@ from fastsel.layers import map_layers
 from fastsel.ops import backend
 from fastsel.ops.backend import BACKEND_ENV, linear_backends_available
 from fastsel.per_example import SquaredGradAccumulator
-from tiny_models import FISHER_ARCHS as ARCHS, random_batch, tiny_model
+from tiny_models import ARCHS, random_batch, tiny_model
 
 MODES = ["empirical", "sampled", "exact"]
 

@@ -5,7 +5,7 @@ import pytest
 from torch import nn
 
 from fastsel.layers import UnsupportedArchitectureError, map_layers
-from tiny_models import FISHER_ARCHS as ARCHS, tiny_model
+from tiny_models import ARCHS, tiny_model
 
 EXPECTED_BLOCKS = {
     "bert": "bert.encoder.layer",
@@ -28,12 +28,27 @@ def test_every_parameter_in_exactly_one_group(arch):
     groups = lm.groups(model)
     names = [n for n, _ in model.named_parameters()]
     assert sorted(sum(groups.values(), [])) == sorted(names)
+    final_norm = dict(model.get_submodule(lm.final_norm_name).named_parameters()) if lm.final_norm_name else {}
     for l in range(3):
         block = dict(model.get_submodule(lm.block_name(l)).named_parameters())
-        assert len(groups[f"layer.{l}"]) == len(block) > 0
+        assert len(groups[f"layer.{l}"]) == len(block) + (len(final_norm) if l == 2 else 0) > 0
     assert groups["embeddings"] and groups["head"]
     table = model.get_input_embeddings().weight
     assert any(p is table for n, p in model.named_parameters() if n in groups["embeddings"])
+
+
+FINAL_NORMS = {"modernbert": "model.final_norm", "llama": "model.norm", "qwen2": "model.norm"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_final_norm_belongs_to_the_last_layer(arch):
+    """Pre-LN backbones' norm after the blocks is found by structure and grouped with the last block."""
+    model = tiny_model(arch, num_layers=3)
+    lm = map_layers(model)
+    assert lm.final_norm_name == FINAL_NORMS.get(arch)
+    if lm.final_norm_name:
+        for name, _ in model.get_submodule(lm.final_norm_name).named_parameters():
+            assert lm.group_of(f"{lm.final_norm_name}.{name}") == "layer.2"
 
 
 def test_layer_1_never_matches_layer_10():

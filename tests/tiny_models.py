@@ -17,10 +17,8 @@ from transformers import (
 )
 
 VOCAB = 64
-ARCHS = ["bert", "roberta", "deberta-v2", "distilbert", "electra", "xlm-roberta"]
-# + architectures whose last hidden state (HF's hidden_states[-1]) is the final norm's output, not the last
-# block's: the Fisher and layer-map tests cover them; the variability oracle (test_variability) does not yet.
-FISHER_ARCHS = ARCHS + ["modernbert", "llama", "qwen2"]
+# The last three are pre-LN backbones with a final norm after the blocks (their hidden_states[-1] is its output).
+ARCHS = ["bert", "roberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "modernbert", "llama", "qwen2"]
 
 
 def tiny_config(arch: str, num_labels: int = 2, num_layers: int = 3, **overrides):
