@@ -9,15 +9,18 @@ plan for block 1 never touches block 10).
 """
 from __future__ import annotations
 
-from typing import Iterator
+import copy
+from typing import Any, Iterator
 
+import torch
 from torch import nn
+from transformers import AutoModelForSequenceClassification
 
 from fastsel.adapters import AdaptedLinear, insert_adapter
 from fastsel.layers import EMBEDDINGS, HEAD, POOLER, LayerMap, map_layers
 from fastsel.plans import ArchNames, Plan, PlanError, Tuning, arch_names
 
-__all__ = ["apply_plan", "truncate_blocks", "trainable_parameters", "is_trainable_under"]
+__all__ = ["apply_plan", "truncate_blocks", "trainable_parameters", "is_trainable_under", "meta_model", "count_trainable", "with_counts"]
 
 
 def truncate_blocks(model: nn.Module, layer_map: LayerMap, head_layer: int) -> LayerMap:
@@ -109,3 +112,42 @@ def apply_plan(model: nn.Module, plan: Plan, layer_map: LayerMap | None = None) 
 def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """(name, parameter) of every parameter with requires_grad -- what reaches the optimizer."""
     return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------------
+# Counting on the meta device (here, not in plans: counting applies the plan, and plans sit below apply)
+# --------------------------------------------------------------------------------------------------
+
+
+def meta_model(config: Any) -> nn.Module:
+    """A sequence-classification model of ``config`` (a PretrainedConfig) on the meta device: no weights."""
+    with torch.device("meta"):  # a copy: truncation updates the model's config
+        return AutoModelForSequenceClassification.from_config(copy.deepcopy(config))
+
+
+def count_trainable(plan: Plan, model_or_config: Any) -> dict[str, int]:
+    """Trainable parameters per group (embeddings, layer.<l>, pooler, head), ``total`` and ``all_params``.
+
+    ``model_or_config``: a PretrainedConfig (a meta-device model is built and the plan applied to it) or a
+    model, which is deep-copied first so that the caller's model is left as it was.
+    """
+    if isinstance(model_or_config, nn.Module):
+        model = copy.deepcopy(model_or_config)
+    else:
+        model = meta_model(model_or_config)
+    all_params = sum(p.numel() for p in model.parameters())
+    apply_plan(model, plan)
+    layer_map = map_layers(model)
+    counts: dict[str, int] = {}
+    for group, names in layer_map.groups(model, trainable_only=True).items():
+        counts[group] = sum(model.get_parameter(n).numel() for n in names)
+    for l in range(layer_map.num_layers, plan.num_layers):  # removed blocks
+        counts[f"layer.{l}"] = 0
+    counts["total"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts["all_params"] = all_params
+    return counts
+
+
+def with_counts(plan: Plan, model_or_config: Any) -> Plan:
+    """``plan`` carrying its trainable-parameter counts on ``model_or_config`` (see :func:`count_trainable`)."""
+    return plan.with_counts(count_trainable(plan, model_or_config))

@@ -62,7 +62,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from fastsel.atomic import atomic_write_text
 from fastsel.scores import LayerScores
@@ -82,8 +82,6 @@ __all__ = [
     "register_strategy",
     "build_plan",
     "strategy_names",
-    "count_trainable",
-    "meta_model",
     "FROZEN",
     "FULL",
 ]
@@ -370,10 +368,12 @@ class Plan:
 
     # -- counts and display --------------------------------------------------------------------------
 
-    def with_counts(self, model_or_config: Any) -> "Plan":
-        """A copy with ``trainable_params`` / ``params_by_group`` counted on ``model_or_config`` (meta device)."""
-        counts = count_trainable(self, model_or_config)
-        return replace(self, trainable_params=counts["total"], params_by_group=counts)
+    def with_counts(self, counts: Mapping[str, int]) -> "Plan":
+        """A copy carrying ``counts`` (from :func:`fastsel.apply.count_trainable`, which applies the plan to a
+        model or to a config's meta-device model) as ``trainable_params`` / ``params_by_group``."""
+        if not isinstance(counts, Mapping) or "total" not in counts:
+            raise TypeError("fastsel: Plan.with_counts takes the counts of fastsel.apply.count_trainable(plan, model_or_config)")
+        return replace(self, trainable_params=int(counts["total"]), params_by_group=dict(counts))
 
     def table(self) -> str:
         """Per group: how it is tuned and its trainable parameters (after :meth:`with_counts`)."""
@@ -420,52 +420,6 @@ class Plan:
             "layers_pattern": layers_pattern,
             "modules_to_save": ["classifier"] if self.head.trains else None,
         }
-
-
-# --------------------------------------------------------------------------------------------------
-# Counting on the meta device
-# --------------------------------------------------------------------------------------------------
-
-
-def meta_model(config: Any):
-    """A sequence-classification model of ``config`` (a PretrainedConfig) on the meta device: no weights."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    with torch.device("meta"):  # a copy: truncation updates the model's config
-        return AutoModelForSequenceClassification.from_config(copy.deepcopy(config))
-
-
-def count_trainable(plan: Plan, model_or_config: Any) -> dict[str, int]:
-    """Trainable parameters per group (embeddings, layer.<l>, pooler, head), ``total`` and ``all_params``.
-
-    ``model_or_config``: a PretrainedConfig (a meta-device model is built and the plan applied to it) or a
-    model, which is deep-copied first so that the caller's model is left as it was.
-    """
-    import copy
-
-    from torch import nn
-
-    from fastsel.apply import apply_plan
-    from fastsel.layers import map_layers
-
-    if isinstance(model_or_config, nn.Module):
-        model = copy.deepcopy(model_or_config)
-    else:
-        model = meta_model(model_or_config)
-    all_params = sum(p.numel() for p in model.parameters())
-    apply_plan(model, plan)
-    layer_map = map_layers(model)
-    counts: dict[str, int] = {}
-    for group, names in layer_map.groups(model, trainable_only=True).items():
-        counts[group] = sum(model.get_parameter(n).numel() for n in names)
-    for l in range(layer_map.num_layers, plan.num_layers):  # removed blocks
-        counts[f"layer.{l}"] = 0
-    counts["total"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    counts["all_params"] = all_params
-    return counts
 
 
 # --------------------------------------------------------------------------------------------------

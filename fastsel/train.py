@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastsel.apply import apply_plan, trainable_parameters
+from fastsel.apply import apply_plan, trainable_parameters, with_counts
 from fastsel.data import PadCollator, TaskSpec, get_task
 from fastsel.layers import LayerMap, map_layers
 from fastsel.metrics import main_metric, predictions_from_logits, task_metrics
@@ -838,7 +838,7 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
         plan = build_plan(job.strategy, layer_map.num_layers, scores=scores, tuner=job.tuner,
                           lora=LoraSpec(r=job.lora_r, alpha=job.lora_alpha, dropout=job.lora_dropout),
                           adapter_size=job.adapter_size)
-    plan = plan.with_counts(model.config)  # on the meta device: no copy of the weights
+    plan = with_counts(plan, model.config)  # on the meta device: no copy of the weights
     apply_plan(model, plan, layer_map)
 
     callbacks: list[EpochCallback] = []

@@ -90,13 +90,14 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
 
 def _run_plan(args: argparse.Namespace) -> int:
     from fastsel.layers import map_layers
-    from fastsel.plans import PlanError, meta_model
+    from fastsel.apply import meta_model, with_counts
+    from fastsel.plans import PlanError
 
     if not args.strategy:
         raise PlanError("fastsel: --strategy is required")
     config = load_config(args.model, _num_labels(args))
     layer_map = map_layers(meta_model(config))
-    plan = _plan_from_args(args, layer_map.num_layers).with_counts(config)
+    plan = with_counts(_plan_from_args(args, layer_map.num_layers), config)
     print(plan.table())
     if args.peft:
         print("PEFT LoraConfig:", json.dumps(plan.to_peft(layer_map.model_type)))

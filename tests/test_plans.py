@@ -9,7 +9,8 @@ from transformers import BertConfig
 
 from fastsel.apply import apply_plan
 from fastsel.cli import main
-from fastsel.plans import FULL, LoraSpec, Plan, PlanError, Tuning, build_plan, count_trainable
+from fastsel.apply import count_trainable, with_counts
+from fastsel.plans import FULL, LoraSpec, Plan, PlanError, Tuning, build_plan
 from fastsel.scores import LayerScore, LayerScores
 from tests.tiny_models import tiny_config, tiny_model
 
@@ -59,7 +60,7 @@ TABLE2 = [
 
 @pytest.mark.parametrize("strategy,millions,exact", TABLE2)
 def test_bert_large_counts_reproduce_spafit_table2(strategy, millions, exact):
-    plan = build_plan(strategy, 24).with_counts(bert_large())
+    plan = with_counts(build_plan(strategy, 24), bert_large())
     assert plan.trainable_params == exact
     assert round(plan.trainable_params / 1e6, 2) == millions
     assert plan.params_by_group["all_params"] == 333_582_339
@@ -72,19 +73,19 @@ def test_spafit_groups_hold_the_stated_blocks():
     g3 = plan.blocks[10]
     assert g3.biases == ("intermediate", "output") and g3.lora == LoraSpec(64, 128, ("query", "key", "value"))
     assert plan.details["groups"] == {"1": [0, 4], "2": [5, 9], "3": [10, 23]}
-    counts = plan.with_counts(bert_large()).params_by_group
+    counts = with_counts(plan, bert_large()).params_by_group
     assert counts["layer.4"] == 0 and counts["layer.5"] == 11_264 and counts["layer.10"] == 3 * 131_072 + 6_144
 
 
 def test_bert_large_bitfit_is_all_biases_not_table2():
     # Table 2 says 31.52 M for "Full BitFit", which needs the 29.7 M word embeddings; BitFit trains biases:
     # 24 blocks * 11,264 + embedding LayerNorm bias 1,024 + pooler bias 1,024 + classifier 3,075.
-    plan = build_plan("bitfit", 24).with_counts(bert_large())
+    plan = with_counts(build_plan("bitfit", 24), bert_large())
     assert plan.trainable_params == 24 * 11_264 + 1_024 + 1_024 + 3_075
 
 
 def test_bert_large_adapter_counts():
-    plan = build_plan("position-top-2", 24, tuner="adapter").with_counts(bert_large(2))
+    plan = with_counts(build_plan("position-top-2", 24, tuner="adapter"), bert_large(2))
     per_block = 2 * (1024 * 256 + 256 + 256 * 1024 + 1024) + 2 * 2 * 1024  # 2 adapters + 2 LayerNorms
     assert plan.params_by_group["layer.22"] == per_block
     assert plan.trainable_params == 2 * per_block + 2 * 1024 + 2
@@ -235,7 +236,7 @@ def test_bad_plans_give_clear_errors():
 @pytest.mark.parametrize("name,kw", [("spafit-1-2-ii", {}), ("position-top-2", {"tuner": "adapter"}),
                                      ("middle-1-trunc", {}), ("bitfit", {}), ("full", {})])
 def test_json_round_trip(tmp_path, name, kw):
-    plan = build_plan(name, 5, **kw).with_counts(tiny_config("bert", num_layers=5))
+    plan = with_counts(build_plan(name, 5, **kw), tiny_config("bert", num_layers=5))
     plan.to_json(tmp_path / "plan.json")
     back = Plan.from_json(tmp_path / "plan.json")
     assert back == plan

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastsel.apply import apply_plan, trainable_parameters
+from fastsel.apply import apply_plan, trainable_parameters, with_counts
 from fastsel.metrics import METRICS, task_metrics
 from fastsel.plans import LoraSpec, build_plan
 from fastsel.train import (PrefixCache, RankStability, TrainConfig, cacheable_prefix, evaluate, load_trained,
@@ -167,7 +167,7 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path, tiny_dir, st
     from fastsel.models import load_model
 
     model, _, lm = load_model(str(tiny_dir), num_labels=2, seed=3)
-    plan = build_plan(strategy, 4, tuner=tuner, lora=LoraSpec(r=2, alpha=4), adapter_size=3).with_counts(model)
+    plan = with_counts(build_plan(strategy, 4, tuner=tuner, lora=LoraSpec(r=2, alpha=4), adapter_size=3), model)
     apply_plan(model, plan)
     train_model(model, plan, features(24), features(8, seed=4), "sst2", TOK,
                 TrainConfig(epochs=1, lr=1e-2, batch_size=8, progress=False))
