@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fastsel.layers import LayerMap
+from fastsel.metrics import METRICS
 from fastsel.progress import progress_bar
 from fastsel.variability import POOLINGS, PooledStates, layer_taps, model_inputs, pool_mask
 
@@ -205,23 +206,12 @@ def numerical_rank(states: np.ndarray, labels: np.ndarray, num_classes: int) -> 
 # --------------------------------------------------------------------------------------------------
 
 
-def _f1(y, p) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(y, p, average="binary" if len(np.unique(np.concatenate([y, p]))) <= 2 else "macro"))
-
-
-def _acc(y, p) -> float:
-    return float(np.mean(np.asarray(y) == np.asarray(p)))
-
-
-def _mcc(y, p) -> float:
-    from sklearn.metrics import matthews_corrcoef
-
-    return float(matthews_corrcoef(y, p))
-
-
-TASK_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"accuracy": _acc, "f1": _f1, "mcc": _mcc}
+# The task metrics are fastsel.metrics' (numpy, the official GLUE definitions, tested against scikit-learn):
+# F1 is the binary F1 of class 1, as for every task that reports F1 (MRPC, QQP, MultiRC); a probe on a task
+# without F1 is scored by accuracy.
+TASK_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    name: METRICS[name] for name in ("accuracy", "f1", "mcc")
+}
 
 
 def probe_scores(
@@ -250,7 +240,7 @@ def probe_scores(
     for Xtr, Xev in zip(train_states, eval_states):
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
         clf.fit(Xtr, train_labels)
-        out.append(TASK_METRICS[metric](np.asarray(eval_labels).astype(np.int64), clf.predict(Xev)))
+        out.append(TASK_METRICS[metric](clf.predict(Xev), np.asarray(eval_labels).astype(np.int64)))  # (pred, gold)
     return out
 
 

@@ -101,3 +101,16 @@ def test_cli_alternatives_minilm(metric, extra, data_dir, minilm_path, tmp_path)
     assert d["higher_is_better"] == (metric != "numrank")
     if metric == "probe":
         assert d["probe_metric"] == "f1" and all(0 <= l["score"] <= 1 for l in d["layers"])
+
+
+def test_probe_metrics_are_the_task_metrics():
+    """One definition of each task metric: the probes score with fastsel.metrics (binary F1 of class 1)."""
+    from sklearn.metrics import f1_score
+
+    from fastsel.metrics import METRICS
+    from fastsel.probing import TASK_METRICS
+
+    assert all(TASK_METRICS[name] is METRICS[name] for name in TASK_METRICS)
+    gen = np.random.default_rng(0)
+    gold, pred = gen.integers(0, 2, 200), gen.integers(0, 2, 200)
+    assert TASK_METRICS["f1"](pred, gold) == pytest.approx(f1_score(gold, pred))
