@@ -20,7 +20,8 @@ from fastsel.adapters import AdaptedLinear, insert_adapter
 from fastsel.layers import EMBEDDINGS, HEAD, POOLER, LayerMap, map_layers
 from fastsel.plans import ArchNames, Plan, PlanError, Tuning, arch_names
 
-__all__ = ["apply_plan", "truncate_blocks", "trainable_parameters", "is_trainable_under", "meta_model", "count_trainable", "with_counts"]
+__all__ = ["apply_plan", "truncate_blocks", "trainable_parameters", "is_trainable_under", "is_added_parameter",
+           "is_lora_parameter", "is_adapter_parameter", "meta_model", "count_trainable", "with_counts"]
 
 
 def truncate_blocks(model: nn.Module, layer_map: LayerMap, head_layer: int) -> LayerMap:
@@ -47,6 +48,21 @@ def _relative(name: str, prefix: str) -> str:
     return name[len(prefix) + 1 :]
 
 
+def is_lora_parameter(name: str) -> bool:
+    """A LoRA matrix peft injected (``...lora_A...`` / ``...lora_B...``)."""
+    return ".lora_" in f".{name}"
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """A weight of a Houlsby adapter this module inserted (``...adapter...``)."""
+    return ".adapter." in f".{name}"
+
+
+def is_added_parameter(name: str) -> bool:
+    """A parameter a plan added to the pretrained model (LoRA or adapter), not one of its own."""
+    return is_lora_parameter(name) or is_adapter_parameter(name)
+
+
 def is_trainable_under(tuning: Tuning, rel_name: str, names: ArchNames | None, is_layernorm: bool) -> bool:
     """Whether a parameter (name relative to its part) is trained under ``tuning``."""
     kind = tuning.kind
@@ -59,9 +75,9 @@ def is_trainable_under(tuning: Tuning, rel_name: str, names: ArchNames | None, i
     if kind == "bitfit":
         return is_bias and (not tuning.biases or bool(in_listed))
     if kind == "lora":
-        return ".lora_" in f".{rel_name}" or (is_bias and bool(in_listed))
+        return is_lora_parameter(rel_name) or (is_bias and bool(in_listed))
     if kind == "adapter":
-        return ".adapter." in f".{rel_name}" or is_layernorm
+        return is_adapter_parameter(rel_name) or is_layernorm
     raise PlanError(f"fastsel: unknown tuning kind {kind!r}")
 
 
@@ -78,7 +94,7 @@ def apply_plan(model: nn.Module, plan: Plan, layer_map: LayerMap | None = None) 
     layer_map = layer_map or map_layers(model)
     if plan.num_layers != layer_map.num_layers:
         raise PlanError(f"fastsel: the plan has {plan.num_layers} blocks but the model has {layer_map.num_layers}")
-    if any(isinstance(m, AdaptedLinear) for m in model.modules()) or any("lora_" in n for n, _ in model.named_parameters()):
+    if any(isinstance(m, AdaptedLinear) for m in model.modules()) or any(is_lora_parameter(n) for n, _ in model.named_parameters()):
         raise PlanError("fastsel: the model already has LoRA or adapter modules; apply a plan to a fresh model")
     needs_names = any(t.kind in ("lora", "adapter") or t.biases for t in plan.blocks)
     names = arch_names(layer_map.model_type) if needs_names else None

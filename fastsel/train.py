@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastsel.apply import apply_plan, trainable_parameters, with_counts
+from fastsel.apply import apply_plan, is_added_parameter, trainable_parameters, with_counts
 from fastsel.data import PadCollator, TaskSpec, get_task
 from fastsel.layers import LayerMap, map_layers
 from fastsel.metrics import main_metric, predictions_from_logits, task_metrics
@@ -627,7 +627,7 @@ def _all_blocks_trainable(model: nn.Module) -> Iterator[None]:
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         for n, p in model.named_parameters():
-            p.requires_grad_(".lora_" not in n and ".adapter." not in n)
+            p.requires_grad_(not is_added_parameter(n))
         yield
     finally:
         for n, p in model.named_parameters():
