@@ -36,12 +36,14 @@ def rank_file(directory: str | os.PathLike, rank: int, world_size: int) -> Path:
 
 
 def save_checkpoint(path: str | os.PathLike, *, settings: dict[str, Any], cursor: int, examples: int,
-                    consumers: dict[str, dict], complete: bool = False) -> None:
+                    consumers: dict[str, dict], complete: bool = False, extra: dict[str, Any] | None = None) -> None:
     """Write {settings, fingerprint, cursor (batches done), examples, consumer states} atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": _FORMAT, "settings": settings, "fingerprint": fingerprint(settings), "cursor": int(cursor),
              "examples": int(examples), "consumers": consumers, "complete": bool(complete)}
+    if extra:
+        state["extra"] = extra  # e.g. the --until-stable check history
     atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 

@@ -45,6 +45,9 @@ def add_score_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write scores.json here")
     p.add_argument("--plot", default=None, help="write a PNG plot here")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--confidence-groups", type=int, default=4, metavar="K",
+                   help="ranking confidence: examples split into K groups by index (Kendall tau between halves, top-k "
+                        "agreement, jackknife intervals; memory (K+1) x the accumulators); 0: off")
     _add_pipeline_arguments(p)
     base = {a.dest for a in p._actions}
     for metric in METRICS.values():
@@ -69,13 +72,21 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint")
     g.add_argument("--prefetch", type=int, default=2, help="batches read ahead by a background thread")
     g.add_argument("--cache-dir", default=None, help="tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)")
+    g.add_argument("--until-stable", action="store_true",
+                   help="stop streaming once the layer ranking is stable (Kendall tau between two halves of the data >= "
+                        "--stable-tau and the top-3 unchanged over --stable-checks checks); the N used goes to scores.json")
+    g.add_argument("--stable-tau", type=float, default=0.9, metavar="TAU", help="--until-stable: target tau in (0, 1]")
+    g.add_argument("--check-every", type=int, default=200, metavar="M",
+                   help="--until-stable: examples (over all processes) between two checks")
+    g.add_argument("--stable-checks", type=int, default=3, metavar="C",
+                   help="--until-stable: the top-3 must be the same over the last C checks")
     g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
                    help="torchrun: how long a rank waits for the others in a collective before it fails with an error "
                         "(a rank that died) instead of hanging; default 1800")
 
 
 _PIPELINE_DESTS = ("max_tokens", "bucket", "autocast", "checkpoint", "checkpoint_every", "resume", "prefetch", "cache_dir",
-                   "dist_timeout")
+                   "dist_timeout", "until_stable", "stable_tau", "check_every", "stable_checks")
 
 
 def check_writable(path: str | os.PathLike, what: str, *, directory: bool = False) -> None:
@@ -107,6 +118,7 @@ def _run_score(args: argparse.Namespace) -> int:
     from fastsel.scoring import ScoreConfig, run_scoring
 
     options = {k: v for k, v in vars(args).items() if k not in args._base_dests and not k.startswith("_") and k != "func"}
+    options["confidence_groups"] = args.confidence_groups
     if int(os.environ.get("RANK", "0")) == 0:  # fail before the pass, not after it
         for path, what in ((args.out, "--out"), (args.plot, "--plot")):
             if path:
@@ -149,10 +161,11 @@ def _run_score(args: argparse.Namespace) -> int:
         return 0
     if "," in cfg.metric:
         raise ValueError(f"fastsel: {cfg.metric!r}: only metrics of the streamed pass can share one pass")
-    if args.checkpoint or args.resume or args.max_tokens or args.autocast != "none" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if args.checkpoint or args.resume or args.max_tokens or args.autocast != "none" or args.until_stable or \
+            int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(f"fastsel: metric {cfg.metric!r}{' with --probe' if cfg.options.get('probe') else ''} does not run "
-                         "in the streamed pass; --max-tokens, --autocast, --checkpoint/--resume and torchrun need a "
-                         "streamed metric (fisher, variability without --probe)")
+                         "in the streamed pass; --max-tokens, --autocast, --checkpoint/--resume, --until-stable and torchrun "
+                         "need a streamed metric (fisher, variability without --probe)")
     scores = run_scoring(cfg, out=args.out, plot=args.plot, progress=not args.no_progress)
     print(scores.table())
     if args.out:

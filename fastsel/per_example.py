@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -441,6 +441,7 @@ class _BatchState:
     bad_modules: set[str] = field(default_factory=set)
     tracker: _SharedTracker | None = None
     plan: "_Plan | None" = None
+    rows: list[tuple[int, Tensor]] = field(default_factory=list)  # (group, row indices) of this batch's examples
 
 
 @dataclass
@@ -487,6 +488,10 @@ class SquaredGradAccumulator:
         self.sums: dict[str, Tensor] = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
         self.num_examples = 0
         self.fallback_params: set[str] = set()
+        # Optional per-group sums (ranking confidence, fastsel.confidence): enable_groups(K); each example's
+        # squared gradients also go to group_sums[g] of its group g (given per batch to capture()).
+        self.group_sums: list[dict[str, Tensor]] = []
+        self.group_counts: list[int] = []
         # module name -> {param short name -> full name}; a parameter tied between modules (shared
         # embeddings) has per-example gradients summed over its uses, so no single hook can credit it.
         canonical = {id(p): n for n, p in self.params.items()}
@@ -514,6 +519,20 @@ class SquaredGradAccumulator:
                     if spec is not None:
                         _RMS_SPECS[module] = spec
         self._state: _BatchState | None = None
+
+    def enable_groups(self, k: int) -> None:
+        """Also keep K per-group sums (memory K x the sums); capture(groups=...) says each example's group."""
+        self.group_sums = [{n: torch.zeros_like(s) for n, s in self.sums.items()} for _ in range(k)]
+        self.group_counts = [0] * k
+
+    def _group_acc(self, names: Mapping[str, str] | None = None) -> list[tuple[Tensor, dict[str, Tensor]]]:
+        """(row indices, {short or full name: group sum}) of each group present in the batch."""
+        st = self._state
+        if st is None or not st.rows:
+            return []
+        if names is None:
+            return [(idx, self.group_sums[k]) for k, idx in st.rows]
+        return [(idx, {short: self.group_sums[k][full] for short, full in names.items()}) for k, idx in st.rows]
 
     # -- hooks -------------------------------------------------------------------------------------
 
@@ -560,11 +579,22 @@ class SquaredGradAccumulator:
         st.calls.append(_Call(name, x.detach(), output, not x.requires_grad or x.grad_fn is None))
 
     @contextlib.contextmanager
-    def capture(self, batch_size: int) -> Iterator["SquaredGradAccumulator"]:
-        """Hook the model for one batch of ``batch_size`` examples (forward and backward inside)."""
+    def capture(self, batch_size: int, groups: Tensor | None = None) -> Iterator["SquaredGradAccumulator"]:
+        """Hook the model for one batch of ``batch_size`` examples (forward and backward inside).
+
+        groups: (B,) int group of each example when enable_groups() was called (else ignored).
+        """
         if self._state is not None:
             raise RuntimeError("fastsel: capture() is not re-entrant")
         self._state = _BatchState(batch_size=batch_size)
+        if self.group_sums and groups is not None:
+            if groups.shape != (batch_size,):
+                raise ValueError(f"fastsel: groups must have shape ({batch_size},), got {tuple(groups.shape)}")
+            for k in range(len(self.group_sums)):
+                idx = (groups == k).nonzero().flatten()
+                if idx.numel():
+                    self._state.rows.append((k, idx))
+                    self.group_counts[k] += int(idx.numel())
         handles = []
         tracker = _SharedTracker(self.params, batch_size) if self.capture_shared else None
         try:
@@ -693,7 +723,10 @@ class SquaredGradAccumulator:
                 )
             for n, g in zip(plan.direct, vj[n_shared:]):
                 if g is not None:
-                    self.sums[n].add_(g.float().square().sum(0))
+                    sq = g.float().square()
+                    self.sums[n].add_(sq.sum(0))
+                    for idx, gacc in self._group_rows(b0, b1):
+                        gacc[n].add_(sq.index_select(0, idx).sum(0))
             k = 0
             for mname, (calls, shared) in plan.combine.items():
                 self._combine(mname, calls, list(zip(shared, vj[k : k + len(shared)])), b0, b1)
@@ -715,7 +748,10 @@ class SquaredGradAccumulator:
                 for n, gr in _generic_per_example(module, x, g, list(acc), batched).items():
                     total[n] = total[n] + gr.float() if n in total else gr.float()
             for n, gr in total.items():
-                acc[n].add_(gr.square().sum(0))
+                sq = gr.square()
+                acc[n].add_(sq.sum(0))
+                for idx, gacc in self._group_rows(b0, b1, own):
+                    gacc[n].add_(sq.index_select(0, idx).sum(0))
             return
         width = rule.grad_width(module)
         phis, gs = [], []
@@ -727,7 +763,19 @@ class SquaredGradAccumulator:
                 phi = phi.reshape(1, -1).expand(nb, -1) if phi.dim() == 1 else phi.reshape(1, -1, phi.shape[-1]).expand(nb, -1, -1)
             phis.append(phi if phi.dim() == 2 else phi.float())
             gs.append(g.reshape(nb, -1, width).float())
-        rule.accumulate_rows(module, torch.cat(phis, 1), torch.cat(gs, 1), acc)
+        phi_all, g_all = torch.cat(phis, 1), torch.cat(gs, 1)
+        rule.accumulate_rows(module, phi_all, g_all, acc)
+        for idx, gacc in self._group_rows(b0, b1, own):
+            rule.accumulate_rows(module, phi_all.index_select(0, idx), g_all.index_select(0, idx), gacc)
+
+    def _group_rows(self, b0: int, b1: int, names: Mapping[str, str] | None = None) -> list[tuple[Tensor, dict[str, Tensor]]]:
+        """_group_acc restricted to rows b0:b1 of the batch, as indices relative to b0."""
+        out = []
+        for idx, gacc in self._group_acc(names):
+            sel = idx[(idx >= b0) & (idx < b1)] - b0
+            if sel.numel():
+                out.append((sel, gacc))
+        return out
 
     def _grad_hook(self, call: _Call, release: bool = False) -> Callable[[Tensor], None]:
         """The hook on ``call.output``; ``release``: drop the saved input once used (the last pass)."""
@@ -743,6 +791,8 @@ class SquaredGradAccumulator:
                     call.grad = grad.detach()
                     return
                 rule.accumulate(module, call.input, grad, acc)
+                for idx, gacc in self._group_acc(own):
+                    rule.accumulate(module, call.input.index_select(0, idx), grad.index_select(0, idx), gacc)
                 if release:  # let the activations go as the backward moves on
                     call.input = call.output = None  # type: ignore[assignment]
 
@@ -752,9 +802,12 @@ class SquaredGradAccumulator:
         params = [self.params[n] for n in names]
         for b in range(term.shape[0]):
             grads = torch.autograd.grad(term[b], params, retain_graph=True, allow_unused=True)
+            group = [gacc for idx, gacc in self._group_acc() if bool((idx == b).any())]
             for n, g in zip(names, grads):
                 if g is not None:
                     self.sums[n].add_(g.float().square())
+                    for gacc in group:
+                        gacc[n].add_(g.float().square())
 
     # -- results -----------------------------------------------------------------------------------
 
@@ -765,10 +818,22 @@ class SquaredGradAccumulator:
         return {n: s / self.num_examples for n, s in self.sums.items()}
 
     def state_dict(self) -> dict[str, object]:
-        return {"sums": self.sums, "num_examples": self.num_examples, "fallback_params": sorted(self.fallback_params)}
+        state = {"sums": self.sums, "num_examples": self.num_examples, "fallback_params": sorted(self.fallback_params)}
+        if self.group_sums:
+            state["group_sums"] = self.group_sums
+            state["group_counts"] = list(self.group_counts)
+        return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         for n, t in state["sums"].items():  # type: ignore[union-attr]
             self.sums[n].copy_(t)
         self.num_examples = int(state["num_examples"])  # type: ignore[arg-type]
         self.fallback_params = set(state.get("fallback_params", []))  # type: ignore[union-attr]
+        if self.group_sums:
+            saved = state.get("group_sums")
+            if saved is None or len(saved) != len(self.group_sums):  # type: ignore[arg-type]
+                raise ValueError("fastsel: the checkpoint has no (or other) per-group Fisher sums")
+            for mine, theirs in zip(self.group_sums, saved):  # type: ignore[arg-type]
+                for n, t in theirs.items():
+                    mine[n].copy_(t)
+            self.group_counts = [int(c) for c in state["group_counts"]]  # type: ignore[union-attr]

@@ -73,6 +73,13 @@ class PipelineConfig:
     prefetch: int = 2  # batches read ahead by a background thread (0: inline)
     cache_dir: str | None = None  # tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)
     dist_timeout: float | None = None  # seconds a collective waits for the other ranks (None: distributed default)
+    # --until-stable: stop once the ranking is stable (fastsel.confidence): Kendall tau between the halves of
+    # the groups >= stable_tau and the top-3 set unchanged over the last stable_checks checks, one check every
+    # check_every examples (over all ranks)
+    until_stable: bool = False
+    stable_tau: float = 0.9
+    check_every: int = 200
+    stable_checks: int = 3
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,6 +95,12 @@ class PipelineConfig:
             raise ValueError(f"fastsel: prefetch must be >= 0, got {self.prefetch}")
         if self.dist_timeout is not None and not self.dist_timeout > 0:
             raise ValueError(f"fastsel: dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        if not (isinstance(self.stable_tau, (int, float)) and 0 < self.stable_tau <= 1):
+            raise ValueError(f"fastsel: --stable-tau must be in (0, 1], got {self.stable_tau}")
+        if self.check_every < 1:
+            raise ValueError(f"fastsel: --check-every must be >= 1 example, got {self.check_every}")
+        if self.stable_checks < 1:
+            raise ValueError(f"fastsel: --stable-checks must be >= 1, got {self.stable_checks}")
         if self.resume and not self.checkpoint:
             raise ValueError("fastsel: --resume needs --checkpoint PATH (the folder the interrupted run wrote)")
 
@@ -167,6 +180,13 @@ def supports(metric: str) -> bool:
     return all(name in CONSUMERS for name in metric.split(","))
 
 
+def confidence_groups(cfg: Any) -> int:
+    """K of the ranking confidence (``options["confidence_groups"]``, default 4; 0: none)."""
+    from fastsel.confidence import DEFAULT_GROUPS
+
+    return int(cfg.options.get("confidence_groups", DEFAULT_GROUPS))
+
+
 def merge_class_stats(
     count_a: Tensor, mean_a: Tensor, m2_a: Tensor, count_b: Tensor, mean_b: Tensor, m2_b: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,9 +234,15 @@ class FisherConsumer:
             raise ValueError(f"fastsel: unknown Fisher mode {self.mode!r}; choose from {FISHER_MODES}")
         self.seed = ctx.config.seed
         self.acc = SquaredGradAccumulator(ctx.model)
+        self.groups = confidence_groups(ctx.config)
+        if self.groups:
+            self.acc.enable_groups(self.groups)
 
     def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
-        return self.acc.capture(batch_size=int(batch["input_ids"].shape[0]))
+        from fastsel.confidence import group_ids
+
+        groups = group_ids(batch["index"], self.groups) if self.groups else None
+        return self.acc.capture(batch_size=int(batch["input_ids"].shape[0]), groups=groups)
 
     def consume(self, batch: Mapping[str, Tensor], outputs: Any) -> None:
         from fastsel.fisher import fisher_terms_from_logits
@@ -226,7 +252,8 @@ class FisherConsumer:
         self.acc.backward(terms)
 
     def state_dict(self) -> dict:
-        return {k: ({n: t.detach().cpu().clone() for n, t in v.items()} if k == "sums" else v)
+        cpu = lambda d: {n: t.detach().cpu().clone() for n, t in d.items()}  # noqa: E731
+        return {k: (cpu(v) if k == "sums" else [cpu(g) for g in v] if k == "group_sums" else v)
                 for k, v in self.acc.state_dict().items()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -262,6 +289,11 @@ class FisherConsumer:
         count = torch.tensor([float(self.acc.num_examples)], dtype=torch.float64, device=self.acc.sums[names[0]].device)
         all_reduce_sum_([count], group)
         self.acc.num_examples = int(count.item())
+        if self.groups:
+            all_reduce_sum_([g[n] for g in self.acc.group_sums for n in names], group)
+            counts = torch.tensor(self.acc.group_counts, dtype=torch.float64, device=count.device)
+            all_reduce_sum_([counts], group)
+            self.acc.group_counts = [int(c) for c in counts.tolist()]
         fallback = all_gather_objects(sorted(self.acc.fallback_params), group)
         self.acc.fallback_params = set().union(*map(set, fallback))
 
@@ -270,7 +302,42 @@ class FisherConsumer:
 
         res = FisherResult(self.acc.mean(), self.acc.num_examples, self.mode, tuple(sorted(self.acc.fallback_params)))
         cfg = self.ctx.config
-        return fisher_scores(res, self.ctx.model, self.ctx.layer_map, model_name=cfg.model, task=self.ctx.task.name, split=cfg.split)
+        scores = fisher_scores(res, self.ctx.model, self.ctx.layer_map, model_name=cfg.model, task=self.ctx.task.name, split=cfg.split)
+        if self.groups:
+            scores.info["ranking_confidence"] = self.confidence(scores)
+        return scores
+
+    def group_scores(self, groups: list[int], group_sums: list[dict[str, Tensor]] | None = None,
+                     group_counts: list[int] | None = None) -> list[float]:
+        """Layer scores of the examples of ``groups`` alone (their sums in float64 over their count)."""
+        from fastsel.fisher import layer_statistics
+
+        group_sums = self.acc.group_sums if group_sums is None else group_sums
+        group_counts = self.acc.group_counts if group_counts is None else group_counts
+        n = sum(group_counts[g] for g in groups)
+        if n == 0:
+            raise ValueError(f"no examples in groups {groups}")
+        diag = {name: sum(group_sums[g][name].double() for g in groups) / n for name in self.acc.sums}
+        layers, _ = layer_statistics(diag, self.ctx.model, self.ctx.layer_map)
+        return [l["score"] for l in layers]
+
+    def stability_scores(self, active: bool) -> Callable[[list[int]], list[float]]:
+        """Mid-pass: scores_of(groups) on the groups so far, reduced over the ranks (copies; this rank's
+        accumulators are untouched)."""
+        names = sorted(self.acc.sums)
+        sums = [{n: g[n].detach().clone() for n in names} for g in self.acc.group_sums]
+        counts = list(self.acc.group_counts)
+        if active:
+            all_reduce_sum_([g[n] for g in sums for n in names])
+            c = torch.tensor(counts, dtype=torch.float64, device=sums[0][names[0]].device)
+            all_reduce_sum_([c])
+            counts = [int(v) for v in c.tolist()]
+        return lambda groups: self.group_scores(groups, sums, counts)
+
+    def confidence(self, scores: LayerScores) -> dict:
+        from fastsel.confidence import confidence_from_groups
+
+        return confidence_from_groups([l.score for l in scores.layers], self.group_scores, self.groups, True)
 
 
 register_consumer("fisher", FisherConsumer)
@@ -429,15 +496,20 @@ def run_pass(
     plan = plan_batches(lengths, batch_size=cfg.batch_size, max_tokens=pcfg.max_tokens, bucket=pcfg.bucket, seed=cfg.seed)
     mine = shard_batches(plan, env.rank, env.world_size)
     settings = pass_settings(cfg, pcfg, corpus.key, env.world_size)
+    if pcfg.until_stable:
+        settings["until_stable"] = [pcfg.stable_tau, pcfg.check_every, pcfg.stable_checks]
     ckpt = rank_file(pcfg.checkpoint, env.rank, env.world_size) if pcfg.checkpoint else None
 
     cursor, examples, saved = 0, 0, None
+    stable = _StabilityWatch(ctx, consumers, env, plan) if pcfg.until_stable else None
     if ckpt is not None and pcfg.resume:
         state = load_checkpoint(ckpt, settings)
         if state is not None:
             for c in consumers:
                 c.load_state_dict(state["consumers"][c.name])
             cursor, examples = int(state["cursor"]), int(state["examples"])
+            if stable is not None:
+                stable.load_state_dict(state.get("extra", {}).get("until_stable", {}))
             saved = cursor
             print(f"fastsel: rank {env.rank} resumes at batch {cursor}/{len(mine)} ({examples} examples done) from {ckpt}",
                   file=sys.stderr)
@@ -449,14 +521,16 @@ def run_pass(
         if ckpt is not None:
             saved = cursor
             save_checkpoint(ckpt, settings=settings, cursor=cursor, examples=examples,
-                            consumers={c.name: c.state_dict() for c in consumers}, complete=complete)
+                            consumers={c.name: c.state_dict() for c in consumers}, complete=complete,
+                            extra={"until_stable": stable.state_dict()} if stable is not None else None)
 
     every = max(1, math.ceil(pcfg.checkpoint_every / env.world_size))  # per rank
     total = int(sum(len(b) for b in mine))
     model = ctx.model
     was_training = model.training
     model.eval()
-    reader = BatchReader(corpus, ctx.tokenizer, mine, start=cursor, prefetch=pcfg.prefetch,
+    start_at = len(mine) if stable is not None and stable.stopped else cursor  # a stopped run stays stopped
+    reader = BatchReader(corpus, ctx.tokenizer, mine, start=start_at, prefetch=pcfg.prefetch,
                          pin_memory=ctx.device.type == "cuda")
     tokens, since_save = 0, 0
     start = time.perf_counter()
@@ -480,6 +554,8 @@ def run_pass(
                 elapsed = time.perf_counter() - start
                 if elapsed > 0:
                     bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s", refresh=False)
+                if stable is not None and stable.due(cursor) and stable.check(cursor, examples):
+                    break
                 if since_save >= every and cursor < len(mine):
                     save()
                     since_save = 0
@@ -494,7 +570,87 @@ def run_pass(
     stats = {"batches": len(plan), "seconds_pass": round(seconds, 3), "tokens_this_run_rank0": tokens,
              "padding_fraction": round(pad["padding_fraction"], 5), "world_size": env.world_size,
              "max_tokens": pcfg.max_tokens, "bucket": pcfg.bucket, "autocast": pcfg.autocast}
+    if stable is not None:
+        stats["until_stable"] = stable.report(len(corpus))
     return PassResult(consumers, examples, stats)
+
+
+class _StabilityWatch:
+    """--until-stable: every ``check_every`` examples (a fixed number of batches per rank, the same points on
+    every rank and on resume), the ranking of each consumer on the groups so far (reduced over the ranks):
+    stable when, for every consumer, Kendall tau between the halves >= stable_tau and the top-3 set of the
+    ranking on all groups is the same over the last ``stable_checks`` checks."""
+
+    def __init__(self, ctx: PipelineContext, consumers: list[BatchConsumer], env: DistEnv, plan: list) -> None:
+        from fastsel.confidence import halves
+
+        self.ctx, self.consumers, self.env = ctx, consumers, env
+        self.pcfg = ctx.pipeline
+        self.k = confidence_groups(ctx.config)
+        if self.k < 2:
+            raise ValueError("fastsel: --until-stable needs the ranking confidence (--confidence-groups K >= 2, not 0)")
+        for c in consumers:
+            if not hasattr(c, "stability_scores"):
+                raise ValueError(f"fastsel: --until-stable: metric {c.name!r} has no ranking confidence")
+        self.halves = halves(self.k)
+        total = max(1, ctx.num_examples)
+        per_batch = total / max(1, len(plan))
+        self.batches = max(1, round(self.pcfg.check_every / per_batch / env.world_size))  # per rank, per check
+        self.last = len(plan) // env.world_size  # every rank has at least this many batches
+        self.history: list[dict[str, Any]] = []
+        self.stopped = False
+
+    def due(self, cursor: int) -> bool:
+        return cursor % self.batches == 0 and cursor <= self.last
+
+    def check(self, cursor: int, examples: int) -> bool:
+        """One check (a collective under torchrun); True: stop now."""
+        from fastsel.confidence import _ranking, kendall_tau_b
+
+        entry: dict[str, Any] = {"batches_per_rank": cursor}
+        ok = True
+        for c in self.consumers:
+            scores_of = c.stability_scores(self.env.active)  # type: ignore[attr-defined]
+            try:
+                full, a, b = scores_of(list(range(self.k))), scores_of(self.halves[0]), scores_of(self.halves[1])
+                tau = kendall_tau_b(a, b)
+                from fastsel.scoring import METRICS
+
+                hib = METRICS[c.name].higher_is_better if c.name in METRICS else True
+                top = sorted(_ranking(full, hib)[:3])
+            except ValueError:  # too few examples per class in a half
+                tau, top = float("nan"), None
+            entry[c.name] = {"kendall_tau_halves": None if math.isnan(tau) else round(tau, 6), "top3": top}
+            recent = [h[c.name]["top3"] for h in self.history[-(self.pcfg.stable_checks - 1):]] if self.pcfg.stable_checks > 1 else []
+            ok = ok and not math.isnan(tau) and tau >= self.pcfg.stable_tau and top is not None and \
+                len(recent) == self.pcfg.stable_checks - 1 and all(r == top for r in recent)
+        flag = torch.tensor([1.0 if ok else 0.0, float(examples)], dtype=torch.float64, device=self.ctx.device)
+        if self.env.active:  # every rank takes the same decision
+            all_reduce_sum_([flag])
+        ok = float(flag[0]) > 0
+        entry["examples"] = int(flag[1])
+        self.history.append(entry)
+        self.stopped = ok
+        return ok
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "stopped": self.stopped}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+        self.stopped = bool(state.get("stopped", False))
+
+    def report(self, total: int) -> dict[str, Any]:
+        used = self.history[-1]["examples"] if self.stopped else total
+        d = {"stable": self.stopped, "reached_end": not self.stopped, "examples_used": used, "examples_available": total,
+             "stable_tau": self.pcfg.stable_tau, "check_every": self.pcfg.check_every,
+             "stable_checks": self.pcfg.stable_checks, "checks": self.history}
+        if not self.stopped and self.env.is_main:
+            print(f"fastsel: note: --until-stable reached the end of the data ({total} examples) before the ranking was "
+                  f"stable (Kendall tau between halves >= {self.pcfg.stable_tau} and the top-3 unchanged over "
+                  f"{self.pcfg.stable_checks} checks); the scores use all of it", file=sys.stderr)
+            d["note"] = "reached the end of the data before the ranking was stable"
+        return d
 
 
 def output_path(path: str | os.PathLike, metric: str, num_metrics: int) -> Path:
@@ -541,6 +697,8 @@ def run_pipeline(
     from fastsel.distributed import PeerFailure
     from fastsel.scoring import apply_length_limit
 
+    if pcfg.until_stable and confidence_groups(cfg) < 2:
+        raise ValueError("fastsel: --until-stable needs the ranking confidence (--confidence-groups K >= 2, not 0)")
     limit = apply_length_limit(cfg)  # before the corpus key: the cache holds the clamped lengths
     env = init_distributed(cfg.device, pcfg.dist_timeout)
     try:
@@ -585,7 +743,9 @@ def _run_pipeline(cfg: Any, pcfg: PipelineConfig, env: DistEnv, names: list[str]
         s.info.setdefault("max_length_limit", limit)
         s.info.setdefault("seconds", seconds)
         s.info.setdefault("config", json.loads(cfg.to_json()))
-        s.info.setdefault("pipeline", result.stats)
+        s.info.setdefault("pipeline", {k: v for k, v in result.stats.items() if k != "until_stable"})
+        if "until_stable" in result.stats:
+            s.info["until_stable"] = result.stats["until_stable"]
     if env.is_main:
         for name, s in scores.items():
             if out:

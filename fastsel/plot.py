@@ -9,6 +9,17 @@ from fastsel.scores import LayerScores
 __all__ = ["plot_layer_scores", "plot_layer_curves"]
 
 
+def _error_bars(scores: LayerScores):
+    """(2, L) distances below/above each score of its ranking-confidence interval, or None."""
+    conf = scores.info.get("ranking_confidence")
+    if not isinstance(conf, dict) or "layers" not in conf:
+        return None
+    iv = {d["layer"]: d["score_interval"] for d in conf["layers"]}
+    below = [max(0.0, s.score - iv[s.layer][0]) for s in scores.layers]
+    above = [max(0.0, iv[s.layer][1] - s.score) for s in scores.layers]
+    return [below, above]
+
+
 def plot_layer_scores(
     scores: LayerScores,
     path: str | os.PathLike,
@@ -31,7 +42,7 @@ def plot_layer_scores(
     best = set(scores.ranking[:highlight])
     colors = ["#1f4e79" if l in best else "#9dc3e6" for l in layers]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(layers) + 2), 3.6), dpi=120)
-    ax.bar(layers, values, color=colors)
+    ax.bar(layers, values, color=colors, yerr=_error_bars(scores), capsize=3, ecolor="#444444")
     ax.set_xticks(layers)
     ax.set_xlabel("layer (block index)")
     ax.set_ylabel(ylabel or f"{scores.metric} score")
@@ -70,7 +81,11 @@ def plot_layer_curves(
     layers = [s.layer for s in scores.layers]
     values = [s.score for s in scores.layers]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(layers) + 2.5), 3.6), dpi=120)
-    ax.plot(layers, values, color="#1f4e79", marker="o", label=scores.metric)
+    yerr = _error_bars(scores)
+    if yerr is not None:
+        ax.errorbar(layers, values, yerr=yerr, color="#1f4e79", marker="o", capsize=3, label=scores.metric)
+    else:
+        ax.plot(layers, values, color="#1f4e79", marker="o", label=scores.metric)
     if dashed_key and all(dashed_key in s.values for s in scores.layers):
         ax.plot(layers, [s.values[dashed_key] for s in scores.layers], color="#1f4e79", ls="--", alpha=0.6, label=dashed_key)
     best = scores.ranking[0] if scores.layers else None

@@ -5,7 +5,14 @@ scores.json::
     {"metric", "model", "task", "split", "num_examples", "mode",
      "layers": [{"layer": l, "name": ..., "num_params": ..., "score": ..., "trace": ...}, ...],  # l = 0..L-1
      "ranking": [layer indices, best first],
-     "extra": {"embeddings": {...}, "head": {...}, ...}}
+     "extra": {"embeddings": {...}, "head": {...}, ...},
+     "ranking_confidence": {"method": "jackknife over K groups of examples", "groups": K, "halves": [[..], [..]],
+                            "kendall_tau_halves": tau, "topk_agreement_halves": {"1": .., "2": .., "3": ..},
+                            "interval": ..., "layers": [{"layer", "score_interval": [lo, hi],
+                                                         "rank_interval": [best, worst]}, ...]}}
+
+(``ranking_confidence``: streamed Fisher and variability runs, see fastsel.confidence; {"method", "groups",
+"unavailable": reason} when a subset of the groups cannot be scored.)
 
 Metrics where lower is better (the variability ratio) rank ascending; ``higher_is_better`` says which.
 """
@@ -136,10 +143,17 @@ class LayerScores:
         rank = {l: r + 1 for r, l in enumerate(self.ranking)}
         has_params = any(s.num_params is not None for s in self.layers)
         has_trace = any(s.trace is not None for s in self.layers)
-        head = ["layer", "rank", "score"] + (["trace"] if has_trace else []) + (["params"] if has_params else []) + ["name"]
+        conf = self.info.get("ranking_confidence")
+        per_layer = {d["layer"]: d for d in conf["layers"]} if isinstance(conf, dict) and "layers" in conf else {}
+        head = ["layer", "rank", "score"] + (["+-", "rank interval"] if per_layer else [])
+        head += (["trace"] if has_trace else []) + (["params"] if has_params else []) + ["name"]
         rows = []
         for s in self.layers:
             row = [str(s.layer), str(rank[s.layer]), f"{s.score:.6g}"]
+            if per_layer:
+                lo, hi = per_layer[s.layer]["score_interval"]
+                r0, r1 = per_layer[s.layer]["rank_interval"]
+                row += [f"{(hi - lo) / 2:.2g}", f"{r0}-{r1}" if r0 != r1 else f"{r0}"]
             if has_trace:
                 row.append("" if s.trace is None else f"{s.trace:.6g}")
             if has_params:
@@ -147,7 +161,7 @@ class LayerScores:
             rows.append(row + [s.name])
         for group, stats in self.extra.items():
             if isinstance(stats, dict) and "score" in stats:
-                row = [group, "-", f"{stats['score']:.6g}"]
+                row = [group, "-", f"{stats['score']:.6g}"] + (["", ""] if per_layer else [])
                 if has_trace:
                     row.append(f"{stats['trace']:.6g}" if "trace" in stats else "")
                 if has_params:
@@ -162,4 +176,13 @@ class LayerScores:
         lines.append("ranking (best first): " + " ".join(map(str, self.ranking)))
         if "l_star" in self.info:
             lines.append(f"l* = {self.info['l_star']}")
+        if isinstance(conf, dict):
+            from fastsel.confidence import format_confidence
+
+            lines.append(format_confidence(conf))
+        us = self.info.get("until_stable")
+        if isinstance(us, dict):
+            lines.append(f"until-stable: stable after {us['examples_used']} of {us['examples_available']} examples" if us["stable"]
+                         else f"until-stable: reached the end of the data ({us['examples_available']} examples) before "
+                              f"the ranking was stable; all of it used")
         return "\n".join(lines)

@@ -121,6 +121,9 @@ class ScoreConfig:
             raise ValueError(f"fastsel: seed must be in 0..2**63-1, got {self.seed}")
         if self.max_length < 2:
             raise ValueError(f"fastsel: max_length must be >= 2, got {self.max_length}")
+        k = self.options.get("confidence_groups", 4)
+        if not isinstance(k, int) or isinstance(k, bool) or not (k == 0 or k >= 2):
+            raise ValueError(f"fastsel: confidence_groups (--confidence-groups) must be 0 (off) or an integer >= 2, got {k!r}")
         if self.num_examples is not None and self.num_examples < 1:
             raise ValueError(f"fastsel: num_examples must be >= 1, got {self.num_examples}")
         if self.task == "custom":

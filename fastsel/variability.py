@@ -452,25 +452,48 @@ class VariabilityConsumer:
         if self.variant not in VARIANTS:
             raise ValueError(f"fastsel: unknown variant {self.variant!r}; choose from {VARIANTS}")
         self.stats = ClassStatistics(ctx.layer_map.num_layers + 1, ctx.task.num_labels)
+        from fastsel.pipeline import confidence_groups
+
+        # ranking confidence (fastsel.confidence): one set of class statistics per group of examples
+        self.groups = confidence_groups(ctx.config)
+        self.group_stats = [ClassStatistics(ctx.layer_map.num_layers + 1, ctx.task.num_labels) for _ in range(self.groups)]
         self._mask: Tensor | None = None
         self._labels: Tensor | None = None
+        self._rows: list[tuple[int, Tensor]] = []
 
     def _tap(self, index: int, hidden: Tensor) -> None:
         self.stats.update(index, hidden, self._mask, self._labels)  # type: ignore[arg-type]
+        for k, idx in self._rows:
+            self.group_stats[k].update(index, hidden.index_select(0, idx), self._mask.index_select(0, idx),  # type: ignore[union-attr]
+                                       self._labels.index_select(0, idx))  # type: ignore[union-attr]
 
     @contextlib.contextmanager
     def capture(self, batch: Mapping[str, Tensor]) -> Iterator["VariabilityConsumer"]:
         _check_labels(batch)
         self._mask, self._labels = pool_mask(batch, self.pooling), batch["labels"].long()
+        self._rows = []
+        if self.groups:
+            from fastsel.confidence import group_ids
+
+            gid = group_ids(batch["index"], self.groups)
+            for k in range(self.groups):
+                idx = (gid == k).nonzero().flatten()
+                if idx.numel():
+                    self._rows.append((k, idx))
         with layer_taps(self.ctx.model, self.ctx.layer_map, self._tap):
             yield self
 
     def consume(self, batch: Mapping[str, Tensor], outputs: Any) -> None:
         self.stats.num_examples += int(batch["input_ids"].shape[0])
         self.stats.num_skipped += int((self._mask.sum(1) == 0).sum())  # type: ignore[union-attr]
+        for k, idx in self._rows:
+            self.group_stats[k].num_examples += int(idx.numel())
 
     def state_dict(self) -> dict[str, Any]:
-        return self.stats.state_dict()
+        state = self.stats.state_dict()
+        if self.groups:
+            state["groups"] = [g.state_dict() for g in self.group_stats]
+        return state
 
     def finite_flag(self) -> Tensor | None:
         """0-dim bool tensor: every class statistic is finite (checked by the pass, one sync per batch)."""
@@ -489,28 +512,74 @@ class VariabilityConsumer:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.stats.load_state_dict(state, self.ctx.device)
+        if self.groups:
+            saved = state.get("groups")
+            if saved is None or len(saved) != self.groups:
+                raise ValueError("fastsel: the checkpoint has no (or other) per-group class statistics")
+            for g, st in zip(self.group_stats, saved):
+                g.load_state_dict(st, self.ctx.device)
 
     def all_reduce(self, group: Any = None) -> None:
         from fastsel.distributed import all_merge_class_stats, all_reduce_sum_
 
-        st = self.stats
+        for st in [self.stats, *self.group_stats]:
+            self._fill_empty(st)
+            for i in range(st.num_layers):
+                st.count[i], st.mean[i], st.m2[i] = all_merge_class_stats(st.count[i], st.mean[i], st.m2[i], group)
+            counters = torch.tensor([st.num_examples, st.num_skipped], dtype=torch.float64, device=self.ctx.device)
+            all_reduce_sum_([counters], group)
+            st.num_examples, st.num_skipped = (int(v) for v in counters.tolist())
+
+    def _fill_empty(self, st: ClassStatistics) -> None:
+        """Layers without data (a rank or group that saw none) get empty classes."""
         width = int(getattr(self.ctx.model.config, "hidden_size", 0) or getattr(self.ctx.model.config, "dim"))
         for i in range(st.num_layers):
-            if st.count[i] is None:  # this rank saw no data: it contributes empty classes
+            if st.count[i] is None:
                 st.count[i] = torch.zeros(st.num_classes, dtype=torch.float64, device=self.ctx.device)
                 st.mean[i] = torch.zeros(st.num_classes, width, dtype=st.dtype, device=self.ctx.device)
                 st.m2[i] = torch.zeros(st.num_classes, width, width, dtype=st.dtype, device=self.ctx.device)
-            st.count[i], st.mean[i], st.m2[i] = all_merge_class_stats(st.count[i], st.mean[i], st.m2[i], group)
-        counters = torch.tensor([st.num_examples, st.num_skipped], dtype=torch.float64, device=self.ctx.device)
-        all_reduce_sum_([counters], group)
-        st.num_examples, st.num_skipped = (int(v) for v in counters.tolist())
+
+    def stability_scores(self, active: bool):
+        """Mid-pass (--until-stable): scores_of(groups) on the groups so far, merged over the ranks (copies)."""
+        from fastsel.distributed import all_merge_class_stats
+
+        copies = []
+        for g in self.group_stats:
+            self._fill_empty(g)
+            c = ClassStatistics(g.num_layers, g.num_classes, g.dtype)
+            for i in range(g.num_layers):
+                t = tuple(x.clone() for x in g.layer(i))
+                c.count[i], c.mean[i], c.m2[i] = all_merge_class_stats(*t, None) if active else t
+            copies.append(c)
+        return lambda groups: self.group_scores(groups, copies)
+
+    def group_scores(self, groups: list[int], group_stats: list[ClassStatistics] | None = None) -> list[float]:
+        """nu of blocks 0..L-1 on the examples of ``groups`` alone (their class statistics merged exactly)."""
+        from fastsel.pipeline import merge_class_stats
+
+        group_stats = self.group_stats if group_stats is None else group_stats
+        out = []
+        for i in range(1, self.stats.num_layers):
+            merged = None
+            for g in groups:
+                self._fill_empty(group_stats[g])
+                part = group_stats[g].layer(i)
+                merged = part if merged is None else merge_class_stats(*merged, *part)
+            out.append(variability_ratio(*merged, variant=self.variant)["nu"])  # type: ignore[misc]
+        return out
 
     def result(self) -> "LayerScores":
         if self.stats.num_examples == 0:
             raise ValueError("fastsel: no examples to compute the variability ratio on (empty data)")
         cfg = self.ctx.config
-        return variability_layer_scores(self.stats, self.ctx.layer_map, variant=self.variant, pooling=self.pooling,
-                                        model_name=cfg.model, task=self.ctx.task.name, split=cfg.split)
+        scores = variability_layer_scores(self.stats, self.ctx.layer_map, variant=self.variant, pooling=self.pooling,
+                                          model_name=cfg.model, task=self.ctx.task.name, split=cfg.split)
+        if self.groups:
+            from fastsel.confidence import confidence_from_groups
+
+            scores.info["ranking_confidence"] = confidence_from_groups([l.score for l in scores.layers], self.group_scores,
+                                                                       self.groups, False)
+        return scores
 
 
 # --------------------------------------------------------------------------------------------------

@@ -56,6 +56,14 @@ def _close(a: dict, b: dict, rtol: float = 1e-5) -> None:
                                    torch.tensor([y["score"], y.get("trace", 0.0)], dtype=torch.float64), rtol=rtol, atol=0)
     for g in a["extra"]:
         torch.testing.assert_close(a["extra"][g]["score"], b["extra"][g]["score"], rtol=rtol, atol=0)
+    # ranking confidence: per-group accumulators summed / merged exactly over the ranks
+    ca, cb = a["ranking_confidence"], b["ranking_confidence"]
+    assert ca["groups"] == cb["groups"] and ca["topk_agreement_halves"] == cb["topk_agreement_halves"]
+    assert ca["kendall_tau_halves"] == pytest.approx(cb["kendall_tau_halves"], abs=1e-9)
+    assert [x["rank_interval"] for x in ca["layers"]] == [x["rank_interval"] for x in cb["layers"]]
+    torch.testing.assert_close(torch.tensor([x["score_interval"] for x in ca["layers"]], dtype=torch.float64),
+                               torch.tensor([x["score_interval"] for x in cb["layers"]], dtype=torch.float64),
+                               rtol=1e-4, atol=1e-12)
 
 
 @pytest.mark.parametrize("max_tokens", [None, 120])

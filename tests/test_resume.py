@@ -48,7 +48,7 @@ def _core(path: Path) -> dict:
     out = {}
     for metric in ("fisher", "variability"):
         d = json.loads(output_path(path, metric, 2).read_text())
-        out[metric] = {k: d[k] for k in ("layers", "ranking", "extra", "num_examples", "mode")}
+        out[metric] = {k: d[k] for k in ("layers", "ranking", "extra", "num_examples", "mode", "ranking_confidence")}
     return out
 
 
