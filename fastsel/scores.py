@@ -136,6 +136,19 @@ class LayerScores:
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "LayerScores":
+        """:meth:`from_json` for files from users: anything that is not a scores.json is a one-line ValueError
+        naming the file."""
+        try:
+            return cls.from_json(path)
+        except UnicodeDecodeError:
+            raise ValueError(f"fastsel: {path}: not a scores.json (not UTF-8 text)") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"fastsel: {path}: not a scores.json (malformed JSON: {exc.msg} at line {exc.lineno})") from None
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"fastsel: {path}: not a scores.json ({type(exc).__name__}: {exc})") from None
+
     # -- display -----------------------------------------------------------------------------------
 
     def table(self) -> str:

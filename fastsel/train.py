@@ -749,9 +749,7 @@ def _score_for(job: FinetuneJob, metric: str, model, tokenizer, layer_map, train
     from fastsel.scores import LayerScores
 
     if job.scores_path:
-        from fastsel.tune_cli import read_scores
-
-        return read_scores(job.scores_path)
+        return LayerScores.read(job.scores_path)
     if metric in ("fisher", "scores"):
         from fastsel.data import make_dataloader
         from fastsel.fisher import fisher_layer_scores

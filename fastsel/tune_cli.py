@@ -34,14 +34,7 @@ def read_scores(path: str):
     """A scores.json as LayerScores; a file that is not one is a one-line ValueError naming it."""
     from fastsel.scores import LayerScores
 
-    try:
-        return LayerScores.from_json(path)
-    except UnicodeDecodeError:
-        raise ValueError(f"fastsel: {path}: not a scores.json (not UTF-8 text)") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"fastsel: {path}: not a scores.json (malformed JSON: {exc.msg} at line {exc.lineno})") from None
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"fastsel: {path}: not a scores.json ({type(exc).__name__}: {exc})") from None
+    return LayerScores.read(path)
 
 
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:

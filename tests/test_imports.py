@@ -16,8 +16,6 @@ KNOWN_CYCLES: set[frozenset[str]] = {
     # scoring registers the metrics by importing them at its bottom; they import scoring and pipeline back
     frozenset({"fastsel.scoring", "fastsel.pipeline", "fastsel.stream", "fastsel.distributed", "fastsel.variability",
                "fastsel.probing"}),
-    # train's __main__-style entry reaches the CLI helpers, which import train
-    frozenset({"fastsel.train", "fastsel.tune_cli"}),
 }
 
 
