@@ -43,3 +43,30 @@ def _private_token_cache(tmp_path_factory):
         os.environ.pop("FASTSEL_CACHE", None)
     else:
         os.environ["FASTSEL_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, minilm_path):
+    """A tiny random BERT saved with MiniLM's tokenizer (tests/stream_helpers.save_tiny_bert), once per module."""
+    from stream_helpers import save_tiny_bert
+
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private token cache folder for one test (FASTSEL_CACHE)."""
+    monkeypatch.setenv("FASTSEL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Environment of the fastsel subprocesses a test starts: this checkout first on PYTHONPATH, a private
+    token cache, one thread (a tiny model: threads only add contention), no hub."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    e["FASTSEL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    e["OMP_NUM_THREADS"] = "1"
+    e["HF_HUB_OFFLINE"] = "1"
+    return e

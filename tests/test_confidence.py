@@ -20,20 +20,12 @@ from fastsel.scoring import ScoreConfig
 from fastsel.stream import load_tokenized_corpus
 from fastsel.variability import VariabilityConsumer, variability_ratio
 
-from stream_helpers import save_tiny_bert
 
 N = 80
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, minilm_path):
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path)
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTSEL_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def _setup(tiny_dir, data_dir, pcfg=None, **kw):

@@ -18,7 +18,6 @@ import torch.multiprocessing as mp
 from fastsel.pipeline import PipelineConfig, output_path, run_pipeline
 from fastsel.scoring import ScoreConfig
 
-from stream_helpers import save_tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
 N = 90
@@ -30,9 +29,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, minilm_path):
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path)
 
 
 def _cfg(tiny_dir, data_dir, metric="fisher,variability"):

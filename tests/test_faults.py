@@ -20,25 +20,12 @@ import torch
 from fastsel.checkpoint import load_checkpoint, rank_file
 from fastsel.cli import main
 
-from stream_helpers import save_tiny_bert
 
-REPO = Path(__file__).resolve().parents[1]
 FAULTS = {"injected": 0}
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, minilm_path):
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    e["FASTSEL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    e["OMP_NUM_THREADS"] = "1"
-    e["HF_HUB_OFFLINE"] = "1"
-    return e
 
 
 def _args(tiny_dir, data_dir, *extra, n=400):

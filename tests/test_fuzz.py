@@ -32,7 +32,6 @@ from hypothesis import strategies as st  # noqa: E402
 from fastsel.cli import main  # noqa: E402
 from fastsel.data import load_custom_examples, load_examples  # noqa: E402
 
-from stream_helpers import save_tiny_bert  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCALE = float(os.environ.get("FASTSEL_FUZZ_SCALE", "1"))
@@ -315,9 +314,6 @@ def test_fuzz_custom_files(tmp_path_factory, spec, balanced, num):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, minilm_path):
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,20 +15,13 @@ from fastsel.pipeline import FisherConsumer, PipelineConfig, PipelineContext, me
 from fastsel.scoring import ScoreConfig
 from fastsel.stream import BatchReader, load_tokenized_corpus, padding_stats, plan_batches, shard_batches
 
-from stream_helpers import ClassMeanConsumer, batch_class_stats, pooled, save_tiny_bert
+from stream_helpers import ClassMeanConsumer, batch_class_stats, pooled
 
 N = 120
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, minilm_path):
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path)
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTSEL_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def _cfg(tiny_dir, data_dir, **kw):

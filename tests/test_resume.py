@@ -3,7 +3,6 @@ scores of an uninterrupted run, bit for bit; mismatched settings are refused; fi
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,24 +15,12 @@ import torch
 from fastsel.checkpoint import CheckpointMismatch, load_checkpoint, rank_file, save_checkpoint
 from fastsel.pipeline import output_path
 
-from stream_helpers import save_tiny_bert
 
-REPO = Path(__file__).resolve().parents[1]
 N = 600
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, minilm_path):
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    e["FASTSEL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    e.setdefault("OMP_NUM_THREADS", "1")  # tiny model: threads only add contention
-    return e
 
 
 def _cmd(tiny_dir, data_dir, out, *extra):
