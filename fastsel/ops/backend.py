@@ -174,7 +174,7 @@ def _table_choice(capability: str, dtype: str, shape_class: tuple[str, str, str]
     table = _table()
     for rule in table.get("rules", []):
         when = rule.get("when", {})
-        if when.get("capability", capability) != capability and when.get("capability") != "*":
+        if when.get("capability") not in (None, "*", capability):
             continue
         if dtype not in when.get("dtype", [dtype]):
             continue

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from fastsel.ops.backend import op_backend
 
-__all__ = ["as_btf", "check_out", "use_kernel", "REF_CHUNK_ELEMENTS"]
+__all__ = ["as_btf", "check_out", "check_linear_operands", "use_kernel", "REF_CHUNK_ELEMENTS"]
 
 REF_CHUNK_ELEMENTS = 1 << 24  # per-example gradients materialised at once by the references
 
@@ -31,3 +31,12 @@ def check_out(out: Tensor, shape: tuple[int, ...], ref: Tensor) -> None:
         raise ValueError(f"fastsel: out must have shape {shape}, got {tuple(out.shape)}")
     if out.device != ref.device:
         raise ValueError(f"fastsel: out is on {out.device} but grad_output is on {ref.device}")
+
+
+def check_linear_operands(grad_output: Tensor, input: Tensor) -> None:
+    """grad_output (B, ..., O) and input (B, ..., I) must agree in every dim but the last."""
+    if grad_output.dim() != input.dim() or grad_output.shape[:-1] != input.shape[:-1] or grad_output.dim() < 2:
+        raise ValueError(
+            f"fastsel: linear_sq_grad wants grad_output (B, ..., O) and input (B, ..., I) with equal leading "
+            f"dims, got {tuple(grad_output.shape)} and {tuple(input.shape)}"
+        )

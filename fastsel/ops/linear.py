@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fastsel.ops.backend import EXTENSION, choose_linear_backend
-from fastsel.ops.common import REF_CHUNK_ELEMENTS, as_btf, check_out
+from fastsel.ops.common import REF_CHUNK_ELEMENTS, as_btf, check_linear_operands, check_out
 
 __all__ = ["accumulate_linear_sq_grad", "accumulate_linear_sq_grad_bmm", "accumulate_linear_sq_grad_ref", "BMM_WORKSPACE_BYTES"]
 
@@ -61,11 +61,7 @@ def accumulate_linear_sq_grad_bmm(out: Tensor, grad_output: Tensor, input: Tenso
     uses the tensor cores), then out += sum_b P_b^2. T == 1 is one GEMM of squares, (g^2)^T (x^2).
     Operand dtypes as the CUDA kernels: half + fp32 is computed in the half type.
     """
-    if grad_output.dim() != input.dim() or grad_output.shape[:-1] != input.shape[:-1] or grad_output.dim() < 2:
-        raise ValueError(
-            f"fastsel: linear_sq_grad wants grad_output (B, ..., O) and input (B, ..., I) with equal leading "
-            f"dims, got {tuple(grad_output.shape)} and {tuple(input.shape)}"
-        )
+    check_linear_operands(grad_output, input)
     dtype = _operand_dtype(grad_output.dtype, input.dtype)
     positions = grad_output.shape[1:-1].numel()  # explicit: reshape cannot infer -1 when B == 0
     g = grad_output.reshape(grad_output.shape[0], positions, grad_output.shape[-1]).to(dtype)  # (B, T, O)
@@ -92,11 +88,7 @@ def accumulate_linear_sq_grad_bmm(out: Tensor, grad_output: Tensor, input: Tenso
 
 def accumulate_linear_sq_grad_ref(out: Tensor, grad_output: Tensor, input: Tensor) -> None:
     """Pure-torch twin of :func:`accumulate_linear_sq_grad`: materialises per-example gradients in chunks."""
-    if grad_output.dim() != input.dim() or grad_output.shape[:-1] != input.shape[:-1]:
-        raise ValueError(
-            f"fastsel: linear_sq_grad wants grad_output (B, ..., O) and input (B, ..., I) with equal leading "
-            f"dims, got {tuple(grad_output.shape)} and {tuple(input.shape)}"
-        )
+    check_linear_operands(grad_output, input)
     g, x = as_btf(grad_output), as_btf(input)
     check_out(out, (g.shape[-1], x.shape[-1]), grad_output)
     chunk = max(1, REF_CHUNK_ELEMENTS // max(1, g.shape[-1] * x.shape[-1]))
