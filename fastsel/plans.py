@@ -28,7 +28,8 @@ lowest Fisher score; needs a Fisher scores.json), ``top-K`` / ``bottom-K`` (any 
 ``lstar-down-N-trunc`` = (l*-N+1, l*, l*); ``lstar-up`` = (l*+1, L-1, L-1); ``lstar-prefix`` = (0, l*, l*)
 (l* from a variability scores.json: its top-level ``l_star``, else its best-ranked block);
 ``position-top-K`` = (L-K, L-1, L-1); ``middle-N`` / ``middle-N-trunc`` = (m-N+1, m, L-1) / (.., m, m) with
-m = L // 2 (Xie's l_mid = 13 of 24, 1-based); ``spafit-N1-N2-i`` / ``spafit-N1-N2-ii``.
+m = L // 2 (Xie's l_mid = 13 of 24, 1-based); ``random-K`` / ``random-K-sS`` (K blocks drawn at random,
+draw S: the control for score-selected blocks); ``spafit-N1-N2-i`` / ``spafit-N1-N2-ii``.
 Layer-selecting strategies tune the selected blocks with ``tuner`` (``full`` by default, ``adapter`` for
 adapter-tuning, or ``bitfit`` / ``lora``).
 
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping
@@ -599,6 +601,16 @@ def _position_top(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     return triple_plan(args, L - k, L - 1, L - 1)
 
 
+def _random(args: StrategyArgs, groups: dict[str, str]) -> Plan:
+    # A control for score-selected blocks: K blocks drawn uniformly without replacement. The draw depends only
+    # on (L, K, S), so that a run is reproducible and "averaged over draws" means averaging over S.
+    k, L, draw = _k(groups), args.num_layers, int(groups.get("s") or 0)
+    if k > L:
+        raise PlanError(f"fastsel: K={k} > the number of blocks ({L})")
+    layers = sorted(random.Random(f"fastsel-random-{L}-{k}-{draw}").sample(range(L), k))
+    return _select(args, layers, k=k, draw=draw)
+
+
 def _explicit(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     return triple_plan(args, int(groups["b"]), int(groups["t"]), int(groups["h"]))
 
@@ -646,6 +658,8 @@ for _s in [
     Strategy("lstar-up", r"lstar-up", _lstar_up, "variability", "(l*+1, L-1, L-1)"),
     Strategy("lstar-prefix", r"lstar-prefix", _lstar_prefix, "variability", "(0, l*, l*)"),
     Strategy("position-top-K", r"position-top-(?P<k>\d+)", _position_top, help="the top K blocks (L-K, L-1, L-1)"),
+    Strategy("random-K[-sS]", r"random-(?P<k>\d+)(?:-s(?P<s>\d+))?", _random,
+             help="K blocks drawn at random (draw S, default 0): the control for score-selected blocks"),
     Strategy("middle-N[-trunc]", r"middle-(?P<n>\d+)(?P<trunc>-trunc)?", _middle, help="N blocks ending at the middle block L//2"),
     Strategy("layers-B-T-H", r"layers-(?P<b>\d+)-(?P<t>\d+)-(?P<h>\d+)", _explicit, help="explicit (l_bottom, l_top, l_head), 0-based"),
 ]:

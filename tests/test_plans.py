@@ -189,7 +189,20 @@ def test_lstar_strategies_from_variability_scores():
     assert build_plan("lstar-down-1", L, scores=variability([9, 7, 3, 1.5, 2, 4, 5, 6], l_star=5)).details["l_star"] == 5
 
 
+def test_random_k_draws_are_reproducible_distinct_and_cover_every_block():
+    draws = [build_plan(f"random-2-s{s}", 6).tuned_layers() for s in range(40)]
+    assert all(len(d) == 2 and len(set(d)) == 2 and all(0 <= l < 6 for l in d) for d in draws)
+    assert draws == [build_plan(f"random-2-s{s}", 6).tuned_layers() for s in range(40)]
+    assert build_plan("random-2", 6).tuned_layers() == draws[0]  # draw 0 by default
+    assert len({tuple(d) for d in draws}) > 5 and {l for d in draws for l in d} == set(range(6))
+    assert build_plan("random-6", 6).tuned_layers() == list(range(6))
+    p = build_plan("random-1-s3", 6, tuner="adapter")
+    assert p.strategy == "random-1-s3+adapter" and p.details["draw"] == 3 and p.blocks[p.tuned_layers()[0]].kind == "adapter"
+
+
 @pytest.mark.parametrize("name,kw,match", [
+    ("random-7", {}, "K=7"),
+    ("random-0", {}, "K must be >= 1"),
     ("layers-3-1-5", {}, "l_bottom=3 > l_top=1"),
     ("layers-0-2-9", {}, "l_head=9 out of range"),
     ("layers-2-4-3", {}, "l_top=4 > l_head=3"),
