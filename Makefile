@@ -56,7 +56,7 @@ bench-gpu: install
 # CUDA build without a GPU: a CUDA torch in $(CUDA_VENV) (installed once, stamp), fastsel built from a copy of
 # the sources in $(CUDA_SRC) (its ninja objects are kept there: later builds recompile what changed) with CUDA
 # kernels for $(CUDA_ARCHS), installed (not editable) into $(CUDA_VENV); then it fails unless the installed
-# fastsel loads its extension with a CUDA kernel for every op (python -m fastsel.info --require-cuda).
+# fastsel loads its extension with a CUDA kernel for every op (python -m fastsel.cli.info --require-cuda).
 $(CUDA_PY):
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_PY) -m pip install -q --upgrade pip

@@ -25,10 +25,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fastsel.data import get_task, load_examples, make_dataloader, tokenize_examples  # noqa: E402
-from fastsel.fisher import fisher_layer_scores  # noqa: E402
-from fastsel.models import load_model  # noqa: E402
-from fastsel.scoring import ScoreConfig, run_scoring  # noqa: E402
+from fastsel.data.tasks import get_task, load_examples, make_dataloader, tokenize_examples  # noqa: E402
+from fastsel.scores.fisher import fisher_layer_scores  # noqa: E402
+from fastsel.hf.loading import load_model  # noqa: E402
+from fastsel.pipeline.config import ScoreConfig
+from fastsel.pipeline.inmemory import run_scoring  # noqa: E402
 
 # (strategy, tuner, learning rate). Learning rates are fixed per family, not swept: the fewer trainable
 # parameters, the larger the rate (as in Xie et al. B.4 / SPAFIT A.2).

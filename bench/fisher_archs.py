@@ -77,8 +77,8 @@ def plain(model, batch) -> None:
 
 
 def fastsel(model, batch, capture_shared: bool = True) -> tuple[str, ...]:
-    from fastsel.fisher import fisher_diagonal
-    from fastsel.per_example import SquaredGradAccumulator
+    from fastsel.scores.fisher import fisher_diagonal
+    from fastsel.capture.per_example import SquaredGradAccumulator
 
     acc = SquaredGradAccumulator(model, capture_shared=capture_shared)
     return fisher_diagonal(model, [batch], mode="empirical", accumulator=acc).fallback_params

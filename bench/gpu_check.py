@@ -642,7 +642,7 @@ def diag_err(got: dict, ref: dict, zero_rel: float = 1e-14) -> float:
 
 
 def layer_traces(diag: dict, model) -> list[float]:
-    from fastsel.fisher import layer_statistics
+    from fastsel.scores.fisher import layer_statistics
 
     layers, extra = layer_statistics(diag, model)
     return [l["trace"] for l in layers] + [extra[k]["trace"] for k in sorted(extra)]
@@ -877,7 +877,8 @@ def _variability_check(run: Run, res: dict, model, batches: list[dict], bc) -> N
     """class_stats_update vs its reference on one layer's hidden states (autocast), float64 accumulators,
     two merges."""
     from fastsel import ops
-    from fastsel.variability import model_inputs, pool_mask
+    from fastsel.capture.taps import pool_mask
+    from fastsel.hf.io import model_inputs
 
     dev, layer = run.device, run.cfg["var_layer"]
     D = bc.hidden_size
@@ -899,7 +900,8 @@ def _variability_check(run: Run, res: dict, model, batches: list[dict], bc) -> N
 
 def section_variability(run: Run, res: dict) -> None:
     import peers
-    from fastsel.variability import accumulate_class_statistics, model_inputs
+    from fastsel.hf.io import model_inputs
+    from fastsel.scores.variability import accumulate_class_statistics
 
     dev, cfg = run.device, run.cfg
     bc = peers.BenchConfig(**cfg["bert"])
@@ -971,7 +973,8 @@ def section_profile(run: Run, res: dict) -> None:
     import peers
     from torch.profiler import ProfilerActivity, profile
 
-    from fastsel.variability import accumulate_class_statistics, model_inputs
+    from fastsel.hf.io import model_inputs
+    from fastsel.scores.variability import accumulate_class_statistics
 
     dev, cfg = run.device, run.cfg
     bc = peers.BenchConfig(**cfg["bert"])

@@ -189,7 +189,7 @@ step_tests() {
     # (tests about CUDA that only make sense without one, e.g. "--device cuda on a CPU-only torch", are
     # left out by name: they skip on a GPU by design)
     timeout "$t" python3 -m pytest -q -rs tests -k "cuda and not on_cpu_torch" -p no:cacheprovider --junitxml="$OUT/tests_cuda.xml" \
-        --ignore=tests/test_cuda_sources.py --ignore=tests/test_build.py --ignore=tests/test_gpu_check.py
+        --ignore=tests/extension
     rc=$?
     # fail on any failure, error or skip (a skipped CUDA test is an untested kernel), or no test at all
     python3 - "$OUT/tests_cuda.xml" <<'EOF'

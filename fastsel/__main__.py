@@ -1,5 +1,5 @@
 import sys
 
-from fastsel.cli import main
+from fastsel.cli.app import main
 
 sys.exit(main())

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import torch
 
-from fastsel.pipeline import CONSUMERS, PipelineContext, merge_class_stats, register_consumer
-from fastsel.scores import LayerScore, LayerScores
+from fastsel.pipeline.context import PipelineContext
+from fastsel.pipeline.registry import CONSUMERS, register_consumer
+from fastsel.scores.variability import merge_class_stats
+from fastsel.scores.layer_scores import LayerScore, LayerScores
 
 
 def save_tiny_bert(path: Path, minilm_path, hidden: int = 16, layers: int = 3, seed: int = 0) -> str:
@@ -78,7 +80,7 @@ class ClassMeanConsumer:
         self.stats, self.indices = state["stats"], list(state["indices"])
 
     def all_reduce(self, group=None) -> None:
-        from fastsel.distributed import all_gather_objects, all_merge_class_stats
+        from fastsel.pipeline.distributed import all_gather_objects, all_merge_class_stats
 
         self.stats = [all_merge_class_stats(*s, group=group) for s in self.stats]
         self.indices = [i for part in all_gather_objects(self.indices, group) for i in part]
@@ -91,8 +93,9 @@ class ClassMeanConsumer:
 
 
 def register_classmean() -> None:
-    """Register the test metric in fastsel.scoring.METRICS and the pipeline's CONSUMERS (idempotent)."""
-    from fastsel.scoring import METRICS, Metric, register_metric
+    """Register the test metric in fastsel.pipeline.registry (METRICS, CONSUMERS) (idempotent)."""
+    from fastsel.pipeline.registry import METRICS
+    from fastsel.pipeline.registry import Metric, register_metric
 
     if "classmean" not in METRICS:
         register_metric(Metric(name="classmean", run=lambda ctx: None, classification_only=True, help="test only"))

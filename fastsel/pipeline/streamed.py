@@ -1,0 +1,405 @@
+"""The scoring pass over large corpora: streamed batches, several metrics from one forward, several
+processes, checkpoints and resume.
+
+One pass feeds every *consumer* (one per metric) from the same forward::
+
+    for batch in BatchReader(corpus, schedule[rank::K], start=cursor):     # memory-mapped, bucketed, prefetched
+        with every consumer's capture(batch):                         # Fisher: per-example gradient hooks
+            outputs = model(**inputs, output_hidden_states=any needs) # under optional bf16/fp16 autocast
+            for c in consumers: c.consume(batch, outputs)             # no-backward consumers first
+        every M examples: checkpoint {consumer states, cursor}        # atomic, one file per rank
+    for c in consumers: c.all_reduce(group)                           # sums / exact merges over ranks
+    rank 0: c.result() -> LayerScores -> scores.json (atomic)
+
+A metric joins the pass by registering a consumer factory with :func:`register_consumer`; the Fisher
+consumer (around :class:`fastsel.per_example.SquaredGradAccumulator`) is registered here. Consumers that
+keep per-class statistics merge them exactly with :func:`merge_class_stats` (Chan et al.).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fastsel.data.corpus import BatchReader, TokenizedCorpus, load_tokenized_corpus, padding_stats, schedule_batches, shard_batches
+from fastsel.hf.io import eval_mode, logits_of, model_inputs
+from fastsel.hf.layer_map import LayerMap
+from fastsel.hf.loading import load_model, load_tokenizer
+from fastsel.pipeline.checkpoint import load_checkpoint, rank_file, save_checkpoint
+from fastsel.pipeline.checks import NonFiniteError, apply_length_limit, check_scores_finite
+from fastsel.pipeline.config import PipelineConfig
+from fastsel.pipeline.distributed import DistEnv, PeerFailure, all_reduce_sum_, barrier, init_distributed, shutdown_distributed
+from fastsel.pipeline.context import PipelineContext
+from fastsel.pipeline.registry import AUTOCAST, METRICS, BatchConsumer, CONSUMERS, confidence_groups
+from fastsel.scores.confidence import halves, kendall_tau_b, ranking_order
+from fastsel.scores.layer_scores import LayerScores
+from fastsel.utils.progress import progress_bar
+
+__all__ = ["run_pass", "run_pipeline", "PassResult", "pass_settings", "output_path"]
+
+
+
+def _first_nonfinite_parameter(model: nn.Module, layer_map: LayerMap) -> str | None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            kind = "NaN" if bool(torch.isnan(p).any()) else "Inf"
+            return f"parameter {name} ({layer_map.describe(name)}) holds {kind} in the model's weights"
+    return None
+
+def _first_nonfinite_output(ctx: "PipelineContext", batch: Mapping[str, Tensor], autocast: str) -> str | None:
+    """Re-run the batch's forward with hooks on the embeddings and every block: the first non-finite output."""
+    lm = ctx.layer_map
+    named = dict(ctx.model.named_modules())
+    modules = [("embeddings", lm.embeddings_name)] + [(f"block {l}", lm.block_name(l)) for l in range(lm.num_layers)]
+    found: list[str] = []
+    handles = []
+
+    def hook(where: str):
+        def fn(_m, _i, out):
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            if not found and isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                found.append(f"the output of {where}")
+        return fn
+
+    try:
+        for where, name in modules:
+            if name in named:
+                handles.append(named[name].register_forward_hook(hook(where)))
+        with torch.no_grad(), _autocast(ctx.device, autocast):
+            out = ctx.model(**model_inputs(batch))
+        if not found and not bool(torch.isfinite(logits_of(out)).all()):
+            found.append("the output of the head (logits)")
+    except Exception:  # noqa: BLE001 - diagnosis only
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+def _nonfinite_error(ctx: "PipelineContext", consumers: list, batch: Mapping[str, Tensor], batch_no: int, rank: int,
+                     world: int, autocast: str, logits_ok: bool, saved: int | None) -> ValueError:
+    """A fastsel.scoring.NonFiniteError (one line) naming the batch, the first layer/parameter affected, a remedy."""
+
+    what = "the accumulators" if logits_ok else "the logits/loss"
+    where = _first_nonfinite_parameter(ctx.model, ctx.layer_map)
+    if where is None and not logits_ok:
+        where = _first_nonfinite_output(ctx, batch, autocast)
+    if where is None:
+        for c in consumers:
+            probe = getattr(c, "first_nonfinite", None)
+            where = probe() if probe is not None else None
+            if where:
+                break
+    idx = batch["index"].tolist() if "index" in batch else []
+    shown = ",".join(map(str, idx[:4])) + (",..." if len(idx) > 4 else "")
+    rank_txt = f" of rank {rank}/{world}" if world > 1 else ""
+    if where and "weights" in where:
+        hint = "the model's weights are broken: reload or re-download the checkpoint (fp32 cannot fix them)"
+    elif autocast == "fp16":
+        hint = "try --autocast bf16 (fp16 overflows easily), or fp32 (--autocast none)"
+    elif autocast == "bf16":
+        hint = "try fp32 (--autocast none)"
+    else:
+        hint = "try fp32 (--autocast none) and check the model's weights and the inputs"
+    kept = f"; the checkpoint of batch {saved} is kept" if saved is not None else ""
+    return NonFiniteError(f"fastsel: non-finite values (NaN/Inf) in {what} at batch {batch_no}{rank_txt} (examples {shown}); "
+                          f"first affected: {where or 'unknown'}; no scores written{kept}; {hint}")
+
+def _autocast(device: torch.device, name: str) -> ContextManager[Any]:
+    dtype = AUTOCAST[name]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+def _step(model: nn.Module, consumers: list[BatchConsumer], batch: dict[str, Tensor], autocast: str,
+          device: torch.device) -> tuple[Tensor, Tensor]:
+    """One batch through the model, shared by all consumers (see the module docstring).
+
+    Returns two 0-dim bool tensors (not synchronised): the logits are finite, the accumulators are finite.
+    """
+    inputs = model_inputs(batch)
+    grad = any(c.needs_backward for c in consumers)
+    hidden = any(c.needs_hidden_states for c in consumers)
+    kwargs = {"output_hidden_states": True} if hidden else {}
+    with contextlib.ExitStack() as stack:
+        for c in consumers:
+            stack.enter_context(c.capture(batch))
+        with torch.set_grad_enabled(grad), _autocast(device, autocast):
+            outputs = model(**inputs, **kwargs)
+        # Statistics of the forward first: the backward of gradient consumers may free the graph's buffers.
+        logits_ok = torch.isfinite(logits_of(outputs).detach()).all()
+        for c in sorted(consumers, key=lambda c: c.needs_backward):
+            with torch.set_grad_enabled(c.needs_backward):
+                c.consume(batch, outputs)
+    flags = [f for f in (getattr(c, "finite_flag", lambda: None)() for c in consumers) if f is not None]
+    acc_ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=logits_ok.device)
+    return logits_ok, acc_ok
+
+def pass_settings(cfg: Any, pcfg: PipelineConfig, corpus_key: str, world_size: int) -> dict[str, Any]:
+    """Everything that decides the accumulators of a pass (the checkpoint fingerprint)."""
+    score = json.loads(cfg.to_json())
+    score.pop("device", None)  # a resumed run may move device; float results may then differ slightly
+    return {"score": score, "max_tokens": pcfg.max_tokens, "bucket": pcfg.bucket, "autocast": pcfg.autocast,
+            "corpus": corpus_key, "world_size": world_size}
+
+@dataclass
+class PassResult:
+    """consumers (reduced over ranks), examples seen by this rank, batch/padding statistics, timings."""
+
+    consumers: list[BatchConsumer]
+    examples: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+def run_pass(
+    ctx: PipelineContext,
+    corpus: TokenizedCorpus,
+    consumers: list[BatchConsumer],
+    env: DistEnv,
+    *,
+    progress: bool = True,
+) -> PassResult:
+    """Run the streamed pass of ``consumers`` over this rank's shard of ``corpus``; reduce over ranks."""
+    cfg, pcfg = ctx.config, ctx.pipeline
+    lengths = corpus.lengths()
+    schedule = schedule_batches(lengths, batch_size=cfg.batch_size, max_tokens=pcfg.max_tokens, bucket=pcfg.bucket, seed=cfg.seed)
+    mine = shard_batches(schedule, env.rank, env.world_size)
+    settings = pass_settings(cfg, pcfg, corpus.key, env.world_size)
+    if pcfg.until_stable:
+        settings["until_stable"] = [pcfg.stable_tau, pcfg.check_every, pcfg.stable_checks]
+    ckpt = rank_file(pcfg.checkpoint, env.rank, env.world_size) if pcfg.checkpoint else None
+
+    cursor, examples, saved = 0, 0, None
+    stable = _StabilityWatch(ctx, consumers, env, schedule) if pcfg.until_stable else None
+    if ckpt is not None and pcfg.resume:
+        state = load_checkpoint(ckpt, settings)
+        if state is not None:
+            for c in consumers:
+                c.load_state_dict(state["consumers"][c.name])
+            cursor, examples = int(state["cursor"]), int(state["examples"])
+            if stable is not None:
+                stable.load_state_dict(state.get("extra", {}).get("until_stable", {}))
+            saved = cursor
+            print(f"fastsel: rank {env.rank} resumes at batch {cursor}/{len(mine)} ({examples} examples done) from {ckpt}",
+                  file=sys.stderr)
+        else:
+            print(f"fastsel: no checkpoint at {ckpt}; starting from the beginning", file=sys.stderr)
+
+    def save(complete: bool = False) -> None:
+        nonlocal saved
+        if ckpt is not None:
+            saved = cursor
+            save_checkpoint(ckpt, settings=settings, cursor=cursor, examples=examples,
+                            consumers={c.name: c.state_dict() for c in consumers}, complete=complete,
+                            extra={"until_stable": stable.state_dict()} if stable is not None else None)
+
+    every = max(1, math.ceil(pcfg.checkpoint_every / env.world_size))  # per rank
+    total = int(sum(len(b) for b in mine))
+    model = ctx.model
+    start_at = len(mine) if stable is not None and stable.stopped else cursor  # a stopped run stays stopped
+    reader = BatchReader(corpus, ctx.tokenizer, mine, start=start_at, prefetch=pcfg.prefetch,
+                         pin_memory=ctx.device.type == "cuda")
+    tokens, since_save = 0, 0
+    start = time.perf_counter()
+    names = ",".join(c.name for c in consumers)
+    with eval_mode(model):
+        with progress_bar(total=total, desc=f"{names} (rank {env.rank}/{env.world_size})" if env.world_size > 1 else names,
+                          unit="ex", disable=not progress or not env.is_main) as bar:
+            bar.initial = bar.n = examples  # resumed work: counted, but not in the rate and ETA
+            for batch in reader:
+                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+                B = int(batch["input_ids"].shape[0])
+                logits_ok, acc_ok = _step(model, consumers, batch, pcfg.autocast, ctx.device)
+                if not bool(torch.stack([logits_ok, acc_ok]).all()):  # the one host sync of the batch
+                    raise _nonfinite_error(ctx, consumers, batch, cursor, env.rank, env.world_size, pcfg.autocast,
+                                           bool(logits_ok), saved)
+                cursor += 1
+                examples += B
+                since_save += B
+                tokens += int(batch["attention_mask"].sum())
+                bar.update(B)
+                elapsed = time.perf_counter() - start
+                if elapsed > 0:
+                    bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s", refresh=False)
+                if stable is not None and stable.due(cursor) and stable.check(cursor, examples):
+                    break
+                if since_save >= every and cursor < len(mine):
+                    save()
+                    since_save = 0
+    save(complete=True)
+    seconds = time.perf_counter() - start
+    if env.active:
+        for c in consumers:
+            c.all_reduce(None)
+    pad = padding_stats(lengths, schedule)
+    stats = {"batches": len(schedule), "seconds_pass": round(seconds, 3), "tokens_this_run_rank0": tokens,
+             "padding_fraction": round(pad["padding_fraction"], 5), "world_size": env.world_size,
+             "max_tokens": pcfg.max_tokens, "bucket": pcfg.bucket, "autocast": pcfg.autocast}
+    if stable is not None:
+        stats["until_stable"] = stable.report(len(corpus))
+    return PassResult(consumers, examples, stats)
+
+class _StabilityWatch:
+    """--until-stable: every ``check_every`` examples (a fixed number of batches per rank, the same points on
+    every rank and on resume), the ranking of each consumer on the groups so far (reduced over the ranks):
+    stable when, for every consumer, Kendall tau between the halves >= stable_tau and the top-3 set of the
+    ranking on all groups is the same over the last ``stable_checks`` checks."""
+
+    def __init__(self, ctx: PipelineContext, consumers: list[BatchConsumer], env: DistEnv, schedule: list) -> None:
+
+        self.ctx, self.consumers, self.env = ctx, consumers, env
+        self.pcfg = ctx.pipeline
+        self.k = confidence_groups(ctx.config)
+        if self.k < 2:
+            raise ValueError("fastsel: --until-stable needs the ranking confidence (--confidence-groups K >= 2, not 0)")
+        for c in consumers:
+            if not hasattr(c, "stability_scores"):
+                raise ValueError(f"fastsel: --until-stable: metric {c.name!r} has no ranking confidence")
+        self.halves = halves(self.k)
+        total = max(1, ctx.num_examples)
+        per_batch = total / max(1, len(schedule))
+        self.batches = max(1, round(self.pcfg.check_every / per_batch / env.world_size))  # per rank, per check
+        self.last = len(schedule) // env.world_size  # every rank has at least this many batches
+        self.history: list[dict[str, Any]] = []
+        self.stopped = False
+
+    def due(self, cursor: int) -> bool:
+        return cursor % self.batches == 0 and cursor <= self.last
+
+    def check(self, cursor: int, examples: int) -> bool:
+        """One check (a collective under torchrun); True: stop now."""
+
+        entry: dict[str, Any] = {"batches_per_rank": cursor}
+        ok = True
+        for c in self.consumers:
+            scores_of = c.stability_scores(self.env.active)  # type: ignore[attr-defined]
+            try:
+                full, a, b = scores_of(list(range(self.k))), scores_of(self.halves[0]), scores_of(self.halves[1])
+                tau = kendall_tau_b(a, b)
+                from fastsel.pipeline.registry import METRICS
+
+                hib = METRICS[c.name].higher_is_better if c.name in METRICS else True
+                top = sorted(ranking_order(full, hib)[:3])
+            except ValueError:  # too few examples per class in a half
+                tau, top = float("nan"), None
+            entry[c.name] = {"kendall_tau_halves": None if math.isnan(tau) else round(tau, 6), "top3": top}
+            recent = [h[c.name]["top3"] for h in self.history[-(self.pcfg.stable_checks - 1):]] if self.pcfg.stable_checks > 1 else []
+            ok = ok and not math.isnan(tau) and tau >= self.pcfg.stable_tau and top is not None and \
+                len(recent) == self.pcfg.stable_checks - 1 and all(r == top for r in recent)
+        flag = torch.tensor([1.0 if ok else 0.0, float(examples)], dtype=torch.float64, device=self.ctx.device)
+        if self.env.active:  # every rank takes the same decision
+            all_reduce_sum_([flag])
+        ok = float(flag[0]) > 0
+        entry["examples"] = int(flag[1])
+        self.history.append(entry)
+        self.stopped = ok
+        return ok
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "stopped": self.stopped}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+        self.stopped = bool(state.get("stopped", False))
+
+    def report(self, total: int) -> dict[str, Any]:
+        used = self.history[-1]["examples"] if self.stopped else total
+        d = {"stable": self.stopped, "reached_end": not self.stopped, "examples_used": used, "examples_available": total,
+             "stable_tau": self.pcfg.stable_tau, "check_every": self.pcfg.check_every,
+             "stable_checks": self.pcfg.stable_checks, "checks": self.history}
+        if not self.stopped and self.env.is_main:
+            print(f"fastsel: note: --until-stable reached the end of the data ({total} examples) before the ranking was "
+                  f"stable (Kendall tau between halves >= {self.pcfg.stable_tau} and the top-3 unchanged over "
+                  f"{self.pcfg.stable_checks} checks); the scores use all of it", file=sys.stderr)
+            d["note"] = "reached the end of the data before the ranking was stable"
+        return d
+
+def output_path(path: str | os.PathLike, metric: str, num_metrics: int) -> Path:
+    """``path`` itself for one metric; ``scores.json`` -> ``scores.fisher.json`` for several."""
+    path = Path(path)
+    return path if num_metrics == 1 else path.with_name(f"{path.stem}.{metric}{path.suffix}")
+
+
+def run_pipeline(
+    cfg: Any,
+    pcfg: PipelineConfig | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    plot: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, LayerScores]:
+    """Score ``cfg.metric`` (comma-separated metrics: one shared pass) -> {metric: LayerScores}.
+
+    Under torchrun every rank returns the reduced scores; only rank 0 writes ``out`` / ``plot``
+    (``output_path`` names one file per metric when there are several).
+    """
+    pcfg = pcfg or PipelineConfig()
+    names = cfg.metric.split(",")
+    if len(set(names)) != len(names):
+        raise ValueError(f"fastsel: metric listed twice in {cfg.metric!r}")
+    missing = [n for n in names if n not in CONSUMERS]
+    if missing:
+        raise ValueError(f"fastsel: metric(s) {missing} cannot run in the streamed pass; streamed: {sorted(CONSUMERS)}")
+
+    if pcfg.until_stable and confidence_groups(cfg) < 2:
+        raise ValueError("fastsel: --until-stable needs the ranking confidence (--confidence-groups K >= 2, not 0)")
+    limit = apply_length_limit(cfg)  # before the corpus key: the cache holds the clamped lengths
+    env = init_distributed(cfg.device, pcfg.dist_timeout)
+    try:
+        return _run_pipeline(cfg, pcfg, env, names, limit, out, plot, progress)
+    except PeerFailure as exc:
+        if pcfg.checkpoint:
+            raise PeerFailure(f"{exc}; the checkpoints in {pcfg.checkpoint} stay loadable: rerun the same command with "
+                              "--resume to continue") from None
+        raise
+    finally:
+        shutdown_distributed(env)
+
+def _run_pipeline(cfg: Any, pcfg: PipelineConfig, env: DistEnv, names: list[str], limit: int | None,
+                  out: str | os.PathLike | None, plot: str | os.PathLike | None, progress: bool) -> dict[str, LayerScores]:
+
+    if env.world_size > 1 and env.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
+    tokenizer = load_tokenizer(cfg.model)
+    # Rank 0 tokenises into the cache; the others then memory-map the same file.
+    if env.is_main:
+        corpus = load_tokenized_corpus(cfg, tokenizer, pcfg.cache_dir)
+    barrier(env)
+    if not env.is_main:
+        corpus = load_tokenized_corpus(cfg, tokenizer, pcfg.cache_dir)
+    task = corpus.task
+    for name in names:
+        if METRICS[name].classification_only and task.is_regression:
+            raise ValueError(f"fastsel: metric {name!r} needs classes, but task {task.name!r} is a regression task")
+    model, tokenizer, layer_map = load_model(cfg.model, num_labels=1 if task.is_regression else task.num_labels,
+                                             seed=cfg.seed, device=env.device)
+    ctx = PipelineContext(cfg, pcfg, model, tokenizer, layer_map, task, env.device, len(corpus))
+    consumers = [CONSUMERS[n](ctx) for n in names]
+    start = time.perf_counter()
+    result = run_pass(ctx, corpus, consumers, env, progress=progress)
+    scores = {c.name: c.result() for c in result.consumers}
+    seconds = round(time.perf_counter() - start, 3)
+    for s in scores.values():
+        check_scores_finite(s)
+        s.info.setdefault("max_length_limit", limit)
+        s.info.setdefault("seconds", seconds)
+        s.info.setdefault("config", json.loads(cfg.to_json()))
+        s.info.setdefault("pipeline", {k: v for k, v in result.stats.items() if k != "until_stable"})
+        if "until_stable" in result.stats:
+            s.info["until_stable"] = result.stats["until_stable"]
+    if env.is_main:
+        for name, s in scores.items():
+            if out:
+                s.to_json(output_path(out, name, len(names)))
+            if plot:
+                from fastsel.scores.plot import plot_layer_scores
+
+                (METRICS[name].plot or plot_layer_scores)(s, output_path(plot, name, len(names)))
+    barrier(env)
+    return scores

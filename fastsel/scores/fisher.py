@@ -1,0 +1,305 @@
+"""Fisher-information layer scores (Lodha et al. 2023, section 3.1, eq. 1), done right.
+
+F_j = (1/N) sum_i (d log p_theta(y_i | x_i) / d theta_j)**2 over N examples, model in eval mode,
+attention mask applied, gradients of the log-likelihood (not of raw logits), every example its own
+gradient (not one example repeated). Modes choose y_i:
+
+- ``empirical``: the gold label;
+- ``sampled``:   y_i ~ p_theta(. | x_i), seeded;
+- ``exact``:     the expectation over all classes, weighted by p_theta(c | x_i).
+
+Regression heads (one output) use a unit-variance Gaussian likelihood. The layer score of block l is the
+Frobenius norm of its diagonal, sqrt(sum_{j in l} F_j**2); the trace sum_j F_j and the parameter count
+are reported too. Embeddings, pooler and head are reported separately, not ranked.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fastsel.hf.io import eval_mode, logits_of, model_inputs
+from fastsel.hf.layer_map import EMBEDDINGS, HEAD, POOLER, LayerMap, map_layers
+from fastsel.capture.per_example import SquaredGradAccumulator
+from fastsel.utils.progress import progress_bar
+
+if TYPE_CHECKING:
+    from fastsel.scores.layer_scores import LayerScores
+
+__all__ = [
+    "FISHER_MODES",
+    "LIKELIHOODS",
+    "Likelihood",
+    "FisherResult",
+    "fisher_diagonal",
+    "fisher_layer_scores",
+    "layer_statistics",
+    "example_uniforms",
+    "fisher_terms",
+    "fisher_terms_from_logits",
+    "fisher_scores",
+    "group_statistics",
+]
+
+FISHER_MODES = ("empirical", "sampled", "exact")
+
+
+# --------------------------------------------------------------------------------------------------
+# Likelihoods: per-example terms whose squared gradients, summed, give each example's Fisher term.
+# --------------------------------------------------------------------------------------------------
+
+
+def example_uniforms(seed: int, first_index: int, count: int, indices: Tensor | None = None) -> Tensor:
+    """(count, 2) float64 uniforms in (0, 1) for examples first_index.. of the data, keyed by (seed, index).
+
+    ``indices`` (count,) integer, when given, are the examples' global positions instead of
+    first_index..first_index+count-1 (batches of length-bucketed or sharded data are not contiguous).
+    Counter-based (splitmix64), so an example's draw does not depend on how the data is batched.
+    """
+    mask = (1 << 64) - 1
+    positions = range(first_index, first_index + count) if indices is None else [int(i) for i in indices.reshape(-1).tolist()]
+    if len(positions) != count:
+        raise ValueError(f"fastsel: {len(positions)} example indices for {count} examples")
+    out = []
+    for i in positions:
+        row = []
+        for stream in (0, 1):
+            z = (seed * 0x9E3779B97F4A7C15 + (2 * i + stream + 1) * 0xBF58476D1CE4E5B9) & mask
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+            z ^= z >> 31
+            row.append(((z >> 11) + 0.5) / float(1 << 53))
+        out.append(row)
+    return torch.tensor(out, dtype=torch.float64).reshape(count, 2)
+
+
+@dataclass(frozen=True)
+class Likelihood:
+    """terms(outputs (B, C), labels (B,), mode, noise (B, 2) uniforms) -> list of (B,) tensors.
+
+    For ``exact`` the expectation over y is written as several terms whose squared gradients add up to it:
+    sum_terms (d term_b)**2 = E_y (d log p(y | x_b))**2 for every example b (C - 1 terms for C classes).
+    """
+
+    name: str
+    terms: Callable[[Tensor, Tensor | None, str, Tensor], list[Tensor]]
+
+
+def _categorical_terms(logits: Tensor, labels: Tensor | None, mode: str, noise: Tensor) -> list[Tensor]:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if mode == "empirical":
+        if labels is None:
+            raise ValueError("fastsel: the empirical Fisher needs gold labels; use --fisher sampled or exact")
+        return [logp.gather(1, labels.long().view(-1, 1)).squeeze(1)]
+    if mode == "sampled":
+        cdf = logp.detach().double().exp().cumsum(1).cpu()
+        u = noise[:, :1] * cdf[:, -1:]
+        y = torch.searchsorted(cdf, u).clamp_(max=logp.shape[1] - 1).to(logits.device)
+        return [logp.gather(1, y).squeeze(1)]
+    if mode == "exact":
+        return _exact_categorical_terms(logits.float())
+    raise ValueError(f"fastsel: unknown Fisher mode {mode!r}; choose from {FISHER_MODES}")
+
+
+def _exact_categorical_terms(z: Tensor) -> list[Tensor]:
+    """C - 1 terms v_k . z (z the logits, v_k fixed) with sum_k (d v_k.z)^2 = sum_c p_c (d log p_c)^2.
+
+    d log p_c = J^T (e_c - p), so sum_c p_c (d log p_c)(d log p_c)^T = J^T (diag(p) - p p^T) J; that matrix
+    has rank C - 1 (the all-ones vector spans its null space), and its eigen-decomposition
+    sum_k lambda_k u_k u_k^T gives v_k = sqrt(lambda_k) u_k: C - 1 backward passes instead of C (one for a
+    binary task).
+    """
+    C = z.shape[1]
+    p = torch.softmax(z.detach().double(), dim=-1)
+    if C == 2:  # closed form: diag(p) - p p^T = p0 p1 (1, -1)(1, -1)^T
+        w = (p[:, 0] * p[:, 1]).sqrt().to(z.dtype)
+        return [w * (z[:, 0] - z[:, 1])]
+    m = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    evals, evecs = torch.linalg.eigh(m)  # ascending: the first is the null direction (0 up to round-off)
+    v = (evecs[:, :, 1:] * evals[:, None, 1:].clamp_min(0).sqrt()).to(z.dtype)  # (B, C, C - 1)
+    return [(v[:, :, k] * z).sum(1) for k in range(C - 1)]
+
+
+def _gaussian_terms(pred: Tensor, labels: Tensor | None, mode: str, noise: Tensor) -> list[Tensor]:
+    # log N(y; f, 1) = -(y - f)^2 / 2 + const, so d log p = (y - f) df.
+    f = pred.float().reshape(pred.shape[0], -1)[:, 0]
+    if mode == "empirical":
+        if labels is None:
+            raise ValueError("fastsel: the empirical Fisher needs gold labels; use --fisher sampled or exact")
+        return [-0.5 * (labels.float().view(-1) - f) ** 2]
+    if mode == "sampled":
+        # Box-Muller from the example's two uniforms
+        eps = (torch.sqrt(-2 * torch.log(noise[:, 0])) * torch.cos(2 * math.pi * noise[:, 1])).to(f)
+        return [-0.5 * (f.detach() + eps - f) ** 2]
+    if mode == "exact":
+        return [f]  # E[(y - f)^2] = 1: the Fisher term is (df)^2
+    raise ValueError(f"fastsel: unknown Fisher mode {mode!r}; choose from {FISHER_MODES}")
+
+
+LIKELIHOODS: dict[str, Likelihood] = {
+    "categorical": Likelihood("categorical", _categorical_terms),
+    "gaussian": Likelihood("gaussian", _gaussian_terms),
+}
+
+
+def likelihood_for(model: nn.Module) -> Likelihood:
+    config = getattr(model, "config", None)
+    num_labels = getattr(config, "num_labels", 2)
+    problem = getattr(config, "problem_type", None)
+    if problem == "multi_label_classification":
+        raise ValueError("fastsel: multi-label classification heads are not supported by the Fisher scores")
+    return LIKELIHOODS["gaussian" if num_labels == 1 or problem == "regression" else "categorical"]
+
+
+def fisher_terms(
+    model: nn.Module, batch: Mapping[str, Tensor], mode: str, seed: int = 0, first_index: int | Tensor = 0
+) -> list[Tensor]:
+    """Forward ``batch`` through ``model`` and return the per-example terms of its Fisher contribution.
+
+    ``first_index`` is the position of the batch's first example in the data, or a (B,) tensor of each
+    example's position (keys the sampled labels).
+    """
+    return fisher_terms_from_logits(model, logits_of(model(**model_inputs(batch))), batch.get("labels"), mode, seed, first_index)
+
+
+def fisher_terms_from_logits(
+    model: nn.Module, logits: Tensor, labels: Tensor | None, mode: str, seed: int = 0, first_index: int | Tensor = 0
+) -> list[Tensor]:
+    """The per-example Fisher terms of an already computed forward: logits (B, C) -> list of (B,) tensors.
+
+    ``first_index``: an int (examples first_index..first_index+B-1) or a (B,) tensor of global positions.
+    """
+    B = logits.shape[0]
+    if mode == "sampled":
+        if isinstance(first_index, Tensor):
+            noise = example_uniforms(seed, 0, B, indices=first_index)
+        else:
+            noise = example_uniforms(seed, int(first_index), B)
+    else:
+        noise = torch.empty(0, 2)
+    return likelihood_for(model).terms(logits, labels, mode, noise)
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FisherResult:
+    """diagonal: {param name: F (param shape, float32)}; num_examples: N; mode; fallback_params."""
+
+    diagonal: dict[str, Tensor]
+    num_examples: int
+    mode: str
+    fallback_params: tuple[str, ...] = ()
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    mode: str = "empirical",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    total: int | None = None,
+    progress: bool = False,
+    accumulator: SquaredGradAccumulator | None = None,
+) -> FisherResult:
+    """Diagonal of the Fisher information of ``model`` over ``batches``, by one batched backward each.
+
+    batches: dicts of tensors (input_ids (B, T), attention_mask (B, T), optional token_type_ids, labels (B,)).
+    The model is put in eval mode (no dropout) for the pass and restored after. Returns per-parameter
+    diagonals of every trainable parameter.
+    """
+    if mode not in FISHER_MODES:
+        raise ValueError(f"fastsel: unknown Fisher mode {mode!r}; choose from {FISHER_MODES}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    acc = accumulator or SquaredGradAccumulator(model)
+    with eval_mode(model):
+        with progress_bar(total=total, desc=f"fisher ({mode})", unit="ex", disable=not progress) as bar:
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                B = int(batch["input_ids"].shape[0])
+                if B == 0:
+                    continue
+                with acc.capture(batch_size=B):
+                    terms = fisher_terms(model, batch, mode, seed, acc.num_examples)
+                    acc.backward(terms)
+                bar.update(B)
+    if acc.num_examples == 0:
+        raise ValueError("fastsel: no examples to compute the Fisher information on (empty data)")
+    return FisherResult(acc.mean(), acc.num_examples, mode, tuple(sorted(acc.fallback_params)))
+
+
+def group_statistics(diagonal: Mapping[str, Tensor], names: Iterable[str]) -> dict[str, float]:
+    """{'score': sqrt(sum F^2), 'trace': sum F, 'num_params'} over the named parameters (float64 sums)."""
+    sq, tr, n = 0.0, 0.0, 0
+    for name in names:
+        d = diagonal[name].double()
+        sq += float(d.square().sum())
+        tr += float(d.sum())
+        n += d.numel()
+    return {"score": math.sqrt(sq), "trace": tr, "num_params": n}
+
+
+def layer_statistics(diagonal: Mapping[str, Tensor], model: nn.Module, layer_map: LayerMap | None = None) -> tuple[list[dict], dict]:
+    """Per-block statistics (list over l = 0..L-1) and the unranked extras (embeddings, pooler, head)."""
+    layer_map = layer_map or map_layers(model)
+    groups = layer_map.groups(model)
+    groups = {g: [n for n in names if n in diagonal] for g, names in groups.items()}
+    layers = []
+    for l in range(layer_map.num_layers):
+        stats = group_statistics(diagonal, groups[f"layer.{l}"])
+        layers.append({"layer": l, "name": layer_map.block_name(l), **stats})
+    extra = {g: group_statistics(diagonal, groups[g]) for g in (EMBEDDINGS, POOLER, HEAD) if groups[g]}
+    return layers, extra
+
+
+def fisher_layer_scores(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    mode: str = "empirical",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    total: int | None = None,
+    progress: bool = False,
+    layer_map: LayerMap | None = None,
+    model_name: str = "",
+    task: str = "",
+    split: str = "",
+) -> tuple["LayerScores", FisherResult]:
+    """Fisher layer scores of ``model`` over ``batches``: (LayerScores, the per-parameter FisherResult).
+
+    The LayerScores rank blocks 0..L-1 by sqrt(sum F_j^2) (highest first) and carry trace and parameter
+    counts; ``extra`` holds the embeddings, pooler and head, unranked.
+    """
+    layer_map = layer_map or map_layers(model)
+    result = fisher_diagonal(model, batches, mode=mode, seed=seed, device=device, total=total, progress=progress)
+    scores = fisher_scores(result, model, layer_map, model_name=model_name, task=task, split=split)
+    return scores, result
+
+
+def fisher_scores(
+    result: FisherResult, model: nn.Module, layer_map: LayerMap | None = None, *, model_name: str = "", task: str = "", split: str = ""
+) -> "LayerScores":
+    """LayerScores of a FisherResult: blocks ranked by sqrt(sum F_j^2), extras (embeddings, pooler, head) unranked."""
+    from fastsel.scores.layer_scores import LayerScore, LayerScores
+
+    layers, extra = layer_statistics(result.diagonal, model, layer_map)
+    return LayerScores(
+        metric="fisher",
+        model=model_name or getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
+        task=task,
+        split=split,
+        num_examples=result.num_examples,
+        mode=result.mode,
+        higher_is_better=True,
+        layers=[LayerScore(l["layer"], l["name"], l["score"], l["num_params"], l["trace"]) for l in layers],
+        extra=extra,
+        info={"fallback_params": list(result.fallback_params)} if result.fallback_params else {},
+    )

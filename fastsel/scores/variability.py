@@ -1,0 +1,329 @@
+"""Hidden-state variability ratio (Xie et al. 2022, section 3.1) of every layer, in one streaming pass.
+
+For layer l, h_n is the mean of the hidden states of example n over its pooled tokens (attended and
+not special, from the tokenizer's special-tokens mask; or the first token with ``pooling="cls"``).
+With C classes, class means mu_c and mu_bar = (1/C) sum_c mu_c::
+
+    Sigma_w = (1/C) sum_c (1/n_c) sum_{n in c} (h_n - mu_c)(h_n - mu_c)^T
+    Sigma_b = (1/C) sum_c (mu_c - mu_bar)(mu_c - mu_bar)^T
+    nu_l    = (1/C) tr(Sigma_w Sigma_b^+),          l* = argmin_l nu_l   (lower is better)
+
+The ``papyan`` variant (appendix A.1) uses Sigma_w = (1/N) sum_c sum_{n in c} (...)(...)^T and the
+global mean (1/N) sum_n h_n in Sigma_b. Only per-class (count, mean, scatter) are kept per layer,
+updated by the fused op ``fastsel::class_stats_update`` from forward hooks as each block's output is
+produced: the corpus' hidden states are never stored. Sigma_b has rank <= C - 1 (both centres are
+weighted averages of the class means); its
+pseudo-inverse is taken exactly in that subspace through the C x C Gram matrix of the centred means.
+
+Layer indexing: blocks 0..L-1 (LayerScores), plus the embedding output (the input of block 0),
+reported under ``extra["embeddings"]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fastsel import ops
+from fastsel.capture.taps import POOLINGS, layer_taps, pool_mask
+from fastsel.hf.io import eval_mode, model_inputs
+from fastsel.hf.layer_map import LayerMap, map_layers
+from fastsel.scores.layer_scores import LayerScore, LayerScores
+from fastsel.utils.progress import progress_bar
+
+__all__ = [
+    "VARIANTS",
+    "ClassStatistics",
+    "merge_class_stats",
+    "scatter_matrices",
+    "variability_ratio",
+    "smoothness",
+    "accumulate_class_statistics",
+    "variability_from_statistics",
+    "variability_layer_scores",
+    "VariabilityResult",
+]
+
+VARIANTS = ("xie", "papyan")
+
+
+class ClassStatistics:
+    """Running per-class count (C,), mean (C, D) and scatter (C, D, D) of pooled states, per layer index.
+
+    Allocated lazily per layer from the first states seen (layers may differ in width). ``state_dict``
+    / ``load_state_dict`` make it checkpointable (tensors moved to CPU).
+    """
+
+    def __init__(self, num_layers: int, num_classes: int, dtype: torch.dtype = torch.float64) -> None:
+        if num_classes < 2:
+            raise ValueError(f"fastsel: the variability ratio needs at least 2 classes, got {num_classes}")
+        self.num_layers, self.num_classes, self.dtype = num_layers, num_classes, dtype
+        self.count: list[Tensor | None] = [None] * num_layers
+        self.mean: list[Tensor | None] = [None] * num_layers
+        self.m2: list[Tensor | None] = [None] * num_layers
+        self.num_examples = 0  # examples fed (including skipped ones)
+        self.num_skipped = 0  # examples without any pooled token
+
+    def update(self, index: int, hidden: Tensor, mask: Tensor, labels: Tensor) -> None:
+        """Merge the pooled states of one batch of layer ``index``: hidden (B, T, D), mask (B, T), labels (B,)."""
+        if self.count[index] is None:
+            C, D, dev = self.num_classes, hidden.shape[-1], hidden.device
+            self.count[index] = torch.zeros(C, dtype=torch.float64, device=dev)
+            self.mean[index] = torch.zeros(C, D, dtype=self.dtype, device=dev)
+            self.m2[index] = torch.zeros(C, D, D, dtype=self.dtype, device=dev)
+        ops.class_stats_update(self.count[index], self.mean[index], self.m2[index], hidden.detach(), mask, labels)
+
+    def layer(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        if self.count[index] is None:
+            raise ValueError(f"fastsel: no statistics for layer index {index} (no data seen)")
+        return self.count[index], self.mean[index], self.m2[index]  # type: ignore[return-value]
+
+    def state_dict(self) -> dict[str, Any]:
+        cpu = lambda ts: [None if t is None else t.detach().cpu().clone() for t in ts]  # noqa: E731
+        return {"num_layers": self.num_layers, "num_classes": self.num_classes, "dtype": str(self.dtype).split(".")[-1],
+                "count": cpu(self.count), "mean": cpu(self.mean), "m2": cpu(self.m2),
+                "num_examples": self.num_examples, "num_skipped": self.num_skipped}
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device | str = "cpu") -> None:
+        if state["num_layers"] != self.num_layers or state["num_classes"] != self.num_classes:
+            raise ValueError(
+                f"fastsel: checkpoint has {state['num_layers']} layers x {state['num_classes']} classes, "
+                f"expected {self.num_layers} x {self.num_classes}"
+            )
+        dev = lambda ts: [None if t is None else t.to(device) for t in ts]  # noqa: E731
+        self.count, self.mean, self.m2 = dev(state["count"]), dev(state["mean"]), dev(state["m2"])
+        self.dtype = getattr(torch, state["dtype"])
+        self.num_examples, self.num_skipped = int(state["num_examples"]), int(state["num_skipped"])
+
+def _check_classes(count: Tensor) -> None:
+    counts = [int(c) for c in count.tolist()]
+    if len(counts) < 2:
+        raise ValueError("fastsel: the variability ratio needs at least 2 classes (a single class has no between-class variability)")
+    bad = [c for c, n in enumerate(counts) if n < 2]
+    if bad:
+        raise ValueError(
+            f"fastsel: the variability ratio needs at least 2 examples in every class; class counts are {counts} "
+            f"(class(es) {bad} too small: use more examples, --balanced, or drop those classes)"
+        )
+
+def scatter_matrices(count: Tensor, mean: Tensor, m2: Tensor, variant: str = "xie") -> tuple[Tensor, Tensor]:
+    """(Sigma_w (D, D), M (C, D)) with Sigma_b = M^T M / C, in float64.
+
+    ``xie``: Sigma_w = (1/C) sum_c m2_c / n_c, M = mu_c - (1/C) sum_c mu_c.
+    ``papyan``: Sigma_w = (1/N) sum_c m2_c, M = mu_c - (1/N) sum_n h_n.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"fastsel: unknown variant {variant!r}; choose from {VARIANTS}")
+    _check_classes(count)
+    count, mean, m2 = count.double(), mean.double(), m2.double()
+    C = count.shape[0]
+    if variant == "xie":
+        sigma_w = (m2 / count.view(-1, 1, 1)).sum(0) / C
+        centre = mean.mean(0)
+    else:
+        N = count.sum()
+        sigma_w = m2.sum(0) / N
+        centre = (count.unsqueeze(1) * mean).sum(0) / N
+    return sigma_w, mean - centre
+
+def variability_ratio(count: Tensor, mean: Tensor, m2: Tensor, variant: str = "xie") -> dict[str, float]:
+    """nu = (1/C) tr(Sigma_w Sigma_b^+) from per-class statistics: count (C,), mean (C, D), m2 (C, D, D).
+
+    Sigma_b = M^T M / C (D x D, rank k <= C - 1) is never formed: the thin SVD M = U diag(s) V^T (C x D, cost
+    O(C^2 D)) gives its eigenpairs (v_i, s_i^2 / C), so tr(Sigma_w Sigma_b^+) = sum_i C v_i^T Sigma_w v_i / s_i^2
+    over the top C - 1 singular values that exceed max(C, D) eps ||means||. O(D^2 C). Returns nu,
+    the rank of Sigma_b, tr(Sigma_w) and tr(Sigma_b).
+    """
+    sigma_w, M = scatter_matrices(count, mean, m2, variant)
+    C, D = M.shape
+    _, sing, Vh = torch.linalg.svd(M, full_matrices=False)
+    # Rank <= C - 1 exactly (the centre is an average of the class means): the C-th singular value is
+    # rounding noise of the centring, ~eps * |mu|, never a direction to invert. Further degeneracy is
+    # judged against the scale of the means themselves, since that is what the rounding error scales with.
+    scale = max(float(sing.max()), float(torch.linalg.matrix_norm(mean.double(), ord=2)))
+    keep = (sing > scale * max(C, D) * torch.finfo(torch.float64).eps) & (torch.arange(sing.shape[0]) < C - 1)
+    if not bool(keep.any()) or float(sing.max()) == 0.0:
+        raise ValueError("fastsel: all class means coincide (Sigma_b = 0); the variability ratio is undefined")
+    lam_k = sing[keep].square() / C  # nonzero eigenvalues of Sigma_b
+    V = Vh[keep].t()  # (D, k), orthonormal eigenvectors of Sigma_b
+    quad = ((sigma_w @ V) * V).sum(0)  # v_i^T Sigma_w v_i
+    nu = float((quad / lam_k).sum()) / C
+    lam = sing.square() / C
+    return {"nu": nu, "rank_sigma_b": int(keep.sum()), "trace_sigma_w": float(sigma_w.trace()), "trace_sigma_b": float(lam.clamp(min=0).sum())}
+
+def smoothness(nu: Sequence[float]) -> float:
+    """Local smoothness zeta of a nu curve (section 4.4): sum_l (nu_{l+2} - 2 nu_{l+1} + nu_l)^2 after
+    z-scoring nu over the layers (footnote 2; population standard deviation). 0 for fewer than 3 layers
+    or a constant curve."""
+    v = np.asarray(nu, dtype=np.float64)
+    if v.size < 3:
+        return 0.0
+    sd = v.std()
+    if sd == 0:
+        return 0.0
+    z = (v - v.mean()) / sd
+    return float(np.sum((z[2:] - 2 * z[1:-1] + z[:-2]) ** 2))
+
+def check_labels(batch: Mapping[str, Tensor]) -> None:
+    labels = batch.get("labels")
+    if labels is None:
+        raise ValueError("fastsel: the variability ratio needs labels")
+    if labels.is_floating_point():
+        raise ValueError("fastsel: the variability ratio needs class labels, got real-valued (regression) labels")
+
+def accumulate_class_statistics(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    num_classes: int,
+    pooling: str = "mean",
+    layer_map: LayerMap | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+    total: int | None = None,
+    progress: bool = False,
+    on_layer: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
+) -> ClassStatistics:
+    """One forward per batch; every layer's pooled states are merged into ClassStatistics as produced.
+
+    batches: dicts with input_ids, attention_mask (B, T), special_tokens_mask (B, T) for mean pooling,
+    optional token_type_ids, and integer labels (B,) in [0, num_classes). In-memory API; for corpora that
+    need checkpoints, several processes or one pass with Fisher, the CLI runs
+    :class:`VariabilityConsumer` inside :func:`fastsel.pipeline.run_pass`.
+    ``on_layer(index, hidden, mask, labels)``, if given, also sees every layer's states (e.g. to keep the
+    pooled states of a small probe set from the same forward).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"fastsel: unknown pooling {pooling!r}; choose from {POOLINGS}")
+    layer_map = layer_map or map_layers(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    stats = ClassStatistics(layer_map.num_layers + 1, num_classes, dtype)
+    current: dict[str, Tensor] = {}
+
+    def consume(index: int, hidden: Tensor) -> None:
+        stats.update(index, hidden, current["mask"], current["labels"])
+        if on_layer is not None:
+            on_layer(index, hidden, current["mask"], current["labels"])
+
+    with eval_mode(model):
+        with progress_bar(total=total, desc=f"variability ({pooling})", unit="ex", disable=not progress) as bar, \
+                layer_taps(model, layer_map, consume), torch.no_grad():
+            for batch in batches:
+                check_labels(batch)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                B = int(batch["input_ids"].shape[0])
+                if B == 0:
+                    continue
+                current["mask"] = pool_mask(batch, pooling)
+                current["labels"] = batch["labels"].long()
+                model(**model_inputs(batch))
+                stats.num_examples += B
+                stats.num_skipped += int((current["mask"].sum(1) == 0).sum())
+                bar.update(B)
+    if stats.num_examples == 0:
+        raise ValueError("fastsel: no examples to compute the variability ratio on (empty data)")
+    return stats
+
+@dataclass
+class VariabilityResult:
+    """nu per layer index (0 = embeddings, l + 1 = block l) for each variant, and the class counts."""
+
+    nu: dict[str, list[float]]
+    details: dict[str, list[dict[str, float]]]
+    class_counts: list[int]
+    num_examples: int
+    num_skipped: int
+
+def _layer_ratio(stats: ClassStatistics, index: int, variant: str) -> dict[str, Any]:
+    """nu of one layer index; the embedding output (index 0, not ranked) may legitimately have no class
+    signal (CLS pooling: the first token's embedding is the same for every example), so there a
+    degenerate Sigma_b gives nu = None with the reason instead of failing the run."""
+    try:
+        return variability_ratio(*stats.layer(index), variant=variant)
+    except ValueError as exc:
+        if index != 0 or "coincide" not in str(exc):
+            raise
+        return {"nu": None, "rank_sigma_b": 0, "trace_sigma_w": None, "trace_sigma_b": 0.0, "note": str(exc)}
+
+def variability_from_statistics(stats: ClassStatistics, variants: Sequence[str] = VARIANTS) -> VariabilityResult:
+    nu: dict[str, list[float]] = {}
+    details: dict[str, list[dict[str, float]]] = {}
+    for variant in variants:
+        rows = [_layer_ratio(stats, i, variant) for i in range(stats.num_layers)]
+        details[variant] = rows
+        nu[variant] = [r["nu"] for r in rows]
+    counts = [int(c) for c in stats.layer(0)[0].tolist()]
+    return VariabilityResult(nu, details, counts, stats.num_examples, stats.num_skipped)
+
+def _embedding_extra(res: VariabilityResult, variant: str) -> dict[str, Any]:
+    d = res.details[variant][0]
+    if d["nu"] is None:  # no class signal in the embedding output: no "score" (tables skip it), say why
+        return {"nu_xie": res.nu["xie"][0], "nu_papyan": res.nu["papyan"][0], "note": d["note"]}
+    return {"score": d["nu"], "nu_xie": res.nu["xie"][0], "nu_papyan": res.nu["papyan"][0]}
+
+def variability_layer_scores(
+    stats: ClassStatistics,
+    layer_map: LayerMap,
+    *,
+    variant: str = "xie",
+    pooling: str = "mean",
+    model_name: str = "",
+    task: str = "",
+    split: str = "",
+) -> "LayerScores":
+    """LayerScores of blocks 0..L-1 by nu (lower is better), ``l_star`` and zeta in info, the embedding
+    output's nu in extra["embeddings"], and both variants' nu in each layer's values."""
+    from fastsel.scores.layer_scores import LayerScores
+
+    res = variability_from_statistics(stats)
+    nu = res.nu[variant]
+    blocks = nu[1:]
+    layers = []
+    for l, v in enumerate(blocks):
+        d = res.details[variant][l + 1]
+        values = {"nu_xie": res.nu["xie"][l + 1], "nu_papyan": res.nu["papyan"][l + 1],
+                  "trace_sigma_w": d["trace_sigma_w"], "trace_sigma_b": d["trace_sigma_b"], "rank_sigma_b": d["rank_sigma_b"]}
+        layers.append(LayerScore(l, layer_map.block_name(l), v, values=values))
+    l_star = int(np.argmin(blocks))
+    return LayerScores(
+        metric="variability",
+        model=model_name,
+        task=task,
+        split=split,
+        num_examples=res.num_examples,
+        mode=f"{variant}/{pooling}",
+        higher_is_better=False,
+        layers=layers,
+        extra={"embeddings": _embedding_extra(res, variant)},
+        info={"l_star": l_star, "zeta": smoothness(blocks), "zeta_papyan": smoothness(res.nu["papyan"][1:]),
+              "pooling": pooling, "variant": variant, "class_counts": res.class_counts,
+              "skipped_examples": res.num_skipped},
+    )
+
+
+def merge_class_stats(
+    count_a: Tensor, mean_a: Tensor, m2_a: Tensor, count_b: Tensor, mean_b: Tensor, m2_b: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact merge of two sets of per-class statistics (Chan, Golub & LeVeque 1979).
+
+    count (C,) examples per class, mean (C, D), m2 (C, D, D) = sum_i (x_i - mean)(x_i - mean)^T per class.
+    Returns the statistics of the union: n = na + nb, delta = mb - ma,
+    mean = ma + delta nb / n, M2 = M2a + M2b + delta delta^T na nb / n. Classes empty on both sides stay
+    zero. Computed in the inputs' dtype (use float64 accumulators for long corpora).
+    """
+    if count_a.shape != count_b.shape or mean_a.shape != mean_b.shape or m2_a.shape != m2_b.shape:
+        raise ValueError(f"fastsel: class statistics of different shapes: {tuple(mean_a.shape)} vs {tuple(mean_b.shape)}")
+    if mean_a.dim() != 2 or m2_a.shape != (*mean_a.shape, mean_a.shape[1]) or count_a.shape != mean_a.shape[:1]:
+        raise ValueError(f"fastsel: expected count (C,), mean (C, D), m2 (C, D, D); got {tuple(count_a.shape)}, "
+                         f"{tuple(mean_a.shape)}, {tuple(m2_a.shape)}")
+    na = count_a.to(mean_a.dtype)
+    nb = count_b.to(mean_a.dtype)
+    n = na + nb
+    safe = torch.where(n > 0, n, torch.ones_like(n))
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (nb / safe)[:, None]
+    m2 = m2_a + m2_b + delta[:, :, None] * delta[:, None, :] * (na * nb / safe)[:, None, None]
+    return count_a + count_b, mean, m2

@@ -1,0 +1,839 @@
+"""Training a planned model: loop, evaluation, checkpoints, cached frozen prefix, rank stability, HF Trainer glue.
+
+- :func:`train_model`: AdamW over the trainable parameters only, linear decay after a warmup ratio,
+  gradient clipping, evaluation after every epoch with the task's official metrics, best epoch kept
+  (its trainable parameters are restored at the end), seeded shuffling / dropout.
+- :class:`PrefixCache`: when the embeddings and blocks 0..c-1 are frozen and the data is fixed, their
+  output (B, T, H) is computed once (eval mode, so without dropout) and blocks c.. train on the cache. It
+  is exact whenever the frozen part would run without dropout anyway.
+- :func:`save_trained` / :func:`load_trained`: only the trained parameters (safetensors) plus the plan;
+  loading re-applies the plan to the base model and loads them.
+- :class:`RankStability`: re-computes the Fisher layer ranking at chosen epochs and reports per-layer rank
+  deviation and Kendall's tau against epoch 0 (Lodha et al. section 4, Figs 2-5).
+- :func:`trainer_callback`: wraps epoch callbacks for ``transformers.Trainer`` (whose optimizer, like
+  ours, only takes parameters with requires_grad).
+- :func:`run_finetune`: ``fastsel finetune``: score -> plan -> train -> results.json + curve plot.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fastsel.tuners.apply import apply_plan, is_added_parameter, trainable_parameters, with_counts
+from fastsel.data.tasks import PadCollator, TaskSpec, get_task
+from fastsel.hf.layer_map import LayerMap, map_layers
+from fastsel.data.task_metrics import main_metric, predictions_from_logits, task_metrics
+from fastsel.plans.plan import Plan, PlanError
+from fastsel.utils.progress import progress_bar
+from fastsel.utils.atomic import atomic_write, atomic_write_text
+from fastsel.pipeline.checkpoint import fingerprint
+from fastsel.data.tasks import load_examples, tokenize_examples
+from fastsel.data.tasks import make_dataloader
+from fastsel.hf.loading import clamp_max_length
+from fastsel.hf.loading import load_model
+from fastsel.pipeline.checkpoint import CheckpointMismatch
+from fastsel.pipeline.checks import NonFiniteError
+from fastsel.pipeline.config import ScoreConfig
+from fastsel.pipeline.inmemory import run_scoring
+from fastsel.pipeline.registry import METRICS
+from fastsel.plans.plan import LoraSpec
+from fastsel.plans.strategies import build_plan, find_strategy
+from fastsel.scores.fisher import fisher_layer_scores
+from fastsel.scores.layer_scores import LayerScores
+from fastsel.hf.io import eval_mode, model_inputs
+
+__all__ = [
+    "TrainConfig",
+    "EpochRecord",
+    "TrainResult",
+    "EpochCallback",
+    "make_optimizer",
+    "index_batches",
+    "evaluate",
+    "train_model",
+    "PrefixCache",
+    "cacheable_prefix",
+    "save_trained",
+    "load_trained",
+    "RankStability",
+    "trainer_callback",
+    "FinetuneJob",
+    "run_finetune",
+    "peak_memory_mb",
+]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; validated on construction, round-trips through JSON (``asdict``)."""
+
+    epochs: int = 3
+    lr: float = 2e-5
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    cache_prefix: str = "auto"  # auto | on | off
+    progress: bool = True
+    checkpoint: str | None = None  # training-state file (atomic): trainable params, optimizer, scheduler, RNG, position
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at the end of every epoch only)
+    resume: bool = False  # continue from ``checkpoint`` when it exists
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"fastsel: epochs must be >= 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"fastsel: lr must be a finite number > 0, got {self.lr}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("fastsel: batch sizes must be >= 1")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"fastsel: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.cache_prefix not in ("auto", "on", "off"):
+            raise ValueError(f"fastsel: cache_prefix must be auto, on or off, got {self.cache_prefix!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"fastsel: checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.resume and not self.checkpoint:
+            raise ValueError("fastsel: resume needs a checkpoint path")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_seconds: float
+    eval_seconds: float
+    metrics: dict[str, float]
+    eval_loss: float | None = None
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochRecord]
+    best_epoch: int
+    best_metrics: dict[str, float]
+    main_metric: str
+    trainable_params: int
+    cache: dict[str, Any] | None = None
+    peak_memory_mb: float | None = None
+    callbacks: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def epoch_seconds_mean(self) -> float:
+        return float(np.mean([r.train_seconds for r in self.history]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "history": [asdict(r) for r in self.history],
+            "best": {"epoch": self.best_epoch, "metrics": self.best_metrics},
+            "main_metric": self.main_metric,
+            "trainable_params": self.trainable_params,
+            "epoch_seconds_mean": self.epoch_seconds_mean,
+            "cache": self.cache,
+            "peak_memory_mb": self.peak_memory_mb,
+            "callbacks": self.callbacks,
+        }
+
+
+class EpochCallback(Protocol):
+    """Called with epoch 0 before training and with e = 1..E after each epoch's evaluation."""
+
+    name: str
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None: ...
+
+    def report(self) -> Any: ...
+
+
+def peak_memory_mb(device: str | torch.device = "cpu") -> float:
+    """Peak memory: CUDA max allocated on a GPU, else this process's peak resident set size (whole process).
+
+    On Linux VmHWM is read from /proc/self/status: unlike ``ru_maxrss``, which a child inherits from its
+    parent across fork + exec, it belongs to this process alone.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimiser and batching
+# --------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
+    """AdamW over the parameters with requires_grad only, and a linear schedule with warmup."""
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for _, p in trainable_parameters(model)]
+    if not params:
+        raise PlanError("fastsel: the plan leaves no parameter to train")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(math.ceil(cfg.warmup_ratio * total_steps))
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def index_batches(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int = 0) -> list[list[int]]:
+    """Example indices per batch; shuffled by a generator keyed by (seed, epoch) so runs are reproducible."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    else:
+        order = list(range(n))
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def cacheable_prefix(plan: Plan) -> int:
+    """Number c of bottom blocks whose output can be cached: embeddings and blocks 0..c-1 frozen (0: none)."""
+    if plan.embeddings.trains:
+        return 0
+    first = plan.first_trained_layer
+    return plan.head_at + 1 if first is None else first
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _CachedInput(nn.Module):
+    """Stands in for the embeddings: returns the cached prefix output of the current batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        assert self.value is not None, "no cached batch set"
+        return self.value
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a cached block: returns its hidden-state input (as a 1-tuple when blocks return tuples)."""
+
+    def __init__(self, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any):
+        if isinstance(hidden_states, tuple):  # some architectures pass x as a tuple
+            hidden_states = hidden_states[0]
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+class PrefixCache:
+    """Outputs (T_i, H) of block c-1 (c = ``num_blocks``) for a fixed list of features, computed once.
+
+    ``activate(model)`` swaps the embeddings for a cache reader and blocks 0..c-1 for pass-throughs;
+    ``set_batch(indices)`` loads the padded (B, T, H) cache of those examples.
+    """
+
+    def __init__(self, model: nn.Module, layer_map: LayerMap, num_blocks: int, features: Sequence[dict],
+                 collator: PadCollator, batch_size: int = 64, device: str | torch.device = "cpu",
+                 progress: bool = False, desc: str = "cache") -> None:
+        if not 1 <= num_blocks <= layer_map.num_layers:
+            raise ValueError(f"fastsel: cannot cache {num_blocks} blocks of {layer_map.num_layers}")
+        self.layer_map, self.num_blocks, self.collator = layer_map, num_blocks, collator
+        self.device = torch.device(device)
+        self.left = collator.left
+        self.states: list[Tensor] = []
+        self.as_tuple = False
+        start = time.perf_counter()
+        block = layer_map.blocks(model)[num_blocks - 1]
+        captured: list[Any] = []
+
+        def hook(_m, _inp, out):
+            captured.append(out)
+            raise _StopForward  # nothing above the cached block is needed
+
+        handle = block.register_forward_hook(hook)
+        try:
+            with eval_mode(model), torch.no_grad(), progress_bar(len(features), desc, disable=not progress) as bar:
+                for idx in index_batches(len(features), batch_size, shuffle=False, seed=0):
+                    batch = collator([features[i] for i in idx])
+                    inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
+                    captured.clear()
+                    with contextlib.suppress(_StopForward):
+                        model(**inputs)
+                    out = captured[0]
+                    self.as_tuple = isinstance(out, tuple)
+                    h = (out[0] if self.as_tuple else out).detach()
+                    for row, i in enumerate(idx):
+                        n = len(features[i]["input_ids"])
+                        self.states.append((h[row, -n:] if self.left else h[row, :n]).clone())
+                    bar.update(len(idx))
+        finally:
+            handle.remove()
+        self.seconds = time.perf_counter() - start
+        self._reader = _CachedInput()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.states)
+
+    def set_batch(self, indices: Sequence[int]) -> None:
+        states = [self.states[i] for i in indices]
+        width = max(s.shape[0] for s in states)
+        out = states[0].new_zeros(len(states), width, states[0].shape[1])
+        for row, s in enumerate(states):
+            if self.left:
+                out[row, width - s.shape[0] :] = s
+            else:
+                out[row, : s.shape[0]] = s
+        self._reader.value = out
+
+    @contextlib.contextmanager
+    def activate(self, model: nn.Module) -> Iterator[None]:
+        """Within the block, ``model(...)`` runs blocks c.. on the cached batch (set by ``set_batch``)."""
+        blocks = self.layer_map.blocks(model)
+        saved_blocks = [blocks[l] for l in range(self.num_blocks)]
+        emb_name = self.layer_map.embeddings_name
+        saved_emb = model.get_submodule(emb_name)
+        try:
+            model.set_submodule(emb_name, self._reader)
+            for l in range(self.num_blocks):
+                blocks[l] = _PassThrough(self.as_tuple)
+            yield
+        finally:
+            model.set_submodule(emb_name, saved_emb)
+            for l, b in enumerate(saved_blocks):
+                blocks[l] = b
+            self._reader.value = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation and training
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate(model: nn.Module, features: Sequence[dict], task: TaskSpec | str, collator: PadCollator, *,
+             batch_size: int = 64, device: str | torch.device = "cpu", cache: PrefixCache | None = None,
+             ) -> tuple[dict[str, float], float, np.ndarray]:
+    """(official metrics, mean loss, predictions (N,)) of ``model`` on labelled ``features``."""
+    spec = get_task(task)
+    if not features:
+        raise ValueError("fastsel: no evaluation examples")
+    logits, labels, loss_sum = [], [], 0.0
+    with eval_mode(model), torch.no_grad(), (cache.activate(model) if cache else contextlib.nullcontext()):
+        for idx in index_batches(len(features), batch_size, shuffle=False, seed=0):
+            batch = {k: v.to(device) for k, v in collator([features[i] for i in idx]).items()}
+            if cache is not None:
+                cache.set_batch(idx)
+            out = model(**model_inputs(batch, labels=True))
+            loss_sum += float(out.loss) * len(idx)
+            logits.append(out.logits.float().cpu())
+            labels.append(batch["labels"].cpu())
+    pred = predictions_from_logits(torch.cat(logits).numpy(), spec.is_regression)
+    gold = torch.cat(labels).numpy()
+    return task_metrics(spec, pred, gold), loss_sum / len(features), pred
+
+
+def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in trainable_parameters(model)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Training checkpoints: everything that decides the rest of the run, written atomically
+# --------------------------------------------------------------------------------------------------
+
+_TRAIN_FORMAT = "fastsel-train-checkpoint-1"
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train_settings(cfg: TrainConfig, plan: Plan, train_features: Sequence[dict], eval_features: Sequence[dict]) -> dict:
+    """What decides a training run (the checkpoint's fingerprint): settings, plan and a hash of the data."""
+    h = hashlib.sha256()
+    for part, feats in (("train", train_features), ("eval", eval_features)):
+        h.update(part.encode())
+        for f in feats:
+            h.update(np.asarray(f["input_ids"], dtype=np.int64).tobytes())
+            h.update(repr(f.get("labels")).encode())
+    train = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint", "checkpoint_every", "resume", "device")}
+    return {"train": train, "plan": plan.to_dict(), "data": h.hexdigest(), "num_train": len(train_features),
+            "num_eval": len(eval_features)}
+
+
+def save_train_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """torch.save of ``state`` to a temporary file beside ``path``, fsync'ed and renamed over it."""
+    atomic_write(path, lambda f: torch.save({"format": _TRAIN_FORMAT, **state}, f), binary=True)
+
+
+def load_train_checkpoint(path: str | Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The training checkpoint at ``path`` (None when there is none); CheckpointMismatch when it is another run's."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a file that is not a checkpoint: one line
+        raise CheckpointMismatch(f"fastsel: {path} is not a readable fastsel training checkpoint ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != _TRAIN_FORMAT:
+        raise CheckpointMismatch(f"fastsel: {path} is not a fastsel training checkpoint")
+    if state.get("fingerprint") != fingerprint(settings):
+        old = state.get("settings", {})
+        diff = []
+        for group in sorted(set(old) | set(settings)):
+            a, b = old.get(group), settings.get(group)
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            elif a != b:
+                diff.append(f"{group} differs")
+        raise CheckpointMismatch(f"fastsel: training checkpoint {path} was written by a run with other settings "
+                                 f"({', '.join(diff[:6])}); rerun with the same settings, or remove it / drop --resume")
+    return state
+
+
+def _nonfinite_loss(model: nn.Module, loss: float, epoch: int, step: int, saved: str | None) -> ValueError:
+    where = "none of the parameters (the loss itself: check the labels and the inputs)"
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            where = f"parameter {name}"
+            break
+    kept = f"; the checkpoint of {saved} is kept" if saved else ""
+    return NonFiniteError(f"fastsel: the training loss is {loss} at epoch {epoch}, step {step}; first non-finite: {where}; "
+                          f"nothing written{kept}; try a lower --lr, fp32, or check the model's weights")
+
+
+def train_model(
+    model: nn.Module,
+    plan: Plan,
+    train_features: Sequence[dict],
+    eval_features: Sequence[dict],
+    task: TaskSpec | str,
+    tokenizer: Any,
+    cfg: TrainConfig,
+    *,
+    callbacks: Sequence[EpochCallback] = (),
+) -> TrainResult:
+    """Train ``model`` (the plan already applied) and restore the best epoch's trainable parameters.
+
+    Features are dicts from :func:`fastsel.data.tokenize_examples`. ``callbacks`` run at epoch 0 (before
+    training) and after every epoch, on the full model (never on the cached one).
+    """
+    spec = get_task(task)
+    if not train_features:
+        raise ValueError("fastsel: no training examples")
+    device = torch.device(cfg.device)
+    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    layer_map = map_layers(model)
+    collator = PadCollator(tokenizer)
+    metric = main_metric(spec)
+    trainable = sum(p.numel() for _, p in trainable_parameters(model))
+
+    prefix = cacheable_prefix(plan)
+    if cfg.cache_prefix == "on" and prefix == 0:
+        raise PlanError("fastsel: --cache-prefix on needs frozen embeddings and a frozen bottom block")
+    use_cache = prefix > 0 and cfg.cache_prefix != "off"
+    train_cache = eval_cache = None
+    cache_info = None
+    if use_cache:
+        train_cache = PrefixCache(model, layer_map, prefix, train_features, collator, cfg.eval_batch_size, device,
+                                  cfg.progress, "cache train prefix")
+        eval_cache = PrefixCache(model, layer_map, prefix, eval_features, collator, cfg.eval_batch_size, device,
+                                 cfg.progress, "cache eval prefix")
+        cache_info = {"blocks": prefix, "seconds": train_cache.seconds + eval_cache.seconds,
+                      "megabytes": (train_cache.nbytes + eval_cache.nbytes) / 2**20}
+
+    steps_per_epoch = math.ceil(len(train_features) / cfg.batch_size)
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
+    torch.manual_seed(cfg.seed)  # dropout
+
+    history: list[EpochRecord] = []
+    best_value, best_state, best_epoch = -math.inf, None, 0
+    first_epoch, skip, step, resumed_loss = 1, 0, 0, 0.0
+    settings = train_settings(cfg, plan, train_features, eval_features) if cfg.checkpoint else None
+    state = load_train_checkpoint(cfg.checkpoint, settings) if cfg.checkpoint and cfg.resume else None  # type: ignore[arg-type]
+    saved: str | None = None
+    if state is not None:
+        if callbacks:
+            raise ValueError("fastsel: --resume does not support epoch callbacks (--rank-epochs); rerun without one of them")
+        with torch.no_grad():
+            for n, p in trainable_parameters(model):
+                p.copy_(state["params"][n])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = [EpochRecord(**r) for r in state["history"]]
+        best_value, best_epoch, best_state = state["best_value"], state["best_epoch"], state["best_state"]
+        first_epoch, skip, step, resumed_loss = state["epoch"], state["batch"], state["step"], state["loss_sum"]
+        _set_rng_state(state["rng"], device)
+        saved = f"step {step}"
+        print(f"fastsel: resuming training at epoch {first_epoch}, batch {skip} (step {step}) from {cfg.checkpoint}",
+              file=sys.stderr)
+        del state
+    else:
+        if cfg.resume:
+            print(f"fastsel: no training checkpoint at {cfg.checkpoint}; starting from the beginning", file=sys.stderr)
+        for cb in callbacks:
+            cb.on_epoch_end(0, model)
+
+    def checkpoint(epoch: int, batch: int, loss_sum: float) -> None:
+        nonlocal saved
+        if not cfg.checkpoint:
+            return
+        save_train_checkpoint(cfg.checkpoint, {
+            "settings": settings, "fingerprint": fingerprint(settings),
+            "params": {n: p.detach().cpu().clone() for n, p in trainable_parameters(model)},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(device),
+            "epoch": epoch, "batch": batch, "step": step, "loss_sum": loss_sum,
+            "history": [asdict(r) for r in history], "best_value": best_value, "best_epoch": best_epoch,
+            "best_state": None if best_state is None else {n: t.detach().cpu() for n, t in best_state.items()},
+        })
+        saved = f"step {step}"
+
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        model.train()
+        start, loss_sum = time.perf_counter(), 0.0
+        batches = index_batches(len(train_features), cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
+        done = 0
+        if epoch == first_epoch and skip:
+            done, loss_sum = skip, resumed_loss
+        with (train_cache.activate(model) if train_cache else contextlib.nullcontext()), \
+                progress_bar(len(train_features), f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress) as bar:
+            bar.initial = bar.n = sum(len(b) for b in batches[:done])
+            for b, idx in enumerate(batches[done:], start=done):
+                batch = {k: v.to(device) for k, v in collator([train_features[i] for i in idx]).items()}
+                if train_cache is not None:
+                    train_cache.set_batch(idx)
+                loss = model(**model_inputs(batch, labels=True)).loss
+                loss_value = float(loss.detach())  # the step's one host sync
+                if not math.isfinite(loss_value):
+                    raise _nonfinite_loss(model, loss_value, epoch, step + 1, saved)
+                loss.backward()
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([p for _, p in trainable_parameters(model)], cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_sum += loss_value * len(idx)
+                bar.update(len(idx))
+                bar.set_postfix(loss=f"{loss_sum / max(bar.n, 1):.4f}")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < len(batches):
+                    checkpoint(epoch, b + 1, loss_sum)
+        train_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        metrics, eval_loss, _ = evaluate(model, eval_features, spec, collator, batch_size=cfg.eval_batch_size,
+                                         device=device, cache=eval_cache)
+        history.append(EpochRecord(epoch, loss_sum / len(train_features), train_seconds,
+                                   time.perf_counter() - start, metrics, eval_loss))
+        if metrics[metric] > best_value:
+            best_value, best_state, best_epoch = metrics[metric], _trainable_state(model), epoch
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, model)
+        checkpoint(epoch + 1, 0, 0.0)
+    assert best_state is not None
+    with torch.no_grad():
+        for n, p in trainable_parameters(model):
+            p.copy_(best_state[n])
+    model.eval()
+    return TrainResult(history, best_epoch, history[best_epoch - 1].metrics, metric, trainable, cache_info,
+                       peak_memory_mb(device), {cb.name: cb.report() for cb in callbacks})
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: trained parameters only
+# --------------------------------------------------------------------------------------------------
+
+_WEIGHTS, _PLAN, _META = "trained.safetensors", "plan.json", "base.json"
+
+
+def save_trained(model: nn.Module, plan: Plan, out_dir: str | Path, *, base_model: str, num_labels: int,
+                 seed: int, extra: dict[str, Any] | None = None) -> Path:
+    """Write the trained parameters (safetensors), the plan and what is needed to rebuild the base model."""
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model)}
+    blob = save(state, metadata={"format": "pt", "fastsel": "trained-parameters"})
+    atomic_write(out / _WEIGHTS, lambda f: f.write(blob), binary=True)
+    plan.to_json(out / _PLAN)
+    meta = {"base_model": base_model, "num_labels": num_labels, "seed": seed, **(extra or {})}
+    atomic_write_text(out / _META, json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_trained(run_dir: str | Path, *, device: str = "cpu", base_model: str | None = None):
+    """(model, tokenizer, plan): the base model with the plan applied and the trained parameters loaded."""
+    from safetensors.torch import load_file
+
+    run = Path(run_dir)
+    for name in (_WEIGHTS, _PLAN, _META):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"fastsel: {run} is not a fastsel run directory: {name} is missing")
+    meta = json.loads((run / _META).read_text())
+    plan = Plan.from_json(run / _PLAN)
+    model, tokenizer, _ = load_model(base_model or meta["base_model"], num_labels=meta["num_labels"], seed=meta["seed"])
+    apply_plan(model, plan)
+    state = load_file(str(run / _WEIGHTS))
+    expected = {n for n, _ in trainable_parameters(model)}
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"fastsel: saved parameters do not match the plan: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+    return model.to(device).eval(), tokenizer, plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank stability of the Fisher ranking during training
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _all_blocks_trainable(model: nn.Module) -> Iterator[None]:
+    """Every original block/embedding/head parameter requires grad (LoRA/adapter modules do not); restored after."""
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(not is_added_parameter(n))
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+
+
+class RankStability:
+    """Fisher layer ranking at ``epochs`` (0 = before training) on fixed ``features``; deviation vs epoch 0.
+
+    report(): {"epochs": {e: {"ranking", "scores", "rank_deviation" (per layer |rank_e - rank_0|),
+    "mean_deviation", "max_deviation", "kendall_tau"}}}.
+    """
+
+    name = "rank_stability"
+
+    def __init__(self, features: Sequence[dict], tokenizer: Any, epochs: Sequence[int] = (0,), *, batch_size: int = 16,
+                 mode: str = "empirical", seed: int = 0, device: str = "cpu", progress: bool = False) -> None:
+        if 0 not in epochs:
+            epochs = (0, *epochs)
+        self.features, self.epochs = list(features), sorted(set(int(e) for e in epochs))
+        self.collator, self.batch_size, self.mode, self.seed = PadCollator(tokenizer), batch_size, mode, seed
+        self.device, self.progress = device, progress
+        self.results: dict[int, dict[str, Any]] = {}
+
+    def _scores(self, model: nn.Module) -> list[float]:
+        batches = (self.collator(self.features[i : i + self.batch_size]) for i in range(0, len(self.features), self.batch_size))
+        with _all_blocks_trainable(model):
+            scores, _ = fisher_layer_scores(model, batches, mode=self.mode, seed=self.seed, device=self.device,
+                                            total=len(self.features), progress=self.progress)
+        return [s.score for s in scores.layers]
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        from scipy.stats import kendalltau
+
+        if epoch not in self.epochs:
+            return
+        values = self._scores(model)
+        ranking = sorted(range(len(values)), key=lambda l: (-values[l], l))
+        rank = [0] * len(values)
+        for r, l in enumerate(ranking):
+            rank[l] = r + 1
+        entry: dict[str, Any] = {"ranking": ranking, "scores": values, "ranks": rank}
+        if 0 in self.results:
+            rank0 = self.results[0]["ranks"]
+            dev = [abs(a - b) for a, b in zip(rank, rank0)]
+            tau = kendalltau(rank0, rank).statistic if len(rank) > 1 else 1.0
+            entry.update(rank_deviation=dev, mean_deviation=float(np.mean(dev)), max_deviation=int(max(dev)),
+                         kendall_tau=float(tau))
+        self.results[epoch] = entry
+
+    def report(self) -> dict[str, Any]:
+        return {"epochs": {str(e): r for e, r in sorted(self.results.items())}}
+
+
+def trainer_callback(*callbacks: EpochCallback):
+    """A ``transformers.TrainerCallback`` that runs fastsel epoch callbacks (epoch 0 at train begin)."""
+    from transformers import TrainerCallback
+
+    class _FastselCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            for cb in callbacks:
+                cb.on_epoch_end(0, model)
+
+        def on_epoch_end(self, args, state, control, model=None, **kw):
+            for cb in callbacks:
+                cb.on_epoch_end(int(round(state.epoch)), model)
+
+    return _FastselCallback()
+
+
+# --------------------------------------------------------------------------------------------------
+# fastsel finetune
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneJob:
+    """Everything ``fastsel finetune`` needs; see ``fastsel finetune --help``."""
+
+    model: str
+    task: str
+    out: str
+    data_dir: str | None = None
+    plan_path: str | None = None
+    strategy: str | None = None
+    scores_path: str | None = None
+    tuner: str = "full"
+    lora_r: int = 64
+    lora_alpha: float = 128
+    lora_dropout: float = 0.0
+    adapter_size: int = 256
+    score_examples: int = 512
+    fisher_mode: str = "empirical"
+    epochs: int = 3
+    lr: float = 2e-5
+    batch_size: int = 16
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_length: int = 128
+    train_examples: int | None = None
+    eval_examples: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    cache_prefix: str = "auto"
+    rank_epochs: tuple[int, ...] = ()
+    rank_examples: int = 256
+    progress: bool = True
+    checkpoint_every: int = 0  # optimizer steps between training checkpoints (0: every epoch end)
+    resume: bool = False  # continue from <out>/train-state.pt
+
+
+TRAIN_STATE = "train-state.pt"
+
+
+def _score_for(job: FinetuneJob, metric: str, model, tokenizer, layer_map, train_features, out: Path):
+    """Scores for a score-based strategy: Fisher on the loaded model, other metrics through fastsel.scoring."""
+    if job.scores_path:
+        return LayerScores.read(job.scores_path)
+    if metric in ("fisher", "scores"):
+        feats = train_features[: job.score_examples]
+        scores, _ = fisher_layer_scores(model, make_dataloader(feats, tokenizer, 16), mode=job.fisher_mode, seed=job.seed,
+                                        total=len(feats), progress=job.progress, layer_map=layer_map,
+                                        model_name=job.model, task=job.task, split="train")
+    else:
+        if metric not in METRICS:
+            raise ValueError(f"fastsel: strategy needs {metric!r} scores but no {metric!r} metric is registered "
+                             f"(known: {sorted(METRICS)}); pass --scores with a {metric} scores.json")
+        scores = run_scoring(ScoreConfig(metric=metric, model=job.model, task=job.task, data_dir=job.data_dir,
+                                         num_examples=job.score_examples, balanced=True, seed=job.seed,
+                                         max_length=job.max_length, device=job.device), progress=job.progress)
+    scores.to_json(out / "scores.json")
+    return scores
+
+
+def _plot_curves(result: TrainResult, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r.epoch for r in result.history]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    ax.plot(epochs, [r.train_loss for r in result.history], marker="o", label="train loss", color="#1f4e79")
+    if all(r.eval_loss is not None for r in result.history):
+        ax.plot(epochs, [r.eval_loss for r in result.history], marker="s", label="eval loss", color="#9dc3e6")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_xticks(epochs)
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [r.metrics[result.main_metric] for r in result.history], marker="^", color="#c55a11",
+             label=f"eval {result.main_metric}")
+    ax2.set_ylabel(f"eval {result.main_metric}", color="#c55a11")
+    ax2.axvline(result.best_epoch, color="#c55a11", ls=":", lw=1)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="center right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_finetune(job: FinetuneJob) -> dict[str, Any]:
+    """Load data and model, build or read the plan (scoring first if needed), train, save; returns results."""
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig(epochs=job.epochs, lr=job.lr, batch_size=job.batch_size, warmup_ratio=job.warmup_ratio,
+                      weight_decay=job.weight_decay, seed=job.seed, device=job.device, cache_prefix=job.cache_prefix,
+                      progress=job.progress, checkpoint=str(out / TRAIN_STATE), checkpoint_every=job.checkpoint_every,
+                      resume=job.resume)
+    spec = get_task(job.task)
+    train_ex = load_examples(spec, job.data_dir, "train", num_examples=job.train_examples, seed=job.seed,
+                             balanced=job.train_examples is not None and not spec.is_regression)
+    eval_ex = load_examples(spec, job.data_dir, "validation", num_examples=job.eval_examples, seed=job.seed)
+    num_labels = 1 if spec.is_regression else spec.num_labels
+    model, tokenizer, layer_map = load_model(job.model, num_labels=num_labels, seed=job.seed, device=job.device)
+    job.max_length, limit = clamp_max_length(job.max_length, model.config, job.model)
+    train_features = tokenize_examples(train_ex, tokenizer, job.max_length)
+    eval_features = tokenize_examples(eval_ex, tokenizer, job.max_length)
+
+    score_seconds = 0.0
+    if job.plan_path:
+        plan = Plan.from_json(job.plan_path)
+    else:
+        assert job.strategy is not None
+        strategy, _ = find_strategy(job.strategy)
+        scores = None
+        if strategy.needs is not None:
+            start = time.perf_counter()
+            scores = _score_for(job, strategy.needs, model, tokenizer, layer_map, train_features, out)
+            score_seconds = time.perf_counter() - start
+        plan = build_plan(job.strategy, layer_map.num_layers, scores=scores, tuner=job.tuner,
+                          lora=LoraSpec(r=job.lora_r, alpha=job.lora_alpha, dropout=job.lora_dropout),
+                          adapter_size=job.adapter_size)
+    plan = with_counts(plan, model.config)  # on the meta device: no copy of the weights
+    apply_plan(model, plan, layer_map)
+
+    callbacks: list[EpochCallback] = []
+    if job.rank_epochs:
+        callbacks.append(RankStability(train_features[: job.rank_examples], tokenizer, job.rank_epochs, seed=job.seed,
+                                       device=job.device, progress=job.progress))
+    result = train_model(model, plan, train_features, eval_features, spec, tokenizer, cfg, callbacks=callbacks)
+    save_trained(model, plan, out, base_model=job.model, num_labels=num_labels, seed=job.seed)
+    results = {
+        "job": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(job).items()},
+        "task": spec.name,
+        "strategy": plan.strategy,
+        "plan_table": plan.table(),
+        "num_train": len(train_features),
+        "num_eval": len(eval_features),
+        "score_seconds": score_seconds,
+        "max_length_limit": limit,
+        **result.to_dict(),
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    _plot_curves(result, out / "curve.png", f"{plan.strategy} on {spec.name} ({layer_map.model_type}, "
+                                             f"{result.trainable_params:,} trainable)")
+    return results

@@ -1,0 +1,269 @@
+"""The per-example backend on plain torch modules: RMSNorm-style rules, and batch-shared computations
+captured where they meet the examples (no per-example backward), against a per-example loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastsel.capture import per_example as pe
+from fastsel.capture.per_example import SquaredGradAccumulator
+from fisher_oracles import assert_diagonals_close
+
+
+def _check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward) -> SquaredGradAccumulator:
+    """forward(x) -> logits (B, C); compares acc.mean() with a loop over single examples."""
+
+    def terms(xb, yb):
+        return [torch.log_softmax(forward(xb), -1).gather(1, yb[:, None]).squeeze(1)]
+
+    B = x.shape[0]
+    acc = SquaredGradAccumulator(model)
+    with acc.capture(batch_size=B):
+        acc.backward(terms(x, y))
+    params = dict(model.named_parameters())
+    want = {n: torch.zeros_like(p) for n, p in params.items()}
+    for b in range(B):
+        grads = torch.autograd.grad(terms(x[b : b + 1], y[b : b + 1])[0].sum(), list(params.values()), allow_unused=True)
+        for n, g in zip(want, grads):
+            if g is not None:
+                want[n] += g.square()
+    assert_diagonals_close(acc.mean(), {n: w / B for n, w in want.items()})
+    return acc
+
+
+# -- RMSNorm-style norms: a native rule, recognised by the math ---------------------------------------
+
+
+class LlamaLikeRMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+        self.variance_epsilon = eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        dtype = h.dtype
+        h = h.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+class OffsetRMSNorm(nn.Module):
+    """Gemma-style: (1 + weight) * x_hat, eps under an unusual attribute name."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+        self.epsilon = 1e-5
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.float()
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.epsilon) * (1.0 + self.weight.float())).type_as(h)
+
+
+class NotRMSNorm(nn.Module):
+    """One weight, but a different normalisation: must stay on the generic rule."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.weight * h / (h.abs().mean(-1, keepdim=True) + 1e-6)
+
+
+NORMS = {
+    "nn.RMSNorm": lambda: nn.RMSNorm(8),
+    "nn.RMSNorm-eps": lambda: nn.RMSNorm(8, eps=1e-3),
+    "llama": lambda: LlamaLikeRMSNorm(8),
+    "llama-eps-1e-5": lambda: LlamaLikeRMSNorm(8, eps=1e-5),
+    "offset": lambda: OffsetRMSNorm(8),
+}
+
+
+@pytest.mark.parametrize("kind", list(NORMS))
+def test_rms_norm_rule_matches_the_loop(kind):
+    torch.manual_seed(0)
+    norm = NORMS[kind]()
+    with torch.no_grad():
+        norm.weight.normal_()
+    fc = nn.Linear(8, 3)
+    model = nn.ModuleDict({"norm": norm, "fc": fc})
+    acc = SquaredGradAccumulator(model)
+    assert pe._rule_for(norm) is pe._RMS_NORM
+    x = torch.randn(6, 5, 8) * torch.rand(6, 1, 1) * 1e-2  # small inputs: eps matters
+    _check(model, x, torch.randint(0, 3, (6,)), lambda xb: fc(norm(xb)).mean(1))
+    assert not acc.fallback_params
+
+
+def test_rms_norm_over_two_dims():
+    torch.manual_seed(0)
+    norm = nn.RMSNorm((4, 8), eps=1e-4)
+    with torch.no_grad():
+        norm.weight.normal_()
+    fc = nn.Linear(32, 2)
+    model = nn.ModuleDict({"norm": norm, "fc": fc})
+    SquaredGradAccumulator(model)
+    assert pe._rule_for(norm) is pe._RMS_NORM
+    _check(model, torch.randn(5, 3, 4, 8), torch.randint(0, 2, (5,)), lambda xb: fc(norm(xb).flatten(2)).mean(1))
+
+
+def test_a_look_alike_stays_generic():
+    torch.manual_seed(0)
+    norm = NotRMSNorm(8)
+    fc = nn.Linear(8, 3)
+    model = nn.ModuleDict({"norm": norm, "fc": fc})
+    SquaredGradAccumulator(model)
+    assert pe._rule_for(norm) is pe._GENERIC
+    _check(model, torch.randn(5, 4, 8), torch.randint(0, 3, (5,)), lambda xb: fc(norm(xb)).mean(1))
+
+
+def test_layer_norm_rule_with_and_without_bias():
+    torch.manual_seed(0)
+    ln1, ln2, fc = nn.LayerNorm(8), nn.LayerNorm(8, bias=False), nn.Linear(8, 3)
+    with torch.no_grad():
+        ln1.weight.normal_(), ln2.weight.normal_(), ln1.bias.normal_()
+    model = nn.ModuleDict({"ln1": ln1, "ln2": ln2, "fc": fc})
+    _check(model, torch.randn(5, 4, 8) * 3 + 1, torch.randint(0, 3, (5,)), lambda xb: fc(ln2(torch.tanh(ln1(xb)))).mean(1))
+
+
+# -- batch-shared computations --------------------------------------------------------------------------
+
+
+class Table(nn.Module):
+    """Holds parameters that its owner reads directly (never called), like DeBERTa's rel_embeddings."""
+
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(*shape))
+
+
+class SharedBias(nn.Module):
+    """A position table run through a LayerNorm and a Linear once per batch, then added to every example
+    by implicit broadcasting (the pattern of relative/absolute position encodings computed once)."""
+
+    def __init__(self, T: int = 5, d: int = 8) -> None:
+        super().__init__()
+        self.table = Table(T, d)
+        self.norm = nn.LayerNorm(d)
+        self.proj = nn.Linear(d, d)  # also applied to the examples: its two uses combine per example
+        self.fc = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self.proj(self.norm(self.table.weight))  # (T, d), the same for every example
+        h = torch.tanh(self.proj(x) + pos)  # implicit broadcast to (B, T, d)
+        return self.fc(h * pos).mean(1)  # and a second meeting, by mul
+
+
+class SharedRepeat(nn.Module):
+    """DeBERTa's pattern: a shared (heads, R, dh) tensor repeated to (B * heads, R, dh) for a bmm."""
+
+    def __init__(self, d: int = 8, heads: int = 2, R: int = 6) -> None:
+        super().__init__()
+        self.heads, self.dh = heads, d // heads
+        self.rel = nn.Embedding(R, d)  # its weight is read directly, never called
+        self.q = nn.Linear(d, d)
+        self.fc = nn.Linear(R, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q = self.q(x).view(B, T, self.heads, self.dh).transpose(1, 2).reshape(B * self.heads, T, self.dh)
+        r = self.q(self.rel.weight.unsqueeze(0))  # shared, and q is used twice
+        r = r.view(1, -1, self.heads, self.dh).transpose(1, 2).reshape(self.heads, -1, self.dh)
+        r = r.repeat(B, 1, 1)
+        scores = torch.bmm(q, r.transpose(1, 2))  # (B*heads, T, R)
+        return self.fc(scores.view(B, self.heads, T, -1).mean((1, 2)))
+
+
+class SharedExpand(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.gate = Table(4, d)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate.weight).unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, 4, d)
+        h = torch.sigmoid(self.gate.weight)[None, :, :1].expand_as(x[:, :4, :])  # (B, 4, d), shape from x
+        g = g * h
+        return self.fc(torch.bmm(g, x.transpose(1, 2)).transpose(1, 2)).mean(1)  # (B, T, 4) -> (B, 3)
+
+
+class Uncaptured(nn.Module):
+    """A parameter-derived matrix multiplied with the examples outside any module: not capturable."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.mix = Table(d, d)
+        self.fc = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(x @ (self.mix.weight / 3))).mean(1)
+
+
+@pytest.mark.parametrize("B", [1, 5])
+def test_shared_bias_by_implicit_broadcast(B):
+    torch.manual_seed(0)
+    model = SharedBias()
+    acc = _check(model, torch.randn(B, 5, 8), torch.randint(0, 3, (B,)), model)
+    assert not acc.fallback_params
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_shared_repeat_to_the_batch(B):
+    torch.manual_seed(0)
+    model = SharedRepeat()
+    acc = _check(model, torch.randn(B, 7, 8), torch.randint(0, 3, (B,)), model)
+    assert not acc.fallback_params
+
+
+def test_shared_expand_to_the_batch():
+    torch.manual_seed(0)
+    model = SharedExpand(d=8)
+    x = torch.randn(5, 8, 8)
+    acc = _check(model, x, torch.randint(0, 3, (5,)), model)
+    assert not acc.fallback_params
+
+
+def test_own_parameters_of_a_called_module_use_its_rule():
+    """Parameters used inside their own module's call on the examples belong to that module's rule
+    (here the generic torch.func rule of the whole module), whatever the ops."""
+    torch.manual_seed(0)
+
+    class Own(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = nn.Parameter(torch.randn(8, 8) / 3)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(x @ (self.mix * 2))).mean(1)
+
+    model = Own()
+    acc = _check(model, torch.randn(5, 4, 8), torch.randint(0, 3, (5,)), model)
+    assert not acc.fallback_params
+
+
+def test_uncaptured_meeting_goes_to_the_exact_fallback():
+    torch.manual_seed(0)
+    model = Uncaptured()
+    acc = _check(model, torch.randn(5, 4, 8), torch.randint(0, 3, (5,)), model)
+    assert acc.fallback_params == {"mix.weight"}
+
+
+def test_several_terms_reuse_the_shared_capture():
+    """exact-mode style: several weighted terms on one forward, each with its own per-example cotangents."""
+    torch.manual_seed(0)
+    model = SharedRepeat()
+    x = torch.randn(4, 7, 8)
+    acc = SquaredGradAccumulator(model)
+    with acc.capture(batch_size=4):
+        logp = torch.log_softmax(model(x), -1)
+        acc.backward([logp[:, c] for c in range(3)])
+    want = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for b in range(4):
+        lp = torch.log_softmax(model(x[b : b + 1]), -1)
+        for c in range(3):
+            for n, g in zip(want, torch.autograd.grad(lp[0, c], list(model.parameters()), retain_graph=True)):
+                want[n] += g.square()
+    assert_diagonals_close(acc.mean(), {n: w / 4 for n, w in want.items()})
+    assert not acc.fallback_params

@@ -1,0 +1,404 @@
+"""Tests for fastsel.data: registry, loaders (real GLUE/SuperGLUE files), subsampling, batching."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastsel.data.tasks import TASKS, Examples, get_task, load_custom_examples, load_examples, make_dataloader, tokenize_examples
+
+# (task, split) -> row count, from shared/data/SOURCES.md
+COUNTS = {
+    ("cola", "train"): 8551, ("cola", "validation"): 1043,
+    ("sst2", "train"): 67349, ("sst2", "validation"): 872,
+    ("mrpc", "train"): 3668, ("mrpc", "validation"): 408,
+    ("stsb", "train"): 5749, ("stsb", "validation"): 1500,
+    ("rte", "train"): 2490, ("rte", "validation"): 277,
+    ("wnli", "train"): 635, ("wnli", "validation"): 71,
+    ("boolq", "train"): 32, ("boolq", "validation"): 3270,
+    ("cb", "train"): 32, ("cb", "validation"): 56,
+    ("copa", "train"): 32, ("copa", "validation"): 100,
+    ("wic", "train"): 32, ("wic", "validation"): 638,
+    ("wsc", "train"): 32, ("wsc", "validation"): 104,
+    ("multirc", "train"): 154, ("multirc", "validation"): 4848,
+    ("sg-rte", "train"): 32, ("sg-rte", "validation"): 277,
+}
+FOLDER = {"cola": "glue/CoLA", "sst2": "glue/SST-2", "mrpc": "glue/MRPC", "stsb": "glue/STS-B",
+          "rte": "glue/RTE", "wnli": "glue/WNLI", "boolq": "superglue/BoolQ", "cb": "superglue/CB",
+          "copa": "superglue/COPA", "wic": "superglue/WiC", "wsc": "superglue/WSC",
+          "multirc": "superglue/MultiRC", "sg-rte": "superglue/RTE"}
+
+_cache: dict = {}
+
+
+def _load(data_dir, task, split):
+    key = (str(data_dir), task, split)
+    if key not in _cache:
+        if not (data_dir / FOLDER[task]).is_dir():
+            pytest.skip(f"{FOLDER[task]} not in {data_dir}")
+        _cache[key] = load_examples(task, data_dir, split)
+    return _cache[key]
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def test_registry_contents():
+    glue = {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"}
+    sg = {"boolq", "cb", "copa", "wic", "wsc", "multirc", "sg-rte"}
+    assert {k for k, t in TASKS.items() if t.benchmark == "glue"} == glue
+    assert {k for k, t in TASKS.items() if t.benchmark == "superglue"} == sg
+    for k, t in TASKS.items():
+        assert t.name == k
+        assert t.is_regression == (k == "stsb")
+        if not t.is_regression:
+            assert len(t.label_names) == t.num_labels
+    assert TASKS["stsb"].num_labels == 1 and TASKS["stsb"].label_names == ()
+    assert TASKS["cola"].metrics == ("mcc",)
+    assert TASKS["mrpc"].metrics == ("f1", "accuracy") == TASKS["qqp"].metrics
+    assert TASKS["stsb"].metrics == ("pearson", "spearman")
+    assert TASKS["sst2"].metrics == ("accuracy",)
+    # datasets' label orders
+    assert TASKS["mnli"].label_names == ("entailment", "neutral", "contradiction")
+    assert TASKS["rte"].label_names == ("entailment", "not_entailment") == TASKS["qnli"].label_names
+    assert TASKS["wnli"].label_names == ("not_entailment", "entailment")
+    assert TASKS["cb"].label_names == ("entailment", "contradiction", "neutral")
+    with pytest.raises(Exception):
+        TASKS["sst2"].num_labels = 3  # frozen
+
+
+@pytest.mark.parametrize("alias,name", [("SST-2", "sst2"), ("sst2", "sst2"), ("STS-B", "stsb"), ("CoLA", "cola"),
+                                        ("MNLI", "mnli"), ("sg-rte", "sg-rte"), ("SG_RTE", "sg-rte"),
+                                        ("BoolQ", "boolq"), ("multi-rc", "multirc"), ("WSC.fixed", "wsc")])
+def test_get_task_aliases(alias, name):
+    assert get_task(alias) is TASKS[name]
+
+
+def test_get_task_unknown_lists_known():
+    with pytest.raises(ValueError) as e:
+        get_task("imdb")
+    assert "imdb" in str(e.value) and "sst2" in str(e.value) and "boolq" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- real data
+
+
+@pytest.mark.parametrize("task,split", sorted(COUNTS))
+def test_real_counts(data_dir, task, split):
+    ex = _load(data_dir, task, split)
+    assert isinstance(ex, Examples)
+    assert len(ex.text_a) == len(ex.labels) == COUNTS[task, split]
+    assert ex.task is TASKS[task] and ex.split == split
+    single = task in ("cola", "sst2")
+    assert (ex.text_b is None) == single
+    if not single:
+        assert len(ex.text_b) == len(ex.text_a)
+    assert all(isinstance(t, str) and t for t in ex.text_a)
+    if ex.task.is_regression:
+        assert all(isinstance(v, float) for v in ex.labels)
+    else:
+        assert all(isinstance(v, int) and 0 <= v < ex.task.num_labels for v in ex.labels)
+
+
+@pytest.mark.parametrize("task,split,dist", [
+    ("cola", "train", {1: 6023, 0: 2528}),
+    ("cola", "validation", {1: 721, 0: 322}),
+    ("sst2", "train", {1: 37569, 0: 29780}),
+    ("mrpc", "train", {1: 2474, 0: 1194}),
+    ("rte", "train", {0: 1249, 1: 1241}),          # entailment=0, not_entailment=1
+    ("wnli", "train", {0: 323, 1: 312}),
+    ("boolq", "validation", {1: 2033, 0: 1237}),
+    ("cb", "validation", {1: 28, 0: 23, 2: 5}),    # contradiction=1, entailment=0, neutral=2
+    ("multirc", "validation", {0: 2773, 1: 2075}),
+    ("wsc", "validation", {0: 66, 1: 38}),
+    ("sg-rte", "validation", {0: 146, 1: 131}),
+])
+def test_real_label_distribution(data_dir, task, split, dist):
+    assert dict(Counter(_load(data_dir, task, split).labels)) == dist
+
+
+def test_stsb_scores(data_dir):
+    tr = _load(data_dir, "stsb", "train")
+    dev = _load(data_dir, "stsb", "validation")
+    assert min(tr.labels) >= 0 and max(tr.labels) <= 5
+    assert sum(tr.labels) / len(tr) == pytest.approx(2.701, abs=1e-3)
+    assert sum(dev.labels) / len(dev) == pytest.approx(2.364, abs=1e-3)
+    assert dev.text_a[0] == "A man with a hard hat is dancing."
+    assert dev.labels[0] == 5.0
+
+
+def test_glue_parsing_details(data_dir):
+    mrpc = _load(data_dir, "mrpc", "train")  # BOM header, unescaped quotes
+    assert mrpc.text_a[0].startswith("Amrozi accused his brother")
+    assert mrpc.text_b[0].startswith('Referring to him as only "the witness"')
+    dev = _load(data_dir, "mrpc", "validation")
+    assert dev.text_b[0].startswith('"The foodservice pie business')  # lone quote kept verbatim
+    cola = _load(data_dir, "cola", "train")  # no header
+    assert cola.text_a[0].startswith("Our friends won't buy this analysis")
+    rte = _load(data_dir, "rte", "train")
+    assert rte.text_a[0] == "No Weapons of Mass Destruction Found in Iraq Yet." and rte.labels[0] == 1
+
+
+def test_superglue_formats(data_dir):
+    copa = _load(data_dir, "copa", "validation")
+    assert copa.text_a[0] == "The man turned on the faucet. What happened as a result?"
+    assert copa.text_b[0] == "The toilet filled with water. or Water flowed from the spout."
+    assert copa.labels[0] == 1
+    wic = _load(data_dir, "wic", "validation")
+    assert wic.text_a[0] == "class: An emerging professional class."
+    wsc = _load(data_dir, "wsc", "validation")
+    assert wsc.text_b[0] == "him refers to anyone"
+    mrc = _load(data_dir, "multirc", "validation")
+    assert mrc.text_a[0].startswith("What causes a change in motion?")
+    boolq = _load(data_dir, "boolq", "validation")
+    assert boolq.text_a[0] == "does ethanol take more energy make that produces"
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+def test_layouts_resolve(data_dir, tmp_path):
+    if not (data_dir / "glue" / "RTE").is_dir() or not (data_dir / "superglue" / "CB").is_dir():
+        pytest.skip("RTE / CB missing")
+    ref_g = load_examples("rte", data_dir, "validation")
+    ref_s = load_examples("cb", data_dir, "validation")
+    # GLUE_DIR and SuperGLUE folder directly
+    assert load_examples("rte", data_dir / "glue", "validation").text_a == ref_g.text_a
+    assert load_examples("cb", data_dir / "superglue", "validation").text_a == ref_s.text_a
+    assert load_examples("sg-rte", data_dir / "superglue", "validation").labels == ref_g.labels
+    # the task folder itself
+    assert load_examples("rte", data_dir / "glue" / "RTE", "dev").labels == ref_g.labels
+    # other spellings of folders
+    root = tmp_path / "root"
+    (root / "GLUE" / "rte").mkdir(parents=True)
+    (root / "super_glue" / "cb").mkdir(parents=True)
+    shutil.copy(data_dir / "glue" / "RTE" / "dev.tsv", root / "GLUE" / "rte" / "dev.tsv")
+    shutil.copy(data_dir / "superglue" / "CB" / "val.jsonl", root / "super_glue" / "cb" / "val.jsonl")
+    assert load_examples("RTE", str(root), "val").labels == ref_g.labels
+    assert load_examples("CB", root, "validation").labels == ref_s.labels
+
+
+def test_superglue_prefers_train_jsonl(data_dir, tmp_path):
+    src = data_dir / "superglue" / "CB"
+    if not src.is_dir():
+        pytest.skip("CB missing")
+    d = tmp_path / "CB"
+    d.mkdir()
+    shutil.copy(src / "fewglue32_train.jsonl", d / "fewglue32_train.jsonl")
+    assert len(load_examples("cb", tmp_path, "train")) == 32
+    shutil.copy(src / "val.jsonl", d / "train.jsonl")
+    assert len(load_examples("cb", tmp_path, "train")) == 56
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_missing_dir_and_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_examples("sst2", tmp_path / "nope")
+    with pytest.raises(FileNotFoundError) as e:
+        load_examples("sst2", tmp_path, "validation")
+    msg = str(e.value)
+    assert str(tmp_path / "SST-2" / "dev.tsv") in msg and "glue/SST-2/dev.tsv" in msg
+    with pytest.raises(FileNotFoundError, match="fewglue32_train.jsonl"):
+        load_examples("boolq", tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        load_examples("sst2", tmp_path, "holdout")
+
+
+def test_missing_label_column_and_malformed_rows(tmp_path):
+    _write(tmp_path / "RTE" / "train.tsv", "index\tsentence1\tsentence2\n0\ta\tb\n")
+    with pytest.raises(ValueError, match="missing label column 'label'.*sentence2"):
+        load_examples("rte", tmp_path, "train")
+    _write(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tonly\n")
+    with pytest.raises(ValueError, match=r"dev.tsv:3: malformed row"):
+        load_examples("rte", tmp_path, "validation")
+    _write(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    with pytest.raises(ValueError, match="unknown label 'maybe'"):
+        load_examples("rte", tmp_path, "validation")
+    _write(tmp_path / "SST-2" / "train.tsv", "sentence\tlabel\n")
+    with pytest.raises(ValueError, match="no examples"):
+        load_examples("sst2", tmp_path)
+    _write(tmp_path / "CB" / "val.jsonl", '{"premise": "a", "hypothesis": "b", "label": "neutral"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"val.jsonl:2: malformed JSON"):
+        load_examples("cb", tmp_path, "validation")
+    _write(tmp_path / "CB" / "val.jsonl", '{"premise": "a", "label": "neutral"}\n')
+    with pytest.raises(ValueError, match="missing field 'hypothesis'"):
+        load_examples("cb", tmp_path, "validation")
+    _write(tmp_path / "CB" / "val.jsonl", '{"premise": "a", "hypothesis": "b"}\n')
+    with pytest.raises(ValueError, match="missing label"):
+        load_examples("cb", tmp_path, "validation")
+
+
+def test_test_split_without_labels(tmp_path):
+    _write(tmp_path / "RTE" / "test.tsv", "index\tsentence1\tsentence2\n0\ta\tb\n1\tc\td\n")
+    ex = load_examples("rte", tmp_path, "test")
+    assert ex.labels == [-1, -1] and ex.text_b == ["b", "d"]
+    _write(tmp_path / "STS-B" / "test.tsv", "index\tsentence1\tsentence2\n0\ta\tb\n")
+    assert math.isnan(load_examples("stsb", tmp_path, "test").labels[0])
+    _write(tmp_path / "CoLA" / "test.tsv", "index\tsentence\n0\tJohn left.\n")
+    assert load_examples("cola", tmp_path, "test").text_a == ["John left."]
+
+
+def test_hub_failure_is_clear(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def boom(*a, **k):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", boom)
+    with pytest.raises(RuntimeError, match="--data-dir"):
+        load_examples("sst2", None, "train")
+
+
+# ---------------------------------------------------------------------------------------------- subsampling
+
+
+def test_subsample_seeded(data_dir):
+    full = _load(data_dir, "sst2", "validation")
+    a = load_examples("sst2", data_dir, "validation", num_examples=100, seed=3)
+    b = load_examples("sst2", data_dir, "validation", num_examples=100, seed=3)
+    c = load_examples("sst2", data_dir, "validation", num_examples=100, seed=4)
+    assert len(a) == 100 and a.text_a == b.text_a and a.labels == b.labels
+    assert a.text_a != c.text_a
+    assert set(a.text_a) <= set(full.text_a) and len(set(a.text_a)) == len(a.text_a)
+    big = load_examples("sst2", data_dir, "validation", num_examples=10_000)
+    assert big.text_a == full.text_a
+
+
+def test_balanced(data_dir):
+    ex = load_examples("cola", data_dir, "validation", num_examples=101, seed=1, balanced=True)
+    assert len(ex) == 101 and sorted(Counter(ex.labels).values()) == [50, 51]
+    again = load_examples("cola", data_dir, "validation", num_examples=101, seed=1, balanced=True)
+    assert again.text_a == ex.text_a
+    # CB validation: 23 entailment, 28 contradiction, 5 neutral -> small class capped, rest redistributed
+    cb = load_examples("cb", data_dir, "validation", num_examples=30, balanced=True)
+    assert dict(Counter(cb.labels)) == {0: 13, 1: 12, 2: 5}
+    cb_all = load_examples("cb", data_dir, "validation", num_examples=1000, balanced=True)
+    assert len(cb_all) == 56
+    with pytest.raises(ValueError, match="regression"):
+        load_examples("stsb", data_dir, "validation", num_examples=10, balanced=True)
+
+
+# ---------------------------------------------------------------------------------------------- custom files
+
+
+def test_custom_csv_tsv_jsonl(tmp_path):
+    csv_path = _write(tmp_path / "d.csv", 'text,other,y\n"hello, ""world""",x,pos\nbad,y,neg\nok,z,neutral\n')
+    ex = load_custom_examples(csv_path, ["text"], "y", task_name="mine")
+    assert ex.text_a[0] == 'hello, "world"' and ex.text_b is None
+    assert ex.task.label_names == ("neg", "neutral", "pos") and ex.labels == [2, 0, 1]
+    assert ex.task.benchmark == "custom" and ex.task.name == "mine" and ex.task.num_labels == 3
+
+    tsv_path = _write(tmp_path / "d.tsv", 'a\tb\tlabel\nsay "hi\tthere\t10\nx\ty\t2\nu\tv\t10\n')
+    ex = load_custom_examples(tsv_path, ("a", "b"), "label")
+    assert ex.text_a[0] == 'say "hi' and ex.text_b == ["there", "y", "v"]
+    assert ex.task.label_names == ("2", "10") and ex.labels == [1, 0, 1]  # numeric order
+
+    rows = [{"q": f"q{i}", "p": f"p{i}", "score": i / 2} for i in range(6)]
+    jl = _write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    ex = load_custom_examples(jl, ["q", "p"], "score", regression=True)
+    assert ex.task.is_regression and ex.labels == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    ex = load_custom_examples(jl, ["q", "p"], "score", regression=True, num_examples=3, seed=0)
+    assert len(ex) == 3
+
+    rows = [{"t": f"t{i}", "lab": bool(i % 3)} for i in range(30)]
+    jl = _write(tmp_path / "b.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    ex = load_custom_examples(jl, ["t"], "lab", num_examples=10, balanced=True)
+    assert dict(Counter(ex.labels)) == {0: 5, 1: 5}
+
+
+def test_custom_errors(tmp_path):
+    p = _write(tmp_path / "d.csv", "text,y\na,1\nb,0\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['label'\].*\['text', 'y'\]"):
+        load_custom_examples(p, ["text"], "label")
+    with pytest.raises(ValueError, match="missing column"):
+        load_custom_examples(p, ["text", "text2"], "y")
+    with pytest.raises(FileNotFoundError):
+        load_custom_examples(tmp_path / "none.csv", ["text"], "y")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        load_custom_examples(_write(tmp_path / "d.xlsx", "x"), ["text"], "y")
+    with pytest.raises(ValueError, match="no examples"):
+        load_custom_examples(_write(tmp_path / "e.csv", "text,y\n"), ["text"], "y")
+    with pytest.raises(ValueError, match="not a number"):
+        load_custom_examples(_write(tmp_path / "r.csv", "text,y\na,high\n"), ["text"], "y", regression=True)
+
+
+# ---------------------------------------------------------------------------------------------- tokenize + batch
+
+
+def _toy(pairs: bool, regression: bool = False) -> Examples:
+    spec = TASKS["stsb"] if regression else (TASKS["rte"] if pairs else TASKS["sst2"])
+    a = ["a short one .", "this sentence is quite a bit longer than the first one was", "mid length here"]
+    b = ["and its partner", "x", "another fairly long second segment for the pair"] if pairs else None
+    labels = [0.5, 4.0, 2.25] if regression else [0, 1, 1]
+    return Examples(spec, "train", a, b, labels)
+
+
+def test_tokenize_pairs(tiny_tokenizer):
+    tok = tiny_tokenizer
+    feats = tokenize_examples(_toy(pairs=True), tok, max_length=64)
+    assert len(feats) == 3
+    special = set(tok.all_special_ids)
+    for f in feats:
+        assert set(f) == {"input_ids", "attention_mask", "token_type_ids", "special_tokens_mask", "labels"}
+        assert set(f["token_type_ids"]) == {0, 1}
+        assert f["token_type_ids"][0] == 0 and f["token_type_ids"][-1] == 1
+        assert f["special_tokens_mask"] == [int(t in special) for t in f["input_ids"]]
+        assert sum(f["special_tokens_mask"]) == 3  # [CLS] a [SEP] b [SEP]
+        assert isinstance(f["labels"], int)
+    single = tokenize_examples(_toy(pairs=False), tok)
+    assert all(set(f["token_type_ids"]) == {0} and sum(f["special_tokens_mask"]) == 2 for f in single)
+    short = tokenize_examples(_toy(pairs=True), tok, max_length=8)
+    assert max(len(f["input_ids"]) for f in short) == 8
+    reg = tokenize_examples(_toy(pairs=True, regression=True), tok)
+    assert [f["labels"] for f in reg] == [0.5, 4.0, 2.25]
+
+
+def test_dataloader_dynamic_padding(tiny_tokenizer):
+    tok = tiny_tokenizer
+    feats = tokenize_examples(_toy(pairs=True), tok)
+    lens = [len(f["input_ids"]) for f in feats]
+    batches = list(make_dataloader(feats, tok, batch_size=2))
+    assert [b["input_ids"].shape[1] for b in batches] == [max(lens[:2]), lens[2]]
+    b = batches[0]
+    assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "special_tokens_mask", "labels"}
+    assert b["labels"].dtype == torch.long and b["input_ids"].dtype == torch.long
+    pad = b["attention_mask"] == 0
+    assert pad.any()
+    assert (b["input_ids"][pad] == tok.pad_token_id).all()
+    assert (b["special_tokens_mask"][pad] == 1).all() and (b["token_type_ids"][pad] == 0).all()
+    for i in range(2):  # real positions unchanged
+        n = lens[i]
+        assert b["input_ids"][i, :n].tolist() == feats[i]["input_ids"]
+        assert b["special_tokens_mask"][i, :n].tolist() == feats[i]["special_tokens_mask"]
+    # special mask covers exactly special tokens + padding
+    special = torch.tensor(sorted(set(tok.all_special_ids)))
+    expect = torch.isin(b["input_ids"], special) | pad
+    assert torch.equal(b["special_tokens_mask"].bool(), expect)
+
+    reg = make_dataloader(tokenize_examples(_toy(True, regression=True), tok), tok, batch_size=3)
+    assert next(iter(reg))["labels"].dtype == torch.float32
+
+
+def test_dataloader_shuffle_seeded(data_dir, tiny_tokenizer):
+    ex = load_examples("rte", data_dir, "validation", num_examples=40, seed=0)
+    feats = tokenize_examples(ex, tiny_tokenizer, max_length=64)
+    order = lambda s: torch.cat([b["labels"] for b in make_dataloader(feats, tiny_tokenizer, 8, shuffle=True, seed=s)])
+    ids = lambda s: [b["input_ids"][:, 1].tolist() for b in make_dataloader(feats, tiny_tokenizer, 8, shuffle=True, seed=s)]
+    assert ids(1) == ids(1) and ids(1) != ids(2)
+    assert sorted(order(1).tolist()) == sorted(ex.labels)
+    plain = list(make_dataloader(feats, tiny_tokenizer, 8))
+    assert sum(b["input_ids"].shape[0] for b in plain) == 40
+    assert all(b["input_ids"].shape[1] <= 64 for b in plain)

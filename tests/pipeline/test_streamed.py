@@ -1,0 +1,285 @@
+"""The streamed pass: Arrow corpus cache, length-bucketed plans, Fisher + a no-backward consumer in one
+forward, autocast, exact class-statistics merges, CLI with several metrics."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastsel.cli.app import main
+from fastsel.data.tasks import load_examples, tokenize_examples
+from fastsel.pipeline.distributed import DistEnv
+from fastsel.pipeline.drivers.fisher import FisherConsumer
+from fastsel.pipeline.config import PipelineConfig
+from fastsel.pipeline.context import PipelineContext
+from fastsel.scores.variability import merge_class_stats
+from fastsel.pipeline.streamed import output_path, run_pass
+from fastsel.pipeline.config import ScoreConfig
+from fastsel.data.corpus import BatchReader, load_tokenized_corpus, padding_stats, schedule_batches, shard_batches
+
+from stream_helpers import ClassMeanConsumer, batch_class_stats, pooled
+
+N = 120
+
+
+
+
+
+
+def _cfg(tiny_dir, data_dir, **kw):
+    base = dict(model=tiny_dir, task="sst2", data_dir=str(data_dir), num_examples=N, batch_size=8, max_length=48)
+    base.update(kw)
+    return ScoreConfig(**base)
+
+
+def _setup(cfg, pcfg=None):
+    from fastsel.hf.loading import load_model
+
+    pcfg = pcfg or PipelineConfig()
+    model, tok, lmap = load_model(cfg.model, num_labels=2, seed=cfg.seed)
+    corpus = load_tokenized_corpus(cfg, tok, pcfg.cache_dir)
+    ctx = PipelineContext(cfg, pcfg, model, tok, lmap, corpus.task, torch.device("cpu"), len(corpus))
+    return ctx, corpus
+
+
+# -- batch plans --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bucket", [True, False])
+@pytest.mark.parametrize("max_tokens", [None, 1, 40, 300])
+def test_plan_covers_every_row_once_within_budget(bucket, max_tokens):
+    lengths = np.random.default_rng(0).integers(3, 60, size=500)
+    plan = schedule_batches(lengths, batch_size=7, max_tokens=max_tokens, bucket=bucket, seed=1)
+    rows = np.concatenate(plan)
+    assert sorted(rows.tolist()) == list(range(500))
+    for b in plan:
+        assert len(b) >= 1
+        if max_tokens is not None:
+            assert len(b) == 1 or len(b) * lengths[b].max() <= max_tokens
+        else:
+            assert len(b) <= 7
+    if not bucket:
+        assert rows.tolist() == list(range(500))  # data order kept
+    again = schedule_batches(lengths, batch_size=7, max_tokens=max_tokens, bucket=bucket, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(plan, again))  # deterministic: needed for resume
+
+
+def test_bucketing_cuts_padding():
+    lengths = np.random.default_rng(0).integers(3, 60, size=2000)
+    flat = padding_stats(lengths, schedule_batches(lengths, batch_size=32, bucket=False))
+    bucketed = padding_stats(lengths, schedule_batches(lengths, batch_size=32, bucket=True))
+    assert bucketed["tokens"] == flat["tokens"] == lengths.sum()
+    assert bucketed["padding_fraction"] < 0.05 < 0.3 < flat["padding_fraction"]
+
+
+def test_plan_errors_and_empty():
+    with pytest.raises(ValueError, match="batch_size"):
+        schedule_batches(np.array([3]), batch_size=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        schedule_batches(np.array([3]), batch_size=2, max_tokens=0)
+    assert schedule_batches(np.zeros(0, dtype=np.int64), batch_size=4) == []
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shards_are_disjoint_and_cover(world):
+    plan = schedule_batches(np.arange(1, 50), batch_size=4, bucket=True)
+    shards = [shard_batches(plan, r, world) for r in range(world)]
+    rows = sorted(int(i) for s in shards for b in s for i in b)
+    assert rows == list(range(49))
+    with pytest.raises(ValueError):
+        shard_batches(plan, world, world)
+
+
+# -- class statistics merge ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parts", [2, 3, 5])
+def test_merge_class_stats_is_exact(parts):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64) * 3 + 100.0  # large mean: cancellation-prone
+    y = torch.randint(0, 3, (200,), generator=g)
+    y[y == 2] = 1  # class 2 empty everywhere
+    cuts = np.sort(np.random.default_rng(1).choice(np.arange(1, 200), parts - 1, replace=False)).tolist()
+    pieces = [batch_class_stats(xp, yp, 3) for xp, yp in zip(torch.tensor_split(x, cuts), torch.tensor_split(y, cuts))]
+    acc = pieces[0]
+    for p in pieces[1:]:
+        acc = merge_class_stats(*acc, *p)
+    count, mean, m2 = acc
+    xn, yn = x.numpy(), y.numpy()
+    for c in range(3):
+        xc = xn[yn == c]
+        assert int(count[c]) == len(xc)
+        if len(xc):
+            torch.testing.assert_close(mean[c], torch.from_numpy(xc.mean(0)))
+            torch.testing.assert_close(m2[c], torch.from_numpy((xc - xc.mean(0)).T @ (xc - xc.mean(0))), rtol=1e-9, atol=1e-8)
+        else:
+            assert mean[c].abs().sum() == 0 and m2[c].abs().sum() == 0
+
+
+def test_merge_class_stats_shape_errors():
+    z = batch_class_stats(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]), 2)
+    w = batch_class_stats(torch.zeros(2, 4, dtype=torch.float64), torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match="different shapes"):
+        merge_class_stats(*z, *w)
+    with pytest.raises(ValueError, match="expected count"):
+        merge_class_stats(z[0], z[1], z[1], z[0], z[1], z[1])
+
+
+# -- the Arrow corpus -------------------------------------------------------------------------------------
+
+
+def test_corpus_is_cached_memory_mapped_and_matches_tokenize_examples(tiny_dir, data_dir, cache, tiny_tokenizer):
+    cfg = _cfg(tiny_dir, data_dir)
+    corpus = load_tokenized_corpus(cfg, tiny_tokenizer)
+    assert corpus.dataset.cache_files and str(cache) in corpus.dataset.cache_files[0]["filename"]  # on disk: mmap
+    mtime = (corpus.path / "data.arrow").stat().st_mtime_ns
+    again = load_tokenized_corpus(cfg, tiny_tokenizer, build=False)  # hit: no rebuild
+    assert again.key == corpus.key and (again.path / "data.arrow").stat().st_mtime_ns == mtime
+    ex = load_examples("sst2", data_dir, "train", num_examples=N, seed=0)
+    feats = tokenize_examples(ex, tiny_tokenizer, 48)
+    assert corpus.dataset["index"][:] == list(range(N))
+    rows = corpus.dataset[:]
+    for i in (0, 17, N - 1):
+        for k in ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask", "labels"):
+            assert list(rows[k][i]) == feats[i][k] if k != "labels" else rows[k][i] == feats[i][k]
+    assert corpus.lengths().tolist() == [len(f["input_ids"]) for f in feats]
+    # another subsample or max_length: another cache entry
+    assert load_tokenized_corpus(_cfg(tiny_dir, data_dir, max_length=32), tiny_tokenizer).key != corpus.key
+
+
+def test_reader_pads_each_batch_to_its_own_longest(tiny_dir, data_dir, cache, tiny_tokenizer):
+    corpus = load_tokenized_corpus(_cfg(tiny_dir, data_dir), tiny_tokenizer)
+    lengths = corpus.lengths()
+    plan = schedule_batches(lengths, batch_size=1, max_tokens=100, bucket=True)
+    for prefetch in (0, 3):
+        seen = []
+        for b, batch in zip(plan[2:], BatchReader(corpus, tiny_tokenizer, plan, start=2, prefetch=prefetch)):
+            assert batch["index"].tolist() == b.tolist()
+            assert batch["input_ids"].shape == (len(b), lengths[b].max())
+            assert batch["attention_mask"].sum(1).tolist() == lengths[b].tolist()
+            seen += b.tolist()
+        assert len(seen) == sum(len(b) for b in plan[2:])
+
+
+# -- the pass ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["empirical", "sampled"])
+def test_streamed_fisher_equals_plain_loader(tiny_dir, data_dir, cache, mode):
+    """Bucketed, token-budget batches give the Fisher of the plain sequential loader (sampled labels keyed
+    by global index, so batch composition does not matter)."""
+    from fastsel.scores.fisher import fisher_diagonal
+    from fastsel.data.tasks import make_dataloader
+
+    cfg = _cfg(tiny_dir, data_dir, options={"fisher": mode})
+    ctx, corpus = _setup(cfg, PipelineConfig(max_tokens=160, bucket=True, prefetch=2))
+    res = run_pass(ctx, corpus, [FisherConsumer(ctx)], DistEnv(), progress=False)
+    got = res.consumers[0].acc.mean()
+    ex = load_examples("sst2", data_dir, "train", num_examples=N, seed=0)
+    loader = make_dataloader(tokenize_examples(ex, ctx.tokenizer, 48), ctx.tokenizer, 5)
+    want = fisher_diagonal(ctx.model, loader, mode=mode, seed=0).diagonal
+    assert res.examples == N and res.stats["padding_fraction"] < 0.1
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-12)
+
+
+def test_one_pass_fisher_and_class_statistics(tiny_dir, data_dir, cache):
+    """Fisher + a no-backward consumer fed the hidden states of the same forward == each alone / an oracle."""
+    cfg = _cfg(tiny_dir, data_dir)
+    ctx, corpus = _setup(cfg, PipelineConfig(max_tokens=200))
+    both = run_pass(ctx, corpus, [FisherConsumer(ctx), ClassMeanConsumer(ctx)], DistEnv(), progress=False)
+    fisher_alone = run_pass(ctx, corpus, [FisherConsumer(ctx)], DistEnv(), progress=False).consumers[0]
+    for n, s in fisher_alone.acc.sums.items():
+        assert torch.equal(both.consumers[0].acc.sums[n], s)  # same batches, same order: bit-identical
+    cm = both.consumers[1]
+    assert sorted(cm.indices) == list(range(N))
+    # oracle: plain forward per example, numpy statistics
+    rows = corpus.dataset[:]
+    y = np.asarray(rows["labels"])
+    with torch.no_grad():
+        per_layer = [[] for _ in range(3)]
+        for i in range(N):
+            ids = torch.tensor([rows["input_ids"][i]])
+            out = ctx.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                            token_type_ids=torch.tensor([rows["token_type_ids"][i]]), output_hidden_states=True)
+            for l in range(3):
+                per_layer[l].append(pooled(out.hidden_states[l + 1], torch.ones_like(ids))[0].numpy())
+    for l in range(3):
+        x = np.stack(per_layer[l])
+        count, mean, m2 = cm.stats[l]
+        for c in range(2):
+            xc = x[y == c]
+            assert int(count[c]) == len(xc)
+            torch.testing.assert_close(mean[c], torch.from_numpy(xc.mean(0)), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(m2[c], torch.from_numpy((xc - xc.mean(0)).T @ (xc - xc.mean(0))), rtol=1e-4, atol=1e-4)
+
+
+def test_one_pass_fisher_and_variability_equal_each_alone(tiny_dir, data_dir, cache):
+    """The real variability consumer shares the Fisher forward: nu equals the in-memory computation."""
+    from fastsel.data.tasks import make_dataloader
+    from fastsel.pipeline.drivers.variability import VariabilityConsumer
+    from fastsel.scores.variability import accumulate_class_statistics, variability_layer_scores
+
+    cfg = _cfg(tiny_dir, data_dir, metric="fisher,variability")
+    ctx, corpus = _setup(cfg, PipelineConfig(max_tokens=200))
+    both = run_pass(ctx, corpus, [FisherConsumer(ctx), VariabilityConsumer(ctx)], DistEnv(), progress=False)
+    fisher_alone = run_pass(ctx, corpus, [FisherConsumer(ctx)], DistEnv(), progress=False).consumers[0]
+    for n, s in fisher_alone.acc.sums.items():
+        assert torch.equal(both.consumers[0].acc.sums[n], s)
+    streamed = both.consumers[1].result()
+    ex = load_examples("sst2", data_dir, "train", num_examples=N, seed=0)
+    loader = make_dataloader(tokenize_examples(ex, ctx.tokenizer, cfg.max_length), ctx.tokenizer, 8)
+    stats = accumulate_class_statistics(ctx.model, loader, num_classes=2, layer_map=ctx.layer_map)
+    memory = variability_layer_scores(stats, ctx.layer_map)
+    assert streamed.num_examples == memory.num_examples == N
+    assert [l.score for l in streamed.layers] == pytest.approx([l.score for l in memory.layers], rel=1e-6)
+    assert streamed.info["l_star"] == memory.info["l_star"]
+
+
+@pytest.mark.parametrize("autocast", ["bf16", "fp16"])
+def test_autocast_keeps_fp32_accumulators_close(tiny_dir, data_dir, cache, autocast):
+    cfg = _cfg(tiny_dir, data_dir, num_examples=40)
+    ctx, corpus = _setup(cfg, PipelineConfig(max_tokens=200))
+    ref = run_pass(ctx, corpus, [FisherConsumer(ctx)], DistEnv(), progress=False).consumers[0].acc
+    ctx.pipeline = PipelineConfig(max_tokens=200, autocast=autocast)
+    low = run_pass(ctx, corpus, [FisherConsumer(ctx)], DistEnv(), progress=False).consumers[0].acc
+    num = sum(float((low.sums[n] - ref.sums[n]).norm() ** 2) for n in ref.sums) ** 0.5
+    den = sum(float(ref.sums[n].norm() ** 2) for n in ref.sums) ** 0.5
+    assert all(s.dtype == torch.float32 for s in low.sums.values())
+    assert num / den < 0.1  # half-precision forward, same Fisher to a few per cent
+
+
+def test_pipeline_config_round_trip_and_errors():
+    p = PipelineConfig(max_tokens=512, autocast="bf16", checkpoint="/tmp/x", resume=True)
+    assert PipelineConfig.from_json(p.to_json()) == p
+    with pytest.raises(ValueError, match="needs --checkpoint"):
+        PipelineConfig(resume=True)
+    with pytest.raises(ValueError, match="autocast"):
+        PipelineConfig(autocast="int8")
+    with pytest.raises(ValueError, match="unknown PipelineConfig"):
+        PipelineConfig.from_json('{"nope": 1}')
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_two_metrics_one_pass(tmp_path, tiny_dir, data_dir, cache, capsys):
+    out, plot = tmp_path / "scores.json", tmp_path / "scores.png"
+    rc = main(["score", "--metric", "fisher,variability", "--plot", str(plot), "--model", tiny_dir, "--task", "sst2", "--data-dir", str(data_dir),
+               "--num-examples", "40", "--max-tokens", "256", "--autocast", "bf16", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    f = json.loads(output_path(out, "fisher", 2).read_text())
+    c = json.loads(output_path(out, "variability", 2).read_text())
+    assert f["metric"] == "fisher" and c["metric"] == "variability" and f["num_examples"] == c["num_examples"] == 40
+    assert "l_star" in c and output_path(plot, "variability", 2).exists() and output_path(plot, "fisher", 2).exists()
+    assert f["pipeline"]["autocast"] == "bf16" and f["pipeline"]["max_tokens"] == 256
+    assert capsys.readouterr().out.count("ranking (best first)") == 2
+
+
+def test_cli_errors(tmp_path, tiny_dir, data_dir, cache, capsys):
+    base = ["score", "--model", tiny_dir, "--task", "sst2", "--data-dir", str(data_dir), "--no-progress", "--num-examples", "8"]
+    assert main(base + ["--resume"]) == 2 and "needs --checkpoint" in capsys.readouterr().err
+    assert main(base + ["--metric", "fisher,fisher"]) == 2 and "listed twice" in capsys.readouterr().err
+    assert main(base + ["--metric", "fisher,nosuch"]) == 2 and "unknown metric" in capsys.readouterr().err

@@ -1,0 +1,287 @@
+"""Variability ratio: maths vs an independent numpy computation, the streaming pass on tiny encoders,
+resume equivalence, errors, and end to end on all-MiniLM-L6-v2 with real data."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastsel import ops
+from fastsel.hf.layer_map import map_layers
+from fastsel.capture.taps import pool_mask
+from fastsel.scores.variability import ClassStatistics, accumulate_class_statistics, scatter_matrices, smoothness, variability_layer_scores, variability_ratio
+from tests.tiny_models import ARCHS, VOCAB, tiny_model
+
+
+# --------------------------------------------------------------------------------------------------
+# Oracle: the definitions of section 3.1 / appendix A.1 in plain numpy, from the stored features
+# --------------------------------------------------------------------------------------------------
+
+
+def numpy_nu(H: np.ndarray, y: np.ndarray, variant: str = "xie"):
+    classes = np.unique(y)
+    C = len(classes)
+    mus = np.array([H[y == c].mean(0) for c in classes])
+    if variant == "xie":
+        sw = sum(np.cov(H[y == c].T, bias=True) for c in classes) / C
+        centre = mus.mean(0)
+    else:
+        sw = sum((H[y == c] - mus[i]).T @ (H[y == c] - mus[i]) for i, c in enumerate(classes)) / len(y)
+        centre = H.mean(0)
+    sb = sum(np.outer(m - centre, m - centre) for m in mus) / C
+    return np.trace(sw @ np.linalg.pinv(sb)) / C, sw, sb
+
+
+def stats_of(H: np.ndarray, y: np.ndarray, C: int, batch: int = 7) -> tuple[torch.Tensor, ...]:
+    """Feed stored features (N, D) through the op as T = 1 sequences, in batches."""
+    D = H.shape[1]
+    count, mean, m2 = torch.zeros(C, dtype=torch.float64), torch.zeros(C, D, dtype=torch.float64), torch.zeros(C, D, D, dtype=torch.float64)
+    h = torch.from_numpy(H).unsqueeze(1)
+    lab = torch.from_numpy(y).long()
+    for s in range(0, len(y), batch):
+        ops.class_stats_update(count, mean, m2, h[s : s + batch], torch.ones(h[s : s + batch].shape[:2]), lab[s : s + batch])
+    return count, mean, m2
+
+
+def features(counts, D=6, seed=0, sep=1.0):
+    rng = np.random.default_rng(seed)
+    H, y = [], []
+    for c, n in enumerate(counts):
+        centre = rng.normal(size=D) * sep
+        H.append(centre + rng.normal(size=(n, D)) @ rng.normal(size=(D, D)) * 0.5)
+        y += [c] * n
+    perm = rng.permutation(len(y))
+    return np.concatenate(H)[perm], np.array(y)[perm]
+
+
+@pytest.mark.parametrize("counts", [(40, 40), (50, 20, 7), (30, 5, 12, 60), (100, 3)])
+@pytest.mark.parametrize("variant", ["xie", "papyan"])
+def test_nu_matches_numpy_definition(counts, variant):
+    H, y = features(counts, D=6, seed=len(counts))
+    count, mean, m2 = stats_of(H, y, len(counts))
+    nu_np, sw_np, sb_np = numpy_nu(H, y, variant)
+    sw, M = scatter_matrices(count, mean, m2, variant)
+    np.testing.assert_allclose(sw.numpy(), sw_np, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose((M.t() @ M / len(counts)).numpy(), sb_np, rtol=1e-9, atol=1e-12)
+    res = variability_ratio(count, mean, m2, variant)
+    assert res["nu"] == pytest.approx(nu_np, rel=1e-8)
+    # both centrings are (weighted) averages of the class means: rank C - 1
+    assert res["rank_sigma_b"] == len(counts) - 1
+
+
+def test_variants_agree_on_balanced_data_and_differ_on_imbalanced():
+    H, y = features((60, 60, 60), seed=3)
+    st = stats_of(H, y, 3)
+    assert variability_ratio(*st, variant="xie")["nu"] == pytest.approx(variability_ratio(*st, variant="papyan")["nu"], rel=1e-9)
+    H, y = features((150, 10, 20), seed=3)
+    st = stats_of(H, y, 3)
+    assert abs(variability_ratio(*st, variant="xie")["nu"] / variability_ratio(*st, variant="papyan")["nu"] - 1) > 1e-3
+
+
+def test_nu_is_scale_and_shift_invariant_and_wide_features():
+    """Wide features (D > N): Sigma_w is singular, Sigma_b has rank C-1; still matches numpy's pinv."""
+    H, y = features((8, 9, 7), D=40, seed=5)
+    st = stats_of(H, y, 3)
+    nu = variability_ratio(*st)["nu"]
+    assert nu == pytest.approx(numpy_nu(H, y)[0], rel=1e-7)
+    st2 = stats_of(3.0 * H + 100.0, y, 3)
+    assert variability_ratio(*st2)["nu"] == pytest.approx(nu, rel=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["xie", "papyan"])
+@pytest.mark.parametrize("C", [2, 3])
+def test_nu_with_large_offset_and_weak_class_signal(variant, C):
+    """Means far from 0, classes barely apart (random labels): the rounding noise of the centring must
+    not be inverted as a direction of Sigma_b (regression test)."""
+    rng = np.random.default_rng(C)
+    H = rng.normal(size=(6000, 64)) * 0.1 + rng.normal(size=64) * 5
+    y = rng.integers(0, C, 6000)
+    nu = variability_ratio(*stats_of(H, y, C, batch=256), variant=variant)["nu"]
+    assert nu == pytest.approx(numpy_nu(H, y, variant)[0], rel=1e-6)
+
+
+def test_class_errors():
+    H, y = features((10, 1), seed=0)
+    with pytest.raises(ValueError, match="at least 2 examples in every class"):
+        variability_ratio(*stats_of(H, y, 2))
+    H, y = features((10,), seed=0)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        variability_ratio(*stats_of(H, y, 1))
+    H, y = features((10, 10, 0), seed=0)
+    with pytest.raises(ValueError, match=r"class counts are \[10, 10, 0\]"):
+        variability_ratio(*stats_of(H, y, 3))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        ClassStatistics(3, 1)
+    H = np.ones((6, 3))
+    with pytest.raises(ValueError, match="coincide"):
+        variability_ratio(*stats_of(H, np.array([0, 1] * 3), 2))
+
+
+def test_smoothness():
+    assert smoothness([1.0, 2.0, 3.0, 4.0]) == pytest.approx(0.0)  # linear: no curvature
+    v = np.array([1.0, 3.0, 2.0, 5.0])
+    z = (v - v.mean()) / v.std()
+    assert smoothness(v) == pytest.approx(((z[2:] - 2 * z[1:-1] + z[:-2]) ** 2).sum())
+    assert smoothness(10 * v + 7) == pytest.approx(smoothness(v))  # normalised (footnote 2)
+    assert smoothness([1.0, 2.0]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming pass on tiny random encoders vs output_hidden_states + numpy
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny_batches(arch: str, n: int = 22, batch_size: int = 5, C: int = 3, seed: int = 0, T: int = 9):
+    g = torch.Generator().manual_seed(seed)
+    pad_id = 1 if arch in ("roberta", "xlm-roberta") else 0
+    out = []
+    for s in range(0, n, batch_size):
+        B = min(batch_size, n - s)
+        lengths = torch.randint(3, T + 1, (B,), generator=g)
+        ids = torch.randint(3, VOCAB, (B, T), generator=g)
+        att = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).long()
+        ids[att == 0] = pad_id
+        special = torch.zeros(B, T, dtype=torch.long)
+        special[:, 0] = 1  # CLS
+        special[torch.arange(B), lengths - 1] = 1  # SEP
+        special[att == 0] = 1
+        labels = torch.arange(s, s + B) % C  # every class present
+        out.append({"input_ids": ids, "attention_mask": att, "special_tokens_mask": special, "labels": labels})
+    return out
+
+
+def oracle_layers(model, batches, pooling="mean"):
+    """Pooled states of every layer from output_hidden_states (no hooks), by a per-example loop."""
+    states, labels = None, []
+    with torch.no_grad():
+        for b in batches:
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+            hs = out.hidden_states
+            states = states or [[] for _ in hs]
+            m = pool_mask(b, pooling)
+            for i, h in enumerate(hs):
+                for e in range(h.shape[0]):
+                    states[i].append(h[e][m[e]].double().mean(0).numpy())
+            labels += b["labels"].tolist()
+    return [np.array(s) for s in states], np.array(labels)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streaming_matches_hidden_states_oracle(arch):
+    model = tiny_model(arch, num_labels=3, num_layers=3)
+    batches = tiny_batches(arch)
+    stats = accumulate_class_statistics(model, batches, num_classes=3)
+    states, labels = oracle_layers(model, batches)
+    assert stats.num_layers == len(states) == 4
+    for i, H in enumerate(states):
+        assert variability_ratio(*stats.layer(i))["nu"] == pytest.approx(numpy_nu(H, labels)[0], rel=1e-6)
+        assert variability_ratio(*stats.layer(i), variant="papyan")["nu"] == pytest.approx(numpy_nu(H, labels, "papyan")[0], rel=1e-6)
+
+
+def test_cls_pooling_and_left_padding():
+    batch = {"attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]]),
+             "special_tokens_mask": torch.tensor([[1, 1, 1, 0, 1], [1, 0, 1, 1, 1]])}
+    assert pool_mask(batch, "cls").tolist() == [[False, False, True, False, False], [True, False, False, False, False]]
+    assert pool_mask(batch, "mean").tolist() == [[False, False, False, True, False], [False, True, False, False, False]]
+    with pytest.raises(ValueError, match="special_tokens_mask"):
+        pool_mask({"attention_mask": batch["attention_mask"]}, "mean")
+    with pytest.raises(ValueError, match="unknown pooling"):
+        pool_mask(batch, "max")
+    model = tiny_model("bert", num_labels=3)
+    batches = tiny_batches("bert")
+    for b in batches:
+        b["input_ids"][:, 0] = 2  # the same CLS id everywhere, as a tokenizer gives
+    stats = accumulate_class_statistics(model, batches, num_classes=3, pooling="cls")
+    states, labels = oracle_layers(model, batches, "cls")
+    assert variability_ratio(*stats.layer(2))["nu"] == pytest.approx(numpy_nu(states[2], labels)[0], rel=1e-6)
+    # the CLS embedding is the same for every example: no class signal there, reported, not fatal
+    scores = variability_layer_scores(stats, map_layers(model), pooling="cls")
+    assert "score" not in scores.extra["embeddings"] and "coincide" in scores.extra["embeddings"]["note"]
+    assert "ranking (best first)" in scores.table()  # the table skips the score-less embeddings row
+    assert all(np.isfinite(l.score) for l in scores.layers)
+
+
+def test_batch_size_and_order_invariance_of_the_pass():
+    model = tiny_model("bert", num_labels=3)
+    whole = tiny_batches("bert", n=24, batch_size=24)
+    split = [{k: v[s : s + 4] for k, v in whole[0].items()} for s in range(0, 24, 4)]
+    a = accumulate_class_statistics(model, split, num_classes=3)
+    b = accumulate_class_statistics(model, whole, num_classes=3)
+    rev = [{k: v.flip(0) for k, v in bt.items()} for bt in reversed(whole)]
+    c = accumulate_class_statistics(model, rev, num_classes=3)
+    for i in range(a.num_layers):
+        for x, y, z in zip(a.layer(i), b.layer(i), c.layer(i)):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)  # fp32 model: padding changes the states slightly
+            torch.testing.assert_close(y, z, rtol=1e-6, atol=1e-7)  # same data reversed: only fp32 GEMM order differs
+
+
+def test_regression_labels_and_empty_data_rejected():
+    model = tiny_model("bert", num_labels=3)
+    batches = tiny_batches("bert", n=6)
+    batches[0]["labels"] = batches[0]["labels"].float()
+    with pytest.raises(ValueError, match="regression"):
+        accumulate_class_statistics(model, batches, num_classes=3)
+    with pytest.raises(ValueError, match="empty"):
+        accumulate_class_statistics(model, [], num_classes=3)
+
+
+def test_layer_scores_schema(tmp_path):
+    model = tiny_model("bert", num_labels=3, num_layers=4)
+    stats = accumulate_class_statistics(model, tiny_batches("bert", n=30), num_classes=3)
+    scores = variability_layer_scores(stats, map_layers(model), model_name="tiny", task="t", split="train")
+    nus = [s.score for s in scores.layers]
+    assert scores.info["l_star"] == int(np.argmin(nus)) == scores.ranking[0]
+    assert not scores.higher_is_better and len(nus) == 4
+    assert scores.extra["embeddings"]["score"] == pytest.approx(variability_ratio(*stats.layer(0))["nu"])
+    assert scores.info["zeta"] == pytest.approx(smoothness(nus))
+    scores.to_json(tmp_path / "s.json")
+    d = json.loads((tmp_path / "s.json").read_text())
+    assert d["l_star"] == scores.info["l_star"] and d["ranking"][0] == d["l_star"]
+    assert "nu_papyan" in d["layers"][0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Real model, real data
+# --------------------------------------------------------------------------------------------------
+
+
+def test_regression_task_rejected(data_dir):
+    from fastsel.pipeline.config import ScoreConfig
+    from fastsel.pipeline.inmemory import prepare
+
+    with pytest.raises(ValueError, match="needs classes"):
+        prepare(ScoreConfig(metric="variability", model="minilm", task="stsb", data_dir=str(data_dir), num_examples=10))
+
+
+@pytest.mark.slow
+def test_cli_minilm_sst2_end_to_end(data_dir, minilm_path, tmp_path, capsys):
+    from fastsel.cli.app import main
+    from fastsel.data.tasks import load_examples, make_dataloader, tokenize_examples
+    from fastsel.hf.loading import load_model
+
+    out, plot, ckpt = tmp_path / "scores.json", tmp_path / "nu.png", tmp_path / "ckpt"
+    common = ["score", "--metric", "variability", "--model", str(minilm_path), "--task", "sst2", "--data-dir", str(data_dir),
+              "--num-examples", "96", "--max-length", "32", "--batch-size", "16", "--no-progress"]
+    # in memory, with probes
+    assert main(common + ["--probe", "--probe-eval-examples", "64", "--out", str(out), "--plot", str(plot)]) == 0
+    d = json.loads(out.read_text())
+    assert d["metric"] == "variability" and len(d["layers"]) == 6 and d["num_examples"] == 96
+    assert d["l_star"] == int(np.argmin([l["score"] for l in d["layers"]]))
+    assert all("probe" in l for l in d["layers"]) and d["rho_probe"]["pearson"] is not None
+    assert plot.stat().st_size > 0
+    # independent check of layer 3 from output_hidden_states + numpy, with the tokenizer's special-tokens mask
+    model, tok, _ = load_model(str(minilm_path), num_labels=2)
+    ex = load_examples("sst2", data_dir, "train", num_examples=96, seed=0)
+    states, labels = oracle_layers(model, list(make_dataloader(tokenize_examples(ex, tok, 32), tok, 16)))
+    assert d["layers"][3]["score"] == pytest.approx(numpy_nu(states[4], labels)[0], rel=1e-5)
+    assert d["extra"]["embeddings"]["score"] == pytest.approx(numpy_nu(states[0], labels)[0], rel=1e-5)
+    # the streamed pass (bucketed batches, checkpoints) gives the same nu; a finished checkpoint resumes to it
+    streamed, resumed = tmp_path / "streamed.json", tmp_path / "resumed.json"
+    ck = ["--checkpoint", str(ckpt), "--checkpoint-every", "32"]
+    assert main(common + ck + ["--out", str(streamed)]) == 0
+    assert main(common + ck + ["--resume", "--out", str(resumed)]) == 0
+    ds, dr = json.loads(streamed.read_text()), json.loads(resumed.read_text())
+    assert [l["score"] for l in ds["layers"]] == pytest.approx([l["score"] for l in d["layers"]], rel=1e-6)
+    assert [l["score"] for l in dr["layers"]] == [l["score"] for l in ds["layers"]]
