@@ -10,10 +10,17 @@ import json
 import os
 import sys
 from typing import Callable
+from fastsel.cli.info import info, format_info
+from fastsel.pipeline.config import PipelineConfig, ScoreConfig
+from fastsel.pipeline.distributed import process_rank
+from fastsel.scores.confidence import DEFAULT_GROUPS
+from fastsel.pipeline.registry import METRICS, add_option_arguments
+from fastsel.pipeline.run import score
+from fastsel.pipeline.streamed import output_path
 
 __all__ = ["main", "COMMANDS", "check_device"]
 
-# name -> "module:function" adding the subparser (imported lazily so `fastsel info` stays fast)
+# name -> "module:function" adding the subparser (a registry of commands; plan and finetune import lazily)
 COMMANDS: dict[str, str] = {
     "score": "fastsel.cli.app:add_score_command",
     "info": "fastsel.cli.app:add_info_command",
@@ -23,7 +30,6 @@ COMMANDS: dict[str, str] = {
 
 
 def add_score_command(sub: argparse._SubParsersAction) -> None:
-    from fastsel.pipeline.registry import METRICS, add_option_arguments
 
     p = sub.add_parser("score", help="score every layer of an encoder on a task", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--metric", default="fisher",
@@ -45,7 +51,7 @@ def add_score_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write scores.json here")
     p.add_argument("--plot", default=None, help="write a PNG plot here")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--confidence-groups", type=int, default=4, metavar="K",
+    p.add_argument("--confidence-groups", type=int, default=DEFAULT_GROUPS, metavar="K",
                    help="ranking confidence: examples split into K groups by index (Kendall tau between halves, top-k "
                         "agreement, jackknife intervals; memory (K+1) x the accumulators); 0: off")
     _add_pipeline_arguments(p)
@@ -117,10 +123,6 @@ def check_writable(path: str | os.PathLike, what: str, *, directory: bool = Fals
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from fastsel.pipeline.config import PipelineConfig, ScoreConfig
-    from fastsel.pipeline.distributed import process_rank
-    from fastsel.pipeline.run import score
-    from fastsel.pipeline.streamed import output_path
 
     options = {k: v for k, v in vars(args).items() if k not in args._base_dests and not k.startswith("_") and k != "func"}
     options["confidence_groups"] = args.confidence_groups
@@ -169,7 +171,6 @@ def add_info_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from fastsel.cli.info import info, format_info
 
     data = info()
     print(json.dumps(data, indent=2) if args.json else format_info(data))

@@ -4,6 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from fastsel.data.tasks import get_task
+from fastsel.hf.layer_map import map_layers
+from fastsel.hf.loading import resolve_model_path
+from fastsel.plans.plan import LoraSpec
+from fastsel.plans.plan import PlanError
+from fastsel.plans.strategies import TUNERS, strategy_names
+from fastsel.plans.strategies import build_plan
+from fastsel.scores.layer_scores import LayerScores
+from fastsel.train.trainer import FinetuneJob, run_finetune
+from fastsel.tuners.apply import meta_model, with_counts
 
 __all__ = ["add_plan_command", "add_finetune_command", "load_config"]
 
@@ -12,7 +22,6 @@ def load_config(model: str, num_labels: int):
     """The model's config (a local directory, a config.json file or a hub name), with ``num_labels``."""
     from transformers import AutoConfig, PretrainedConfig
 
-    from fastsel.hf.loading import resolve_model_path
 
     path = Path(model)
     if path.is_file():
@@ -32,13 +41,11 @@ def load_config(model: str, num_labels: int):
 
 def read_scores(path: str):
     """A scores.json as LayerScores; a file that is not one is a one-line ValueError naming it."""
-    from fastsel.scores.layer_scores import LayerScores
 
     return LayerScores.read(path)
 
 
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    from fastsel.plans.strategies import TUNERS, strategy_names
 
     p.add_argument("--strategy", default=None, help=f"one of: {', '.join(strategy_names())}")
     p.add_argument("--scores", default=None, help="scores.json for score-based strategies")
@@ -50,8 +57,6 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _plan_from_args(args: argparse.Namespace, num_layers: int, scores=None):
-    from fastsel.plans.plan import LoraSpec
-    from fastsel.plans.strategies import build_plan
 
     if scores is None and args.scores:
         scores = read_scores(args.scores)
@@ -63,7 +68,6 @@ def _plan_from_args(args: argparse.Namespace, num_layers: int, scores=None):
 def _num_labels(args: argparse.Namespace) -> int:
     if getattr(args, "num_labels", None):
         return args.num_labels
-    from fastsel.data.tasks import get_task
 
     task = get_task(args.task)
     return 1 if task.is_regression else task.num_labels
@@ -82,9 +86,6 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from fastsel.hf.layer_map import map_layers
-    from fastsel.tuners.apply import meta_model, with_counts
-    from fastsel.plans.plan import PlanError
 
     if not args.strategy:
         raise PlanError("fastsel: --strategy is required")
@@ -93,7 +94,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     plan = with_counts(_plan_from_args(args, layer_map.num_layers), config)
     print(plan.table())
     if args.peft:
-        print("PEFT LoraConfig:", json.dumps(plan.to_peft(layer_map.model_type)))
+        print("PEFT LoraConfig:", json.dumps(plan.to_peft(layer_map.model_type, layers_pattern=layer_map.blocks_name.rsplit(".", 1)[-1],
+                                                           head_names=layer_map.head_names)))
     if args.out:
         plan.to_json(args.out)
         print(f"wrote {args.out}")
@@ -141,7 +143,6 @@ def _epochs(text: str) -> tuple[int, ...]:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from fastsel.train.trainer import FinetuneJob, run_finetune
 
     if bool(args.plan) == bool(args.strategy):
         raise ValueError("fastsel: give exactly one of --plan and --strategy")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+from fastsel.data.tasks import get_task
 
 __all__ = ["TASK_METRICS", "accuracy", "f1_binary", "matthews_corrcoef", "pearson", "spearman", "task_metrics",
            "predictions_from_logits", "main_metric"]
@@ -80,7 +81,6 @@ def predictions_from_logits(logits: np.ndarray, regression: bool) -> np.ndarray:
 
 def task_metrics(task, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """{metric: value} for the task's official metrics (``task.metrics``, a TaskSpec or a task name)."""
-    from fastsel.data.tasks import get_task
 
     spec = get_task(task)
     if len(labels) == 0:
@@ -89,6 +89,5 @@ def task_metrics(task, predictions: np.ndarray, labels: np.ndarray) -> dict[str,
 
 
 def main_metric(task) -> str:
-    from fastsel.data.tasks import get_task
 
     return get_task(task).metrics[0]

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastsel.data.tasks import get_task
 from fastsel.pipeline.registry import AUTOCAST, METRICS
+from fastsel.scores.confidence import DEFAULT_GROUPS
 
 __all__ = ["ScoreConfig", "PipelineConfig"]
 
@@ -49,7 +50,7 @@ class ScoreConfig:
             raise ValueError(f"fastsel: seed must be in 0..2**63-1, got {self.seed}")
         if self.max_length < 2:
             raise ValueError(f"fastsel: max_length must be >= 2, got {self.max_length}")
-        k = self.options.get("confidence_groups", 4)
+        k = self.options.get("confidence_groups", DEFAULT_GROUPS)
         if not isinstance(k, int) or isinstance(k, bool) or not (k == 0 or k >= 2):
             raise ValueError(f"fastsel: confidence_groups (--confidence-groups) must be 0 (off) or an integer >= 2, got {k!r}")
         if self.num_examples is not None and self.num_examples < 1:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from fastsel.scores.variability import merge_class_stats
 
 __all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "all_reduce_sum_", "all_gather_objects",
            "all_merge_class_stats", "barrier", "PeerFailure", "DEFAULT_TIMEOUT_S"]
@@ -155,16 +156,13 @@ def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
 @_collective("merging the class statistics")
 def all_merge_class_stats(
     count: Tensor, mean: Tensor, m2: Tensor, group: Any = None,
-    merge: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact merge of per-class statistics over the ranks: every rank gets the same merged result.
 
     count (C,), mean (C, D), m2 (C, D, D) (sums of centred outer products). The ranks' statistics are
-    gathered and merged pairwise in rank order with Chan et al.'s formula (``merge``, default
-    :func:`fastsel.pipeline.merge_class_stats`), so no rank's sums are cancelled against large means.
+    gathered and merged pairwise in rank order with Chan et al.'s formula
+    (:func:`fastsel.scores.variability.merge_class_stats`), so no rank's sums are cancelled against large means.
     """
-    if merge is None:
-        from fastsel.scores.variability import merge_class_stats as merge
     world = dist.get_world_size(group)
     parts = []
     for t in (count, mean, m2):
@@ -173,5 +171,5 @@ def all_merge_class_stats(
         parts.append(bufs)
     c, m, s = parts[0][0], parts[1][0], parts[2][0]
     for r in range(1, world):
-        c, m, s = merge(c, m, s, parts[0][r], parts[1][r], parts[2][r])
+        c, m, s = merge_class_stats(c, m, s, parts[0][r], parts[1][r], parts[2][r])
     return c, m, s

@@ -13,6 +13,7 @@ from fastsel.pipeline.config import ScoreConfig
 from fastsel.pipeline.context import ScoringContext
 from fastsel.pipeline.registry import METRICS
 from fastsel.scores.layer_scores import LayerScores
+from fastsel.scores.plot import plot_layer_scores
 
 __all__ = ["prepare", "run_scoring"]
 
@@ -47,7 +48,6 @@ def run_scoring(cfg: ScoreConfig, *, out: str | Path | None = None, plot: str | 
     if out:
         scores.to_json(out)
     if plot:
-        from fastsel.scores.plot import plot_layer_scores
 
         (metric.plot or plot_layer_scores)(scores, plot)
     return scores

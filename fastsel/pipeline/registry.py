@@ -66,7 +66,7 @@ def supports(metric: str) -> bool:
 
 
 def confidence_groups(cfg: Any) -> int:
-    """K of the ranking confidence (``options["confidence_groups"]``, default 4; 0: none)."""
+    """K of the ranking confidence (``options["confidence_groups"]``, default DEFAULT_GROUPS = 4; 0: none)."""
     return int(cfg.options.get("confidence_groups", DEFAULT_GROUPS))
 
 

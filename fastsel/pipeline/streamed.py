@@ -43,6 +43,7 @@ from fastsel.pipeline.registry import AUTOCAST, METRICS, BatchConsumer, CONSUMER
 from fastsel.scores.confidence import halves, kendall_tau_b, ranking_order
 from fastsel.scores.layer_scores import LayerScores
 from fastsel.utils.progress import progress_bar
+from fastsel.scores.plot import plot_layer_scores
 
 __all__ = ["run_pass", "run_pipeline", "PassResult", "pass_settings", "output_path"]
 
@@ -282,7 +283,6 @@ class _StabilityWatch:
             try:
                 full, a, b = scores_of(list(range(self.k))), scores_of(self.halves[0]), scores_of(self.halves[1])
                 tau = kendall_tau_b(a, b)
-                from fastsel.pipeline.registry import METRICS
 
                 hib = METRICS[c.name].higher_is_better if c.name in METRICS else True
                 top = sorted(ranking_order(full, hib)[:3])
@@ -398,7 +398,6 @@ def _run_pipeline(cfg: Any, pcfg: PipelineConfig, env: DistEnv, names: list[str]
             if out:
                 s.to_json(output_path(out, name, len(names)))
             if plot:
-                from fastsel.scores.plot import plot_layer_scores
 
                 (METRICS[name].plot or plot_layer_scores)(s, output_path(plot, name, len(names)))
     barrier(env)

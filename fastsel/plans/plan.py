@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from fastsel.hf.arch_names import arch_names
 from fastsel.utils.atomic import atomic_write_text
@@ -267,12 +267,14 @@ class Plan:
 
     # -- PEFT export ------------------------------------------------------------------------------------
 
-    def to_peft(self, model_type: str = "bert", layers_pattern: str = "layer") -> dict[str, Any]:
+    def to_peft(self, model_type: str = "bert", layers_pattern: str = "layer",
+                head_names: Sequence[str] = ("classifier",)) -> dict[str, Any]:
         """``peft.LoraConfig`` keyword arguments for this plan.
 
         LoRA blocks export their spec. A layer-selecting plan without LoRA exports its tuned blocks
         as ``layers_to_transform`` with LoRA on query/key/value (r=8, alpha=16) so that the selection can be
-        used with PEFT directly. The head goes to ``modules_to_save``.
+        used with PEFT directly. The head (``head_names``: the model's head modules, ``LayerMap.head_names``;
+        HF's sequence-classification models call it "classifier") goes to ``modules_to_save``.
         """
         names = arch_names(model_type)
         spec = self.lora_spec
@@ -288,5 +290,5 @@ class Plan:
             "target_modules": [names.lora[m] for m in spec.matrices],
             "layers_to_transform": layers,
             "layers_pattern": layers_pattern,
-            "modules_to_save": ["classifier"] if self.head.trains else None,
+            "modules_to_save": list(head_names) if self.head.trains else None,
         }

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,13 +24,16 @@ from torch import Tensor, nn
 from fastsel.hf.io import eval_mode, logits_of, model_inputs
 from fastsel.hf.layer_map import EMBEDDINGS, HEAD, POOLER, LayerMap, map_layers
 from fastsel.capture.per_example import SquaredGradAccumulator
+from fastsel.scores.confidence import group_ids
 from fastsel.utils.progress import progress_bar
+from fastsel.scores.layer_scores import LayerScore, LayerScores
 
 if TYPE_CHECKING:
     from fastsel.scores.layer_scores import LayerScores
 
 __all__ = [
     "FISHER_MODES",
+    "FisherAccumulation",
     "LIKELIHOODS",
     "Likelihood",
     "FisherResult",
@@ -198,6 +201,63 @@ class FisherResult:
     fallback_params: tuple[str, ...] = ()
 
 
+class FisherAccumulation:
+    """The Fisher diagonal of one pass, fed batch by batch: the one driver of the Fisher metric, run by
+    :func:`fisher_diagonal` here and by the streamed pass (:mod:`fastsel.pipeline.drivers.fisher`).
+
+    ``capture(batch)`` is entered around the model's forward of the batch, ``consume(batch, outputs)`` turns the
+    logits into the likelihood terms and runs the backward inside it. batch: input_ids (B, T), attention_mask
+    (B, T), optional token_type_ids, labels (B,), optional index (B,) int64 global example positions (they key
+    the labels sampled in "sampled" mode and the groups; default: the order of arrival). ``groups`` K > 0 also
+    keeps the sums of each group of examples (index mod K) for the ranking confidence.
+    """
+
+    def __init__(self, model: nn.Module, mode: str = "empirical", seed: int = 0, *, groups: int = 0,
+                 accumulator: SquaredGradAccumulator | None = None) -> None:
+        if mode not in FISHER_MODES:
+            raise ValueError(f"fastsel: unknown Fisher mode {mode!r}; choose from {FISHER_MODES}")
+        self.model, self.mode, self.seed, self.groups = model, mode, seed, groups
+        self.acc = accumulator or SquaredGradAccumulator(model)
+        if groups:
+            self.acc.enable_groups(groups)
+
+    def _index(self, batch: Mapping[str, Tensor]) -> Tensor | int:
+        return batch["index"] if "index" in batch else self.acc.num_examples
+
+    def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
+        B = int(batch["input_ids"].shape[0])
+        groups = None
+        if self.groups:
+            index = self._index(batch)
+            if not isinstance(index, Tensor):
+                index = torch.arange(index, index + B, device=batch["input_ids"].device)
+            groups = group_ids(index, self.groups)
+        return self.acc.capture(batch_size=B, groups=groups)
+
+    def consume(self, batch: Mapping[str, Tensor], outputs: Any) -> None:
+        terms = fisher_terms_from_logits(self.model, logits_of(outputs), batch.get("labels"), self.mode, self.seed,
+                                         self._index(batch))
+        self.acc.backward(terms)
+
+    def result(self) -> FisherResult:
+        if self.acc.num_examples == 0:
+            raise ValueError("fastsel: no examples to compute the Fisher information on (empty data)")
+        return FisherResult(self.acc.mean(), self.acc.num_examples, self.mode, tuple(sorted(self.acc.fallback_params)))
+
+    def group_scores(self, groups: Sequence[int], layer_map: LayerMap | None = None,
+                     group_sums: Sequence[Mapping[str, Tensor]] | None = None,
+                     group_counts: Sequence[int] | None = None) -> list[float]:
+        """Block scores of the examples of ``groups`` alone (their sums in float64 over their count)."""
+        group_sums = self.acc.group_sums if group_sums is None else group_sums
+        group_counts = self.acc.group_counts if group_counts is None else group_counts
+        n = sum(group_counts[g] for g in groups)
+        if n == 0:
+            raise ValueError(f"no examples in groups {list(groups)}")
+        diag = {name: sum(group_sums[g][name].double() for g in groups) / n for name in self.acc.sums}
+        layers, _ = layer_statistics(diag, self.model, layer_map)
+        return [l["score"] for l in layers]
+
+
 def fisher_diagonal(
     model: nn.Module,
     batches: Iterable[Mapping[str, Tensor]],
@@ -213,26 +273,20 @@ def fisher_diagonal(
 
     batches: dicts of tensors (input_ids (B, T), attention_mask (B, T), optional token_type_ids, labels (B,)).
     The model is put in eval mode (no dropout) for the pass and restored after. Returns per-parameter
-    diagonals of every trainable parameter.
+    diagonals of every trainable parameter. (In memory: the streamed pass runs the same FisherAccumulation.)
     """
-    if mode not in FISHER_MODES:
-        raise ValueError(f"fastsel: unknown Fisher mode {mode!r}; choose from {FISHER_MODES}")
+    fisher = FisherAccumulation(model, mode, seed, accumulator=accumulator)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    acc = accumulator or SquaredGradAccumulator(model)
-    with eval_mode(model):
-        with progress_bar(total=total, desc=f"fisher ({mode})", unit="ex", disable=not progress) as bar:
-            for batch in batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                B = int(batch["input_ids"].shape[0])
-                if B == 0:
-                    continue
-                with acc.capture(batch_size=B):
-                    terms = fisher_terms(model, batch, mode, seed, acc.num_examples)
-                    acc.backward(terms)
-                bar.update(B)
-    if acc.num_examples == 0:
-        raise ValueError("fastsel: no examples to compute the Fisher information on (empty data)")
-    return FisherResult(acc.mean(), acc.num_examples, mode, tuple(sorted(acc.fallback_params)))
+    with eval_mode(model), progress_bar(total=total, desc=f"fisher ({mode})", unit="ex", disable=not progress) as bar:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            B = int(batch["input_ids"].shape[0])
+            if B == 0:
+                continue
+            with fisher.capture(batch):
+                fisher.consume(batch, model(**model_inputs(batch)))
+            bar.update(B)
+    return fisher.result()
 
 
 def group_statistics(diagonal: Mapping[str, Tensor], names: Iterable[str]) -> dict[str, float]:
@@ -288,7 +342,6 @@ def fisher_scores(
     result: FisherResult, model: nn.Module, layer_map: LayerMap | None = None, *, model_name: str = "", task: str = "", split: str = ""
 ) -> "LayerScores":
     """LayerScores of a FisherResult: blocks ranked by sqrt(sum F_j^2), extras (embeddings, pooler, head) unranked."""
-    from fastsel.scores.layer_scores import LayerScore, LayerScores
 
     layers, extra = layer_statistics(result.diagonal, model, layer_map)
     return LayerScores(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastsel.utils.atomic import atomic_write_text
+from fastsel.scores.confidence import format_confidence
 
 __all__ = ["LayerScore", "LayerScores"]
 
@@ -190,7 +191,6 @@ class LayerScores:
         if "l_star" in self.info:
             lines.append(f"l* = {self.info['l_star']}")
         if isinstance(conf, dict):
-            from fastsel.scores.confidence import format_confidence
 
             lines.append(format_confidence(conf))
         us = self.info.get("until_stable")

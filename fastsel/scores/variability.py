@@ -20,10 +20,12 @@ reported under ``extra["embeddings"]``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +33,7 @@ from fastsel import ops
 from fastsel.capture.taps import POOLINGS, layer_taps, pool_mask
 from fastsel.hf.io import eval_mode, model_inputs
 from fastsel.hf.layer_map import LayerMap, map_layers
+from fastsel.scores.confidence import group_ids
 from fastsel.scores.layer_scores import LayerScore, LayerScores
 from fastsel.utils.progress import progress_bar
 
@@ -41,6 +44,7 @@ __all__ = [
     "scatter_matrices",
     "variability_ratio",
     "smoothness",
+    "ClassStatisticsAccumulation",
     "accumulate_class_statistics",
     "variability_from_statistics",
     "variability_layer_scores",
@@ -174,6 +178,61 @@ def check_labels(batch: Mapping[str, Tensor]) -> None:
     if labels.is_floating_point():
         raise ValueError("fastsel: the variability ratio needs class labels, got real-valued (regression) labels")
 
+class ClassStatisticsAccumulation:
+    """Per-class statistics of every layer's pooled states over one pass, fed batch by batch: the one driver of
+    the variability metric, run by :func:`accumulate_class_statistics` here and by the streamed pass
+    (:mod:`fastsel.pipeline.drivers.variability`).
+
+    ``capture(batch)`` taps every layer while the model's forward of the batch runs (no hidden state is kept);
+    ``consume(batch)`` after it counts the examples. batch: input_ids, attention_mask (B, T),
+    special_tokens_mask (B, T) for mean pooling, optional token_type_ids, integer labels (B,) in
+    [0, num_classes), optional index (B,) int64 global example positions (needed with ``groups``). With
+    ``groups`` K > 0 the examples of each group (index mod K) also go to their own statistics.
+    ``on_layer(index, hidden, mask, labels)``, if given, sees every layer's states too.
+    """
+
+    def __init__(self, model: nn.Module, layer_map: LayerMap, num_classes: int, *, pooling: str = "mean", groups: int = 0,
+                 dtype: torch.dtype = torch.float64,
+                 on_layer: Callable[[int, Tensor, Tensor, Tensor], None] | None = None) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"fastsel: unknown pooling {pooling!r}; choose from {POOLINGS}")
+        self.model, self.layer_map, self.pooling, self.groups, self.on_layer = model, layer_map, pooling, groups, on_layer
+        self.stats = ClassStatistics(layer_map.num_layers + 1, num_classes, dtype)
+        self.group_stats = [ClassStatistics(layer_map.num_layers + 1, num_classes, dtype) for _ in range(groups)]
+        self._mask: Tensor | None = None
+        self._labels: Tensor | None = None
+        self._rows: list[tuple[int, Tensor]] = []
+
+    def _tap(self, index: int, hidden: Tensor) -> None:
+        mask, labels = self._mask, self._labels
+        self.stats.update(index, hidden, mask, labels)  # type: ignore[arg-type]
+        for k, idx in self._rows:
+            self.group_stats[k].update(index, hidden.index_select(0, idx), mask.index_select(0, idx),  # type: ignore[union-attr]
+                                       labels.index_select(0, idx))  # type: ignore[union-attr]
+        if self.on_layer is not None:
+            self.on_layer(index, hidden, mask, labels)  # type: ignore[arg-type]
+
+    @contextlib.contextmanager
+    def capture(self, batch: Mapping[str, Tensor]) -> Iterator["ClassStatisticsAccumulation"]:
+        check_labels(batch)
+        self._mask, self._labels = pool_mask(batch, self.pooling), batch["labels"].long()
+        self._rows = []
+        if self.groups:
+            gid = group_ids(batch["index"], self.groups)
+            for k in range(self.groups):
+                idx = (gid == k).nonzero().flatten()
+                if idx.numel():
+                    self._rows.append((k, idx))
+        with layer_taps(self.model, self.layer_map, self._tap):
+            yield self
+
+    def consume(self, batch: Mapping[str, Tensor], outputs: Any = None) -> None:
+        self.stats.num_examples += int(batch["input_ids"].shape[0])
+        self.stats.num_skipped += int((self._mask.sum(1) == 0).sum())  # type: ignore[union-attr]
+        for k, idx in self._rows:
+            self.group_stats[k].num_examples += int(idx.numel())
+
+
 def accumulate_class_statistics(
     model: nn.Module,
     batches: Iterable[Mapping[str, Tensor]],
@@ -190,42 +249,30 @@ def accumulate_class_statistics(
     """One forward per batch; every layer's pooled states are merged into ClassStatistics as produced.
 
     batches: dicts with input_ids, attention_mask (B, T), special_tokens_mask (B, T) for mean pooling,
-    optional token_type_ids, and integer labels (B,) in [0, num_classes). In-memory API; for corpora that
-    need checkpoints, several processes or one pass with Fisher, the CLI runs
-    :class:`VariabilityConsumer` inside :func:`fastsel.pipeline.run_pass`.
+    optional token_type_ids, and integer labels (B,) in [0, num_classes). In memory; the streamed pass
+    (checkpoints, several processes, one pass with Fisher) runs the same ClassStatisticsAccumulation.
     ``on_layer(index, hidden, mask, labels)``, if given, also sees every layer's states (e.g. to keep the
     pooled states of a small probe set from the same forward).
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"fastsel: unknown pooling {pooling!r}; choose from {POOLINGS}")
-    layer_map = layer_map or map_layers(model)
+    acc = ClassStatisticsAccumulation(model, layer_map or map_layers(model), num_classes, pooling=pooling, dtype=dtype,
+                                      on_layer=on_layer)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    stats = ClassStatistics(layer_map.num_layers + 1, num_classes, dtype)
-    current: dict[str, Tensor] = {}
-
-    def consume(index: int, hidden: Tensor) -> None:
-        stats.update(index, hidden, current["mask"], current["labels"])
-        if on_layer is not None:
-            on_layer(index, hidden, current["mask"], current["labels"])
-
-    with eval_mode(model):
-        with progress_bar(total=total, desc=f"variability ({pooling})", unit="ex", disable=not progress) as bar, \
-                layer_taps(model, layer_map, consume), torch.no_grad():
-            for batch in batches:
-                check_labels(batch)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                B = int(batch["input_ids"].shape[0])
-                if B == 0:
-                    continue
-                current["mask"] = pool_mask(batch, pooling)
-                current["labels"] = batch["labels"].long()
+    with eval_mode(model), torch.no_grad(), \
+            progress_bar(total=total, desc=f"variability ({pooling})", unit="ex", disable=not progress) as bar:
+        for batch in batches:
+            check_labels(batch)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            B = int(batch["input_ids"].shape[0])
+            if B == 0:
+                continue
+            with acc.capture(batch):
                 model(**model_inputs(batch))
-                stats.num_examples += B
-                stats.num_skipped += int((current["mask"].sum(1) == 0).sum())
-                bar.update(B)
-    if stats.num_examples == 0:
+                acc.consume(batch)
+            bar.update(B)
+    if acc.stats.num_examples == 0:
         raise ValueError("fastsel: no examples to compute the variability ratio on (empty data)")
-    return stats
+    return acc.stats
+
 
 @dataclass
 class VariabilityResult:
@@ -276,7 +323,6 @@ def variability_layer_scores(
 ) -> "LayerScores":
     """LayerScores of blocks 0..L-1 by nu (lower is better), ``l_star`` and zeta in info, the embedding
     output's nu in extra["embeddings"], and both variants' nu in each layer's values."""
-    from fastsel.scores.layer_scores import LayerScores
 
     res = variability_from_statistics(stats)
     nu = res.nu[variant]

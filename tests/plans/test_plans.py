@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import BertConfig
 
+from fastsel.hf.layer_map import map_layers
 from fastsel.tuners.apply import apply_plan
 from fastsel.cli.app import main
 from fastsel.tuners.apply import count_trainable, with_counts
@@ -288,3 +289,12 @@ def test_plan_cli_from_config_only(tmp_path, capsys):
     assert "25,194,498" in capsys.readouterr().out  # 2 blocks * 12,596,224 + classifier 2,050
     assert main(["plan", "--model", str(cfg_dir), "--strategy", "layers-4-2-9"]) == 2
     assert "l_bottom=4 > l_top=2" in capsys.readouterr().err
+
+
+def test_peft_export_saves_the_models_own_head_modules():
+    """modules_to_save comes from the layer map, not a hard-coded "classifier" (DistilBERT's head is two modules)."""
+    lm = map_layers(tiny_model("distilbert"))
+    assert set(lm.head_names) == {"pre_classifier", "classifier"}
+    kw = build_plan("position-top-1", lm.num_layers).to_peft(lm.model_type, head_names=lm.head_names)
+    assert kw["modules_to_save"] == list(lm.head_names)
+    assert build_plan("position-top-1", lm.num_layers).to_peft("bert")["modules_to_save"] == ["classifier"]

@@ -7,13 +7,11 @@ from typing import Any, Callable, ContextManager, Mapping
 import torch
 from torch import Tensor
 
-from fastsel.capture.per_example import SquaredGradAccumulator
-from fastsel.hf.io import logits_of
 from fastsel.pipeline.distributed import all_gather_objects, all_reduce_sum_
 from fastsel.pipeline.context import PipelineContext, ScoringContext
 from fastsel.pipeline.registry import Metric, confidence_groups, option, options_of, register_metric
-from fastsel.scores.confidence import confidence_from_groups, group_ids
-from fastsel.scores.fisher import FISHER_MODES, FisherResult, fisher_layer_scores, fisher_scores, fisher_terms_from_logits, layer_statistics
+from fastsel.scores.confidence import confidence_from_groups
+from fastsel.scores.fisher import FISHER_MODES, FisherAccumulation, fisher_layer_scores, fisher_scores
 from fastsel.scores.layer_scores import LayerScores
 
 __all__ = ["FisherOptions", "FisherConsumer"]
@@ -58,24 +56,17 @@ class FisherConsumer:
     needs_hidden_states = False
 
     def __init__(self, ctx: PipelineContext) -> None:
-
         self.ctx = ctx
-        self.mode = options_of(FisherOptions, ctx.config.options).fisher
-        self.seed = ctx.config.seed
-        self.acc = SquaredGradAccumulator(ctx.model)
         self.groups = confidence_groups(ctx.config)
-        if self.groups:
-            self.acc.enable_groups(self.groups)
+        self.fisher = FisherAccumulation(ctx.model, options_of(FisherOptions, ctx.config.options).fisher, ctx.config.seed,
+                                         groups=self.groups)
+        self.mode, self.acc = self.fisher.mode, self.fisher.acc
 
     def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
-
-        groups = group_ids(batch["index"], self.groups) if self.groups else None
-        return self.acc.capture(batch_size=int(batch["input_ids"].shape[0]), groups=groups)
+        return self.fisher.capture(batch)
 
     def consume(self, batch: Mapping[str, Tensor], outputs: Any) -> None:
-
-        terms = fisher_terms_from_logits(self.ctx.model, logits_of(outputs), batch.get("labels"), self.mode, self.seed, batch["index"])
-        self.acc.backward(terms)
+        self.fisher.consume(batch, outputs)
 
     def state_dict(self) -> dict:
         cpu = lambda d: {n: t.detach().cpu().clone() for n, t in d.items()}  # noqa: E731
@@ -124,26 +115,17 @@ class FisherConsumer:
         self.acc.fallback_params = set().union(*map(set, fallback))
 
     def result(self) -> LayerScores:
-
-        res = FisherResult(self.acc.mean(), self.acc.num_examples, self.mode, tuple(sorted(self.acc.fallback_params)))
         cfg = self.ctx.config
-        scores = fisher_scores(res, self.ctx.model, self.ctx.layer_map, model_name=cfg.model, task=self.ctx.task.name, split=cfg.split)
+        scores = fisher_scores(self.fisher.result(), self.ctx.model, self.ctx.layer_map, model_name=cfg.model,
+                               task=self.ctx.task.name, split=cfg.split)
         if self.groups:
             scores.info["ranking_confidence"] = self.confidence(scores)
         return scores
 
     def group_scores(self, groups: list[int], group_sums: list[dict[str, Tensor]] | None = None,
                      group_counts: list[int] | None = None) -> list[float]:
-        """Layer scores of the examples of ``groups`` alone (their sums in float64 over their count)."""
-
-        group_sums = self.acc.group_sums if group_sums is None else group_sums
-        group_counts = self.acc.group_counts if group_counts is None else group_counts
-        n = sum(group_counts[g] for g in groups)
-        if n == 0:
-            raise ValueError(f"no examples in groups {groups}")
-        diag = {name: sum(group_sums[g][name].double() for g in groups) / n for name in self.acc.sums}
-        layers, _ = layer_statistics(diag, self.ctx.model, self.ctx.layer_map)
-        return [l["score"] for l in layers]
+        """Layer scores of the examples of ``groups`` alone."""
+        return self.fisher.group_scores(groups, self.ctx.layer_map, group_sums, group_counts)
 
     def stability_scores(self, active: bool) -> Callable[[list[int]], list[float]]:
         """Mid-pass: scores_of(groups) on the groups so far, reduced over the ranks (copies; this rank's

@@ -1,20 +1,20 @@
 """The variability metric: ``fastsel score --metric variability`` in memory and in the streamed pass."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, ContextManager, Mapping
 
 import torch
 from torch import Tensor
 
-from fastsel.capture.taps import PooledStates, layer_taps, pool_mask
+from fastsel.capture.taps import PooledStates
 from fastsel.pipeline.distributed import all_merge_class_stats, all_reduce_sum_
 from fastsel.pipeline.drivers.probing import NumrankOptions, attach_probes
 from fastsel.pipeline.registry import Metric, confidence_groups, option, options_of, register_metric
 from fastsel.scores.layer_scores import LayerScores
 from fastsel.scores.plot import plot_layer_curves
-from fastsel.scores.variability import (VARIANTS, ClassStatistics, accumulate_class_statistics, check_labels, merge_class_stats,
+from fastsel.scores.confidence import confidence_from_groups
+from fastsel.scores.variability import (VARIANTS, ClassStatistics, ClassStatisticsAccumulation, accumulate_class_statistics, merge_class_stats,
                                         variability_layer_scores, variability_ratio)
 
 __all__ = ["VariabilityOptions", "VariabilityConsumer"]
@@ -47,42 +47,17 @@ class VariabilityConsumer:
         opts = options_of(VariabilityOptions, ctx.config.options)
         self.ctx = ctx
         self.pooling, self.variant = opts.pooling, opts.variant
-        self.stats = ClassStatistics(ctx.layer_map.num_layers + 1, ctx.task.num_labels)
-
-        # ranking confidence (fastsel.confidence): one set of class statistics per group of examples
+        # ranking confidence (fastsel.scores.confidence): one set of class statistics per group of examples
         self.groups = confidence_groups(ctx.config)
-        self.group_stats = [ClassStatistics(ctx.layer_map.num_layers + 1, ctx.task.num_labels) for _ in range(self.groups)]
-        self._mask: Tensor | None = None
-        self._labels: Tensor | None = None
-        self._rows: list[tuple[int, Tensor]] = []
+        self.acc = ClassStatisticsAccumulation(ctx.model, ctx.layer_map, ctx.task.num_labels, pooling=self.pooling,
+                                               groups=self.groups)
+        self.stats, self.group_stats = self.acc.stats, self.acc.group_stats
 
-    def _tap(self, index: int, hidden: Tensor) -> None:
-        self.stats.update(index, hidden, self._mask, self._labels)  # type: ignore[arg-type]
-        for k, idx in self._rows:
-            self.group_stats[k].update(index, hidden.index_select(0, idx), self._mask.index_select(0, idx),  # type: ignore[union-attr]
-                                       self._labels.index_select(0, idx))  # type: ignore[union-attr]
-
-    @contextlib.contextmanager
-    def capture(self, batch: Mapping[str, Tensor]) -> Iterator["VariabilityConsumer"]:
-        check_labels(batch)
-        self._mask, self._labels = pool_mask(batch, self.pooling), batch["labels"].long()
-        self._rows = []
-        if self.groups:
-            from fastsel.scores.confidence import group_ids
-
-            gid = group_ids(batch["index"], self.groups)
-            for k in range(self.groups):
-                idx = (gid == k).nonzero().flatten()
-                if idx.numel():
-                    self._rows.append((k, idx))
-        with layer_taps(self.ctx.model, self.ctx.layer_map, self._tap):
-            yield self
+    def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
+        return self.acc.capture(batch)
 
     def consume(self, batch: Mapping[str, Tensor], outputs: Any) -> None:
-        self.stats.num_examples += int(batch["input_ids"].shape[0])
-        self.stats.num_skipped += int((self._mask.sum(1) == 0).sum())  # type: ignore[union-attr]
-        for k, idx in self._rows:
-            self.group_stats[k].num_examples += int(idx.numel())
+        self.acc.consume(batch, outputs)
 
     def state_dict(self) -> dict[str, Any]:
         state = self.stats.state_dict()
@@ -167,7 +142,6 @@ class VariabilityConsumer:
         scores = variability_layer_scores(self.stats, self.ctx.layer_map, variant=self.variant, pooling=self.pooling,
                                           model_name=cfg.model, task=self.ctx.task.name, split=cfg.split)
         if self.groups:
-            from fastsel.scores.confidence import confidence_from_groups
 
             scores.info["ranking_confidence"] = confidence_from_groups([l.score for l in scores.layers], self.group_scores,
                                                                        self.groups, False)
