@@ -8,7 +8,7 @@ chunks, and every subset score is then computed exactly from per-chunk sufficien
   (``fastsel.fisher.fisher_diagonal`` on that chunk: the fused kernels, nothing re-implemented), the
   score of a union S of chunks is sqrt(1' G_l[S, S] 1) / N with the per-block Gram matrix
   G_l[c, c'] = <D_c, D_c'> over the block's parameters. Chunks hold 4 examples in the first 800 of the pool
-  (N = 16 .. 200) and 20 in the whole pool (N = 500 .. 2000; the first 800 re-chunked): a union of random
+  (--small-pool; N = 16 .. 200) and 20 in the whole pool (N = 500 .. 2000; the first 800 re-chunked): a union of random
   chunks of a randomly ordered pool is a uniformly random subset of its size.
 * variability: the pooled states of every example and layer (``PooledStates`` from the library's own taps)
   are kept; a subset's ratio is ``variability_layer_scores`` of ``ClassStatistics`` fed only that subset.
@@ -73,9 +73,13 @@ def chunk_diagonals(model, feats, tok, names, chunk: int, mode: str, seed: int,
     return out
 
 
-def gram(rows: torch.Tensor) -> np.ndarray:
-    r = rows.double()
-    return (r @ r.T).numpy()
+def gram(rows: torch.Tensor, block: int = 1 << 17) -> np.ndarray:
+    """rows @ rows.T in float64, a block of columns at a time (no float64 copy of the whole matrix)."""
+    g = torch.zeros(rows.shape[0], rows.shape[0], dtype=torch.float64)
+    for c in range(0, rows.shape[1], block):
+        r = rows[:, c:c + block].double()
+        g += r @ r.T
+    return g.numpy()
 
 
 def subset_scores(grams: list[np.ndarray], chunks: np.ndarray, n: int) -> list[float]:
@@ -140,11 +144,11 @@ def run_task(task: str, args) -> dict:
     blocks = {n for layer in names for n in layer}
     for n, p in model.named_parameters():  # only the blocks are ranked: no accumulators, no backward below block 0
         p.requires_grad_(n in blocks)
-    small_p = min(SMALL_POOL, P) // SMALL_CHUNK * SMALL_CHUNK
+    small_p = min(args.small_pool, P) // SMALL_CHUNK * SMALL_CHUNK
     large_p = P // LARGE_CHUNK * LARGE_CHUNK
     small_sizes = [n for n in args.sizes if n < 500 and n <= small_p // 2]
     large_sizes = [n for n in args.sizes if n >= 500 and n <= large_p // 2]
-    res: dict = {"task": task, "split": split, "pool": P, "max_length": args.max_length, "num_layers": lm.num_layers,
+    res: dict = {"task": task, "split": split, "pool": P, "small_pool": small_p, "max_length": args.max_length, "num_layers": lm.num_layers,
                  "sizes": small_sizes + large_sizes, "metrics": {}}
     for mode in args.modes:
         tm = time.perf_counter()
@@ -236,17 +240,23 @@ def summary(results: dict) -> dict:
 
 
 def calibration_table(results: dict) -> dict:
-    """Across every subset: corr(tau between halves, tau vs reference); interval coverage by predicted tau bin."""
-    pairs = []
+    """Across every subset, overall and per metric family (fisher, variability): corr(tau between halves, tau vs
+    reference); mean coverage of the 95% score and rank intervals; outcomes by bins of the predicted tau."""
+    pairs: dict[str, list] = {"all": [], "fisher": [], "variability": []}
     for r in results["tasks"].values():
-        for e in r["metrics"].values():
+        for metric, e in r["metrics"].items():
             for rows in e["subsets"].values():
                 for x in rows:
                     c = x["confidence"]
                     if "unavailable" in c or c["tau_halves"] is None or math.isnan(x["vs_reference"]["tau"]):
                         continue
-                    pairs.append((c["tau_halves"], x["vs_reference"]["tau"], c["score_cover"], c["rank_cover"],
-                                  x["vs_reference"]["top1"]))
+                    row = (c["tau_halves"], x["vs_reference"]["tau"], c["score_cover"], c["rank_cover"], x["vs_reference"]["top1"])
+                    pairs["all"].append(row)
+                    pairs[metric.split("/")[0]].append(row)
+    return {family: _calibration(rows) for family, rows in pairs.items() if rows}
+
+
+def _calibration(pairs: list) -> dict:
     a = np.asarray(pairs)
     bins = [(-1.01, 0.5), (0.5, 0.8), (0.8, 0.9), (0.9, 1.01)]
     table = []
@@ -257,8 +267,9 @@ def calibration_table(results: dict) -> dict:
                           "tau_reference_mean": float(a[m, 1].mean()), "tau_reference_p10": float(np.quantile(a[m, 1], 0.1)),
                           "top1_reference": float(a[m, 4].mean()), "score_cover": float(a[m, 2].mean()),
                           "rank_cover": float(a[m, 3].mean())})
-    return {"subsets": len(a), "spearman_halves_vs_reference": float(_spearman(a[:, 0], a[:, 1])),
-            "score_cover": float(a[:, 2].mean()), "rank_cover": float(a[:, 3].mean()), "by_tau_halves": table}
+    spearman = float(_spearman(a[:, 0], a[:, 1])) if len(set(a[:, 0])) > 1 and len(set(a[:, 1])) > 1 else None
+    return {"subsets": len(a), "spearman_halves_vs_reference": spearman, "score_cover": float(a[:, 2].mean()),
+            "rank_cover": float(a[:, 3].mean()), "by_tau_halves": table}
 
 
 def _spearman(x, y) -> float:
@@ -329,6 +340,8 @@ def main() -> int:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--sizes", default=",".join(map(str, SIZES)))
     p.add_argument("--pool", type=int, default=4000, help="examples scored per task (the reference N)")
+    p.add_argument("--small-pool", type=int, default=SMALL_POOL,
+                   help="examples scored in chunks of 4 (subsets of N < 500); memory ~ small_pool / 4 x the blocks' parameters x 4 bytes")
     p.add_argument("--pool-for", default="boolq=2000", help="per-task pools, e.g. boolq=2000 (long inputs)")
     p.add_argument("--split-for", default="boolq=validation,cb=validation",
                    help="per-task splits: the local BoolQ and CB train files hold 32 examples (FewGLUE)")
