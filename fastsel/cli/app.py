@@ -16,7 +16,7 @@ from fastsel.pipeline.distributed import process_rank
 from fastsel.scores.confidence import DEFAULT_GROUPS
 from fastsel.pipeline.registry import METRICS, add_option_arguments
 from fastsel.pipeline.run import score
-from fastsel.pipeline.streamed import output_path
+from fastsel.pipeline.outputs import output_path
 
 __all__ = ["main", "COMMANDS", "check_device"]
 

@@ -7,6 +7,7 @@ from fastsel.pipeline.context import *  # noqa: F401,F403
 from fastsel.pipeline.checks import *  # noqa: F401,F403
 from fastsel.pipeline.checkpoint import *  # noqa: F401,F403
 from fastsel.pipeline.distributed import *  # noqa: F401,F403
+from fastsel.pipeline.outputs import *  # noqa: F401,F403
 from fastsel.pipeline.inmemory import *  # noqa: F401,F403
 from fastsel.pipeline.streamed import *  # noqa: F401,F403
 from fastsel.pipeline.run import *  # noqa: F401,F403

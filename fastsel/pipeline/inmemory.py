@@ -1,19 +1,18 @@
 """The in-memory scoring job: load a task's examples and the model, run one metric's ``run(ctx)``."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 
 from fastsel.data.tasks import examples_for, tokenize_examples
 from fastsel.hf.loading import load_model
-from fastsel.pipeline.checks import apply_length_limit, check_scores_finite, check_weights_finite
+from fastsel.pipeline.checks import apply_length_limit, check_weights_finite
 from fastsel.pipeline.config import ScoreConfig
 from fastsel.pipeline.context import ScoringContext
+from fastsel.pipeline.outputs import check_metrics_fit_task, finish_scores, write_scores
 from fastsel.pipeline.registry import METRICS
 from fastsel.scores.layer_scores import LayerScores
-from fastsel.scores.plot import plot_layer_scores
 
 __all__ = ["prepare", "run_scoring"]
 
@@ -24,10 +23,7 @@ def prepare(cfg: ScoreConfig, *, progress: bool = True) -> ScoringContext:
     if len(examples) == 0:
         raise ValueError(f"fastsel: no examples in {cfg.task}/{cfg.split}")
     task = examples.task
-    for name in cfg.metric.split(","):
-        metric = METRICS[name]
-        if metric.classification_only and task.is_regression:
-            raise ValueError(f"fastsel: metric {name!r} needs classes, but task {task.name!r} is a regression task")
+    check_metrics_fit_task(cfg.metric.split(","), task)
     num_labels = 1 if task.is_regression else task.num_labels
     limit = apply_length_limit(cfg)
     model, tokenizer, layer_map = load_model(cfg.model, num_labels=num_labels, seed=cfg.seed, device=cfg.device)
@@ -40,14 +36,6 @@ def run_scoring(cfg: ScoreConfig, *, out: str | Path | None = None, plot: str | 
     ctx = prepare(cfg, progress=progress)
     metric = METRICS[cfg.metric]
     start = time.perf_counter()
-    scores = metric.run(ctx)
-    check_scores_finite(scores)
-    scores.info.setdefault("seconds", round(time.perf_counter() - start, 3))
-    scores.info.setdefault("config", json.loads(cfg.to_json()))
-    scores.info.setdefault("max_length_limit", ctx.max_length_limit)
-    if out:
-        scores.to_json(out)
-    if plot:
-
-        (metric.plot or plot_layer_scores)(scores, plot)
+    scores = finish_scores(metric.run(ctx), cfg, seconds=time.perf_counter() - start, max_length_limit=ctx.max_length_limit)
+    write_scores({cfg.metric: scores}, out, plot)
     return scores

@@ -24,7 +24,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ContextManager, Mapping
 
 import torch
@@ -35,17 +34,17 @@ from fastsel.hf.io import eval_mode, logits_of, model_inputs
 from fastsel.hf.layer_map import LayerMap
 from fastsel.hf.loading import load_model, load_tokenizer
 from fastsel.pipeline.checkpoint import load_checkpoint, rank_file, save_checkpoint
-from fastsel.pipeline.checks import NonFiniteError, apply_length_limit, check_scores_finite
+from fastsel.pipeline.checks import NonFiniteError, apply_length_limit
 from fastsel.pipeline.config import PipelineConfig
 from fastsel.pipeline.distributed import DistEnv, PeerFailure, all_reduce_sum_, barrier, init_distributed, shutdown_distributed
 from fastsel.pipeline.context import PipelineContext
+from fastsel.pipeline.outputs import check_metrics_fit_task, finish_scores, write_scores
 from fastsel.pipeline.registry import AUTOCAST, METRICS, BatchConsumer, CONSUMERS, confidence_groups
 from fastsel.scores.confidence import halves, kendall_tau_b, ranking_order
 from fastsel.scores.layer_scores import LayerScores
 from fastsel.utils.progress import progress_bar
-from fastsel.scores.plot import plot_layer_scores
 
-__all__ = ["run_pass", "run_pipeline", "PassResult", "pass_settings", "output_path"]
+__all__ = ["run_pass", "run_pipeline", "PassResult", "pass_settings"]
 
 
 
@@ -320,12 +319,6 @@ class _StabilityWatch:
             d["note"] = "reached the end of the data before the ranking was stable"
         return d
 
-def output_path(path: str | os.PathLike, metric: str, num_metrics: int) -> Path:
-    """``path`` itself for one metric; ``scores.json`` -> ``scores.fisher.json`` for several."""
-    path = Path(path)
-    return path if num_metrics == 1 else path.with_name(f"{path.stem}.{metric}{path.suffix}")
-
-
 def run_pipeline(
     cfg: Any,
     pcfg: PipelineConfig | None = None,
@@ -374,9 +367,7 @@ def _run_pipeline(cfg: Any, pcfg: PipelineConfig, env: DistEnv, names: list[str]
     if not env.is_main:
         corpus = load_tokenized_corpus(cfg, tokenizer, pcfg.cache_dir)
     task = corpus.task
-    for name in names:
-        if METRICS[name].classification_only and task.is_regression:
-            raise ValueError(f"fastsel: metric {name!r} needs classes, but task {task.name!r} is a regression task")
+    check_metrics_fit_task(names, task)
     model, tokenizer, layer_map = load_model(cfg.model, num_labels=1 if task.is_regression else task.num_labels,
                                              seed=cfg.seed, device=env.device)
     ctx = PipelineContext(cfg, pcfg, model, tokenizer, layer_map, task, env.device, len(corpus))
@@ -384,21 +375,13 @@ def _run_pipeline(cfg: Any, pcfg: PipelineConfig, env: DistEnv, names: list[str]
     start = time.perf_counter()
     result = run_pass(ctx, corpus, consumers, env, progress=progress)
     scores = {c.name: c.result() for c in result.consumers}
-    seconds = round(time.perf_counter() - start, 3)
+    seconds = time.perf_counter() - start
     for s in scores.values():
-        check_scores_finite(s)
-        s.info.setdefault("max_length_limit", limit)
-        s.info.setdefault("seconds", seconds)
-        s.info.setdefault("config", json.loads(cfg.to_json()))
+        finish_scores(s, cfg, seconds=seconds, max_length_limit=limit)
         s.info.setdefault("pipeline", {k: v for k, v in result.stats.items() if k != "until_stable"})
         if "until_stable" in result.stats:
             s.info["until_stable"] = result.stats["until_stable"]
     if env.is_main:
-        for name, s in scores.items():
-            if out:
-                s.to_json(output_path(out, name, len(names)))
-            if plot:
-
-                (METRICS[name].plot or plot_layer_scores)(s, output_path(plot, name, len(names)))
+        write_scores(scores, out, plot)
     barrier(env)
     return scores

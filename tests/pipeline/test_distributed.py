@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastsel.pipeline.config import PipelineConfig
-from fastsel.pipeline.streamed import output_path, run_pipeline
+from fastsel.pipeline.outputs import output_path
+from fastsel.pipeline.streamed import run_pipeline
 from fastsel.pipeline.config import ScoreConfig
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastsel.pipeline.checkpoint import CheckpointMismatch, load_checkpoint, rank_file, save_checkpoint
-from fastsel.pipeline.streamed import output_path
+from fastsel.pipeline.outputs import output_path
 
 
 N = 600

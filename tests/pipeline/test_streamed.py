@@ -15,7 +15,8 @@ from fastsel.pipeline.drivers.fisher import FisherConsumer
 from fastsel.pipeline.config import PipelineConfig
 from fastsel.pipeline.context import PipelineContext
 from fastsel.scores.variability import merge_class_stats
-from fastsel.pipeline.streamed import output_path, run_pass
+from fastsel.pipeline.outputs import output_path
+from fastsel.pipeline.streamed import run_pass
 from fastsel.pipeline.config import ScoreConfig
 from fastsel.data.corpus import BatchReader, load_tokenized_corpus, padding_stats, schedule_batches, shard_batches
 

@@ -297,7 +297,8 @@ def test_until_stable_two_gloo_processes_equal_one(tmp_path, tiny_dir, data_dir,
     """Both ranks check at the same points on reduced statistics: same stop, same N, same confidence."""
     import torch.multiprocessing as mp
 
-    from fastsel.pipeline.streamed import output_path, run_pipeline
+    from fastsel.pipeline.outputs import output_path
+    from fastsel.pipeline.streamed import run_pipeline
     from test_distributed import _close, _free_port
 
     cache = str(tmp_path / "cache")
