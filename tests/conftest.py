@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,3 +71,13 @@ def env(tmp_path_factory):
     e["OMP_NUM_THREADS"] = "1"
     e["HF_HUB_OFFLINE"] = "1"
     return e
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tests on tiny models: they gain nothing from threads, and on a shared
+    2-core box threads spin-wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,7 +14,7 @@ from fastsel.cli.info import info, format_info
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.distributed import process_rank
 from fastsel.scores.confidence import DEFAULT_GROUPS
-from fastsel.pipeline.registry import METRICS, add_option_arguments
+from fastsel.pipeline.registry import METRICS, add_option_arguments, default_num_examples
 from fastsel.pipeline.run import score
 from fastsel.pipeline.outputs import output_path
 
@@ -38,7 +38,10 @@ def add_score_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default="sst2", help="GLUE/SuperGLUE task name, or 'custom' with --data-file")
     p.add_argument("--data-dir", default=None, help="folder with glue/ and superglue/ (or a GLUE_DIR); omit to use the hub")
     p.add_argument("--split", default="train")
-    p.add_argument("--num-examples", type=int, default=None, help="random subset of this size (seeded); default: all")
+    p.add_argument("--num-examples", type=int, default=None,
+                   help="random subset of this size (seeded); default: what the metric needs (docs/sample_size.md: "
+                        "fisher 200, variability and the probes 2000; the largest when several), or all of the data "
+                        "with --until-stable")
     p.add_argument("--balanced", action="store_true", help="class-balanced subset")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
@@ -139,7 +142,8 @@ def _run_score(args: argparse.Namespace) -> int:
         task=args.task,
         data_dir=args.data_dir,
         split=args.split,
-        num_examples=args.num_examples,
+        num_examples=args.num_examples if args.num_examples is not None or args.until_stable
+        else default_num_examples(args.metric),
         balanced=args.balanced,
         batch_size=args.batch_size,
         max_length=args.max_length,

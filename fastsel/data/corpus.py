@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from fastsel.data.tasks import PadCollator, TaskSpec, canonical_split, examples_for, get_task, resolve_file
+from fastsel.data.tasks import FEATURE_KEYS, PadCollator, TaskSpec, canonical_split, examples_for, get_task, resolve_file
 
 __all__ = [
     "cache_root",
@@ -43,7 +43,6 @@ __all__ = [
     "BatchReader",
 ]
 
-_FEATURE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask")
 _CACHE_VERSION = 1
 
 
@@ -152,7 +151,7 @@ def _build(cfg, tokenizer, final: Path) -> None:
 
     label_type = datasets.Value("float32" if task.is_regression else "int64")
     probe = tokenizer(["a"], truncation=True, max_length=cfg.max_length, return_special_tokens_mask=True)
-    keys = [k for k in _FEATURE_KEYS if k in probe]
+    keys = [k for k in FEATURE_KEYS if k in probe]
     if "special_tokens_mask" not in keys:
         raise ValueError("tokenizer did not return special_tokens_mask")
     feats = datasets.Features({
@@ -326,7 +325,7 @@ class BatchReader:
 
     def read(self, i: int) -> dict[str, torch.Tensor]:
         rows = self.dataset[self.batches[i].tolist()]
-        keys = [k for k in _FEATURE_KEYS if k in rows]
+        keys = [k for k in FEATURE_KEYS if k in rows]
         features = [{**{k: rows[k][j] for k in keys}, "labels": rows["labels"][j]} for j in range(len(rows["index"]))]
         batch = self.collate(features)
         batch["index"] = torch.as_tensor(rows["index"], dtype=torch.int64)

@@ -88,7 +88,11 @@ __all__ = [
     "resolve_file",
     "tokenize_examples",
     "make_dataloader",
+    "FEATURE_KEYS",
 ]
+
+# the per-token features of a tokenised example (and of a batch, beside labels and index)
+FEATURE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask")
 
 # GLUE rows can be long (MultiRC/QNLI passages); the csv default limit is 128 KiB.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -761,7 +765,7 @@ def tokenize_examples(examples: Examples, tokenizer, max_length: int = 128) -> l
         enc = tokenizer(list(examples.text_a), **kwargs)
     else:
         enc = tokenizer(list(examples.text_a), list(examples.text_b), **kwargs)
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask") if k in enc]
+    keys = [k for k in FEATURE_KEYS if k in enc]
     if "special_tokens_mask" not in enc:
         raise ValueError("tokenizer did not return special_tokens_mask")
     conv: Callable = float if examples.task.is_regression else int

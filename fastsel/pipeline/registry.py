@@ -22,7 +22,7 @@ from fastsel.scores.confidence import DEFAULT_GROUPS
 from fastsel.scores.layer_scores import LayerScores
 
 __all__ = ["Metric", "METRICS", "register_metric", "BatchConsumer", "ConsumerFactory", "CONSUMERS",
-           "register_consumer", "supports", "confidence_groups", "AUTOCAST", "option", "add_option_arguments",
+           "register_consumer", "supports", "confidence_groups", "default_num_examples", "AUTOCAST", "option", "add_option_arguments",
            "options_of"]
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,6 +63,13 @@ ConsumerFactory = Callable[["PipelineContext"], BatchConsumer]
 def supports(metric: str) -> bool:
     """Whether every metric of a comma-separated list has a streaming consumer."""
     return all(name in METRICS and METRICS[name].consumer is not None for name in metric.split(","))
+
+
+def default_num_examples(metric: str) -> int | None:
+    """The examples a comma-separated list of metrics is scored on by default: the largest of their
+    ``default_examples`` (None when any of them wants all the data)."""
+    wanted = [METRICS[name].default_examples for name in metric.split(",") if name in METRICS]
+    return None if not wanted or any(w is None for w in wanted) else max(wanted)  # type: ignore[type-var]
 
 
 def confidence_groups(cfg: Any) -> int:
@@ -118,6 +125,8 @@ class Metric:
     plot: Callable[[LayerScores, str | Path], None] | None = None  # None: fastsel.scores.plot.plot_layer_scores
     options: type | None = None  # a dataclass of the metric's settings
     consumer: ConsumerFactory | None = None  # the streamed pass's accumulator (None: in-memory only)
+    # examples `fastsel score` draws when --num-examples is not given (docs/sample_size.md); None: all of them
+    default_examples: int | None = None
 
 
 METRICS: dict[str, Metric] = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from transformers import BertConfig
 
 from fastsel.hf.layer_map import map_layers
@@ -20,13 +19,7 @@ LARGE = dict(vocab_size=28996, hidden_size=1024, num_hidden_layers=24, num_atten
              intermediate_size=4096, max_position_embeddings=512, type_vocab_size=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box threads spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def bert_large(num_labels: int = 3) -> BertConfig:

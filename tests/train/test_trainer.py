@@ -20,13 +20,7 @@ from tests.tiny_models import VOCAB, tiny_model
 TOK = SimpleNamespace(pad_token_id=0, pad_token_type_id=0, padding_side="right")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box threads spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def features(n: int, seed: int = 0, num_labels: int = 2) -> list[dict]:

@@ -15,13 +15,7 @@ from tests.tiny_models import random_batch, tiny_model
 TRUNC_ARCHS = ["bert", "roberta", "distilbert", "electra", "deberta-v2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box threads spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _backbone_hidden_states(model, batch):

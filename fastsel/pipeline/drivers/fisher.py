@@ -145,4 +145,5 @@ class FisherConsumer:
         return confidence_from_groups([l.score for l in scores.layers], self.group_scores, self.groups, True)
 
 register_metric(Metric(name="fisher", run=_fisher_run, consumer=FisherConsumer, options=FisherOptions, higher_is_better=True,
-                       needs_labels=True, help="diagonal Fisher information per layer (Lodha et al. 2023)"))
+                       needs_labels=True, default_examples=200,
+                       help="diagonal Fisher information per layer (Lodha et al. 2023)"))

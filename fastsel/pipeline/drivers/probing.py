@@ -135,4 +135,4 @@ for _name, _run, _hib, _options, _help in [
     ("probe", _probe_run, True, ProbeOptions, "logistic-regression probe per layer, scored on the validation split"),
 ]:
     register_metric(Metric(name=_name, run=_run, higher_is_better=_hib, needs_labels=True, classification_only=True,
-                           options=_options, help=_help, plot=plot_layer_curves))
+                           options=_options, help=_help, plot=plot_layer_curves, default_examples=2000))

@@ -169,4 +169,5 @@ def _variability_run(ctx) -> LayerScores:
 
 register_metric(Metric(name="variability", run=_variability_run, consumer=VariabilityConsumer, options=VariabilityOptions,
                        higher_is_better=False, needs_labels=True, classification_only=True, plot=plot_layer_curves,
+                       default_examples=2000,
                        help="hidden-state variability ratio nu per layer (Xie et al. 2022); l* = argmin"))
