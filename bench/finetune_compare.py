@@ -24,8 +24,9 @@ usable and the study is resumable: a run whose ``results.json`` exists is not ru
 Sizing: ``--dry-run`` lists the runs still to do and estimates the wall time (a per-token cost model
 fitted on finished runs under ``--out``, ``--out``/pilot and ``--cost-from`` directories); ``--pilot``
 first runs every (task, strategy) once at a small budget (seed = first seed, ``--pilot-examples``, one
-epoch) into ``DIR/pilot`` to measure those costs. ``--jobs 2`` runs two processes at once, each with
-``OMP_NUM_THREADS=--threads`` (1).
+epoch) into ``DIR/pilot`` to measure those costs (run it with the study's ``--jobs``: the measured times
+include the contention of parallel runs). ``--jobs 2`` runs two processes at once, each with
+``OMP_NUM_THREADS=--threads`` (1); only this process writes ``DIR/results.json`` and ``DIR/table.md``.
 
 This machine (2 CPU cores, cached frozen prefix). The budget numbers are plausible defaults, NOT yet
 confirmed: run the pilot and the dry run, check the estimate is under 3 hours and that full fine-tuning
@@ -548,6 +549,14 @@ def settings_mismatch(job: Job, results: Mapping[str, Any]) -> list[str]:
     return bad
 
 
+def score_mismatch(job: Job, scores: Mapping[str, Any], score_examples: int) -> list[str]:
+    """Settings of a finished scoring (a scores.json's config) that differ from this study's."""
+    got = scores.get("config", {})
+    want = {"num_examples": score_examples, "seed": job.seed, "max_length": job.max_length, "balanced": True,
+            "task": job.task}
+    return [f"scores {k} {got.get(k)!r} != {v!r}" for k, v in want.items() if got.get(k) != v]
+
+
 def collect(out: Path, jobs: Sequence[Job], config: Mapping[str, Any], failed: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """The aggregate results.json, built from the run directories on disk."""
     agg: dict[str, Any] = {"config": dict(config), "runs": {}, "scores": {}, "failed": list(failed)}
@@ -656,9 +665,12 @@ def estimate_train(name: str, task: str, n_train: int, n_eval: int, tok_train: f
 
 def estimate_score(task: str, n: int, tok: float, refs: Sequence[Mapping[str, Any]], costs: Mapping[str, Any]) -> tuple[float, str]:
     """Scoring (Fisher + variability, one pass): from measured scorings, else ~2 training steps per example."""
-    per_tok = [(r["wall_s"] - BUILTIN_SCORE_OVERHEAD_S) / max(r["n"] * r["tok"], 1e-9) for r in refs if r.get("wall_s")]
-    if per_tok:
-        return BUILTIN_SCORE_OVERHEAD_S + n * tok * max(statistics.median(per_tok), 0.0), "measured"
+    def per_tok(rs):
+        return [(r["wall_s"] - BUILTIN_SCORE_OVERHEAD_S) / max(r["n"] * r["tok"], 1e-9) for r in rs if r.get("wall_s")]
+
+    for rs, src in (([r for r in refs if r.get("task") == task], "measured"), (refs, "other task")):
+        if per_tok(rs):
+            return BUILTIN_SCORE_OVERHEAD_S + n * tok * max(statistics.median(per_tok(rs)), 0.0), src
     full = costs.get("by_name", {}).get("full", {}).get("train", BUILTIN_TRAIN_S_PER_TOKEN)
     return BUILTIN_SCORE_OVERHEAD_S + 2 * n * tok * full, "guess"
 
@@ -698,6 +710,8 @@ def _token_lengths(model: str, task: str, data_dir: str, split: str, limit: int 
     if key not in _TOKEN_CACHE:
         import random
 
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
         from transformers import AutoTokenizer
 
         from fastsel.data.tasks import load_examples
@@ -728,10 +742,14 @@ def gather_refs(dirs: Sequence[Path], model: str, data_dir: str) -> tuple[list[d
     (score_wall.json) under ``dirs``."""
     train_refs, score_refs = [], []
     known = {s[0] for s in STRATEGIES + EXTRA_STRATEGIES}
+    seen: set[Path] = set()
     for d in dirs:
         if not d.is_dir():
             continue
         for path in sorted(d.rglob("results.json")):
+            if path.resolve() in seen or path.parent == d:  # DIR/results.json is the study's aggregate
+                continue
+            seen.add(path.resolve())
             try:
                 res = json.loads(path.read_text())
                 job = res["job"]
@@ -749,6 +767,9 @@ def gather_refs(dirs: Sequence[Path], model: str, data_dir: str) -> tuple[list[d
                 "rank_passes": len(rank["epochs"]) if rank else 0, "rank_examples": min(job.get("rank_examples", 0), res["num_train"]) if rank else 0,
             })
         for path in sorted(d.rglob("score_wall.json")):
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
             try:
                 w = json.loads(path.read_text())
                 toks = task_tokens(model, w["task"], data_dir, w["max_length"], 16)
@@ -788,6 +809,14 @@ def dry_run(jobs: Sequence[Job], args: argparse.Namespace, cost_dirs: Sequence[P
         deps[j.key] = [d for d in j.deps if d in {t.key for t in todo}]
         print(f"  {j.key:<42} {sec:8.0f} s  ({src})")
     total = sum(durations.values())
+    per_task: dict[str, float] = {}
+    per_name: dict[str, float] = {}
+    for j in todo:
+        per_task[j.task] = per_task.get(j.task, 0.0) + durations[j.key]
+        per_name[j.name] = per_name.get(j.name, 0.0) + durations[j.key]
+    if todo:
+        print("core-seconds per task: " + ", ".join(f"{t} {v:.0f}" for t, v in per_task.items()))
+        print("core-seconds per strategy: " + ", ".join(f"{n} {v:.0f}" for n, v in per_name.items()))
     wall = makespan(durations, deps, [j.key for j in todo], args.jobs) if todo else 0.0
     by_src: dict[str, int] = {}
     for s in sources.values():
@@ -973,8 +1002,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for j in jobs:
         if j.kind == "train" and j.done():
             bad = settings_mismatch(j, json.loads((j.out / "results.json").read_text()))
-            if bad:
-                stale.append(f"{j.key}: {'; '.join(bad)}")
+        elif j.kind == "score" and j.done():
+            bad = score_mismatch(j, json.loads((j.out / "scores.fisher.json").read_text()), args.score_examples)
+        else:
+            bad = []
+        if bad:
+            stale.append(f"{j.key}: {'; '.join(bad)}")
     if stale:
         print(f"{len(stale)} finished runs under {out} were made with other settings (use another --out, or remove them):\n  "
               + "\n  ".join(stale[:20]), file=sys.stderr)

@@ -298,3 +298,11 @@ def test_settings_mismatch(tmp_path):
     res["job"]["lr"] = 5e-5
     bad = fc.settings_mismatch(job, res)
     assert any(b.startswith("epochs") for b in bad) and any(b.startswith("lr") for b in bad)
+
+
+def test_score_mismatch(tmp_path):
+    a = args_for(tmp_path, "--max-length", "64,rte=128", "--score-examples", "512")
+    job = next(j for j in fc.plan_jobs(a, Path(a.out), ["rte"], [2], fc.strategy_table(["fisher-top-1"])) if j.kind == "score")
+    cfg = {"num_examples": 512, "seed": 2, "max_length": 128, "balanced": True, "task": "rte"}
+    assert fc.score_mismatch(job, {"config": cfg}, 512) == []
+    assert fc.score_mismatch(job, {"config": dict(cfg, num_examples=32)}, 512) == ["scores num_examples 32 != 512"]
