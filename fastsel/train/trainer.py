@@ -783,6 +783,9 @@ def _plot_curves(result: TrainResult, path: Path, title: str) -> None:
 
 def run_finetune(job: FinetuneJob) -> dict[str, Any]:
     """Load data and model, build or read the plan (scoring first if needed), train, save; returns results."""
+    for flag, value in (("--train-examples", job.train_examples), ("--eval-examples", job.eval_examples)):
+        if value is not None and value < 1:
+            raise ValueError(f"fastsel: {flag} must be >= 1 (leave it out for all the examples), got {value}")
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(epochs=job.epochs, lr=job.lr, batch_size=job.batch_size, warmup_ratio=job.warmup_ratio,

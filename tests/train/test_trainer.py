@@ -376,3 +376,13 @@ def test_finetune_clamps_max_length(tmp_path, ft_setup, data_dir, capsys):
     assert sum("--max-length 5000" in l for l in err.splitlines()) == 1
     r = json.loads((tmp_path / "out" / "results.json").read_text())
     assert r["max_length_limit"] == 128 and r["job"]["max_length"] == 128
+
+
+def test_finetune_zero_examples_is_one_line(tmp_path, tiny_dir, data_dir, capsys):
+    from fastsel.cli.app import main
+
+    for flag in ("--train-examples", "--eval-examples"):
+        code = main(["finetune", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir), "--strategy", "full",
+                     flag, "0", "--no-progress", "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{flag} must be >= 1" in err and "Traceback" not in err
