@@ -1,5 +1,5 @@
-"""The streamed pass: Arrow corpus cache, length-bucketed plans, Fisher + a no-backward consumer in one
-forward, autocast, exact class-statistics merges, CLI with several metrics."""
+"""The streamed pass: Fisher + a no-backward consumer in one forward, equality with the plain loader, autocast,
+CLI with several metrics. (The corpus, its batch schedules and reader: tests/data/test_corpus.py.)"""
 from __future__ import annotations
 
 import json
@@ -14,19 +14,14 @@ from fastsel.pipeline.distributed import DistEnv
 from fastsel.pipeline.drivers.fisher import FisherConsumer
 from fastsel.pipeline.config import PipelineConfig
 from fastsel.pipeline.context import PipelineContext
-from fastsel.scores.variability import merge_class_stats
 from fastsel.pipeline.outputs import output_path
 from fastsel.pipeline.streamed import run_pass
 from fastsel.pipeline.config import ScoreConfig
-from fastsel.data.corpus import BatchReader, load_tokenized_corpus, padding_stats, schedule_batches, shard_batches
+from fastsel.data.corpus import load_tokenized_corpus
 
-from stream_helpers import ClassMeanConsumer, batch_class_stats, pooled
+from stream_helpers import ClassMeanConsumer, pooled
 
 N = 120
-
-
-
-
 
 
 def _cfg(tiny_dir, data_dir, **kw):
@@ -45,123 +40,10 @@ def _setup(cfg, pcfg=None):
     return ctx, corpus
 
 
-# -- batch plans --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("bucket", [True, False])
-@pytest.mark.parametrize("max_tokens", [None, 1, 40, 300])
-def test_plan_covers_every_row_once_within_budget(bucket, max_tokens):
-    lengths = np.random.default_rng(0).integers(3, 60, size=500)
-    plan = schedule_batches(lengths, batch_size=7, max_tokens=max_tokens, bucket=bucket, seed=1)
-    rows = np.concatenate(plan)
-    assert sorted(rows.tolist()) == list(range(500))
-    for b in plan:
-        assert len(b) >= 1
-        if max_tokens is not None:
-            assert len(b) == 1 or len(b) * lengths[b].max() <= max_tokens
-        else:
-            assert len(b) <= 7
-    if not bucket:
-        assert rows.tolist() == list(range(500))  # data order kept
-    again = schedule_batches(lengths, batch_size=7, max_tokens=max_tokens, bucket=bucket, seed=1)
-    assert all(np.array_equal(a, b) for a, b in zip(plan, again))  # deterministic: needed for resume
-
-
-def test_bucketing_cuts_padding():
-    lengths = np.random.default_rng(0).integers(3, 60, size=2000)
-    flat = padding_stats(lengths, schedule_batches(lengths, batch_size=32, bucket=False))
-    bucketed = padding_stats(lengths, schedule_batches(lengths, batch_size=32, bucket=True))
-    assert bucketed["tokens"] == flat["tokens"] == lengths.sum()
-    assert bucketed["padding_fraction"] < 0.05 < 0.3 < flat["padding_fraction"]
-
-
-def test_plan_errors_and_empty():
-    with pytest.raises(ValueError, match="batch_size"):
-        schedule_batches(np.array([3]), batch_size=0)
-    with pytest.raises(ValueError, match="max_tokens"):
-        schedule_batches(np.array([3]), batch_size=2, max_tokens=0)
-    assert schedule_batches(np.zeros(0, dtype=np.int64), batch_size=4) == []
-
-
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_shards_are_disjoint_and_cover(world):
-    plan = schedule_batches(np.arange(1, 50), batch_size=4, bucket=True)
-    shards = [shard_batches(plan, r, world) for r in range(world)]
-    rows = sorted(int(i) for s in shards for b in s for i in b)
-    assert rows == list(range(49))
-    with pytest.raises(ValueError):
-        shard_batches(plan, world, world)
-
-
 # -- class statistics merge ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("parts", [2, 3, 5])
-def test_merge_class_stats_is_exact(parts):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(200, 6, generator=g, dtype=torch.float64) * 3 + 100.0  # large mean: cancellation-prone
-    y = torch.randint(0, 3, (200,), generator=g)
-    y[y == 2] = 1  # class 2 empty everywhere
-    cuts = np.sort(np.random.default_rng(1).choice(np.arange(1, 200), parts - 1, replace=False)).tolist()
-    pieces = [batch_class_stats(xp, yp, 3) for xp, yp in zip(torch.tensor_split(x, cuts), torch.tensor_split(y, cuts))]
-    acc = pieces[0]
-    for p in pieces[1:]:
-        acc = merge_class_stats(*acc, *p)
-    count, mean, m2 = acc
-    xn, yn = x.numpy(), y.numpy()
-    for c in range(3):
-        xc = xn[yn == c]
-        assert int(count[c]) == len(xc)
-        if len(xc):
-            torch.testing.assert_close(mean[c], torch.from_numpy(xc.mean(0)))
-            torch.testing.assert_close(m2[c], torch.from_numpy((xc - xc.mean(0)).T @ (xc - xc.mean(0))), rtol=1e-9, atol=1e-8)
-        else:
-            assert mean[c].abs().sum() == 0 and m2[c].abs().sum() == 0
-
-
-def test_merge_class_stats_shape_errors():
-    z = batch_class_stats(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]), 2)
-    w = batch_class_stats(torch.zeros(2, 4, dtype=torch.float64), torch.tensor([0, 1]), 2)
-    with pytest.raises(ValueError, match="different shapes"):
-        merge_class_stats(*z, *w)
-    with pytest.raises(ValueError, match="expected count"):
-        merge_class_stats(z[0], z[1], z[1], z[0], z[1], z[1])
-
-
 # -- the Arrow corpus -------------------------------------------------------------------------------------
-
-
-def test_corpus_is_cached_memory_mapped_and_matches_tokenize_examples(tiny_dir, data_dir, cache, tiny_tokenizer):
-    cfg = _cfg(tiny_dir, data_dir)
-    corpus = load_tokenized_corpus(cfg, tiny_tokenizer)
-    assert corpus.dataset.cache_files and str(cache) in corpus.dataset.cache_files[0]["filename"]  # on disk: mmap
-    mtime = (corpus.path / "data.arrow").stat().st_mtime_ns
-    again = load_tokenized_corpus(cfg, tiny_tokenizer, build=False)  # hit: no rebuild
-    assert again.key == corpus.key and (again.path / "data.arrow").stat().st_mtime_ns == mtime
-    ex = load_examples("sst2", data_dir, "train", num_examples=N, seed=0)
-    feats = tokenize_examples(ex, tiny_tokenizer, 48)
-    assert corpus.dataset["index"][:] == list(range(N))
-    rows = corpus.dataset[:]
-    for i in (0, 17, N - 1):
-        for k in ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask", "labels"):
-            assert list(rows[k][i]) == feats[i][k] if k != "labels" else rows[k][i] == feats[i][k]
-    assert corpus.lengths().tolist() == [len(f["input_ids"]) for f in feats]
-    # another subsample or max_length: another cache entry
-    assert load_tokenized_corpus(_cfg(tiny_dir, data_dir, max_length=32), tiny_tokenizer).key != corpus.key
-
-
-def test_reader_pads_each_batch_to_its_own_longest(tiny_dir, data_dir, cache, tiny_tokenizer):
-    corpus = load_tokenized_corpus(_cfg(tiny_dir, data_dir), tiny_tokenizer)
-    lengths = corpus.lengths()
-    plan = schedule_batches(lengths, batch_size=1, max_tokens=100, bucket=True)
-    for prefetch in (0, 3):
-        seen = []
-        for b, batch in zip(plan[2:], BatchReader(corpus, tiny_tokenizer, plan, start=2, prefetch=prefetch)):
-            assert batch["index"].tolist() == b.tolist()
-            assert batch["input_ids"].shape == (len(b), lengths[b].max())
-            assert batch["attention_mask"].sum(1).tolist() == lengths[b].tolist()
-            seen += b.tolist()
-        assert len(seen) == sum(len(b) for b in plan[2:])
 
 
 # -- the pass ---------------------------------------------------------------------------------------------

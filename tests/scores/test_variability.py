@@ -11,7 +11,9 @@ import torch
 from fastsel import ops
 from fastsel.hf.layer_map import map_layers
 from fastsel.capture.taps import pool_mask
-from fastsel.scores.variability import ClassStatistics, accumulate_class_statistics, scatter_matrices, smoothness, variability_layer_scores, variability_ratio
+from fastsel.scores.variability import (ClassStatistics, accumulate_class_statistics, merge_class_stats, scatter_matrices, smoothness,
+                                        variability_layer_scores, variability_ratio)
+from tests.stream_helpers import batch_class_stats
 from tests.tiny_models import ARCHS, VOCAB, tiny_model
 
 
@@ -285,3 +287,34 @@ def test_cli_minilm_sst2_end_to_end(data_dir, minilm_path, tmp_path, capsys):
     ds, dr = json.loads(streamed.read_text()), json.loads(resumed.read_text())
     assert [l["score"] for l in ds["layers"]] == pytest.approx([l["score"] for l in d["layers"]], rel=1e-6)
     assert [l["score"] for l in dr["layers"]] == [l["score"] for l in ds["layers"]]
+
+
+@pytest.mark.parametrize("parts", [2, 3, 5])
+def test_merge_class_stats_is_exact(parts):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64) * 3 + 100.0  # large mean: cancellation-prone
+    y = torch.randint(0, 3, (200,), generator=g)
+    y[y == 2] = 1  # class 2 empty everywhere
+    cuts = np.sort(np.random.default_rng(1).choice(np.arange(1, 200), parts - 1, replace=False)).tolist()
+    pieces = [batch_class_stats(xp, yp, 3) for xp, yp in zip(torch.tensor_split(x, cuts), torch.tensor_split(y, cuts))]
+    acc = pieces[0]
+    for p in pieces[1:]:
+        acc = merge_class_stats(*acc, *p)
+    count, mean, m2 = acc
+    xn, yn = x.numpy(), y.numpy()
+    for c in range(3):
+        xc = xn[yn == c]
+        assert int(count[c]) == len(xc)
+        if len(xc):
+            torch.testing.assert_close(mean[c], torch.from_numpy(xc.mean(0)))
+            torch.testing.assert_close(m2[c], torch.from_numpy((xc - xc.mean(0)).T @ (xc - xc.mean(0))), rtol=1e-9, atol=1e-8)
+        else:
+            assert mean[c].abs().sum() == 0 and m2[c].abs().sum() == 0
+
+def test_merge_class_stats_shape_errors():
+    z = batch_class_stats(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]), 2)
+    w = batch_class_stats(torch.zeros(2, 4, dtype=torch.float64), torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match="different shapes"):
+        merge_class_stats(*z, *w)
+    with pytest.raises(ValueError, match="expected count"):
+        merge_class_stats(z[0], z[1], z[1], z[0], z[1], z[1])
