@@ -39,6 +39,7 @@ def pool_mask(batch: Mapping[str, Tensor], pooling: str = "mean") -> Tensor:
     mask[torch.arange(mask.shape[0], device=mask.device), first] = True
     return mask & attention
 
+
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
     if args and isinstance(args[0], Tensor):
         return args[0]
@@ -46,6 +47,7 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
         if isinstance(kwargs.get(key), Tensor):
             return kwargs[key]
     raise RuntimeError("fastsel: could not find the hidden states entering block 0")
+
 
 def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
     """(B, D) mean of hidden (B, T, D) over the positions where mask (B, T) is set; 0 for an example without any."""
@@ -78,6 +80,7 @@ def layer_taps(model: nn.Module, layer_map: LayerMap, consume: Callable[[int, Te
     finally:
         for h in handles:
             h.remove()
+
 
 class PooledStates:
     """``on_layer`` callback keeping every layer's pooled states (N, D) and the labels: for the small

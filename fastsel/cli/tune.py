@@ -22,7 +22,6 @@ def load_config(model: str, num_labels: int):
     """The model's config (a local directory, a config.json file or a hub name), with ``num_labels``."""
     from transformers import AutoConfig, PretrainedConfig
 
-
     path = Path(model)
     if path.is_file():
         data = json.loads(path.read_text())

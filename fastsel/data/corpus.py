@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from fastsel.data.tasks import FEATURE_KEYS, PadCollator, TaskSpec, canonical_split, examples_for, get_task, resolve_file
+from fastsel.data.tasks import FEATURE_KEYS, DataSource, PadCollator, TaskSpec, canonical_split, examples_for, get_task, resolve_file
 
 __all__ = [
     "cache_root",
@@ -78,7 +78,7 @@ class TokenizedCorpus:
         return self.dataset.data.column("labels").to_numpy()
 
 
-def _source_identity(cfg) -> dict[str, Any]:
+def _source_identity(cfg: DataSource) -> dict[str, Any]:
     """What identifies the raw data of a ScoreConfig without reading it (path, size, mtime)."""
 
     if cfg.task == "custom":
@@ -111,7 +111,7 @@ def _tokenizer_identity(tokenizer) -> str:
     return hashlib.sha256(f"{type(tokenizer).__name__}|{tokenizer.padding_side}|{text}".encode()).hexdigest()
 
 
-def corpus_key(cfg, tokenizer) -> str:
+def corpus_key(cfg: DataSource, tokenizer) -> str:
     """Content key of the tokenised corpus of ``cfg`` (a ScoreConfig) under ``tokenizer``."""
     ident = {
         "version": _CACHE_VERSION,
@@ -134,10 +134,9 @@ def _task_from_json(d: dict[str, Any]) -> TaskSpec:
     return TaskSpec(d["name"], d["benchmark"], int(d["num_labels"]), tuple(d["label_names"]), tuple(d["metrics"]))
 
 
-def _build(cfg, tokenizer, final: Path) -> None:
+def _build(cfg: DataSource, tokenizer, final: Path) -> None:
     """Read the split, tokenise it with datasets.map into ``final`` (a folder), atomically (tmp + rename)."""
     import datasets
-
 
     examples = examples_for(cfg)
     if len(examples) == 0:
@@ -208,7 +207,7 @@ def _build_lock(final: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def load_tokenized_corpus(cfg, tokenizer, cache_dir: str | os.PathLike | None = None, build: bool = True) -> TokenizedCorpus:
+def load_tokenized_corpus(cfg: DataSource, tokenizer, cache_dir: str | os.PathLike | None = None, build: bool = True) -> TokenizedCorpus:
     """The tokenised corpus of ``cfg`` (ScoreConfig), built on first use and memory-mapped afterwards."""
     import datasets
 

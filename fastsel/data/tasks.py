@@ -71,7 +71,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -84,6 +84,7 @@ __all__ = [
     "load_examples",
     "load_custom_examples",
     "examples_for",
+    "DataSource",
     "canonical_split",
     "resolve_file",
     "tokenize_examples",
@@ -834,9 +835,25 @@ def make_dataloader(
     )
 
 
-def examples_for(cfg: Any) -> Examples:
-    """The examples a scoring config names: ``cfg`` has task, data_dir, split, num_examples, seed, balanced and,
-    for task "custom", data_file, text_fields, label_field, regression (a ScoreConfig, or anything alike)."""
+class DataSource(Protocol):
+    """What names a scoring run's data (fastsel.pipeline.config.ScoreConfig is one): the task, its split and
+    sampling, the custom file's columns, and the tokenised length."""
+
+    task: str
+    data_dir: str | None
+    split: str
+    num_examples: int | None
+    seed: int
+    balanced: bool
+    data_file: str | None
+    text_fields: tuple[str, ...]
+    label_field: str
+    regression: bool
+    max_length: int
+
+
+def examples_for(cfg: DataSource) -> Examples:
+    """The examples a scoring config names (for task "custom": its data_file and columns)."""
     if cfg.task == "custom":
         return load_custom_examples(cfg.data_file, cfg.text_fields, cfg.label_field, regression=cfg.regression,
                                     num_examples=cfg.num_examples, seed=cfg.seed, balanced=cfg.balanced)

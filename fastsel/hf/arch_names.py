@@ -10,6 +10,7 @@ from fastsel.hf.layer_map import UnsupportedArchitectureError
 
 __all__ = ["ArchNames", "arch_names"]
 
+
 @dataclass(frozen=True)
 class ArchNames:
     """Module names inside one block (relative to the block) for one family of architectures."""
@@ -24,6 +25,7 @@ class ArchNames:
             if any(rel_name.startswith(p + ".") or rel_name == p for p in prefixes):
                 return sub
         return None
+
 
 _BERT_LIKE = ArchNames(
     lora={"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
@@ -50,6 +52,7 @@ _ARCH_NAMES: dict[str, ArchNames] = {
         ffn_out="ffn.lin2",
     ),
 }
+
 
 def arch_names(model_type: str) -> ArchNames:
     if model_type not in _ARCH_NAMES:

@@ -21,6 +21,7 @@ __all__ = ["NonFiniteError", "apply_length_limit", "check_weights_finite", "chec
 class NonFiniteError(ValueError):
     """NaN/Inf met in the loss, the logits, the statistics or the accumulators: no scores are written."""
 
+
 def apply_length_limit(cfg: "ScoreConfig") -> int | None:
     """Clamp ``cfg.max_length`` (in place) to the longest input the model can take; returns that limit.
 
@@ -29,7 +30,6 @@ def apply_length_limit(cfg: "ScoreConfig") -> int | None:
     """
 
     from transformers import AutoConfig
-
 
     path = resolve_model_path(cfg.model)
     try:
@@ -47,6 +47,7 @@ def apply_length_limit(cfg: "ScoreConfig") -> int | None:
         cfg.max_length = limit
     return limit
 
+
 def check_weights_finite(model: nn.Module, layer_map: LayerMap, name: str) -> None:
     """NonFiniteError naming the first parameter holding NaN/Inf (a broken checkpoint), before any pass."""
     import torch
@@ -57,6 +58,7 @@ def check_weights_finite(model: nn.Module, layer_map: LayerMap, name: str) -> No
             raise NonFiniteError(
                 f"fastsel: parameter {pname} ({group.replace('layer.', 'block ')}) of {name} holds NaN/Inf: the model's "
                 "weights are broken; no scores written (reload or re-download the checkpoint)")
+
 
 def check_scores_finite(scores: LayerScores) -> None:
     """NonFiniteError naming the first layer whose score or trace is NaN/Inf (before anything is written)."""

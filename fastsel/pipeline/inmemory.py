@@ -31,6 +31,7 @@ def prepare(cfg: ScoreConfig, *, progress: bool = True) -> ScoringContext:
     features = tokenize_examples(examples, tokenizer, cfg.max_length)
     return ScoringContext(cfg, model, tokenizer, layer_map, task, examples, features, progress, limit)
 
+
 def run_scoring(cfg: ScoreConfig, *, out: str | Path | None = None, plot: str | Path | None = None, progress: bool = True) -> LayerScores:
     """Run one metric (``cfg.metric``) and write scores.json / the PNG plot when paths are given."""
     ctx = prepare(cfg, progress=progress)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from fastsel.pipeline.config import ScoreConfig
     from fastsel.pipeline.context import PipelineContext, ScoringContext
 
 from fastsel.scores.confidence import DEFAULT_GROUPS
@@ -56,7 +57,6 @@ class BatchConsumer(Protocol):
     def result(self) -> LayerScores: ...
 
 
-
 ConsumerFactory = Callable[["PipelineContext"], BatchConsumer]
 
 
@@ -72,7 +72,7 @@ def default_num_examples(metric: str) -> int | None:
     return None if not wanted or any(w is None for w in wanted) else max(wanted)  # type: ignore[type-var]
 
 
-def confidence_groups(cfg: Any) -> int:
+def confidence_groups(cfg: "ScoreConfig") -> int:
     """K of the ranking confidence (``options["confidence_groups"]``, default DEFAULT_GROUPS = 4; 0: none)."""
     return int(cfg.options.get("confidence_groups", DEFAULT_GROUPS))
 

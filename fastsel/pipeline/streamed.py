@@ -35,7 +35,7 @@ from fastsel.hf.layer_map import LayerMap
 from fastsel.hf.loading import load_model, load_tokenizer
 from fastsel.pipeline.checkpoint import load_checkpoint, rank_file, save_checkpoint
 from fastsel.pipeline.checks import NonFiniteError, apply_length_limit
-from fastsel.pipeline.config import PipelineConfig
+from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.distributed import DistEnv, PeerFailure, all_reduce_sum_, barrier, init_distributed, shutdown_distributed
 from fastsel.pipeline.context import PipelineContext
 from fastsel.pipeline.outputs import check_metrics_fit_task, finish_scores, write_scores
@@ -47,13 +47,13 @@ from fastsel.utils.progress import progress_bar
 __all__ = ["run_pass", "run_pipeline", "PassResult", "pass_settings"]
 
 
-
 def _first_nonfinite_parameter(model: nn.Module, layer_map: LayerMap) -> str | None:
     for name, p in model.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             kind = "NaN" if bool(torch.isnan(p).any()) else "Inf"
             return f"parameter {name} ({layer_map.describe(name)}) holds {kind} in the model's weights"
     return None
+
 
 def _first_nonfinite_output(ctx: "PipelineContext", batch: Mapping[str, Tensor], autocast: str) -> str | None:
     """Re-run the batch's forward with hooks on the embeddings and every block: the first non-finite output."""
@@ -85,6 +85,7 @@ def _first_nonfinite_output(ctx: "PipelineContext", batch: Mapping[str, Tensor],
             h.remove()
     return found[0] if found else None
 
+
 def _nonfinite_error(ctx: "PipelineContext", consumers: list, batch: Mapping[str, Tensor], batch_no: int, rank: int,
                      world: int, autocast: str, logits_ok: bool, saved: int | None) -> ValueError:
     """A fastsel.scoring.NonFiniteError (one line) naming the batch, the first layer/parameter affected, a remedy."""
@@ -114,9 +115,11 @@ def _nonfinite_error(ctx: "PipelineContext", consumers: list, batch: Mapping[str
     return NonFiniteError(f"fastsel: non-finite values (NaN/Inf) in {what} at batch {batch_no}{rank_txt} (examples {shown}); "
                           f"first affected: {where or 'unknown'}; no scores written{kept}; {hint}")
 
+
 def _autocast(device: torch.device, name: str) -> ContextManager[Any]:
     dtype = AUTOCAST[name]
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
 
 def _step(model: nn.Module, consumers: list[BatchConsumer], batch: dict[str, Tensor], autocast: str,
           device: torch.device) -> tuple[Tensor, Tensor]:
@@ -142,12 +145,14 @@ def _step(model: nn.Module, consumers: list[BatchConsumer], batch: dict[str, Ten
     acc_ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=logits_ok.device)
     return logits_ok, acc_ok
 
-def pass_settings(cfg: Any, pcfg: PipelineConfig, corpus_key: str, world_size: int) -> dict[str, Any]:
+
+def pass_settings(cfg: ScoreConfig, pcfg: PipelineConfig, corpus_key: str, world_size: int) -> dict[str, Any]:
     """Everything that decides the accumulators of a pass (the checkpoint fingerprint)."""
     score = json.loads(cfg.to_json())
     score.pop("device", None)  # a resumed run may move device; float results may then differ slightly
     return {"score": score, "max_tokens": pcfg.max_tokens, "bucket": pcfg.bucket, "autocast": pcfg.autocast,
             "corpus": corpus_key, "world_size": world_size}
+
 
 @dataclass
 class PassResult:
@@ -156,6 +161,7 @@ class PassResult:
     consumers: list[BatchConsumer]
     examples: int
     stats: dict[str, Any] = field(default_factory=dict)
+
 
 def run_pass(
     ctx: PipelineContext,
@@ -245,6 +251,7 @@ def run_pass(
         stats["until_stable"] = stable.report(len(corpus))
     return PassResult(consumers, examples, stats)
 
+
 class _StabilityWatch:
     """--until-stable: every ``check_every`` examples (a fixed number of batches per rank, the same points on
     every rank and on resume), the ranking of each consumer on the groups so far (reduced over the ranks):
@@ -319,8 +326,9 @@ class _StabilityWatch:
             d["note"] = "reached the end of the data before the ranking was stable"
         return d
 
+
 def run_pipeline(
-    cfg: Any,
+    cfg: ScoreConfig,
     pcfg: PipelineConfig | None = None,
     *,
     out: str | os.PathLike | None = None,
@@ -354,7 +362,8 @@ def run_pipeline(
     finally:
         shutdown_distributed(env)
 
-def _run_pipeline(cfg: Any, pcfg: PipelineConfig, env: DistEnv, names: list[str], limit: int | None,
+
+def _run_pipeline(cfg: ScoreConfig, pcfg: PipelineConfig, env: DistEnv, names: list[str], limit: int | None,
                   out: str | os.PathLike | None, plot: str | os.PathLike | None, progress: bool) -> dict[str, LayerScores]:
 
     if env.world_size > 1 and env.device.type == "cpu":

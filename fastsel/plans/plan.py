@@ -24,8 +24,10 @@ LORA_MATRICES = ("query", "key", "value", "attention_output")
 
 _PART_KINDS = ("frozen", "full", "bitfit")  # embeddings, pooler, head
 
+
 class PlanError(ValueError):
     """A plan or strategy that cannot be built or applied (bad layer, bad triple, unknown strategy, ...)."""
+
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -49,6 +51,7 @@ class LoraSpec:
         bad = [m for m in self.matrices if m not in LORA_MATRICES]
         if bad:
             raise PlanError(f"fastsel: unknown LoRA matrices {bad}; choose from {LORA_MATRICES}")
+
 
 @dataclass(frozen=True)
 class Tuning:
@@ -112,9 +115,11 @@ class Tuning:
         return cls(kind=d.get("kind", "frozen"), biases=tuple(d.get("biases", ())),
                    lora=LoraSpec(**lora) if lora is not None else None, adapter_size=d.get("adapter_size"))
 
+
 FROZEN = Tuning("frozen")
 
 FULL = Tuning("full")
+
 
 @dataclass
 class Plan:

@@ -81,6 +81,7 @@ class StrategyArgs:
     lora: LoraSpec = LoraSpec()
     adapter_size: int = 256
 
+
 @dataclass(frozen=True)
 class Strategy:
     """A family of plans named by ``pattern`` (a regex with named groups, matched in full); ``name`` shows it."""
@@ -91,9 +92,11 @@ class Strategy:
     needs: str | None = None  # None | "scores" | "fisher" | "variability"
     help: str = ""
 
+
 STRATEGIES: list[Strategy] = []
 
 TUNERS = ("full", "adapter", "bitfit", "lora")
+
 
 def register_strategy(strategy: Strategy) -> Strategy:
     if any(s.pattern == strategy.pattern for s in STRATEGIES):
@@ -101,9 +104,11 @@ def register_strategy(strategy: Strategy) -> Strategy:
     STRATEGIES.append(strategy)
     return strategy
 
+
 def strategy_names() -> list[str]:
     """Human-readable names of the registered strategies (patterns with K/N placeholders)."""
     return [s.name for s in STRATEGIES]
+
 
 def find_strategy(name: str) -> tuple[Strategy, dict[str, str]]:
     for s in STRATEGIES:
@@ -111,6 +116,7 @@ def find_strategy(name: str) -> tuple[Strategy, dict[str, str]]:
         if m:
             return s, m.groupdict()
     raise PlanError(f"fastsel: unknown strategy {name!r}; known: {', '.join(strategy_names())}")
+
 
 def build_plan(
     name: str,
@@ -140,6 +146,7 @@ def build_plan(
                                            "ranking": scores.ranking})
     return plan
 
+
 def _selected(args: StrategyArgs) -> Tuning:
     if args.tuner == "full":
         return FULL
@@ -148,6 +155,7 @@ def _selected(args: StrategyArgs) -> Tuning:
     if args.tuner == "bitfit":
         return Tuning("bitfit")
     return Tuning("lora", lora=args.lora)
+
 
 def _select(args: StrategyArgs, layers: list[int], head_layer: int | None = None, **details: Any) -> Plan:
     L = args.num_layers
@@ -158,6 +166,7 @@ def _select(args: StrategyArgs, layers: list[int], head_layer: int | None = None
     blocks = [chosen if l in set(layers) else FROZEN for l in range(L)]
     return Plan(blocks, head_layer=None if head_layer in (None, L - 1) else head_layer,
                 details={"layers": sorted(layers), **details})
+
 
 def triple_plan(args: StrategyArgs, bottom: int, top: int, head: int, **details: Any) -> Plan:
     """Xie et al.'s (l_bottom, l_top, l_head), 0-based: tune blocks bottom..top, head reads block ``head``."""
@@ -171,11 +180,13 @@ def triple_plan(args: StrategyArgs, bottom: int, top: int, head: int, **details:
         raise PlanError(f"fastsel: l_top={top} > l_head={head}: tuned blocks above the head would be removed")
     return _select(args, list(range(bottom, top + 1)), head, triple=[bottom, top, head], **details)
 
+
 def _k(groups: dict[str, str], key: str = "k") -> int:
     k = int(groups[key])
     if k < 1:
         raise PlanError(f"fastsel: {key.upper()} must be >= 1, got {k}")
     return k
+
 
 def _ranked(args: StrategyArgs, groups: dict[str, str], best: bool) -> Plan:
     assert args.scores is not None
@@ -186,6 +197,7 @@ def _ranked(args: StrategyArgs, groups: dict[str, str], best: bool) -> Plan:
     layers = ranking[:k] if best else ranking[::-1][:k]
     return _select(args, layers, k=k, by=args.scores.metric, order="best" if best else "worst")
 
+
 def l_star(scores: LayerScores) -> int:
     """The best-specialised block: the scores' top-level ``l_star`` if present, else the best-ranked block."""
     value = scores.info.get("l_star")
@@ -193,6 +205,7 @@ def l_star(scores: LayerScores) -> int:
     if not 0 <= l < len(scores.layers):
         raise PlanError(f"fastsel: l_star={l} out of range 0..{len(scores.layers) - 1}")
     return l
+
 
 def _lstar_down(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     assert args.scores is not None
@@ -202,6 +215,7 @@ def _lstar_down(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     head = ls if groups.get("trunc") else args.num_layers - 1
     return triple_plan(args, ls - n + 1, ls, head, l_star=ls)
 
+
 def _lstar_up(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     assert args.scores is not None
     ls, L = l_star(args.scores), args.num_layers
@@ -209,10 +223,12 @@ def _lstar_up(args: StrategyArgs, groups: dict[str, str]) -> Plan:
         raise PlanError(f"fastsel: lstar-up: l*={ls} is the top block, nothing lies above it")
     return triple_plan(args, ls + 1, L - 1, L - 1, l_star=ls)
 
+
 def _lstar_prefix(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     assert args.scores is not None
     ls = l_star(args.scores)
     return triple_plan(args, 0, ls, ls, l_star=ls)
+
 
 def _middle(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     n, mid = _k(groups, "n"), args.num_layers // 2
@@ -220,11 +236,13 @@ def _middle(args: StrategyArgs, groups: dict[str, str]) -> Plan:
         raise PlanError(f"fastsel: middle-{n} needs {n} blocks at or below the middle block {mid}")
     return triple_plan(args, mid - n + 1, mid, mid if groups.get("trunc") else args.num_layers - 1, l_mid=mid)
 
+
 def _position_top(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     k, L = _k(groups), args.num_layers
     if k > L:
         raise PlanError(f"fastsel: K={k} > the number of blocks ({L})")
     return triple_plan(args, L - k, L - 1, L - 1)
+
 
 def _random(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     # A control for score-selected blocks: K blocks drawn uniformly without replacement. The draw depends only
@@ -235,22 +253,27 @@ def _random(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     layers = sorted(random.Random(f"fastsel-random-{L}-{k}-{draw}").sample(range(L), k))
     return _select(args, layers, k=k, draw=draw)
 
+
 def _explicit(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     return triple_plan(args, int(groups["b"]), int(groups["t"]), int(groups["h"]))
+
 
 def _full(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     if args.tuner == "full":  # conventional full fine-tuning: every parameter, pooler included
         return Plan([FULL] * args.num_layers, embeddings=FULL, pooler=FULL)
     return _select(args, list(range(args.num_layers)))  # e.g. full adapter-tuning
 
+
 def _bitfit(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     b = Tuning("bitfit")
     return Plan([b] * args.num_layers, embeddings=b, pooler=b)
+
 
 def _lora_all(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     matrices = ("query", "key", "value") if groups["v"] == "i" else ("query", "key", "value", "attention_output")
     spec = replace(args.lora, matrices=matrices)
     return Plan([Tuning("lora", lora=spec)] * args.num_layers)
+
 
 def _spafit(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     n1, n2, L = int(groups["n1"]), int(groups["n2"]), args.num_layers
@@ -262,6 +285,7 @@ def _spafit(args: StrategyArgs, groups: dict[str, str]) -> Plan:
     g2 = Tuning("bitfit")
     blocks = [FROZEN if l <= n1 else g2 if l <= n2 else g3 for l in range(L)]
     return Plan(blocks, details={"groups": {"1": [0, n1], "2": [n1 + 1, n2], "3": [n2 + 1, L - 1]}})
+
 
 for _s in [
     Strategy("full", r"full", _full, help="every parameter (with --tuner adapter: adapters in every block)"),

@@ -32,6 +32,7 @@ __all__ = ["collect_pooled_states", "cca_score", "cca_correlations", "numerical_
 
 CCA_EPS_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean variance of each view
 
+
 def collect_pooled_states(
     model: nn.Module,
     batches: Iterable[Mapping[str, Tensor]],
@@ -67,6 +68,7 @@ def collect_pooled_states(
                 bar.update(int(batch["input_ids"].shape[0]))
     return keep.result()
 
+
 def _check_labels(labels: np.ndarray, num_classes: int, what: str, min_per_class: int = 2) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.dtype.kind == "f" and not np.all(labels == np.round(labels)):
@@ -79,14 +81,17 @@ def _check_labels(labels: np.ndarray, num_classes: int, what: str, min_per_class
         raise ValueError(f"fastsel: {what} needs at least {min_per_class} examples per class; class counts are {counts.tolist()}")
     return labels
 
+
 def _inv_sqrt(evals: np.ndarray, evecs: np.ndarray, eps: float) -> np.ndarray:
     return (evecs / np.sqrt(np.clip(evals, 0, None) + eps)) @ evecs.T
+
 
 def _corr_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a - a.mean(0)
     b = b - b.mean(0)
     den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
     return np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1), 0.0)
+
 
 class _CCAFit:
     """Centred covariances of a training set, ready to be regularised with any (eps_h, eps_y)."""
@@ -112,15 +117,18 @@ class _CCAFit:
         v, w, _ = self.directions(eps_h, eps_y, J)
         return _corr_columns((X - self.mx) @ v, (Y - self.my) @ w)
 
+
 def cca_correlations(X: np.ndarray, Y: np.ndarray, eps_h: float = 0.0, eps_y: float = 0.0) -> np.ndarray:
     """Canonical correlations (descending, J = min(D_x, D_y)) of X (N, Dx) and Y (N, Dy), with ridge
     eps * (mean variance) added to each auto-covariance (eps = 0: plain CCA)."""
     J = min(X.shape[1], Y.shape[1])
     return _CCAFit(np.asarray(X, np.float64), np.asarray(Y, np.float64)).directions(eps_h, eps_y, J)[2]
 
+
 def _cca_summary(corr: np.ndarray) -> float:
     k = max(1, corr.shape[0] - 1)  # all but the last (noise) correlation
     return float(np.mean(corr[:k]))
+
 
 def cca_score(
     states: np.ndarray,
@@ -156,6 +164,7 @@ def cca_score(
         chosen.append(list(best))
     return {"score": float(np.mean(tests)), "std": float(np.std(tests)), "eps": chosen}
 
+
 def numerical_rank(states: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
     """(1/C) sum_y ||H_y||_*^2 / ||H_y||_F^2 over the classes' state matrices H_y (n_y, D) (section 4.3)."""
     labels = _check_labels(labels, num_classes, "the numerical rank", min_per_class=1)
@@ -165,12 +174,14 @@ def numerical_rank(states: np.ndarray, labels: np.ndarray, num_classes: int) -> 
         total += float(s.sum() ** 2 / np.square(s).sum()) if s.size and s.any() else 0.0
     return total / num_classes
 
+
 # The task metrics are fastsel.data.task_metrics' (numpy, the official GLUE definitions, tested against scikit-learn):
 # F1 is the binary F1 of class 1, as for every task that reports F1 (MRPC, QQP, MultiRC); a probe on a task
 # without F1 is scored by accuracy.
 PROBE_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     name: TASK_METRICS[name] for name in ("accuracy", "f1", "mcc")
 }
+
 
 def probe_scores(
     train_states: Sequence[np.ndarray],
@@ -200,6 +211,7 @@ def probe_scores(
         clf.fit(Xtr, train_labels)
         out.append(PROBE_METRICS[metric](clf.predict(Xev), np.asarray(eval_labels).astype(np.int64)))  # (pred, gold)
     return out
+
 
 def layer_correlation(a: Sequence[float], b: Sequence[float]) -> dict[str, float | None]:
     """Pearson and Spearman correlation of two per-layer curves (None when either is constant)."""

@@ -102,6 +102,7 @@ class ClassStatistics:
         self.dtype = getattr(torch, state["dtype"])
         self.num_examples, self.num_skipped = int(state["num_examples"]), int(state["num_skipped"])
 
+
 def _check_classes(count: Tensor) -> None:
     counts = [int(c) for c in count.tolist()]
     if len(counts) < 2:
@@ -112,6 +113,7 @@ def _check_classes(count: Tensor) -> None:
             f"fastsel: the variability ratio needs at least 2 examples in every class; class counts are {counts} "
             f"(class(es) {bad} too small: use more examples, --balanced, or drop those classes)"
         )
+
 
 def scatter_matrices(count: Tensor, mean: Tensor, m2: Tensor, variant: str = "xie") -> tuple[Tensor, Tensor]:
     """(Sigma_w (D, D), M (C, D)) with Sigma_b = M^T M / C, in float64.
@@ -132,6 +134,7 @@ def scatter_matrices(count: Tensor, mean: Tensor, m2: Tensor, variant: str = "xi
         sigma_w = m2.sum(0) / N
         centre = (count.unsqueeze(1) * mean).sum(0) / N
     return sigma_w, mean - centre
+
 
 def variability_ratio(count: Tensor, mean: Tensor, m2: Tensor, variant: str = "xie") -> dict[str, float]:
     """nu = (1/C) tr(Sigma_w Sigma_b^+) from per-class statistics: count (C,), mean (C, D), m2 (C, D, D).
@@ -158,6 +161,7 @@ def variability_ratio(count: Tensor, mean: Tensor, m2: Tensor, variant: str = "x
     lam = sing.square() / C
     return {"nu": nu, "rank_sigma_b": int(keep.sum()), "trace_sigma_w": float(sigma_w.trace()), "trace_sigma_b": float(lam.clamp(min=0).sum())}
 
+
 def smoothness(nu: Sequence[float]) -> float:
     """Local smoothness zeta of a nu curve (section 4.4): sum_l (nu_{l+2} - 2 nu_{l+1} + nu_l)^2 after
     z-scoring nu over the layers (footnote 2; population standard deviation). 0 for fewer than 3 layers
@@ -171,12 +175,14 @@ def smoothness(nu: Sequence[float]) -> float:
     z = (v - v.mean()) / sd
     return float(np.sum((z[2:] - 2 * z[1:-1] + z[:-2]) ** 2))
 
+
 def check_labels(batch: Mapping[str, Tensor]) -> None:
     labels = batch.get("labels")
     if labels is None:
         raise ValueError("fastsel: the variability ratio needs labels")
     if labels.is_floating_point():
         raise ValueError("fastsel: the variability ratio needs class labels, got real-valued (regression) labels")
+
 
 class ClassStatisticsAccumulation:
     """Per-class statistics of every layer's pooled states over one pass, fed batch by batch: the one driver of
@@ -284,6 +290,7 @@ class VariabilityResult:
     num_examples: int
     num_skipped: int
 
+
 def _layer_ratio(stats: ClassStatistics, index: int, variant: str) -> dict[str, Any]:
     """nu of one layer index; the embedding output (index 0, not ranked) may legitimately have no class
     signal (CLS pooling: the first token's embedding is the same for every example), so there a
@@ -295,6 +302,7 @@ def _layer_ratio(stats: ClassStatistics, index: int, variant: str) -> dict[str, 
             raise
         return {"nu": None, "rank_sigma_b": 0, "trace_sigma_w": None, "trace_sigma_b": 0.0, "note": str(exc)}
 
+
 def variability_from_statistics(stats: ClassStatistics, variants: Sequence[str] = VARIANTS) -> VariabilityResult:
     nu: dict[str, list[float]] = {}
     details: dict[str, list[dict[str, float]]] = {}
@@ -305,11 +313,13 @@ def variability_from_statistics(stats: ClassStatistics, variants: Sequence[str] 
     counts = [int(c) for c in stats.layer(0)[0].tolist()]
     return VariabilityResult(nu, details, counts, stats.num_examples, stats.num_skipped)
 
+
 def _embedding_extra(res: VariabilityResult, variant: str) -> dict[str, Any]:
     d = res.details[variant][0]
     if d["nu"] is None:  # no class signal in the embedding output: no "score" (tables skip it), say why
         return {"nu_xie": res.nu["xie"][0], "nu_papyan": res.nu["papyan"][0], "note": d["note"]}
     return {"score": d["nu"], "nu_xie": res.nu["xie"][0], "nu_papyan": res.nu["papyan"][0]}
+
 
 def variability_layer_scores(
     stats: ClassStatistics,

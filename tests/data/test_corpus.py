@@ -35,6 +35,7 @@ def test_plan_covers_every_row_once_within_budget(bucket, max_tokens):
     again = schedule_batches(lengths, batch_size=7, max_tokens=max_tokens, bucket=bucket, seed=1)
     assert all(np.array_equal(a, b) for a, b in zip(plan, again))  # deterministic: needed for resume
 
+
 def test_bucketing_cuts_padding():
     lengths = np.random.default_rng(0).integers(3, 60, size=2000)
     flat = padding_stats(lengths, schedule_batches(lengths, batch_size=32, bucket=False))
@@ -42,12 +43,14 @@ def test_bucketing_cuts_padding():
     assert bucketed["tokens"] == flat["tokens"] == lengths.sum()
     assert bucketed["padding_fraction"] < 0.05 < 0.3 < flat["padding_fraction"]
 
+
 def test_plan_errors_and_empty():
     with pytest.raises(ValueError, match="batch_size"):
         schedule_batches(np.array([3]), batch_size=0)
     with pytest.raises(ValueError, match="max_tokens"):
         schedule_batches(np.array([3]), batch_size=2, max_tokens=0)
     assert schedule_batches(np.zeros(0, dtype=np.int64), batch_size=4) == []
+
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_shards_are_disjoint_and_cover(world):
@@ -57,6 +60,7 @@ def test_shards_are_disjoint_and_cover(world):
     assert rows == list(range(49))
     with pytest.raises(ValueError):
         shard_batches(plan, world, world)
+
 
 def test_corpus_is_cached_memory_mapped_and_matches_tokenize_examples(tiny_dir, data_dir, cache, tiny_tokenizer):
     cfg = _cfg(tiny_dir, data_dir)
@@ -75,6 +79,7 @@ def test_corpus_is_cached_memory_mapped_and_matches_tokenize_examples(tiny_dir, 
     assert corpus.lengths().tolist() == [len(f["input_ids"]) for f in feats]
     # another subsample or max_length: another cache entry
     assert load_tokenized_corpus(_cfg(tiny_dir, data_dir, max_length=32), tiny_tokenizer).key != corpus.key
+
 
 def test_reader_pads_each_batch_to_its_own_longest(tiny_dir, data_dir, cache, tiny_tokenizer):
     corpus = load_tokenized_corpus(_cfg(tiny_dir, data_dir), tiny_tokenizer)

@@ -23,10 +23,6 @@ from fastsel.cli.app import main
 FAULTS = {"injected": 0}
 
 
-
-
-
-
 def _args(tiny_dir, data_dir, *extra, n=400):
     return ["score", "--metric", "fisher", "--model", tiny_dir, "--task", "sst2", "--data-dir", str(data_dir),
             "--num-examples", str(n), "--batch-size", "4", "--max-length", "32", "--fisher", "sampled", "--no-progress",

@@ -314,8 +314,6 @@ def test_fuzz_custom_files(tmp_path_factory, spec, balanced, num):
 # --------------------------------------------------------------------------------------------------
 
 
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _offline():
     old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}

@@ -8,6 +8,7 @@ from torch.testing import assert_close
 from fastsel import ops
 from oracles import DEVICES, DTYPES, needs_ext, oracle_embedding, oracle_linear
 
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs(device):
     gen = torch.Generator().manual_seed(7)

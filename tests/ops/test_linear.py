@@ -8,6 +8,7 @@ from torch.testing import assert_close
 from fastsel import ops
 from oracles import DEVICES, DTYPES, linear_backend_params, oracle_linear, tol
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 5, 4, 6), (1, 1, 2, 3), (4, 1, 7, 2), (2, 17, 33, 65), (5, 3, 130, 9)])

@@ -8,6 +8,7 @@ from torch.testing import assert_close
 from fastsel import ops
 from oracles import DEVICES, DTYPES, tol
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_input", [True, False])

@@ -31,8 +31,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-
-
 def _cfg(tiny_dir, data_dir, metric="fisher,variability"):
     return ScoreConfig(metric=metric, model=tiny_dir, task="sst2", data_dir=str(data_dir), num_examples=N, batch_size=4,
                        max_length=40, options={"fisher": "sampled"})

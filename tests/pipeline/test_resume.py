@@ -19,10 +19,6 @@ from fastsel.pipeline.outputs import output_path
 N = 600
 
 
-
-
-
-
 def _cmd(tiny_dir, data_dir, out, *extra):
     return [sys.executable, "-m", "fastsel", "score", "--metric", "fisher,variability", "--model", tiny_dir, "--task", "sst2",
             "--data-dir", str(data_dir),

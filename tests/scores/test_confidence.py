@@ -28,10 +28,6 @@ from fastsel.scores.variability import variability_ratio
 N = 80
 
 
-
-
-
-
 def _setup(tiny_dir, data_dir, pcfg=None, **kw):
     from fastsel.hf.loading import load_model
 

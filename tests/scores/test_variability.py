@@ -311,6 +311,7 @@ def test_merge_class_stats_is_exact(parts):
         else:
             assert mean[c].abs().sum() == 0 and m2[c].abs().sum() == 0
 
+
 def test_merge_class_stats_shape_errors():
     z = batch_class_stats(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]), 2)
     w = batch_class_stats(torch.zeros(2, 4, dtype=torch.float64), torch.tensor([0, 1]), 2)

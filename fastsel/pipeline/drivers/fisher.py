@@ -43,6 +43,7 @@ def _fisher_run(ctx: ScoringContext) -> LayerScores:
     )
     return scores
 
+
 class FisherConsumer:
     """Fisher diagonal of the shared pass: per-example squared gradients of the log-likelihood.
 
@@ -143,6 +144,7 @@ class FisherConsumer:
     def confidence(self, scores: LayerScores) -> dict:
 
         return confidence_from_groups([l.score for l in scores.layers], self.group_scores, self.groups, True)
+
 
 register_metric(Metric(name="fisher", run=_fisher_run, consumer=FisherConsumer, options=FisherOptions, higher_is_better=True,
                        needs_labels=True, default_examples=200,

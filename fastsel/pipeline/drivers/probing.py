@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from fastsel.capture.taps import POOLINGS
 from fastsel.data.tasks import load_examples, make_dataloader, tokenize_examples
+from fastsel.pipeline.context import ScoringContext
 from fastsel.pipeline.registry import Metric, option, options_of, register_metric
-from fastsel.scores.layer_scores import LayerScore
+from fastsel.scores.layer_scores import LayerScore, LayerScores
 from fastsel.scores.plot import plot_layer_curves
 from fastsel.scores.probing import PROBE_METRICS, cca_score, collect_pooled_states, layer_correlation, numerical_rank, probe_scores
 
@@ -42,24 +43,26 @@ class CCAOptions(NumrankOptions):
     cca_folds: int = option(10, "cross-validation folds of the CCA score (appendix C.7)")
 
 
-def _pooling(ctx) -> str:
+def _pooling(ctx: ScoringContext) -> str:
     return options_of(PoolingOptions, ctx.config.options).pooling
 
 
-def _probe_metric(ctx) -> str:
+def _probe_metric(ctx: ScoringContext) -> str:
     """The task's main metric if a probe can report it (accuracy, F1, MCC), else accuracy."""
     return ctx.task.metrics[0] if ctx.task.metrics and ctx.task.metrics[0] in PROBE_METRICS else "accuracy"
 
 
-def _probes(ctx, tr, ev, metric: str) -> list[float]:
+def _probes(ctx: ScoringContext, tr, ev, metric: str) -> list[float]:
     return probe_scores(tr[0], tr[1], ev[0], ev[1], metric=metric, C=options_of(ProbeOptions, ctx.config.options).probe_c,
                         seed=ctx.config.seed)
 
-def _train_states(ctx) -> tuple[list[np.ndarray], np.ndarray]:
+
+def _train_states(ctx: ScoringContext) -> tuple[list[np.ndarray], np.ndarray]:
     return collect_pooled_states(ctx.model, ctx.loader(), ctx.layer_map, pooling=_pooling(ctx), total=len(ctx.features),
                                  progress=ctx.progress, desc=f"pooled states ({_pooling(ctx)})")
 
-def _eval_states(ctx, train: tuple[list[np.ndarray], np.ndarray]) -> tuple[tuple, tuple, str]:
+
+def _eval_states(ctx: ScoringContext, train: tuple[list[np.ndarray], np.ndarray]) -> tuple[tuple, tuple, str]:
     """(train states, eval states, where): the task's validation split, or a stratified 20% hold-out of
     the scored examples for custom data (which has no validation split)."""
 
@@ -79,7 +82,8 @@ def _eval_states(ctx, train: tuple[list[np.ndarray], np.ndarray]) -> tuple[tuple
                                progress=ctx.progress, desc="pooled states (validation)")
     return train, ev, f"validation split ({len(features)} examples)"
 
-def attach_probes(ctx, scores, train: tuple[list[np.ndarray], np.ndarray] | None = None) -> None:
+
+def attach_probes(ctx: ScoringContext, scores: LayerScores, train: tuple[list[np.ndarray], np.ndarray] | None = None) -> None:
     """Train a probe per layer; add values["probe"] to every block, the embedding output's probe score to
     extra["embeddings"], and info probe_metric / probe_eval / rho_probe = rho(score, s) over the blocks."""
     train = train if train is not None else _train_states(ctx)
@@ -94,7 +98,8 @@ def attach_probes(ctx, scores, train: tuple[list[np.ndarray], np.ndarray] | None
     scores.info["probe_train_examples"] = int(len(tr[1]))
     scores.info["rho_probe"] = layer_correlation([l.score for l in scores.layers], s[1:])
 
-def _layer_scores(ctx, metric: str, values: list[float], higher_is_better: bool, per_layer: list[dict] | None = None, **info):
+
+def _layer_scores(ctx: ScoringContext, metric: str, values: list[float], higher_is_better: bool, per_layer: list[dict] | None = None, **info):
 
     per_layer = per_layer or [{} for _ in values]
     layers = [LayerScore(l, ctx.layer_map.block_name(l), values[l + 1], values=dict(per_layer[l + 1]))
@@ -104,7 +109,8 @@ def _layer_scores(ctx, metric: str, values: list[float], higher_is_better: bool,
     scores.info["best_layer"] = scores.ranking[0]
     return scores
 
-def _cca_run(ctx):
+
+def _cca_run(ctx: ScoringContext):
     train = _train_states(ctx)
     folds = options_of(CCAOptions, ctx.config.options).cca_folds
     res = [cca_score(x, train[1], ctx.task.num_labels, folds=folds, seed=ctx.config.seed) for x in train[0]]
@@ -114,7 +120,8 @@ def _cca_run(ctx):
         attach_probes(ctx, scores, train)
     return scores
 
-def _numrank_run(ctx):
+
+def _numrank_run(ctx: ScoringContext):
     train = _train_states(ctx)
     vals = [numerical_rank(x, train[1], ctx.task.num_labels) for x in train[0]]
     scores = _layer_scores(ctx, "numrank", vals, False)
@@ -122,12 +129,14 @@ def _numrank_run(ctx):
         attach_probes(ctx, scores, train)
     return scores
 
-def _probe_run(ctx):
+
+def _probe_run(ctx: ScoringContext):
     train = _train_states(ctx)
     tr, ev, where = _eval_states(ctx, train)
     metric = _probe_metric(ctx)
     s = _probes(ctx, tr, ev, metric)
     return _layer_scores(ctx, "probe", s, True, probe_metric=metric, probe_eval=where, probe_train_examples=int(len(tr[1])))
+
 
 for _name, _run, _hib, _options, _help in [
     ("cca", _cca_run, True, CCAOptions, "cross-validated regularised CCA between pooled states and one-hot labels"),

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from fastsel.capture.taps import PooledStates
 from fastsel.pipeline.distributed import all_merge_class_stats, all_reduce_sum_
+from fastsel.pipeline.context import PipelineContext, ScoringContext
 from fastsel.pipeline.drivers.probing import NumrankOptions, attach_probes
 from fastsel.pipeline.registry import Metric, confidence_groups, option, options_of, register_metric
 from fastsel.scores.layer_scores import LayerScores
@@ -43,7 +44,7 @@ class VariabilityConsumer:
     needs_backward = False
     needs_hidden_states = False  # hooks on the blocks, not output_hidden_states
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: PipelineContext) -> None:
         opts = options_of(VariabilityOptions, ctx.config.options)
         self.ctx = ctx
         self.pooling, self.variant = opts.pooling, opts.variant
@@ -147,7 +148,8 @@ class VariabilityConsumer:
                                                                        self.groups, False)
         return scores
 
-def _variability_run(ctx) -> LayerScores:
+
+def _variability_run(ctx: ScoringContext) -> LayerScores:
     opts = options_of(VariabilityOptions, ctx.config.options)
     probe_states = PooledStates() if opts.probe else None
     stats = accumulate_class_statistics(
