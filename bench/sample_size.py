@@ -40,12 +40,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fastsel.scores.confidence import confidence_from_groups, kendall_tau_b, topk_agreement  # noqa: E402
-from fastsel.data.tasks import get_task, load_examples, make_dataloader, tokenize_examples  # noqa: E402
-from fastsel.scores.fisher import fisher_diagonal  # noqa: E402
-from fastsel.hf.loading import load_model  # noqa: E402
-from fastsel.scores.variability import ClassStatistics, accumulate_class_statistics, variability_layer_scores
 from fastsel.capture.taps import PooledStates  # noqa: E402
+from fastsel.data.tasks import get_task, load_examples, make_dataloader, tokenize_examples  # noqa: E402
+from fastsel.hf.loading import load_model  # noqa: E402
+from fastsel.scores.confidence import confidence_from_groups, kendall_tau_b, topk_agreement  # noqa: E402
+from fastsel.scores.fisher import fisher_diagonal  # noqa: E402
+from fastsel.scores.variability import ClassStatistics, accumulate_class_statistics, variability_layer_scores
 
 SIZES = (16, 32, 64, 100, 200, 500, 1000, 2000)
 MODES = ("empirical", "sampled", "exact")

@@ -8,8 +8,8 @@ import torch
 
 from fastsel.pipeline.context import PipelineContext
 from fastsel.pipeline.registry import CONSUMERS, register_consumer
-from fastsel.scores.variability import merge_class_stats
 from fastsel.scores.layer_scores import LayerScore, LayerScores
+from fastsel.scores.variability import merge_class_stats
 
 
 def save_tiny_bert(path: Path, minilm_path, hidden: int = 16, layers: int = 3, seed: int = 0) -> str:
@@ -94,8 +94,7 @@ class ClassMeanConsumer:
 
 def register_classmean() -> None:
     """Register the test metric in fastsel.pipeline.registry (METRICS, CONSUMERS) (idempotent)."""
-    from fastsel.pipeline.registry import METRICS
-    from fastsel.pipeline.registry import Metric, register_metric
+    from fastsel.pipeline.registry import METRICS, Metric, register_metric
 
     if "classmean" not in METRICS:
         register_metric(Metric(name="classmean", run=lambda ctx: None, classification_only=True, help="test only"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from transformers import (
     AlbertConfig,
+    AutoModelForSequenceClassification,
     BertConfig,
     DebertaV2Config,
     DistilBertConfig,
@@ -13,7 +14,6 @@ from transformers import (
     Qwen2Config,
     RobertaConfig,
     XLMRobertaConfig,
-    AutoModelForSequenceClassification,
 )
 
 VOCAB = 64

@@ -10,13 +10,14 @@ import json
 import os
 import sys
 from typing import Callable
-from fastsel.cli.info import info, format_info
+
+from fastsel.cli.info import format_info, info
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.distributed import process_rank
-from fastsel.scores.confidence import DEFAULT_GROUPS
+from fastsel.pipeline.outputs import output_path
 from fastsel.pipeline.registry import METRICS, add_option_arguments, default_num_examples
 from fastsel.pipeline.run import score
-from fastsel.pipeline.outputs import output_path
+from fastsel.scores.confidence import DEFAULT_GROUPS
 
 __all__ = ["main", "COMMANDS", "check_device"]
 

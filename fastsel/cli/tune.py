@@ -4,13 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
 from fastsel.data.tasks import get_task
 from fastsel.hf.layer_map import map_layers
 from fastsel.hf.loading import resolve_model_path
-from fastsel.plans.plan import LoraSpec
-from fastsel.plans.plan import PlanError
-from fastsel.plans.strategies import TUNERS, strategy_names
-from fastsel.plans.strategies import build_plan
+from fastsel.plans.plan import LoraSpec, PlanError
+from fastsel.plans.strategies import TUNERS, build_plan, strategy_names
 from fastsel.scores.layer_scores import LayerScores
 from fastsel.train.trainer import FinetuneJob, run_finetune
 from fastsel.tuners.apply import meta_model, with_counts

@@ -31,7 +31,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from fastsel.data.tasks import FEATURE_KEYS, DataSource, PadCollator, TaskSpec, canonical_split, examples_for, get_task, resolve_file
+from fastsel.data.tasks import (
+    FEATURE_KEYS,
+    DataSource,
+    PadCollator,
+    TaskSpec,
+    canonical_split,
+    examples_for,
+    get_task,
+    resolve_file,
+)
 
 __all__ = [
     "cache_root",

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+
 from fastsel.data.tasks import get_task
 
 __all__ = ["TASK_METRICS", "accuracy", "f1_binary", "matthews_corrcoef", "pearson", "spearman", "task_metrics",

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
 from fastsel.scores.variability import merge_class_stats
 
 __all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "all_reduce_sum_", "all_gather_objects",

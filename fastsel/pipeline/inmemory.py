@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-
 from fastsel.data.tasks import examples_for, tokenize_examples
 from fastsel.hf.loading import load_model
 from fastsel.pipeline.checks import apply_length_limit, check_weights_finite

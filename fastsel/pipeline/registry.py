@@ -7,9 +7,9 @@ The metric drivers in :mod:`fastsel.pipeline.drivers` register themselves; this 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from collections.abc import Mapping as MappingABC
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Protocol, runtime_checkable
 
 import torch

@@ -29,17 +29,24 @@ from typing import Any, ContextManager, Mapping
 import torch
 from torch import Tensor, nn
 
-from fastsel.data.corpus import BatchReader, TokenizedCorpus, load_tokenized_corpus, padding_stats, schedule_batches, shard_batches
+from fastsel.data.corpus import (
+    BatchReader,
+    TokenizedCorpus,
+    load_tokenized_corpus,
+    padding_stats,
+    schedule_batches,
+    shard_batches,
+)
 from fastsel.hf.io import eval_mode, logits_of, model_inputs
 from fastsel.hf.layer_map import LayerMap
 from fastsel.hf.loading import load_model, load_tokenizer
 from fastsel.pipeline.checkpoint import load_checkpoint, rank_file, save_checkpoint
 from fastsel.pipeline.checks import NonFiniteError, apply_length_limit
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
-from fastsel.pipeline.distributed import DistEnv, PeerFailure, all_reduce_sum_, barrier, init_distributed, shutdown_distributed
 from fastsel.pipeline.context import PipelineContext
+from fastsel.pipeline.distributed import DistEnv, PeerFailure, all_reduce_sum_, barrier, init_distributed, shutdown_distributed
 from fastsel.pipeline.outputs import check_metrics_fit_task, finish_scores, write_scores
-from fastsel.pipeline.registry import AUTOCAST, METRICS, BatchConsumer, CONSUMERS, confidence_groups
+from fastsel.pipeline.registry import AUTOCAST, CONSUMERS, METRICS, BatchConsumer, confidence_groups
 from fastsel.scores.confidence import halves, kendall_tau_b, ranking_order
 from fastsel.scores.layer_scores import LayerScores
 from fastsel.utils.progress import progress_bar

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Mappi
 import torch
 from torch import Tensor, nn
 
+from fastsel.capture.per_example import SquaredGradAccumulator
 from fastsel.hf.io import eval_mode, logits_of, model_inputs
 from fastsel.hf.layer_map import EMBEDDINGS, HEAD, POOLER, LayerMap, map_layers
-from fastsel.capture.per_example import SquaredGradAccumulator
 from fastsel.scores.confidence import group_ids
-from fastsel.utils.progress import progress_bar
 from fastsel.scores.layer_scores import LayerScore, LayerScores
+from fastsel.utils.progress import progress_bar
 
 if TYPE_CHECKING:
     from fastsel.scores.layer_scores import LayerScores

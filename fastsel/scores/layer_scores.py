@@ -23,8 +23,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastsel.utils.atomic import atomic_write_text
 from fastsel.scores.confidence import format_confidence
+from fastsel.utils.atomic import atomic_write_text
 
 __all__ = ["LayerScore", "LayerScores"]
 

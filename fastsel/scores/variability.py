@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-
 import torch
 from torch import Tensor, nn
 

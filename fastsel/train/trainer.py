@@ -32,28 +32,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastsel.tuners.apply import apply_plan, is_added_parameter, trainable_parameters, with_counts
-from fastsel.data.tasks import PadCollator, TaskSpec, get_task
-from fastsel.hf.layer_map import LayerMap, map_layers
 from fastsel.data.task_metrics import main_metric, predictions_from_logits, task_metrics
-from fastsel.plans.plan import Plan, PlanError
-from fastsel.utils.progress import progress_bar
-from fastsel.utils.atomic import atomic_write, atomic_write_text
-from fastsel.pipeline.checkpoint import fingerprint
-from fastsel.data.tasks import load_examples, tokenize_examples
-from fastsel.data.tasks import make_dataloader
-from fastsel.hf.loading import clamp_max_length
-from fastsel.hf.loading import load_model
-from fastsel.pipeline.checkpoint import CheckpointMismatch
+from fastsel.data.tasks import PadCollator, TaskSpec, get_task, load_examples, make_dataloader, tokenize_examples
+from fastsel.hf.io import eval_mode, model_inputs
+from fastsel.hf.layer_map import LayerMap, map_layers
+from fastsel.hf.loading import clamp_max_length, load_model
+from fastsel.pipeline.checkpoint import CheckpointMismatch, fingerprint
 from fastsel.pipeline.checks import NonFiniteError
 from fastsel.pipeline.config import ScoreConfig
 from fastsel.pipeline.inmemory import run_scoring
 from fastsel.pipeline.registry import METRICS
-from fastsel.plans.plan import LoraSpec
+from fastsel.plans.plan import LoraSpec, Plan, PlanError
 from fastsel.plans.strategies import build_plan, find_strategy
 from fastsel.scores.fisher import fisher_layer_scores
 from fastsel.scores.layer_scores import LayerScores
-from fastsel.hf.io import eval_mode, model_inputs
+from fastsel.tuners.apply import apply_plan, is_added_parameter, trainable_parameters, with_counts
+from fastsel.utils.atomic import atomic_write, atomic_write_text
+from fastsel.utils.progress import progress_bar
 
 __all__ = [
     "TrainConfig",

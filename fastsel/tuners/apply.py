@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
-from fastsel.tuners.adapters import AdaptedLinear, insert_adapter
-from fastsel.hf.layer_map import EMBEDDINGS, HEAD, POOLER, LayerMap, map_layers
 from fastsel.hf.arch_names import ArchNames, arch_names
+from fastsel.hf.layer_map import EMBEDDINGS, HEAD, POOLER, LayerMap, map_layers
 from fastsel.plans.plan import Plan, PlanError, Tuning
+from fastsel.tuners.adapters import AdaptedLinear, insert_adapter
 
 __all__ = ["apply_plan", "truncate_blocks", "trainable_parameters", "is_trainable_under", "is_added_parameter",
            "is_lora_parameter", "is_adapter_parameter", "meta_model", "count_trainable", "with_counts"]

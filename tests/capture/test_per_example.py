@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fisher_oracles import assert_diagonals_close
 from torch import nn
 
 from fastsel.capture import per_example as pe
 from fastsel.capture.per_example import SquaredGradAccumulator
-from fisher_oracles import assert_diagonals_close
 
 
 def _check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward) -> SquaredGradAccumulator:

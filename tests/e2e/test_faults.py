@@ -16,9 +16,8 @@ import time
 import pytest
 import torch
 
-from fastsel.pipeline.checkpoint import load_checkpoint, rank_file
 from fastsel.cli.app import main
-
+from fastsel.pipeline.checkpoint import load_checkpoint, rank_file
 
 FAULTS = {"injected": 0}
 

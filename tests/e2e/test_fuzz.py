@@ -32,7 +32,6 @@ from hypothesis import strategies as st  # noqa: E402
 from fastsel.cli.app import main  # noqa: E402
 from fastsel.data.tasks import load_custom_examples, load_examples  # noqa: E402
 
-
 REPO = Path(__file__).resolve().parents[2]
 SCALE = float(os.environ.get("FASTSEL_FUZZ_SCALE", "1"))
 STATS: dict = {"inputs": 0, "failures": 0, "errors": collections.Counter(), "by_test": collections.Counter(),

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_config
 
 from fastsel.cli.app import main
 from fastsel.hf.loading import max_sequence_length
-
-from tiny_models import tiny_config
 
 
 def _save(path: Path, model, minilm_path) -> str:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_check  # noqa: E402
 import sanitize_kernels  # noqa: E402
+
 from fastsel import EXTENSION  # noqa: E402
 
 needs_extension = pytest.mark.skipif(not EXTENSION.loaded, reason=f"fastsel._C not loaded: {EXTENSION.reason}")

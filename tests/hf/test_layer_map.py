@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
+from tiny_models import ARCHS, tiny_model
 from torch import nn
 
 from fastsel.hf.layer_map import UnsupportedArchitectureError, map_layers
-from tiny_models import ARCHS, tiny_model
 
 EXPECTED_BLOCKS = {
     "bert": "bert.encoder.layer",

@@ -106,8 +106,9 @@ def test_cached_choices_follow_the_extension_status(monkeypatch):
 
 def test_table_ships_with_the_package():
     """Package data: a non-editable install (make cuda-build) must find the measured table too."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     assert backend.BACKEND_TABLE_PATH.name in pyproject["tool"]["setuptools"]["package-data"]["fastsel.ops"]

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import DEVICES, DTYPES, needs_ext, oracle_embedding, oracle_linear
 from torch.testing import assert_close
 
 from fastsel import ops
-from oracles import DEVICES, DTYPES, needs_ext, oracle_embedding, oracle_linear
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import DEVICES, DTYPES, oracle_embedding, tol
 from torch.testing import assert_close
 
 from fastsel import ops
-from oracles import DEVICES, DTYPES, oracle_embedding, tol
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -15,11 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastsel.pipeline.config import PipelineConfig
+from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.outputs import output_path
 from fastsel.pipeline.streamed import run_pipeline
-from fastsel.pipeline.config import ScoreConfig
-
 
 REPO = Path(__file__).resolve().parents[2]
 N = 90

@@ -9,8 +9,16 @@ import pytest
 from fastsel.cli.app import main
 from fastsel.pipeline.drivers.fisher import FisherConsumer, FisherOptions
 from fastsel.pipeline.drivers.variability import VariabilityOptions
-from fastsel.pipeline.registry import (CONSUMERS, METRICS, Metric, add_option_arguments, default_num_examples, options_of,
-                                       register_consumer, supports)
+from fastsel.pipeline.registry import (
+    CONSUMERS,
+    METRICS,
+    Metric,
+    add_option_arguments,
+    default_num_examples,
+    options_of,
+    register_consumer,
+    supports,
+)
 
 
 def test_one_record_per_metric_holds_run_consumer_and_options():

@@ -15,7 +15,6 @@ import torch
 from fastsel.pipeline.checkpoint import CheckpointMismatch, load_checkpoint, rank_file, save_checkpoint
 from fastsel.pipeline.outputs import output_path
 
-
 N = 600
 
 

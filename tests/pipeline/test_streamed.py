@@ -7,19 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from stream_helpers import ClassMeanConsumer, pooled
 
 from fastsel.cli.app import main
+from fastsel.data.corpus import load_tokenized_corpus
 from fastsel.data.tasks import load_examples, tokenize_examples
+from fastsel.pipeline.config import PipelineConfig, ScoreConfig
+from fastsel.pipeline.context import PipelineContext
 from fastsel.pipeline.distributed import DistEnv
 from fastsel.pipeline.drivers.fisher import FisherConsumer
-from fastsel.pipeline.config import PipelineConfig
-from fastsel.pipeline.context import PipelineContext
 from fastsel.pipeline.outputs import output_path
 from fastsel.pipeline.streamed import run_pass
-from fastsel.pipeline.config import ScoreConfig
-from fastsel.data.corpus import load_tokenized_corpus
-
-from stream_helpers import ClassMeanConsumer, pooled
 
 N = 120
 
@@ -53,8 +51,8 @@ def _setup(cfg, pcfg=None):
 def test_streamed_fisher_equals_plain_loader(tiny_dir, data_dir, cache, mode):
     """Bucketed, token-budget batches give the Fisher of the plain sequential loader (sampled labels keyed
     by global index, so batch composition does not matter)."""
-    from fastsel.scores.fisher import fisher_diagonal
     from fastsel.data.tasks import make_dataloader
+    from fastsel.scores.fisher import fisher_diagonal
 
     cfg = _cfg(tiny_dir, data_dir, options={"fisher": mode})
     ctx, corpus = _setup(cfg, PipelineConfig(max_tokens=160, bucket=True, prefetch=2))

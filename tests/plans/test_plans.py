@@ -6,13 +6,12 @@ import json
 import pytest
 from transformers import BertConfig
 
-from fastsel.hf.layer_map import map_layers
-from fastsel.tuners.apply import apply_plan
 from fastsel.cli.app import main
-from fastsel.tuners.apply import count_trainable, with_counts
+from fastsel.hf.layer_map import map_layers
 from fastsel.plans.plan import FULL, LoraSpec, Plan, PlanError, Tuning
 from fastsel.plans.strategies import build_plan
 from fastsel.scores.layer_scores import LayerScore, LayerScores
+from fastsel.tuners.apply import apply_plan, count_trainable, with_counts
 from tests.tiny_models import tiny_config, tiny_model
 
 LARGE = dict(vocab_size=28996, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,

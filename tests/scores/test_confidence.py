@@ -12,18 +12,23 @@ import torch
 from scipy import stats as sps
 
 from fastsel.cli.app import main
-from fastsel.scores.confidence import Z, confidence_from_groups, jackknife, kendall_tau_b, rank_intervals, ranking_confidence, topk_agreement
+from fastsel.data.corpus import load_tokenized_corpus
+from fastsel.pipeline.config import PipelineConfig, ScoreConfig
+from fastsel.pipeline.context import PipelineContext
 from fastsel.pipeline.distributed import DistEnv
 from fastsel.pipeline.drivers.fisher import FisherConsumer
-from fastsel.pipeline.config import PipelineConfig
-from fastsel.pipeline.context import PipelineContext
-from fastsel.scores.variability import merge_class_stats
-from fastsel.pipeline.streamed import run_pass
-from fastsel.pipeline.config import ScoreConfig
-from fastsel.data.corpus import load_tokenized_corpus
 from fastsel.pipeline.drivers.variability import VariabilityConsumer
-from fastsel.scores.variability import variability_ratio
-
+from fastsel.pipeline.streamed import run_pass
+from fastsel.scores.confidence import (
+    Z,
+    confidence_from_groups,
+    jackknife,
+    kendall_tau_b,
+    rank_intervals,
+    ranking_confidence,
+    topk_agreement,
+)
+from fastsel.scores.variability import merge_class_stats, variability_ratio
 
 N = 80
 
@@ -292,10 +297,10 @@ def _stable_worker(rank: int, world: int, port: int, cfg_json: str, pcfg_json: s
 def test_until_stable_two_gloo_processes_equal_one(tmp_path, tiny_dir, data_dir, monkeypatch):
     """Both ranks check at the same points on reduced statistics: same stop, same N, same confidence."""
     import torch.multiprocessing as mp
+    from test_distributed import _close, _free_port
 
     from fastsel.pipeline.outputs import output_path
     from fastsel.pipeline.streamed import run_pipeline
-    from test_distributed import _close, _free_port
 
     cache = str(tmp_path / "cache")
     monkeypatch.setenv("FASTSEL_CACHE", cache)

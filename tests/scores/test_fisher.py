@@ -5,16 +5,16 @@ import math
 
 import pytest
 import torch
+from fisher_oracles import assert_diagonals_close, oracle_fisher
+from tiny_models import ARCHS, random_batch, tiny_model
 from torch import nn
 from torch.testing import assert_close
 
-from fastsel.scores.fisher import fisher_diagonal, fisher_layer_scores, fisher_terms, layer_statistics
+from fastsel.capture.per_example import SquaredGradAccumulator
 from fastsel.hf.layer_map import map_layers
 from fastsel.ops import backend
 from fastsel.ops.backend import BACKEND_ENV, linear_backends_available
-from fastsel.capture.per_example import SquaredGradAccumulator
-from fisher_oracles import assert_diagonals_close, oracle_fisher
-from tiny_models import ARCHS, random_batch, tiny_model
+from fastsel.scores.fisher import fisher_diagonal, fisher_layer_scores, fisher_terms, layer_statistics
 
 MODES = ["empirical", "sampled", "exact"]
 

@@ -6,8 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from fastsel.scores.probing import PROBE_METRICS
-from fastsel.scores.probing import cca_correlations, cca_score, layer_correlation, numerical_rank, probe_scores
+from fastsel.scores.probing import PROBE_METRICS, cca_correlations, cca_score, layer_correlation, numerical_rank, probe_scores
 
 
 def blobs(counts=(60, 60, 60), D=8, sep=2.0, seed=0):

@@ -9,13 +9,19 @@ import pytest
 import torch
 
 from fastsel import ops
-from fastsel.hf.layer_map import map_layers
 from fastsel.capture.taps import pool_mask
-from fastsel.scores.variability import (ClassStatistics, accumulate_class_statistics, merge_class_stats, scatter_matrices, smoothness,
-                                        variability_layer_scores, variability_ratio)
+from fastsel.hf.layer_map import map_layers
+from fastsel.scores.variability import (
+    ClassStatistics,
+    accumulate_class_statistics,
+    merge_class_stats,
+    scatter_matrices,
+    smoothness,
+    variability_layer_scores,
+    variability_ratio,
+)
 from tests.stream_helpers import batch_class_stats
 from tests.tiny_models import ARCHS, VOCAB, tiny_model
-
 
 # --------------------------------------------------------------------------------------------------
 # Oracle: the definitions of section 3.1 / appendix A.1 in plain numpy, from the stored features

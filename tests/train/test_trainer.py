@@ -8,13 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from fastsel.tuners.apply import apply_plan, trainable_parameters, with_counts
 from fastsel.data.task_metrics import TASK_METRICS, task_metrics
-from fastsel.plans.plan import LoraSpec
-from fastsel.plans.strategies import build_plan
-from fastsel.train.trainer import PrefixCache, RankStability, TrainConfig, cacheable_prefix, evaluate, load_trained, save_trained, train_model, trainer_callback
 from fastsel.data.tasks import PadCollator
 from fastsel.hf.layer_map import map_layers
+from fastsel.plans.plan import LoraSpec
+from fastsel.plans.strategies import build_plan
+from fastsel.train.trainer import (
+    PrefixCache,
+    RankStability,
+    TrainConfig,
+    cacheable_prefix,
+    evaluate,
+    load_trained,
+    save_trained,
+    train_model,
+    trainer_callback,
+)
+from fastsel.tuners.apply import apply_plan, trainable_parameters, with_counts
 from tests.tiny_models import VOCAB, tiny_model
 
 TOK = SimpleNamespace(pad_token_id=0, pad_token_type_id=0, padding_side="right")

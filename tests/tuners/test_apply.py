@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastsel.tuners.adapters import AdaptedLinear, BottleneckAdapter
-from fastsel.tuners.apply import apply_plan, trainable_parameters
 from fastsel.hf.layer_map import map_layers
 from fastsel.plans.plan import LoraSpec, Plan, PlanError, Tuning
 from fastsel.plans.strategies import build_plan
 from fastsel.train.trainer import TrainConfig, make_optimizer
+from fastsel.tuners.adapters import AdaptedLinear, BottleneckAdapter
+from fastsel.tuners.apply import apply_plan, trainable_parameters
 from tests.tiny_models import random_batch, tiny_model
 
 TRUNC_ARCHS = ["bert", "roberta", "distilbert", "electra", "deberta-v2"]

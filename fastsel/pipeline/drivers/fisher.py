@@ -7,8 +7,8 @@ from typing import Any, Callable, ContextManager, Mapping
 import torch
 from torch import Tensor
 
-from fastsel.pipeline.distributed import all_gather_objects, all_reduce_sum_
 from fastsel.pipeline.context import PipelineContext, ScoringContext
+from fastsel.pipeline.distributed import all_gather_objects, all_reduce_sum_
 from fastsel.pipeline.registry import Metric, confidence_groups, option, options_of, register_metric
 from fastsel.scores.confidence import confidence_from_groups
 from fastsel.scores.fisher import FISHER_MODES, FisherAccumulation, fisher_layer_scores, fisher_scores

@@ -1,9 +1,9 @@
 """The probing metrics (cca, numrank, probe) and ``--probe`` for any metric."""
 from __future__ import annotations
 
-import numpy as np
-
 from dataclasses import dataclass
+
+import numpy as np
 
 from fastsel.capture.taps import POOLINGS
 from fastsel.data.tasks import load_examples, make_dataloader, tokenize_examples
@@ -11,7 +11,14 @@ from fastsel.pipeline.context import ScoringContext
 from fastsel.pipeline.registry import Metric, option, options_of, register_metric
 from fastsel.scores.layer_scores import LayerScore, LayerScores
 from fastsel.scores.plot import plot_layer_curves
-from fastsel.scores.probing import PROBE_METRICS, cca_score, collect_pooled_states, layer_correlation, numerical_rank, probe_scores
+from fastsel.scores.probing import (
+    PROBE_METRICS,
+    cca_score,
+    collect_pooled_states,
+    layer_correlation,
+    numerical_rank,
+    probe_scores,
+)
 
 __all__ = ["PoolingOptions", "ProbeOptions", "CCAOptions", "NumrankOptions", "attach_probes"]
 

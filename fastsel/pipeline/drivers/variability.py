@@ -8,15 +8,22 @@ import torch
 from torch import Tensor
 
 from fastsel.capture.taps import PooledStates
-from fastsel.pipeline.distributed import all_merge_class_stats, all_reduce_sum_
 from fastsel.pipeline.context import PipelineContext, ScoringContext
+from fastsel.pipeline.distributed import all_merge_class_stats, all_reduce_sum_
 from fastsel.pipeline.drivers.probing import NumrankOptions, attach_probes
 from fastsel.pipeline.registry import Metric, confidence_groups, option, options_of, register_metric
+from fastsel.scores.confidence import confidence_from_groups
 from fastsel.scores.layer_scores import LayerScores
 from fastsel.scores.plot import plot_layer_curves
-from fastsel.scores.confidence import confidence_from_groups
-from fastsel.scores.variability import (VARIANTS, ClassStatistics, ClassStatisticsAccumulation, accumulate_class_statistics, merge_class_stats,
-                                        variability_layer_scores, variability_ratio)
+from fastsel.scores.variability import (
+    VARIANTS,
+    ClassStatistics,
+    ClassStatisticsAccumulation,
+    accumulate_class_statistics,
+    merge_class_stats,
+    variability_layer_scores,
+    variability_ratio,
+)
 
 __all__ = ["VariabilityOptions", "VariabilityConsumer"]
 
