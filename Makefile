@@ -84,7 +84,7 @@ $(CUDA_BUILT): $(CUDA_DEPS) $(CUDA_INPUTS)
 $(CUDA_BUILT): SHELL := /bin/bash
 cuda-build: $(CUDA_BUILT)
 	cd build && $(abspath $(CUDA_PY)) -m fastsel info --json > cuda-info.json
-	cd build && $(abspath $(CUDA_PY)) -m fastsel.info --require-cuda
+	cd build && $(abspath $(CUDA_PY)) -m fastsel.cli.info --require-cuda
 
 # On a GPU machine: build, test and benchmark the CUDA kernels (bench/gpu_check.sh); --dry: what it would run.
 gpu-check:

@@ -102,11 +102,11 @@ def cuda_build_problems(data: dict[str, Any] | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastsel.info [--json] [--require-cuda]``; --require-cuda exits 1 unless a CUDA build."""
+    """``python -m fastsel.cli.info [--json] [--require-cuda]``; --require-cuda exits 1 unless a CUDA build."""
     import argparse
     import json
 
-    p = argparse.ArgumentParser(prog="python -m fastsel.info")
+    p = argparse.ArgumentParser(prog="python -m fastsel.cli.info")
     p.add_argument("--json", action="store_true")
     p.add_argument("--require-cuda", action="store_true",
                    help="fail unless the extension loaded with CUDA kernels for every op")
