@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +27,6 @@ from fastsel.hf.layer_map import EMBEDDINGS, HEAD, POOLER, LayerMap, map_layers
 from fastsel.scores.confidence import group_ids
 from fastsel.scores.layer_scores import LayerScore, LayerScores
 from fastsel.utils.progress import progress_bar
-
-if TYPE_CHECKING:
-    from fastsel.scores.layer_scores import LayerScores
 
 __all__ = [
     "FISHER_MODES",
