@@ -257,19 +257,15 @@ def verdict_label(a: str, b: str, diff: float, p: float | None, alpha: float = A
 # --------------------------------------------------------------------------------------------------
 
 
+# results.json callbacks of ``fastsel finetune --rank-split both`` -> suffix of their keys in a record
+RANK_RECORDS = {"rank_stability": "", "rank_stability_heldout": "_heldout"}
+
+
 def record_from_run(results: Mapping[str, Any], plan: Mapping[str, Any] | None, wall: float | None = None) -> dict[str, Any]:
     """The study's record of one finished ``fastsel finetune`` run (its results.json and plan.json)."""
     m = results["main_metric"]
     best = results["best"]
     hist = results.get("history", [])
-    taus: dict[str, float] = {}
-    devs: dict[str, float] = {}
-    rank = (results.get("callbacks") or {}).get("rank_stability")
-    if rank:
-        for e, entry in rank.get("epochs", {}).items():
-            if e != "0" and "kendall_tau" in entry:
-                taus[e] = entry["kendall_tau"]
-                devs[e] = entry.get("mean_deviation")
     job = results.get("job", {})
     rec = {
         "strategy_run": results.get("strategy") or job.get("strategy"),
@@ -294,10 +290,15 @@ def record_from_run(results: Mapping[str, Any], plan: Mapping[str, Any] | None, 
         rec["tuned_blocks"] = [i for i, blk in enumerate(plan["blocks"]) if blk["kind"] != "frozen"]
         rec["head_layer"] = plan.get("head_layer")
         rec["num_layers"] = len(plan["blocks"])
-    if rank:
-        rec["rank_taus"] = taus
-        rec["rank_mean_deviation"] = devs
-        rec["rankings"] = {e: entry["ranking"] for e, entry in rank.get("epochs", {}).items()}
+    for callback, suffix in RANK_RECORDS.items():
+        rank = (results.get("callbacks") or {}).get(callback)
+        if not rank:
+            continue
+        epochs = rank.get("epochs", {})
+        later = {e: entry for e, entry in epochs.items() if e != "0" and "kendall_tau" in entry}
+        rec[f"rank_taus{suffix}"] = {e: entry["kendall_tau"] for e, entry in later.items()}
+        rec[f"rank_mean_deviation{suffix}"] = {e: entry.get("mean_deviation") for e, entry in later.items()}
+        rec[f"rankings{suffix}"] = {e: entry["ranking"] for e, entry in epochs.items()}
     return rec
 
 
@@ -363,14 +364,15 @@ def verdicts(agg: Mapping[str, Any], tasks: Sequence[str], alpha: float = ALPHA)
     return out
 
 
-def rank_stability(agg: Mapping[str, Any], task: str, name: str = "full") -> dict[str, Any] | None:
+def rank_stability(agg: Mapping[str, Any], task: str, name: str = "full", suffix: str = "") -> dict[str, Any] | None:
+    """Kendall taus and mean rank deviations per epoch over seeds; suffix "_heldout": the held-out passes."""
     runs = agg.get("runs", {}).get(task, {}).get(name, {})
     taus: dict[str, list[float]] = {}
     devs: dict[str, list[float]] = {}
     for r in runs.values():
-        for e, t in (r.get("rank_taus") or {}).items():
+        for e, t in (r.get(f"rank_taus{suffix}") or {}).items():
             taus.setdefault(e, []).append(t)
-        for e, d in (r.get("rank_mean_deviation") or {}).items():
+        for e, d in (r.get(f"rank_mean_deviation{suffix}") or {}).items():
             if d is not None:
                 devs.setdefault(e, []).append(d)
     if not taus:
@@ -412,11 +414,17 @@ def render_table(agg: Mapping[str, Any], tasks: Sequence[str], names: Sequence[s
                          f"{others} | {blocks} | {params} | {s['epoch_seconds']:.1f} | {s['cache_seconds']:.1f} | {s['peak_mb']:.0f} |")
     lines += ["", "## Rank stability of the Fisher ranking during full fine-tuning (Lodha et al. sec. 4)", "",
               "Kendall tau between the Fisher ranking of the blocks after epoch e and before training (epoch 0), "
-              "mean ± std over seeds; in brackets the mean |rank_e - rank_0| per block.", ""]
-    rs_rows = [(t, rank_stability(agg, t)) for t in tasks]
-    epochs = sorted({e for _, r in rs_rows if r for e in r["taus"]}, key=int)
-    if epochs:
-        lines += ["| task | " + " | ".join(f"tau @ epoch {e}" for e in epochs) + " |", "|" + "---|" * (len(epochs) + 1)]
+              "mean ± std over seeds; in brackets the mean |rank_e - rank_0| per block. Measured on training examples "
+              "(the ones the model fits) and, with --rank-split both, on held-out validation examples.", ""]
+    any_rows = False
+    for suffix, what in (("", "training examples"), ("_heldout", "held-out validation examples")):
+        rs_rows = [(t, rank_stability(agg, t, suffix=suffix)) for t in tasks]
+        epochs = sorted({e for _, r in rs_rows if r for e in r["taus"]}, key=int)
+        if not epochs:
+            continue
+        any_rows = True
+        lines += [f"Fisher passes on {what}:", "",
+                  "| task | " + " | ".join(f"tau @ epoch {e}" for e in epochs) + " |", "|" + "---|" * (len(epochs) + 1)]
         for t, r in rs_rows:
             if r is None:
                 continue
@@ -427,7 +435,8 @@ def render_table(agg: Mapping[str, Any], tasks: Sequence[str], names: Sequence[s
                     cell += f" [{statistics.fmean(r['deviations'][e]):.2f}]"
                 cells.append(cell)
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    else:
+        lines.append("")
+    if not any_rows:
         lines.append("(no full fine-tuning run with --rank-epochs yet)")
     lines += ["", f"## Verdict: Fisher-selected blocks vs position- and random-selected ones", "",
               f"Computed from the runs above. Welch: two-sided Welch t-test on the per-seed metrics; paired: the "
@@ -482,6 +491,7 @@ class Job:
     max_length: int = 0
     epochs: int = 0
     rank_epochs: list[int] = field(default_factory=list)
+    rank_split: str = ""  # of the rank-stability passes ("" when none)
 
     @property
     def key(self) -> str:
@@ -539,9 +549,10 @@ def plan_jobs(args: argparse.Namespace, out: Path, tasks: Sequence[str], seeds: 
                     deps.append(score_key)
                 rank = rank_epochs_for(epochs, args.rank_epochs) if name == "full" else []
                 if rank:
-                    cmd += ["--rank-epochs", ",".join(map(str, rank)), "--rank-examples", str(args.rank_examples)]
+                    cmd += ["--rank-epochs", ",".join(map(str, rank)), "--rank-examples", str(args.rank_examples),
+                            "--rank-split", args.rank_split]
                 jobs.append(Job("train", task, seed, name, rdir, cmd, deps, strategy, tuner, lr, n_train or None, ml,
-                                epochs, rank))
+                                epochs, rank, args.rank_split if rank else ""))
     return jobs
 
 
@@ -551,6 +562,8 @@ def settings_mismatch(job: Job, results: Mapping[str, Any]) -> list[str]:
     want = {"strategy": job.strategy, "tuner": job.tuner, "epochs": job.epochs, "seed": job.seed,
             "max_length": job.max_length, "train_examples": job.train_examples}
     bad = [f"{k} {got.get(k)!r} != {v!r}" for k, v in want.items() if got.get(k) != v]
+    if job.rank_split and got.get("rank_split", "train") != job.rank_split:  # runs from before --rank-split: train
+        bad.append(f"rank_split {got.get('rank_split', 'train')!r} != {job.rank_split!r}")
     if got.get("lr") is not None and not math.isclose(float(got["lr"]), job.lr, rel_tol=1e-9):
         bad.append(f"lr {got['lr']!r} != {job.lr!r}")
     return bad
@@ -765,13 +778,13 @@ def gather_refs(dirs: Sequence[Path], model: str, data_dir: str) -> tuple[list[d
                 continue
             name = path.parent.name if path.parent.name in known else _name_of(job.get("strategy", ""), job.get("tuner", "full"))
             toks = task_tokens(model, job["task"], data_dir, job["max_length"], job["batch_size"])
-            rank = (res.get("callbacks") or {}).get("rank_stability")
+            passes = sum(len(((res.get("callbacks") or {}).get(c) or {}).get("epochs", {})) for c in RANK_RECORDS)
             train_refs.append({
                 "task": job["task"], "name": name, "num_train": res["num_train"], "num_eval": res["num_eval"],
                 "epochs": len(hist), "tok_train": toks["tok_train"], "tok_eval": toks["tok_eval"],
                 "train_s": sum(h["train_seconds"] for h in hist), "eval_s": sum(h["eval_seconds"] for h in hist),
                 "cache_s": (res.get("cache") or {}).get("seconds", 0.0), "wall_s": _read_wall(path.parent / "wall.json"),
-                "rank_passes": len(rank["epochs"]) if rank else 0, "rank_examples": min(job.get("rank_examples", 0), res["num_train"]) if rank else 0,
+                "rank_passes": passes, "rank_examples": min(job.get("rank_examples", 0), res["num_train"]) if passes else 0,
             })
         for path in sorted(d.rglob("score_wall.json")):
             if path.resolve() in seen:
@@ -809,7 +822,7 @@ def dry_run(jobs: Sequence[Job], args: argparse.Namespace, cost_dirs: Sequence[P
             sec, src = estimate_score(j.task, args.score_examples, toks["tok_score"], score_refs, costs)
         else:
             n_train = j.train_examples or toks["n_train_all"]
-            passes = len(j.rank_epochs) + 1 if j.rank_epochs else 0
+            passes = (len(j.rank_epochs) + 1) * (2 if j.rank_split == "both" else 1) if j.rank_epochs else 0
             sec, src = estimate_train(j.name, j.task, n_train, toks["n_eval"], toks["tok_train"], toks["tok_eval"],
                                       j.epochs, passes, min(args.rank_examples, n_train), costs)
         durations[j.key], sources[j.key] = sec, src
@@ -970,7 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-size", type=int, default=256)
     p.add_argument("--rank-epochs", default="1,2,3", help="epochs at which the full run re-ranks the blocks by Fisher "
                    "(Kendall tau vs epoch 0); those above --epochs are dropped; empty: none")
-    p.add_argument("--rank-examples", type=int, default=256, help="training examples of each rank-stability Fisher pass")
+    p.add_argument("--rank-examples", type=int, default=256, help="examples of each rank-stability Fisher pass")
+    p.add_argument("--rank-split", choices=("train", "validation", "both"), default="both",
+                   help="examples of the rank-stability passes: training ones (fitted by the model), held-out ones, or both")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every subprocess")
     p.add_argument("--jobs", type=int, default=1, help="subprocesses at once (2 on this 2-core box)")
@@ -1001,6 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "lr": {"full": args.lr_full, "blocks": args.lr_blocks, "bitfit": args.lr_bitfit, "peft": args.lr_peft},
               "lora": [args.lora_r, args.lora_alpha], "adapter_size": args.adapter_size,
               "rank_epochs": rank_epochs_for(args.epochs, args.rank_epochs), "rank_examples": args.rank_examples,
+              "rank_split": args.rank_split,
               "device": args.device}
     jobs = plan_jobs(args, out, tasks, seeds, strategies)
 

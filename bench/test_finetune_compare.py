@@ -306,3 +306,17 @@ def test_score_mismatch(tmp_path):
     cfg = {"num_examples": 512, "seed": 2, "max_length": 128, "balanced": True, "task": "rte"}
     assert fc.score_mismatch(job, {"config": cfg}, 512) == []
     assert fc.score_mismatch(job, {"config": dict(cfg, num_examples=32)}, 512) == ["scores num_examples 32 != 512"]
+
+
+def test_held_out_rank_stability_is_recorded_and_rendered():
+    res = fake_results(0.9, "full", taus={"1": 0.8})
+    res["callbacks"]["rank_stability_heldout"] = {"epochs": {"0": {"ranking": [4, 5, 3, 2, 1, 0]}, "1": {
+        "ranking": [5, 4, 3, 2, 1, 0], "kendall_tau": 0.87, "mean_deviation": 0.33}}}
+    rec = fc.record_from_run(res, fake_plan(range(6)), 1.0)
+    assert rec["rank_taus"] == {"1": 0.8} and rec["rank_taus_heldout"] == {"1": 0.87}
+    assert rec["rankings_heldout"]["1"] == [5, 4, 3, 2, 1, 0]
+    agg = {"runs": {"sst2": {"full": {"0": rec}}}}
+    assert fc.rank_stability(agg, "sst2", suffix="_heldout")["taus"] == {"1": [0.87]}
+    md = fc.render_table(agg, ["sst2"], ["full"])
+    assert "Fisher passes on training examples" in md and "Fisher passes on held-out validation examples" in md
+    assert "0.870" in md

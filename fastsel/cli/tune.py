@@ -124,6 +124,9 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
                    help="train on cached outputs of a frozen bottom (auto: when the plan allows it)")
     p.add_argument("--rank-epochs", default="", help="comma-separated epochs at which to re-rank layers by Fisher")
     p.add_argument("--rank-examples", type=int, default=256)
+    p.add_argument("--rank-split", choices=("train", "validation", "both"), default="train",
+                   help="examples of the --rank-epochs Fisher passes: training ones, held-out validation ones, or both "
+                        "(reported as rank_stability and rank_stability_heldout)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (always at each epoch end) to OUT/train-state.pt")
@@ -153,7 +156,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         max_length=args.max_length, train_examples=args.train_examples, eval_examples=args.eval_examples,
         seed=args.seed, device=args.device, cache_prefix=args.cache_prefix,
         rank_epochs=_epochs(args.rank_epochs),
-        rank_examples=args.rank_examples, progress=not args.no_progress,
+        rank_examples=args.rank_examples, rank_split=args.rank_split, progress=not args.no_progress,
         checkpoint_every=args.checkpoint_every, resume=args.resume,
     )
     results = run_finetune(job)

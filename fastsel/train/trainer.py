@@ -628,10 +628,10 @@ class RankStability:
     "mean_deviation", "max_deviation", "kendall_tau"}}}.
     """
 
-    name = "rank_stability"
-
     def __init__(self, features: Sequence[dict], tokenizer: Any, epochs: Sequence[int] = (0,), *, batch_size: int = 16,
-                 mode: str = "empirical", seed: int = 0, device: str = "cpu", progress: bool = False) -> None:
+                 mode: str = "empirical", seed: int = 0, device: str = "cpu", progress: bool = False,
+                 name: str = "rank_stability") -> None:
+        self.name = name  # the key of this callback's report in results.json
         if 0 not in epochs:
             epochs = (0, *epochs)
         self.features, self.epochs = list(features), sorted(set(int(e) for e in epochs))
@@ -721,12 +721,15 @@ class FinetuneJob:
     cache_prefix: str = "auto"
     rank_epochs: tuple[int, ...] = ()
     rank_examples: int = 256
+    rank_split: str = "train"  # examples of the rank-stability passes: train, validation or both
     progress: bool = True
     checkpoint_every: int = 0  # optimizer steps between training checkpoints (0: every epoch end)
     resume: bool = False  # continue from <out>/train-state.pt
 
 
 TRAIN_STATE = "train-state.pt"
+RANK_SPLITS = {"train": ("train",), "validation": ("validation",), "both": ("train", "validation")}
+RANK_CALLBACK_NAMES = {"train": "rank_stability", "validation": "rank_stability_heldout"}
 
 
 def _score_for(job: FinetuneJob, metric: str, model, tokenizer, layer_map, train_features, out: Path):
@@ -778,6 +781,8 @@ def _plot_curves(result: TrainResult, path: Path, title: str) -> None:
 
 def run_finetune(job: FinetuneJob) -> dict[str, Any]:
     """Load data and model, build or read the plan (scoring first if needed), train, save; returns results."""
+    if job.rank_split not in RANK_SPLITS:
+        raise ValueError(f"fastsel: --rank-split must be one of {sorted(RANK_SPLITS)}, got {job.rank_split!r}")
     for flag, value in (("--train-examples", job.train_examples), ("--eval-examples", job.eval_examples)):
         if value is not None and value < 1:
             raise ValueError(f"fastsel: {flag} must be >= 1 (leave it out for all the examples), got {value}")
@@ -816,8 +821,12 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
 
     callbacks: list[EpochCallback] = []
     if job.rank_epochs:
-        callbacks.append(RankStability(train_features[: job.rank_examples], tokenizer, job.rank_epochs, seed=job.seed,
-                                       device=job.device, progress=job.progress))
+        # Training examples are the ones the model fits, so their gradients shrink as it trains; the held-out
+        # (validation) passes measure the ranking on data the model never saw.
+        for split in RANK_SPLITS[job.rank_split]:
+            feats = train_features if split == "train" else eval_features
+            callbacks.append(RankStability(feats[: job.rank_examples], tokenizer, job.rank_epochs, seed=job.seed,
+                                           device=job.device, progress=job.progress, name=RANK_CALLBACK_NAMES[split]))
     result = train_model(model, plan, train_features, eval_features, spec, tokenizer, cfg, callbacks=callbacks)
     save_trained(model, plan, out, base_model=job.model, num_labels=num_labels, seed=job.seed)
     results = {

@@ -14,12 +14,14 @@ from fastsel.hf.layer_map import map_layers
 from fastsel.plans.plan import LoraSpec
 from fastsel.plans.strategies import build_plan
 from fastsel.train.trainer import (
+    FinetuneJob,
     PrefixCache,
     RankStability,
     TrainConfig,
     cacheable_prefix,
     evaluate,
     load_trained,
+    run_finetune,
     save_trained,
     train_model,
     trainer_callback,
@@ -159,7 +161,9 @@ def test_evaluate_reports_the_models_predictions():
 
 
 @pytest.fixture
-def tiny_dir(tmp_path, tiny_tokenizer):
+def tiny_vocab_dir(tmp_path, tiny_tokenizer):
+    """A 4-layer tiny BERT of the tests' 64-word vocabulary (tests.tiny_models), saved with MiniLM's tokenizer:
+    for save/load round trips only (the tokenizer's ids exceed its vocabulary); runs on real text use tiny_dir."""
     path = tmp_path / "base"
     tiny_model("bert", num_layers=4, seed=7).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
@@ -167,15 +171,15 @@ def tiny_dir(tmp_path, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("strategy,tuner", [("spafit-0-1-ii", "full"), ("layers-1-2-2", "adapter"), ("middle-1-trunc", "full")])
-def test_save_load_round_trip_gives_identical_predictions(tmp_path, tiny_dir, strategy, tuner):
+def test_save_load_round_trip_gives_identical_predictions(tmp_path, tiny_vocab_dir, strategy, tuner):
     from fastsel.hf.loading import load_model
 
-    model, _, lm = load_model(str(tiny_dir), num_labels=2, seed=3)
+    model, _, lm = load_model(str(tiny_vocab_dir), num_labels=2, seed=3)
     plan = with_counts(build_plan(strategy, 4, tuner=tuner, lora=LoraSpec(r=2, alpha=4), adapter_size=3), model)
     apply_plan(model, plan)
     train_model(model, plan, features(24), features(8, seed=4), "sst2", TOK,
                 TrainConfig(epochs=1, lr=1e-2, batch_size=8, progress=False))
-    run = save_trained(model, plan, tmp_path / "run", base_model=str(tiny_dir), num_labels=2, seed=3)
+    run = save_trained(model, plan, tmp_path / "run", base_model=str(tiny_vocab_dir), num_labels=2, seed=3)
     from safetensors.torch import load_file
 
     saved = load_file(str(run / "trained.safetensors"))
@@ -396,3 +400,40 @@ def test_finetune_zero_examples_is_one_line(tmp_path, tiny_dir, data_dir, capsys
                      flag, "0", "--no-progress", "--out", str(tmp_path / "run")])
         err = capsys.readouterr().err
         assert code == 2 and f"{flag} must be >= 1" in err and "Traceback" not in err
+
+
+def test_finetune_rank_split_both_measures_held_out_examples(tmp_path, tiny_dir, data_dir):
+    from fastsel.cli.app import main
+    from fastsel.data.tasks import get_task, load_examples, tokenize_examples
+    from fastsel.hf.loading import load_model
+    from fastsel.scores.fisher import fisher_layer_scores
+
+    out = tmp_path / "run"
+    code = main(["finetune", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir), "--strategy", "full",
+                 "--train-examples", "16", "--eval-examples", "12", "--epochs", "1", "--batch-size", "8", "--max-length", "24",
+                 "--rank-epochs", "1", "--rank-examples", "8", "--rank-split", "both", "--no-progress", "--out", str(out)])
+    assert code == 0
+    cbs = json.loads((out / "results.json").read_text())["callbacks"]
+    assert set(cbs) == {"rank_stability", "rank_stability_heldout"}
+    for rep in cbs.values():
+        assert set(rep["epochs"]) == {"0", "1"} and "kendall_tau" in rep["epochs"]["1"]
+    # epoch 0 of the held-out passes: the Fisher scores of the fresh model on the first 8 validation examples
+    model, tok, _ = load_model(str(tiny_dir), num_labels=2, seed=0)
+    ev = tokenize_examples(load_examples(get_task("sst2"), str(data_dir), "validation", num_examples=12, seed=0), tok, 24)
+    scores, _ = fisher_layer_scores(model, [PadCollator(tok)(ev[:8])], progress=False)
+    torch.testing.assert_close(torch.tensor(cbs["rank_stability_heldout"]["epochs"]["0"]["scores"]),
+                               torch.tensor([s.score for s in scores.layers]), rtol=1e-4, atol=1e-12)
+    assert cbs["rank_stability_heldout"]["epochs"]["0"]["scores"] != cbs["rank_stability"]["epochs"]["0"]["scores"]
+
+
+def test_finetune_rank_split_bad_value_is_one_line(tmp_path, tiny_dir, data_dir, capsys):
+    from fastsel.cli.app import main
+
+    with pytest.raises(SystemExit) as exit_:  # argparse's choices
+        main(["finetune", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir), "--strategy", "full",
+              "--rank-split", "test", "--no-progress", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--rank-split" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="--rank-split must be one of"):  # the API checks it too
+        run_finetune(FinetuneJob(model=str(tiny_dir), task="sst2", out=str(tmp_path / "run"), strategy="full",
+                                 rank_split="test"))
