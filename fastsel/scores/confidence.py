@@ -8,8 +8,10 @@ today's accumulators and nothing per example is stored. From the groups:
 * the two halves A = groups {0..K/2-1} and B = the rest are independent samples of the data: the Kendall
   tau-b between their layer scores and the agreement |top_k(A) & top_k(B)| / k (k = 1..3);
 * the delete-one-group jackknife: theta_(g) = the score without group g, the jackknife standard error
-  se = sqrt((K-1)/K * sum_g (theta_(g) - mean_g theta_(g))^2), and the score interval theta +- 1.96 se
-  (theta: the score on all the data);
+  se = sqrt((K-1)/K * sum_g (theta_(g) - mean_g theta_(g))^2), and the score interval theta +- t se with t
+  the two-sided 95% quantile of Student's t with K-1 degrees of freedom (3.18 for K = 4: the jackknife
+  variance has K-1 of them, and the normal 1.96 covered 84% instead of 95% in docs/sample_size.md);
+  theta: the score on all the data;
 * the rank interval of layer l follows from the score intervals: its best possible rank is 1 + the number
   of layers whose interval lies entirely better than l's, its worst L - the number entirely worse.
 """
@@ -19,13 +21,21 @@ import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from scipy.stats import t as student_t
 
-__all__ = ["DEFAULT_GROUPS", "METHOD", "Z", "group_ids", "halves", "kendall_tau_b", "topk_agreement", "jackknife",
+__all__ = ["DEFAULT_GROUPS", "LEVEL", "METHOD", "group_ids", "interval_quantile", "halves", "kendall_tau_b", "topk_agreement", "jackknife",
            "rank_intervals", "ranking_confidence", "confidence_from_groups", "format_confidence"]
 
 DEFAULT_GROUPS = 4
 METHOD = "jackknife over K groups of examples"
-Z = 1.959963984540054  # two-sided 95% normal quantile
+LEVEL = 0.95  # two-sided coverage of the score intervals
+
+
+def interval_quantile(k: int) -> float:
+    """The two-sided LEVEL quantile of Student's t with K-1 degrees of freedom (K >= 2 groups)."""
+    if k < 2:
+        raise ValueError(f"fastsel: the jackknife needs at least 2 groups, got {k}")
+    return float(student_t.ppf(0.5 + LEVEL / 2, k - 1))
 
 
 def group_ids(index: Any, k: int) -> Any:
@@ -73,11 +83,12 @@ def topk_agreement(a: Sequence[float], b: Sequence[float], k: int, higher_is_bet
 
 
 def jackknife(full: Sequence[float], leave_out: Sequence[Sequence[float]]) -> list[tuple[float, float]]:
-    """Per layer (theta - z se, theta + z se) from the K delete-one-group scores leave_out[g][l]."""
+    """Per layer (theta - t se, theta + t se) from the K delete-one-group scores leave_out[g][l] (K, L)."""
     th = np.asarray(leave_out, dtype=np.float64)  # (K, L)
     k = th.shape[0]
     se = np.sqrt((k - 1) / k * ((th - th.mean(0)) ** 2).sum(0))
-    return [(float(f - Z * s), float(f + Z * s)) for f, s in zip(full, se)]
+    q = interval_quantile(k)
+    return [(float(f - q * s), float(f + q * s)) for f, s in zip(full, se)]
 
 
 def rank_intervals(intervals: Sequence[tuple[float, float]], higher_is_better: bool) -> list[tuple[int, int]]:
@@ -109,7 +120,8 @@ def ranking_confidence(full: Sequence[float], half_a: Sequence[float], half_b: S
         "halves": [halves(k)[0], halves(k)[1]],
         "kendall_tau_halves": None if math.isnan(tau) else tau,
         "topk_agreement_halves": {str(t): topk_agreement(half_a, half_b, t, higher_is_better) for t in (1, 2, 3) if t <= len(full)},
-        "interval": "score +- 1.96 jackknife standard errors; rank interval: ranks consistent with the score intervals",
+        "interval": (f"score +- t(0.975, {k - 1} dof) = {interval_quantile(k):.3f} jackknife standard errors; "
+                     "rank interval: ranks consistent with the score intervals"),
         "layers": [{"layer": l, "score_interval": [lo, hi], "rank_interval": [r0, r1]}
                    for l, ((lo, hi), (r0, r1)) in enumerate(zip(score_iv, rank_iv))],
     }

@@ -8,7 +8,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 
 from fastsel.cli.app import main
 from fastsel.pipeline.checkpoint import load_checkpoint, rank_file
+from tests.dist_helpers import free_port
 
 FAULTS = {"injected": 0}
 
@@ -30,12 +30,6 @@ def _args(tiny_dir, data_dir, *extra, n=400):
 
 def _errors(stderr: str) -> list[str]:
     return [l for l in stderr.splitlines() if l.startswith("error:")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- a rank killed mid-pass ------------------------------------------------------------------------------
@@ -52,7 +46,7 @@ def test_killed_rank_makes_the_other_stop_with_a_clear_error(tmp_path, tiny_dir,
     ckdir, out = tmp_path / "ckpt", tmp_path / "s.json"
     argv = _args(tiny_dir, data_dir, "--checkpoint", str(ckdir), "--checkpoint-every", "8", "--dist-timeout", "60",
                  "--out", str(out))
-    port = _free_port()
+    port = free_port()
     procs = [_launch(argv, env, r, 2, port) for r in range(2)]
     victim = rank_file(ckdir, 1, 2)
     try:
@@ -79,7 +73,7 @@ def test_killed_rank_makes_the_other_stop_with_a_clear_error(tmp_path, tiny_dir,
     for r in range(2):
         state = torch.load(rank_file(ckdir, r, 2), weights_only=False)
         assert load_checkpoint(rank_file(ckdir, r, 2), state["settings"])["cursor"] >= 1
-    port = _free_port()
+    port = free_port()
     procs = [_launch(argv + ["--resume"], env, r, 2, port) for r in range(2)]
     try:
         outs = [p.communicate(timeout=300) for p in procs]
@@ -97,7 +91,7 @@ def test_stopped_rank_times_out_instead_of_hanging(tmp_path, tiny_dir, data_dir,
     ckdir = tmp_path / "ckpt"
     argv = _args(tiny_dir, data_dir, "--dist-timeout", "5", "--checkpoint", str(ckdir), "--checkpoint-every", "8",
                  "--out", str(tmp_path / "s.json"), n=200)
-    port = _free_port()
+    port = free_port()
     procs = [_launch(argv, env, r, 2, port) for r in range(2)]
     try:
         deadline = time.monotonic() + 300

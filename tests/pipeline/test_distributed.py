@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +17,10 @@ import torch.multiprocessing as mp
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.outputs import output_path
 from fastsel.pipeline.streamed import run_pipeline
+from tests.dist_helpers import assert_scores_close, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 N = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(tiny_dir, data_dir, metric="fisher,variability"):
@@ -43,23 +37,6 @@ def _worker(rank: int, world: int, port: int, cfg_json: str, pcfg_json: str, out
     assert scores["fisher"].num_examples == N  # every rank holds the reduced result
 
 
-def _close(a: dict, b: dict, rtol: float = 1e-5) -> None:
-    assert a["ranking"] == b["ranking"] and a["num_examples"] == b["num_examples"]
-    for x, y in zip(a["layers"], b["layers"]):
-        torch.testing.assert_close(torch.tensor([x["score"], x.get("trace", 0.0)], dtype=torch.float64),
-                                   torch.tensor([y["score"], y.get("trace", 0.0)], dtype=torch.float64), rtol=rtol, atol=0)
-    for g in a["extra"]:
-        torch.testing.assert_close(a["extra"][g]["score"], b["extra"][g]["score"], rtol=rtol, atol=0)
-    # ranking confidence: per-group accumulators summed / merged exactly over the ranks
-    ca, cb = a["ranking_confidence"], b["ranking_confidence"]
-    assert ca["groups"] == cb["groups"] and ca["topk_agreement_halves"] == cb["topk_agreement_halves"]
-    assert ca["kendall_tau_halves"] == pytest.approx(cb["kendall_tau_halves"], abs=1e-9)
-    assert [x["rank_interval"] for x in ca["layers"]] == [x["rank_interval"] for x in cb["layers"]]
-    torch.testing.assert_close(torch.tensor([x["score_interval"] for x in ca["layers"]], dtype=torch.float64),
-                               torch.tensor([x["score_interval"] for x in cb["layers"]], dtype=torch.float64),
-                               rtol=1e-4, atol=1e-12)
-
-
 @pytest.mark.parametrize("max_tokens", [None, 120])
 def test_two_gloo_processes_equal_one(tmp_path, tiny_dir, data_dir, monkeypatch, max_tokens):
     cache = str(tmp_path / "cache")
@@ -69,12 +46,12 @@ def test_two_gloo_processes_equal_one(tmp_path, tiny_dir, data_dir, monkeypatch,
     one = tmp_path / "one.json"
     run_pipeline(cfg, PipelineConfig(max_tokens=max_tokens), out=one, progress=False)
     two = tmp_path / "two.json"
-    mp.spawn(_worker, args=(2, _free_port(), cfg.to_json(), pcfg.to_json(), str(two), cache), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), cfg.to_json(), pcfg.to_json(), str(two), cache), nprocs=2, join=True)
     for metric in ("fisher", "variability"):
         a = json.loads(output_path(one, metric, 2).read_text())
         b = json.loads(output_path(two, metric, 2).read_text())
         assert b["pipeline"]["world_size"] == 2
-        _close(a, b)
+        assert_scores_close(a, b)
     # one checkpoint file per rank, each covering its own shard
     files = sorted(p.name for p in (tmp_path / "ck2").iterdir())
     assert files == ["rank0-of-2.pt", "rank1-of-2.pt"]
@@ -91,8 +68,8 @@ def test_torchrun_cli_equals_single_process(tmp_path, tiny_dir, data_dir):
             "--num-examples", str(N), "--max-tokens", "200", "--max-length", "40", "--fisher", "sampled", "--no-progress"]
     subprocess.run([sys.executable, "-m", "fastsel", *args, "--out", str(tmp_path / "one.json")], env=env, check=True,
                    capture_output=True)
-    run = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "fastsel", *args,
+    run = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "fastsel", *args,
                           "--out", str(tmp_path / "two.json")], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("ranking (best first)") == 1  # rank 0 alone prints and writes
-    _close(json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text()))
+    assert_scores_close(json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text()))

@@ -20,8 +20,8 @@ from fastsel.pipeline.drivers.fisher import FisherConsumer
 from fastsel.pipeline.drivers.variability import VariabilityConsumer
 from fastsel.pipeline.streamed import run_pass
 from fastsel.scores.confidence import (
-    Z,
     confidence_from_groups,
+    interval_quantile,
     jackknife,
     kendall_tau_b,
     rank_intervals,
@@ -29,8 +29,19 @@ from fastsel.scores.confidence import (
     topk_agreement,
 )
 from fastsel.scores.variability import merge_class_stats, variability_ratio
+from tests.dist_helpers import assert_scores_close, free_port
 
 N = 80
+
+T3 = 3.182446305284263  # Student's t, 97.5% quantile, 3 degrees of freedom (tables): the interval factor for K = 4
+
+
+def test_interval_quantile_is_students_t_with_k_minus_1_dof():
+    assert interval_quantile(4) == pytest.approx(T3, rel=1e-12)
+    assert interval_quantile(2) == pytest.approx(12.706204736174707, rel=1e-12)
+    assert interval_quantile(10_000) == pytest.approx(1.959963984540054, rel=1e-3)  # -> the normal quantile
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        interval_quantile(1)
 
 
 def _setup(tiny_dir, data_dir, pcfg=None, **kw):
@@ -74,7 +85,7 @@ def test_tau_topk_jackknife_rank_intervals_against_numpy_scipy():
     full = rng.normal(size=L)
     se = np.sqrt((K - 1) / K * ((leave - leave.mean(0)) ** 2).sum(0))
     iv = jackknife(full, leave)
-    np.testing.assert_allclose(np.array(iv), np.stack([full - Z * se, full + Z * se], 1), rtol=1e-12)
+    np.testing.assert_allclose(np.array(iv), np.stack([full - T3 * se, full + T3 * se], 1), rtol=1e-12)
     # rank intervals: best = 1 + intervals entirely better, worst = L - intervals entirely worse
     ivs = [(0.0, 1.0), (0.5, 2.0), (3.0, 4.0), (3.5, 3.6), (-1.0, -0.5)]
     got = rank_intervals(ivs, higher_is_better=True)
@@ -155,8 +166,8 @@ def test_confidence_equals_numpy_on_the_group_statistics(tiny_dir, data_dir, cac
         se = np.sqrt(3 / 4 * ((leave - leave.mean(0)) ** 2).sum(0))
         full = np.array([l.score for l in res.layers])
         got = np.array([d["score_interval"] for d in conf["layers"]])
-        np.testing.assert_allclose(got[:, 0], full - Z * se, rtol=1e-6, atol=1e-12)
-        np.testing.assert_allclose(got[:, 1], full + Z * se, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(got[:, 0], full - T3 * se, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(got[:, 1], full + T3 * se, rtol=1e-6, atol=1e-12)
         ranks = [tuple(d["rank_interval"]) for d in conf["layers"]]
         assert ranks == rank_intervals([tuple(x) for x in got], hib)
         for (r0, r1), r in zip(ranks, [res.ranking.index(l) + 1 for l in range(L)]):
@@ -297,7 +308,6 @@ def _stable_worker(rank: int, world: int, port: int, cfg_json: str, pcfg_json: s
 def test_until_stable_two_gloo_processes_equal_one(tmp_path, tiny_dir, data_dir, monkeypatch):
     """Both ranks check at the same points on reduced statistics: same stop, same N, same confidence."""
     import torch.multiprocessing as mp
-    from test_distributed import _close, _free_port
 
     from fastsel.pipeline.outputs import output_path
     from fastsel.pipeline.streamed import run_pipeline
@@ -309,11 +319,11 @@ def test_until_stable_two_gloo_processes_equal_one(tmp_path, tiny_dir, data_dir,
     pcfg = PipelineConfig(until_stable=True, check_every=32, stable_tau=0.5)  # 4 batches per check: 2 per rank
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     run_pipeline(cfg, pcfg, out=one, progress=False)
-    mp.spawn(_stable_worker, args=(2, _free_port(), cfg.to_json(), pcfg.to_json(), str(two), cache), nprocs=2, join=True)
+    mp.spawn(_stable_worker, args=(2, free_port(), cfg.to_json(), pcfg.to_json(), str(two), cache), nprocs=2, join=True)
     for metric in ("fisher", "variability"):
         a = json.loads(output_path(one, metric, 2).read_text())
         b = json.loads(output_path(two, metric, 2).read_text())
         assert b["pipeline"]["world_size"] == 2 and a["until_stable"]["stable"]
         assert a["until_stable"]["examples_used"] == b["until_stable"]["examples_used"] == a["num_examples"] < 400
         assert [c[metric]["top3"] for c in a["until_stable"]["checks"]] == [c[metric]["top3"] for c in b["until_stable"]["checks"]]
-        _close(a, b)
+        assert_scores_close(a, b)
