@@ -94,9 +94,13 @@ def calibration(conf: dict, reference: list[float], ref_ranks: list[int]) -> dic
     if "unavailable" in conf:
         return {"unavailable": conf["unavailable"]}
     score_in = [lo <= r <= hi for r, d in zip(reference, conf["layers"]) for lo, hi in [d["score_interval"]]]
+    # the same interval moved by the jackknife bias estimate: does correcting the bias restore the coverage?
+    debiased_in = [lo - d["jackknife_bias"] <= r <= hi - d["jackknife_bias"]
+                   for r, d in zip(reference, conf["layers"]) for lo, hi in [d["score_interval"]]]
     rank_in = [r0 <= r <= r1 for r, d in zip(ref_ranks, conf["layers"]) for r0, r1 in [d["rank_interval"]]]
     return {"tau_halves": conf["kendall_tau_halves"], "top1_halves": conf["topk_agreement_halves"].get("1"),
-            "score_cover": float(np.mean(score_in)), "rank_cover": float(np.mean(rank_in)),
+            "score_cover": float(np.mean(score_in)), "score_cover_debiased": float(np.mean(debiased_in)),
+            "rank_cover": float(np.mean(rank_in)),
             "mean_rank_width": float(np.mean([d["rank_interval"][1] - d["rank_interval"][0] for d in conf["layers"]]))}
 
 
@@ -250,7 +254,8 @@ def calibration_table(results: dict) -> dict:
                     c = x["confidence"]
                     if "unavailable" in c or c["tau_halves"] is None or math.isnan(x["vs_reference"]["tau"]):
                         continue
-                    row = (c["tau_halves"], x["vs_reference"]["tau"], c["score_cover"], c["rank_cover"], x["vs_reference"]["top1"])
+                    row = (c["tau_halves"], x["vs_reference"]["tau"], c["score_cover"], c["rank_cover"], x["vs_reference"]["top1"],
+                           c.get("score_cover_debiased", math.nan))  # nan: results from before the bias estimate
                     pairs["all"].append(row)
                     pairs[metric.split("/")[0]].append(row)
     return {family: _calibration(rows) for family, rows in pairs.items() if rows}
@@ -266,10 +271,10 @@ def _calibration(pairs: list) -> dict:
             table.append({"tau_halves": [max(lo, -1.0), min(hi, 1.0)], "subsets": int(m.sum()),
                           "tau_reference_mean": float(a[m, 1].mean()), "tau_reference_p10": float(np.quantile(a[m, 1], 0.1)),
                           "top1_reference": float(a[m, 4].mean()), "score_cover": float(a[m, 2].mean()),
-                          "rank_cover": float(a[m, 3].mean())})
+                          "score_cover_debiased": float(a[m, 5].mean()), "rank_cover": float(a[m, 3].mean())})
     spearman = float(_spearman(a[:, 0], a[:, 1])) if len(set(a[:, 0])) > 1 and len(set(a[:, 1])) > 1 else None
     return {"subsets": len(a), "spearman_halves_vs_reference": spearman, "score_cover": float(a[:, 2].mean()),
-            "rank_cover": float(a[:, 3].mean()), "by_tau_halves": table}
+            "score_cover_debiased": float(a[:, 5].mean()), "rank_cover": float(a[:, 3].mean()), "by_tau_halves": table}
 
 
 def _spearman(x, y) -> float:

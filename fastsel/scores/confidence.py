@@ -11,7 +11,8 @@ today's accumulators and nothing per example is stored. From the groups:
   se = sqrt((K-1)/K * sum_g (theta_(g) - mean_g theta_(g))^2), and the score interval theta +- t se with t
   the two-sided 95% quantile of Student's t with K-1 degrees of freedom (3.18 for K = 4: the jackknife
   variance has K-1 of them, and the normal 1.96 covered 84% instead of 95% in docs/sample_size.md);
-  theta: the score on all the data;
+  theta: the score on all the data; and the jackknife bias estimate (K-1) (mean_g theta_(g) - theta), which
+  flags scores (the variability ratio from few examples) that sit off their large-sample value;
 * the rank interval of layer l follows from the score intervals: its best possible rank is 1 + the number
   of layers whose interval lies entirely better than l's, its worst L - the number entirely worse.
 """
@@ -23,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy.stats import t as student_t
 
-__all__ = ["DEFAULT_GROUPS", "LEVEL", "METHOD", "group_ids", "interval_quantile", "halves", "kendall_tau_b", "topk_agreement", "jackknife",
+__all__ = ["DEFAULT_GROUPS", "LEVEL", "METHOD", "group_ids", "interval_quantile", "jackknife_bias", "halves", "kendall_tau_b", "topk_agreement", "jackknife",
            "rank_intervals", "ranking_confidence", "confidence_from_groups", "format_confidence"]
 
 DEFAULT_GROUPS = 4
@@ -91,6 +92,13 @@ def jackknife(full: Sequence[float], leave_out: Sequence[Sequence[float]]) -> li
     return [(float(f - q * s), float(f + q * s)) for f, s in zip(full, se)]
 
 
+def jackknife_bias(full: Sequence[float], leave_out: Sequence[Sequence[float]]) -> list[float]:
+    """Per layer the jackknife bias estimate (K-1) (mean_g theta_(g) - theta) from leave_out (K, L)."""
+    th = np.asarray(leave_out, dtype=np.float64)
+    k = th.shape[0]
+    return [float((k - 1) * (m - f)) for f, m in zip(full, th.mean(0))]
+
+
 def rank_intervals(intervals: Sequence[tuple[float, float]], higher_is_better: bool) -> list[tuple[int, int]]:
     """Best and worst rank (1 = best) of each layer consistent with the score intervals."""
     L = len(intervals)
@@ -112,6 +120,7 @@ def ranking_confidence(full: Sequence[float], half_a: Sequence[float], half_b: S
     without each group."""
     k = len(leave_out)
     score_iv = jackknife(full, leave_out)
+    bias = jackknife_bias(full, leave_out)
     rank_iv = rank_intervals(score_iv, higher_is_better)
     tau = kendall_tau_b(half_a, half_b)
     return {
@@ -122,8 +131,8 @@ def ranking_confidence(full: Sequence[float], half_a: Sequence[float], half_b: S
         "topk_agreement_halves": {str(t): topk_agreement(half_a, half_b, t, higher_is_better) for t in (1, 2, 3) if t <= len(full)},
         "interval": (f"score +- t(0.975, {k - 1} dof) = {interval_quantile(k):.3f} jackknife standard errors; "
                      "rank interval: ranks consistent with the score intervals"),
-        "layers": [{"layer": l, "score_interval": [lo, hi], "rank_interval": [r0, r1]}
-                   for l, ((lo, hi), (r0, r1)) in enumerate(zip(score_iv, rank_iv))],
+        "layers": [{"layer": l, "score_interval": [lo, hi], "rank_interval": [r0, r1], "jackknife_bias": b}
+                   for l, ((lo, hi), (r0, r1), b) in enumerate(zip(score_iv, rank_iv, bias))],
     }
 
 

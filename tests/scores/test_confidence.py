@@ -22,6 +22,7 @@ from fastsel.pipeline.streamed import run_pass
 from fastsel.scores.confidence import (
     confidence_from_groups,
     interval_quantile,
+    jackknife_bias,
     jackknife,
     kendall_tau_b,
     rank_intervals,
@@ -86,6 +87,12 @@ def test_tau_topk_jackknife_rank_intervals_against_numpy_scipy():
     se = np.sqrt((K - 1) / K * ((leave - leave.mean(0)) ** 2).sum(0))
     iv = jackknife(full, leave)
     np.testing.assert_allclose(np.array(iv), np.stack([full - T3 * se, full + T3 * se], 1), rtol=1e-12)
+    # jackknife bias: with one example per group, the plug-in variance corrected by it is the unbiased variance
+    x = rng.normal(size=(6, 3))
+    plug_in = lambda v: v.var(0, ddof=0)  # noqa: E731
+    leave_one = np.stack([plug_in(np.delete(x, g, 0)) for g in range(6)])
+    corrected = plug_in(x) - np.array(jackknife_bias(plug_in(x), leave_one))
+    np.testing.assert_allclose(corrected, x.var(0, ddof=1), rtol=1e-12)
     # rank intervals: best = 1 + intervals entirely better, worst = L - intervals entirely worse
     ivs = [(0.0, 1.0), (0.5, 2.0), (3.0, 4.0), (3.5, 3.6), (-1.0, -0.5)]
     got = rank_intervals(ivs, higher_is_better=True)
@@ -168,6 +175,8 @@ def test_confidence_equals_numpy_on_the_group_statistics(tiny_dir, data_dir, cac
         got = np.array([d["score_interval"] for d in conf["layers"]])
         np.testing.assert_allclose(got[:, 0], full - T3 * se, rtol=1e-6, atol=1e-12)
         np.testing.assert_allclose(got[:, 1], full + T3 * se, rtol=1e-6, atol=1e-12)
+        bias = np.array([d["jackknife_bias"] for d in conf["layers"]])
+        np.testing.assert_allclose(bias, 3 * (leave.mean(0) - full), rtol=1e-5, atol=1e-10)
         ranks = [tuple(d["rank_interval"]) for d in conf["layers"]]
         assert ranks == rank_intervals([tuple(x) for x in got], hib)
         for (r0, r1), r in zip(ranks, [res.ranking.index(l) + 1 for l in range(L)]):
