@@ -391,27 +391,9 @@ def _p(p: float | None) -> str:
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
-def render_table(agg: Mapping[str, Any], tasks: Sequence[str], names: Sequence[str], alpha: float = ALPHA) -> str:
-    cfg = agg.get("config", {})
-    lines = ["# Fine-tuning strategies on MiniLM: mean ± std over seeds", ""]
-    if cfg:
-        lines += ["Settings: " + ", ".join(f"{k} {v}" for k, v in cfg.items()), ""]
-    lines += ["Metric: the task's main metric at the best epoch (accuracy; F1 for MRPC; MCC for CoLA), mean ± sample std "
-              "over seeds (n = seeds); other metrics: mean. Blocks: the tuned blocks (0-based) and in how many seeds. "
-              "s/epoch: mean training time per epoch (evaluation excluded); cache s: one-off frozen-prefix cache; "
-              "peak MB: max over seeds of the run's peak memory.", ""]
-    head = "| task | strategy | metric | mean ± std (n) | other metrics | blocks (seeds) | trainable params | s / epoch | cache s | peak MB |"
-    lines += [head, "|" + "---|" * 10]
-    for task in tasks:
-        for name in names:
-            s = summarize(agg, task, name)
-            if s is None:
-                continue
-            others = ", ".join(f"{k} {m:.3f}" for k, (m, _, _) in s["others"].items()) or "-"
-            blocks = "; ".join(f"{b} ({c})" for b, c in s["blocks"].items())
-            params = " / ".join(f"{p:,}" for p in s["params"])
-            lines.append(f"| {task} | {name} | {s['metric_name']} | {fmt_ms([v for v in seed_values(agg, task, name).values()])} | "
-                         f"{others} | {blocks} | {params} | {s['epoch_seconds']:.1f} | {s['cache_seconds']:.1f} | {s['peak_mb']:.0f} |")
+def rank_lines(agg: Mapping[str, Any], tasks: Sequence[str]) -> list[str]:
+    """The markdown section on rank stability (training and held-out passes) of the full runs."""
+    lines: list[str] = []
     lines += ["", "## Rank stability of the Fisher ranking during full fine-tuning (Lodha et al. sec. 4)", "",
               "Kendall tau between the Fisher ranking of the blocks after epoch e and before training (epoch 0), "
               "mean ± std over seeds; in brackets the mean |rank_e - rank_0| per block. Measured on training examples "
@@ -438,6 +420,12 @@ def render_table(agg: Mapping[str, Any], tasks: Sequence[str], names: Sequence[s
         lines.append("")
     if not any_rows:
         lines.append("(no full fine-tuning run with --rank-epochs yet)")
+    return lines
+
+
+def verdict_lines(agg: Mapping[str, Any], tasks: Sequence[str], alpha: float = ALPHA) -> list[str]:
+    """The markdown section with the verdict table and its one-line summary."""
+    lines: list[str] = []
     lines += ["", f"## Verdict: Fisher-selected blocks vs position- and random-selected ones", "",
               f"Computed from the runs above. Welch: two-sided Welch t-test on the per-seed metrics; paired: the "
               f"same seeds (same training subset, same head init), mean difference, fisher wins/ties/losses and a "
@@ -464,9 +452,69 @@ def render_table(agg: Mapping[str, Any], tasks: Sequence[str], names: Sequence[s
                   + (f", untested (n < 2) in {len(untested)}" if untested else "") + "."]
     else:
         lines.append("(no pair of fisher-top-k and position-top-k / random-k runs yet)")
+    return lines
+
+
+def render_table(agg: Mapping[str, Any], tasks: Sequence[str], names: Sequence[str], alpha: float = ALPHA) -> str:
+    cfg = agg.get("config", {})
+    lines = ["# Fine-tuning strategies on MiniLM: mean ± std over seeds", ""]
+    if cfg:
+        lines += ["Settings: " + ", ".join(f"{k} {v}" for k, v in cfg.items()), ""]
+    lines += ["Metric: the task's main metric at the best epoch (accuracy; F1 for MRPC; MCC for CoLA), mean ± sample std "
+              "over seeds (n = seeds); other metrics: mean. Blocks: the tuned blocks (0-based) and in how many seeds. "
+              "s/epoch: mean training time per epoch (evaluation excluded); cache s: one-off frozen-prefix cache; "
+              "peak MB: max over seeds of the run's peak memory.", ""]
+    head = "| task | strategy | metric | mean ± std (n) | other metrics | blocks (seeds) | trainable params | s / epoch | cache s | peak MB |"
+    lines += [head, "|" + "---|" * 10]
+    for task in tasks:
+        for name in names:
+            s = summarize(agg, task, name)
+            if s is None:
+                continue
+            others = ", ".join(f"{k} {m:.3f}" for k, (m, _, _) in s["others"].items()) or "-"
+            blocks = "; ".join(f"{b} ({c})" for b, c in s["blocks"].items())
+            params = " / ".join(f"{p:,}" for p in s["params"])
+            lines.append(f"| {task} | {name} | {s['metric_name']} | {fmt_ms([v for v in seed_values(agg, task, name).values()])} | "
+                         f"{others} | {blocks} | {params} | {s['epoch_seconds']:.1f} | {s['cache_seconds']:.1f} | {s['peak_mb']:.0f} |")
+    lines += rank_lines(agg, tasks)
+    lines += verdict_lines(agg, tasks, alpha)
     failed = agg.get("failed") or []
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- {f['task']} seed {f['seed']} {f['name']}: {f['error']}" for f in failed]
+    return "\n".join(lines) + "\n"
+
+
+def merge_results(aggs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several studies' results.json in one: runs and scores by task (a later file wins a (task, name, seed) it
+    shares with an earlier one), configs kept per task, failed runs concatenated."""
+    merged: dict[str, Any] = {"configs": {}, "runs": {}, "scores": {}, "failed": []}
+    for agg in aggs:
+        for task, by_name in agg.get("runs", {}).items():
+            merged["configs"][task] = agg.get("config", {})
+            for name, by_seed in by_name.items():
+                merged["runs"].setdefault(task, {}).setdefault(name, {}).update(by_seed)
+        for task, by_seed in agg.get("scores", {}).items():
+            merged["scores"].setdefault(task, {}).update(by_seed)
+        merged["failed"] += list(agg.get("failed") or [])
+    return merged
+
+
+def render_summary(agg: Mapping[str, Any], tasks: Sequence[str], names: Sequence[str], alpha: float = ALPHA) -> str:
+    """One table across tasks (strategy x task, mean ± std over seeds), then rank stability and the verdict."""
+    tasks = [t for t in tasks if t in agg.get("runs", {})]
+    lines = ["# Fine-tuning strategies on MiniLM across tasks: mean ± std over seeds", ""]
+    for task in tasks:
+        cfg = agg.get("configs", {}).get(task, {})
+        if cfg:
+            lines.append(f"- {task}: " + ", ".join(f"{k} {v}" for k, v in cfg.items()))
+    metric = {t: next((r["metric_name"] for by_seed in agg["runs"][t].values() for r in by_seed.values()), "") for t in tasks}
+    lines += ["", "| strategy | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for name in names:
+        cells = [fmt_ms(list(seed_values(agg, t, name).values())) for t in tasks]
+        if any(c != "-" for c in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += rank_lines(agg, tasks)
+    lines += verdict_lines(agg, tasks, alpha)
     return "\n".join(lines) + "\n"
 
 
@@ -991,6 +1039,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="subprocesses at once (2 on this 2-core box)")
     p.add_argument("--keep-weights", action="store_true", help="keep each run's trained.safetensors")
     p.add_argument("--out", default="runs/compare-seeds")
+    p.add_argument("--summarize", default="", metavar="FILES",
+                   help="comma-separated results.json of finished studies: print one table across their tasks, the rank "
+                        "stability and the verdict; run nothing")
     p.add_argument("--dry-run", action="store_true", help="list the runs to do and estimate the wall time; run nothing")
     p.add_argument("--pilot", action="store_true", help="first measure every (task, strategy) once at a small budget "
                    "(first seed, --pilot-examples, 1 epoch) into OUT/pilot; then the study (or, with --dry-run, the estimate)")
@@ -1008,6 +1059,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     strategies = strategy_table(args.strategies.split(","))
     names = [s[0] for s in strategies]
+    if args.summarize:
+        aggs = [json.loads(Path(f).read_text()) for f in args.summarize.split(",") if f.strip()]
+        print(render_summary(merge_results(aggs), tasks, names), end="")
+        return 0
     out = Path(args.out)
     if args.epochs < 3 and "full" in names and args.rank_epochs:
         print(f"note: --epochs {args.epochs} < 3: rank stability only at epochs {rank_epochs_for(args.epochs, args.rank_epochs)}")

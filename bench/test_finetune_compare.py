@@ -320,3 +320,27 @@ def test_held_out_rank_stability_is_recorded_and_rendered():
     md = fc.render_table(agg, ["sst2"], ["full"])
     assert "Fisher passes on training examples" in md and "Fisher passes on held-out validation examples" in md
     assert "0.870" in md
+
+
+def test_summary_across_studies_merges_tasks_and_counts_verdicts(tmp_path, capsys):
+    sst2 = agg_of({"full": {0: 0.83, 1: 0.82}, "fisher-top-1": {0: 0.81, 1: 0.80}, "position-top-1": {0: 0.70, 1: 0.71}},
+                  {"fisher-top-1": [4], "position-top-1": [5]})
+    sst2["config"] = {"train_examples": {"*": 2000}}
+    cola = agg_of({"full": {0: 0.16, 1: 0.18}, "fisher-top-1": {0: 0.07, 1: 0.08}}, task="cola")
+    # a later study's seed 2 of sst2/full is merged into the first study's seeds
+    extra = agg_of({"full": {2: 0.84}})
+    merged = fc.merge_results([sst2, cola, extra])
+    assert sorted(merged["runs"]["sst2"]["full"]) == ["0", "1", "2"] and merged["configs"]["cola"] == {}
+    md = fc.render_summary(merged, ["sst2", "mrpc", "cola"], ["full", "fisher-top-1", "position-top-1", "bitfit"])
+    assert "| strategy | sst2 (accuracy) | cola (accuracy) |" in md  # mrpc: no runs, no column
+    assert "| full | 0.830 ± 0.010 (n=3) | 0.170 ± 0.014 (n=2) |" in md
+    assert "| position-top-1 | 0.705 ± 0.007 (n=2) | - |" in md and "| bitfit |" not in md
+    assert "sst2 | fisher-top-1 vs position-top-1" in md and "Summary: of 1 comparisons" in md
+    # the CLI reads the files and prints the same
+    paths = []
+    for i, agg in enumerate((sst2, cola, extra)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(agg))
+    assert fc.main(["--summarize", ",".join(map(str, paths)), "--tasks", "sst2,mrpc,cola",
+                    "--strategies", "full,fisher-top-1,position-top-1,bitfit"]) == 0
+    assert capsys.readouterr().out == md
