@@ -11,7 +11,7 @@ from fastsel.hf.loading import resolve_model_path
 from fastsel.plans.plan import LoraSpec, PlanError
 from fastsel.plans.strategies import TUNERS, build_plan, strategy_names
 from fastsel.scores.layer_scores import LayerScores
-from fastsel.train.trainer import FinetuneJob, run_finetune
+from fastsel.train.trainer import RANK_SPLITS, FinetuneJob, run_finetune
 from fastsel.tuners.apply import meta_model, with_counts
 
 __all__ = ["add_plan_command", "add_finetune_command", "load_config"]
@@ -124,7 +124,7 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
                    help="train on cached outputs of a frozen bottom (auto: when the plan allows it)")
     p.add_argument("--rank-epochs", default="", help="comma-separated epochs at which to re-rank layers by Fisher")
     p.add_argument("--rank-examples", type=int, default=256)
-    p.add_argument("--rank-split", choices=("train", "validation", "both"), default="train",
+    p.add_argument("--rank-split", choices=tuple(RANK_SPLITS), default="train",
                    help="examples of the --rank-epochs Fisher passes: training ones, held-out validation ones, or both "
                         "(reported as rank_stability and rank_stability_heldout)")
     p.add_argument("--no-progress", action="store_true")

@@ -24,8 +24,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy.stats import t as student_t
 
-__all__ = ["DEFAULT_GROUPS", "LEVEL", "METHOD", "group_ids", "interval_quantile", "jackknife_bias", "halves", "kendall_tau_b", "topk_agreement", "jackknife",
-           "rank_intervals", "ranking_confidence", "confidence_from_groups", "format_confidence"]
+__all__ = ["DEFAULT_GROUPS", "LEVEL", "METHOD", "group_ids", "halves", "kendall_tau_b", "topk_agreement",
+           "interval_quantile", "jackknife", "jackknife_bias", "rank_intervals", "ranking_confidence",
+           "confidence_from_groups", "format_confidence"]
 
 DEFAULT_GROUPS = 4
 METHOD = "jackknife over K groups of examples"

@@ -66,6 +66,8 @@ __all__ = [
     "RankStability",
     "trainer_callback",
     "FinetuneJob",
+    "RANK_SPLITS",
+    "RANK_CALLBACK_NAMES",
     "run_finetune",
     "peak_memory_mb",
 ]
