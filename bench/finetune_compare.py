@@ -499,6 +499,42 @@ def merge_results(aggs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def plot_summary(agg: Mapping[str, Any], tasks: Sequence[str], names: Sequence[str], path: str | Path) -> None:
+    """One panel per task: each strategy's mean metric over seeds with ± std error bars and the seeds as small
+    dots; full fine-tuning as a dashed line; fisher-top-k dark blue, position and random controls lighter blues."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in tasks if t in agg.get("runs", {})]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 0.28 * len(names) + 1.4), dpi=120, sharey=True)
+    axes = list(axes) if len(tasks) > 1 else [axes]
+    colour = {"fisher": "#1f4e79", "position": "#5b9bd5", "random": "#9dc3e6"}
+    for ax, task in zip(axes, tasks):
+        metric_name = ""
+        for y, name in enumerate(names):
+            values = list(seed_values(agg, task, name).values())
+            if not values:
+                continue
+            metric_name = next(iter(agg["runs"][task][name].values()))["metric_name"]
+            m, sd, _ = mean_std(values)
+            family = name.split("-")[0] if name.startswith(("fisher-top", "position-", "random-")) else "other"
+            ax.errorbar(m, y, xerr=sd or 0.0, fmt="o", ms=5, color=colour.get(family, "#7f7f7f"), lw=1.2, capsize=2)
+            ax.plot(values, [y] * len(values), ".", color="#404040", ms=2.5)
+            if name == "full":
+                ax.axvline(m, color="#c55a11", ls="--", lw=1)
+        ax.set_title(f"{task} ({metric_name})", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", lw=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    fig.suptitle("MiniLM, mean ± std over seeds (dots: seeds; dashed: full fine-tuning)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def render_summary(agg: Mapping[str, Any], tasks: Sequence[str], names: Sequence[str], alpha: float = ALPHA) -> str:
     """One table across tasks (strategy x task, mean ± std over seeds), then rank stability and the verdict."""
     tasks = [t for t in tasks if t in agg.get("runs", {})]
@@ -1042,6 +1078,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summarize", default="", metavar="FILES",
                    help="comma-separated results.json of finished studies: print one table across their tasks, the rank "
                         "stability and the verdict; run nothing")
+    p.add_argument("--plot", default="", metavar="PNG", help="with --summarize: also draw the table, one panel per task")
     p.add_argument("--dry-run", action="store_true", help="list the runs to do and estimate the wall time; run nothing")
     p.add_argument("--pilot", action="store_true", help="first measure every (task, strategy) once at a small budget "
                    "(first seed, --pilot-examples, 1 epoch) into OUT/pilot; then the study (or, with --dry-run, the estimate)")
@@ -1061,7 +1098,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [s[0] for s in strategies]
     if args.summarize:
         aggs = [json.loads(Path(f).read_text()) for f in args.summarize.split(",") if f.strip()]
-        print(render_summary(merge_results(aggs), tasks, names), end="")
+        merged = merge_results(aggs)
+        print(render_summary(merged, tasks, names), end="")
+        if args.plot:
+            plot_summary(merged, tasks, names, args.plot)
         return 0
     out = Path(args.out)
     if args.epochs < 3 and "full" in names and args.rank_epochs:

@@ -344,3 +344,11 @@ def test_summary_across_studies_merges_tasks_and_counts_verdicts(tmp_path, capsy
     assert fc.main(["--summarize", ",".join(map(str, paths)), "--tasks", "sst2,mrpc,cola",
                     "--strategies", "full,fisher-top-1,position-top-1,bitfit"]) == 0
     assert capsys.readouterr().out == md
+
+
+def test_summary_plot_is_written(tmp_path):
+    agg = fc.merge_results([agg_of({"full": {0: 0.83, 1: 0.82}, "fisher-top-1": {0: 0.81, 1: 0.80}}),
+                            agg_of({"full": {0: 0.16}}, task="cola")])
+    fc.plot_summary(agg, ["sst2", "cola"], ["full", "fisher-top-1"], tmp_path / "summary.png")
+    fc.plot_summary(agg, ["cola"], ["full", "fisher-top-1"], tmp_path / "one.png")  # one panel
+    assert (tmp_path / "summary.png").stat().st_size > 1000 and (tmp_path / "one.png").stat().st_size > 1000
