@@ -364,6 +364,35 @@ def verdicts(agg: Mapping[str, Any], tasks: Sequence[str], alpha: float = ALPHA)
     return out
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (ties dropped): P(|W - n/2| >= |wins - n/2|) for W ~ Binomial(n, 1/2)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def pooled_verdicts(comparisons: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per comparison kind (e.g. fisher-top-1 vs position-top-1), the paired seeds of every task pooled: wins,
+    ties, losses of the Fisher side and the sign test. Metrics differ across tasks (accuracy, F1, MCC), so only
+    the signs of the paired differences are pooled."""
+    kinds: dict[tuple[str, str], dict[str, Any]] = {}
+    for c in comparisons:
+        pr = c["paired"]
+        if not pr:
+            continue
+        k = kinds.setdefault((c["a"], c["b"]), {"a": c["a"], "b": c["b"], "tasks": [], "wins": 0, "ties": 0, "losses": 0})
+        k["tasks"].append(c["task"])
+        for f in ("wins", "ties", "losses"):
+            k[f] += pr[f]
+    out = []
+    for k in kinds.values():
+        k["p"] = sign_test(k["wins"], k["losses"])
+        out.append(k)
+    return out
+
+
 def rank_stability(agg: Mapping[str, Any], task: str, name: str = "full", suffix: str = "") -> dict[str, Any] | None:
     """Kendall taus and mean rank deviations per epoch over seeds; suffix "_heldout": the held-out passes."""
     runs = agg.get("runs", {}).get(task, {}).get(name, {})
@@ -450,6 +479,14 @@ def verdict_lines(agg: Mapping[str, Any], tasks: Sequence[str], alpha: float = A
                   (f" ({', '.join(c['task'] + ': ' + c['b'] for c in worse)})" if worse else "") +
                   f", within seed noise in {len(vs) - len(better) - len(worse) - len(untested)}"
                   + (f", untested (n < 2) in {len(untested)}" if untested else "") + "."]
+        pooled = pooled_verdicts(vs)
+        if len({t for c in vs for t in [c["task"]]}) > 1 and pooled:
+            lines += ["", "Pooled over tasks (paired seeds; only the sign of each difference, as the metrics differ): "
+                      "wins/ties/losses of the Fisher side and the two-sided exact sign test.", "",
+                      "| comparison | tasks | W/T/L | sign test p |", "|---|---|---|---|"]
+            for k in pooled:
+                lines.append(f"| {k['a']} vs {k['b']} | {', '.join(k['tasks'])} | {k['wins']}/{k['ties']}/{k['losses']} | "
+                             f"{_p(k['p'])} |")
     else:
         lines.append("(no pair of fisher-top-k and position-top-k / random-k runs yet)")
     return lines

@@ -352,3 +352,22 @@ def test_summary_plot_is_written(tmp_path):
     fc.plot_summary(agg, ["sst2", "cola"], ["full", "fisher-top-1"], tmp_path / "summary.png")
     fc.plot_summary(agg, ["cola"], ["full", "fisher-top-1"], tmp_path / "one.png")  # one panel
     assert (tmp_path / "summary.png").stat().st_size > 1000 and (tmp_path / "one.png").stat().st_size > 1000
+
+
+def test_sign_test_matches_scipy_and_pooling_counts_seeds():
+    from scipy.stats import binomtest
+
+    for w, l in ((8, 2), (3, 7), (5, 5), (0, 4), (10, 0), (1, 0)):
+        assert fc.sign_test(w, l) == pytest.approx(binomtest(w, w + l, 0.5).pvalue, rel=1e-12)
+    assert fc.sign_test(0, 0) == 1.0
+    a = agg_of({"fisher-top-1": {0: 0.81, 1: 0.80, 2: 0.82}, "position-top-1": {0: 0.79, 1: 0.80, 2: 0.80}},
+               {"fisher-top-1": [4], "position-top-1": [5]})
+    b = agg_of({"fisher-top-1": {0: 0.10, 1: 0.05}, "position-top-1": {0: 0.05, 1: 0.07}},
+               {"fisher-top-1": [4], "position-top-1": [5]}, task="cola")
+    pooled = fc.pooled_verdicts(fc.verdicts(fc.merge_results([a, b]), ["sst2", "cola"]))
+    assert len(pooled) == 1
+    k = pooled[0]
+    assert (k["a"], k["b"], k["tasks"]) == ("fisher-top-1", "position-top-1", ["sst2", "cola"])
+    assert (k["wins"], k["ties"], k["losses"]) == (3, 1, 1) and k["p"] == pytest.approx(fc.sign_test(3, 1))
+    md = fc.render_summary(fc.merge_results([a, b]), ["sst2", "cola"], ["fisher-top-1", "position-top-1"])
+    assert "| fisher-top-1 vs position-top-1 | sst2, cola | 3/1/1 |" in md
