@@ -365,12 +365,10 @@ def verdicts(agg: Mapping[str, Any], tasks: Sequence[str], alpha: float = ALPHA)
 
 
 def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test (ties dropped): P(|W - n/2| >= |wins - n/2|) for W ~ Binomial(n, 1/2)."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    k = min(wins, losses)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    """Two-sided exact sign test (ties dropped): scipy's binomial test of wins out of wins + losses at 1/2."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(wins, wins + losses, 0.5).pvalue) if wins + losses else 1.0
 
 
 def pooled_verdicts(comparisons: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -480,7 +478,7 @@ def verdict_lines(agg: Mapping[str, Any], tasks: Sequence[str], alpha: float = A
                   f", within seed noise in {len(vs) - len(better) - len(worse) - len(untested)}"
                   + (f", untested (n < 2) in {len(untested)}" if untested else "") + "."]
         pooled = pooled_verdicts(vs)
-        if len({t for c in vs for t in [c["task"]]}) > 1 and pooled:
+        if len({c["task"] for c in vs}) > 1 and pooled:
             lines += ["", "Pooled over tasks (paired seeds; only the sign of each difference, as the metrics differ): "
                       "wins/ties/losses of the Fisher side and the two-sided exact sign test.", "",
                       "| comparison | tasks | W/T/L | sign test p |", "|---|---|---|---|"]

@@ -354,11 +354,14 @@ def test_summary_plot_is_written(tmp_path):
     assert (tmp_path / "summary.png").stat().st_size > 1000 and (tmp_path / "one.png").stat().st_size > 1000
 
 
-def test_sign_test_matches_scipy_and_pooling_counts_seeds():
-    from scipy.stats import binomtest
+def test_sign_test_is_the_exact_binomial_tail_and_pooling_counts_seeds():
+    def exact(w, l):  # 2 P(W <= min(w, l)), W ~ Binomial(w + l, 1/2), capped at 1
+        n = w + l
+        return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(w, l) + 1)) / 2 ** n)
 
     for w, l in ((8, 2), (3, 7), (5, 5), (0, 4), (10, 0), (1, 0)):
-        assert fc.sign_test(w, l) == pytest.approx(binomtest(w, w + l, 0.5).pvalue, rel=1e-12)
+        assert fc.sign_test(w, l) == pytest.approx(exact(w, l), rel=1e-12)
+    assert fc.sign_test(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096, rel=1e-12)  # the pooled MRPC..CoLA case
     assert fc.sign_test(0, 0) == 1.0
     a = agg_of({"fisher-top-1": {0: 0.81, 1: 0.80, 2: 0.82}, "position-top-1": {0: 0.79, 1: 0.80, 2: 0.80}},
                {"fisher-top-1": [4], "position-top-1": [5]})

@@ -130,7 +130,7 @@ def ranking_confidence(full: Sequence[float], half_a: Sequence[float], half_b: S
         "halves": [halves(k)[0], halves(k)[1]],
         "kendall_tau_halves": None if math.isnan(tau) else tau,
         "topk_agreement_halves": {str(t): topk_agreement(half_a, half_b, t, higher_is_better) for t in (1, 2, 3) if t <= len(full)},
-        "interval": (f"score +- t(0.975, {k - 1} dof) = {interval_quantile(k):.3f} jackknife standard errors; "
+        "interval": (f"score +- t({0.5 + LEVEL / 2:g}, {k - 1} dof) = {interval_quantile(k):.3f} jackknife standard errors; "
                      "rank interval: ranks consistent with the score intervals"),
         "layers": [{"layer": l, "score_interval": [lo, hi], "rank_interval": [r0, r1], "jackknife_bias": b}
                    for l, ((lo, hi), (r0, r1), b) in enumerate(zip(score_iv, rank_iv, bias))],
