@@ -81,18 +81,22 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help="forward in bf16/fp16 autocast; accumulators stay fp32")
     g.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="folder for atomic checkpoints (one file per rank)")
-    g.add_argument("--checkpoint-every", type=int, default=10000, metavar="M", help="examples between checkpoints")
+    g.add_argument("--checkpoint-every", type=int, default=argparse.SUPPRESS, metavar="M",
+                   help=f"--checkpoint: examples between checkpoints (default: {PipelineConfig.checkpoint_every})")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint")
     g.add_argument("--prefetch", type=int, default=2, help="batches read ahead by a background thread")
     g.add_argument("--cache-dir", default=None, help="tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)")
     g.add_argument("--until-stable", action="store_true",
                    help="stop streaming once the layer ranking is stable (Kendall tau between two halves of the data >= "
                         "--stable-tau and the top-3 unchanged over --stable-checks checks); the N used goes to scores.json")
-    g.add_argument("--stable-tau", type=float, default=0.9, metavar="TAU", help="--until-stable: target tau in (0, 1]")
-    g.add_argument("--check-every", type=int, default=200, metavar="M",
-                   help="--until-stable: examples (over all processes) between two checks")
-    g.add_argument("--stable-checks", type=int, default=3, metavar="C",
-                   help="--until-stable: the top-3 must be the same over the last C checks")
+    # Flags that only mean something with another one have no parser default (argparse.SUPPRESS): given without
+    # it they are refused (_check_score_flags); PipelineConfig holds their defaults, shown in --help.
+    g.add_argument("--stable-tau", type=float, default=argparse.SUPPRESS, metavar="TAU",
+                   help=f"--until-stable: target tau in (0, 1] (default: {PipelineConfig.stable_tau})")
+    g.add_argument("--check-every", type=int, default=argparse.SUPPRESS, metavar="M",
+                   help=f"--until-stable: examples (over all processes) between two checks (default: {PipelineConfig.check_every})")
+    g.add_argument("--stable-checks", type=int, default=argparse.SUPPRESS, metavar="C",
+                   help=f"--until-stable: the top-3 must be the same over the last C checks (default: {PipelineConfig.stable_checks})")
     g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
                    help="torchrun: how long a rank waits for the others in a collective before it fails with an error "
                         "(a rank that died) instead of hanging; default 1800")
@@ -126,8 +130,62 @@ def check_writable(path: str | os.PathLike, what: str, *, directory: bool = Fals
         raise OSError(f"{what} {str(target)!r} cannot be written ({exc.strerror or exc})") from None
 
 
+# flags that only apply with another one: (flag, its dest, the flag it needs)
+_NEEDS_FLAG = (("--stable-tau", "stable_tau", "--until-stable"), ("--check-every", "check_every", "--until-stable"),
+               ("--stable-checks", "stable_checks", "--until-stable"), ("--checkpoint-every", "checkpoint_every", "--checkpoint"))
+# flags of custom data: (flag, its dest, its parser default)
+_CUSTOM_FLAGS = (("--data-file", "data_file", None), ("--text-fields", "text_fields", ""), ("--regression", "regression", False),
+                 ("--label-field", "label_field", "label"))
+
+
+def _check_score_flags(args: argparse.Namespace) -> None:
+    """One-line ValueError, before anything runs, for a flag that would be ignored and for outputs that would
+    overwrite each other (or the data); ``--plot`` becomes the path matplotlib will write (PATH -> PATH.png)."""
+    given = {"--until-stable": bool(args.until_stable), "--checkpoint": bool(args.checkpoint)}
+    for flag, dest, needs in _NEEDS_FLAG:
+        if hasattr(args, dest) and not given[needs]:
+            raise ValueError(f"fastsel: {flag} only applies with {needs}; add {needs}, or leave {flag} out")
+    if args.task != "custom":
+        for flag, dest, default in _CUSTOM_FLAGS:
+            if getattr(args, dest, default) != default:
+                raise ValueError(f"fastsel: {flag} applies only to --task custom (a CSV/TSV/JSONL --data-file); "
+                                 f"--task {args.task} would ignore it: add --task custom, or leave {flag} out")
+    if args.plot:
+        args.plot = plot_file(args.plot)
+    names = [m for m in str(args.metric).split(",") if m]
+    claimed: dict[object, tuple[str, str]] = {}
+    paths = [("--data-file", args.data_file)] + [(flag, output_path(p, m, len(names)) if p else None)
+                                                 for flag, p in (("--out", args.out), ("--plot", args.plot)) for m in names]
+    for flag, path in [*paths, ("--checkpoint", args.checkpoint)]:
+        if not path:
+            continue
+        key = os.path.abspath(os.path.expanduser(str(path)))
+        if key in claimed and claimed[key][0] != flag:
+            other, first = claimed[key]
+            raise ValueError(f"fastsel: {flag} {path} is the same path as {other} {first}: one would overwrite the "
+                             f"other; give {flag} a name of its own")
+        claimed.setdefault(key, (flag, str(path)))
+
+
+def plot_file(path: str | os.PathLike) -> str:
+    """The file a plot to ``path`` lands in: matplotlib writes PNG to ``path.png`` when ``path`` has no suffix, and
+    takes a suffix as the image format (ValueError, one line, for one it cannot write)."""
+    text = str(path)
+    suffix = os.path.splitext(os.path.basename(text))[1].lower().lstrip(".")
+    if not suffix:
+        return text + ".png"
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise ValueError(f"fastsel: --plot {text}: matplotlib cannot write .{suffix} files; end the name in .png "
+                         f"(or one of .{', .'.join(sorted(formats))})")
+    return text
+
+
 def _run_score(args: argparse.Namespace) -> int:
 
+    _check_score_flags(args)
     options = {k: v for k, v in vars(args).items() if k not in args._base_dests and not k.startswith("_") and k != "func"}
     options["confidence_groups"] = args.confidence_groups
     main_process = process_rank() == 0
@@ -156,7 +214,7 @@ def _run_score(args: argparse.Namespace) -> int:
         regression=args.regression,
         options=options,
     )
-    pcfg = PipelineConfig(**{k: getattr(args, k) for k in _PIPELINE_DESTS})
+    pcfg = PipelineConfig(**{k: getattr(args, k) for k in _PIPELINE_DESTS if hasattr(args, k)})  # absent: not given
     results = score(cfg, pcfg, out=args.out, plot=args.plot, progress=not args.no_progress)
     if not main_process:
         return 0
