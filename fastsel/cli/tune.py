@@ -9,7 +9,8 @@ from fastsel.data.tasks import get_task
 from fastsel.hf.layer_map import map_layers
 from fastsel.hf.loading import resolve_model_path
 from fastsel.plans.plan import LoraSpec, PlanError
-from fastsel.plans.strategies import TUNERS, build_plan, strategy_names
+from fastsel.plans.strategies import TUNERS, build_plan, check_tuner, find_strategy, strategy_names
+from fastsel.scores.fisher import FISHER_MODES
 from fastsel.scores.layer_scores import LayerScores
 from fastsel.train.trainer import RANK_SPLITS, FinetuneJob, run_finetune
 from fastsel.tuners.apply import meta_model, with_counts
@@ -43,6 +44,33 @@ def read_scores(path: str):
     return LayerScores.read(path)
 
 
+def check_scores_fit(scores: LayerScores, layer_map, path: str, model: str) -> None:
+    """One-line ValueError when ``scores`` (read from ``path``) are not of the blocks of ``model``: another number
+    of blocks, or blocks of other names (scores of another architecture); a block name may be given in short
+    (``layer.3`` for ``bert.encoder.layer.3``)."""
+    fix = f"score {model} itself (fastsel score --model {model} --out ...), or give the scores.json of this model"
+    if len(scores.layers) != layer_map.num_layers:
+        raise ValueError(f"fastsel: --scores {path} scores {len(scores.layers)} blocks but {model} has "
+                         f"{layer_map.num_layers}: {fix}")
+    for s in scores.layers:
+        want = layer_map.block_name(s.layer)
+        if s.name and not (want == s.name or want.endswith("." + s.name) or s.name.endswith("." + want)):
+            raise ValueError(f"fastsel: --scores {path}: block {s.layer} is {s.name!r} there but {want!r} in {model} "
+                             f"(scores of another model): {fix}")
+
+
+def check_tuning_sizes(config, *, lora_r: int | None, adapter_size: int | None) -> None:
+    """One-line ValueError when the LoRA rank or the adapter bottleneck exceeds the model's hidden size (a LoRA
+    update of a width-H matrix has rank <= H; a bottleneck wider than H is none); None: not used."""
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(hidden, int) or hidden < 1:
+        return
+    for flag, value, what in (("--lora-r", lora_r, "LoRA rank"), ("--adapter-size", adapter_size, "adapter bottleneck")):
+        if value is not None and value > hidden:
+            raise ValueError(f"fastsel: {flag} {value}: the {what} must be at most the model's hidden size, {hidden} "
+                             f"(use {flag} 1..{hidden})")
+
+
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--strategy", default=None, help=f"one of: {', '.join(strategy_names())}")
@@ -64,7 +92,9 @@ def _plan_from_args(args: argparse.Namespace, num_layers: int, scores=None):
 
 
 def _num_labels(args: argparse.Namespace) -> int:
-    if getattr(args, "num_labels", None):
+    if getattr(args, "num_labels", None) is not None:
+        if args.num_labels < 1:
+            raise ValueError(f"fastsel: --num-labels must be >= 1 (1: a regression head), got {args.num_labels}")
         return args.num_labels
 
     task = get_task(args.task)
@@ -87,9 +117,22 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     if not args.strategy:
         raise PlanError("fastsel: --strategy is required")
+    check_tuner(args.strategy, args.tuner)
+    if args.scores and find_strategy(args.strategy)[0].needs is None:
+        raise ValueError(f"fastsel: --scores does not apply to strategy {args.strategy!r}, which uses no scores; "
+                         "leave --scores out")
+    if args.out and args.scores and Path(args.out).resolve() == Path(args.scores).resolve():
+        raise ValueError(f"fastsel: --out {args.out} is the --scores file: writing the plan would overwrite the scores")
     config = load_config(args.model, _num_labels(args))
     layer_map = map_layers(meta_model(config))
-    plan = with_counts(_plan_from_args(args, layer_map.num_layers), config)
+    scores = None
+    if args.scores:
+        scores = read_scores(args.scores)
+        check_scores_fit(scores, layer_map, args.scores, args.model)
+    plan = _plan_from_args(args, layer_map.num_layers, scores)
+    check_tuning_sizes(config, lora_r=plan.lora_spec.r if plan.lora_spec else None,
+                       adapter_size=max((t.adapter_size or 0 for t in plan.blocks), default=0) or None)
+    plan = with_counts(plan, config)
     print(plan.table())
     if args.peft:
         print("PEFT LoraConfig:", json.dumps(plan.to_peft(layer_map.model_type, layers_pattern=layer_map.blocks_name.rsplit(".", 1)[-1],
@@ -109,7 +152,7 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", default=None, help="plan.json (instead of --strategy)")
     _add_plan_arguments(p)
     p.add_argument("--score-examples", type=int, default=512, help="training examples used to score layers")
-    p.add_argument("--fisher", default="empirical", help="Fisher mode for fisher-* strategies")
+    p.add_argument("--fisher", default="empirical", choices=FISHER_MODES, help="Fisher mode for fisher-* strategies")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--batch-size", type=int, default=16)
@@ -143,10 +186,42 @@ def _epochs(text: str) -> tuple[int, ...]:
         raise ValueError(f"fastsel: --rank-epochs takes comma-separated epoch numbers (e.g. 1,3), got {text!r}") from None
 
 
+def _check_finetune_args(args: argparse.Namespace) -> None:
+    """One-line ValueErrors, before any loading, for values that would train something else than asked."""
+    if args.max_length < 2:  # as fastsel score: [CLS] and [SEP] leave no room for text below 2
+        raise ValueError(f"fastsel: --max-length must be >= 2 tokens, got {args.max_length}")
+    for flag, value in (("--score-examples", args.score_examples), ("--rank-examples", args.rank_examples)):
+        if value < 1:
+            raise ValueError(f"fastsel: {flag} must be >= 1, got {value}")
+    bad = [e for e in _epochs(args.rank_epochs) if not 0 <= e <= args.epochs]
+    if bad:
+        raise ValueError(f"fastsel: --rank-epochs {args.rank_epochs}: epoch(s) {bad} outside 0..{args.epochs} "
+                         f"(0: before training, {args.epochs}: after the last of --epochs {args.epochs})")
+    if args.plan:
+        return
+    check_tuner(args.strategy, args.tuner)
+    strategy, _ = find_strategy(args.strategy)
+    if args.scores and strategy.needs is None:
+        raise ValueError(f"fastsel: --scores does not apply to strategy {args.strategy!r}, which uses no scores; "
+                         "leave --scores out")
+    lora = args.tuner == "lora" or strategy.name.startswith(("lora-", "spafit-"))
+    adapter = args.tuner == "adapter"
+    if not (lora or adapter or args.scores):
+        return
+    try:
+        config = load_config(args.model, 2)
+    except (OSError, ValueError):
+        return  # loading the model reports it
+    check_tuning_sizes(config, lora_r=args.lora_r if lora else None, adapter_size=args.adapter_size if adapter else None)
+    if args.scores:
+        check_scores_fit(read_scores(args.scores), map_layers(meta_model(config)), args.scores, args.model)
+
+
 def _run_finetune(args: argparse.Namespace) -> int:
 
     if bool(args.plan) == bool(args.strategy):
         raise ValueError("fastsel: give exactly one of --plan and --strategy")
+    _check_finetune_args(args)
     job = FinetuneJob(
         model=args.model, task=args.task, data_dir=args.data_dir, out=args.out, plan_path=args.plan,
         strategy=args.strategy, scores_path=args.scores, tuner=args.tuner, lora_r=args.lora_r,

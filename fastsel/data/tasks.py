@@ -716,8 +716,13 @@ def load_custom_examples(
         labels: list = [_parse_label(v, spec, f"{path}:{w}") for v, (w, _) in zip(raw, rows)]
     else:
         keys = [v.strip() if isinstance(v, str) else v for v in raw]
-        if any(isinstance(v, float) and not float(v).is_integer() for v in keys):
-            raise ValueError(f"{path}: float labels in {label_field!r}; pass regression=True for a regression task")
+        numbers = [_as_float(v) for v in keys]
+        fractional = next((k for k, x in zip(keys, numbers) if x is not None and not x.is_integer()), None)
+        if fractional is not None and all(x is not None for x in numbers):
+            # real-valued labels (e.g. 3.75) would each become a class of their own
+            raise ValueError(f"fastsel: {path}: label column {label_field!r} holds real numbers (e.g. {fractional!r}), "
+                             f"which would make {len(set(numbers))} classes: pass --regression (regression=True) for a "
+                             "real-valued label, or use integer or named class labels")
         as_int = [_as_int(v) for v in keys]
         if all(v is not None for v in as_int):
             uniq = sorted(set(as_int))
@@ -733,6 +738,17 @@ def load_custom_examples(
         spec = TaskSpec(task_name, "custom", len(uniq), tuple(str(u) for u in uniq), ("accuracy",))
     ex = Examples(task=spec, split="custom", text_a=a, text_b=b, labels=labels)
     return _subsample(ex, num_examples, seed, balanced)
+
+
+def _as_float(v: Any) -> float | None:
+    """A finite label's number (a float, an int, or a string that reads as one), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating, str)):
+        return None
+    try:
+        x = float(v)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
 
 
 def _as_int(v: Any) -> int | None:

@@ -6,12 +6,13 @@ See :mod:`fastsel.plans` for the vocabulary; strategies that build plans live in
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 from fastsel.hf.arch_names import arch_names
-from fastsel.utils.atomic import atomic_write_text
+from fastsel.utils.atomic import atomic_write_json
 
 __all__ = ["KINDS", "SUBLAYERS", "LORA_MATRICES", "PlanError", "LoraSpec", "Tuning", "FROZEN", "FULL", "Plan"]
 
@@ -40,10 +41,10 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "matrices", tuple(self.matrices))
-        if self.r < 1:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise PlanError(f"fastsel: LoRA rank must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise PlanError(f"fastsel: LoRA alpha must be > 0, got {self.alpha}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (0 < self.alpha < math.inf):
+            raise PlanError(f"fastsel: LoRA alpha (--lora-alpha) must be a finite number > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise PlanError(f"fastsel: LoRA dropout must be in [0, 1), got {self.dropout}")
         if not self.matrices:
@@ -234,7 +235,7 @@ class Plan:
         )
 
     def to_json(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "Plan":

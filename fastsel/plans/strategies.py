@@ -68,7 +68,7 @@ from fastsel.plans.plan import FROZEN, FULL, LoraSpec, Plan, PlanError, Tuning
 from fastsel.scores.layer_scores import LayerScores
 
 __all__ = ["StrategyArgs", "Strategy", "STRATEGIES", "TUNERS", "register_strategy", "strategy_names", "find_strategy",
-           "build_plan", "triple_plan", "l_star"]
+           "check_tuner", "build_plan", "triple_plan", "l_star"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class Strategy:
     build: Callable[[StrategyArgs, dict[str, str]], Plan]
     needs: str | None = None  # None | "scores" | "fisher" | "variability"
     help: str = ""
+    takes_tuner: bool = True  # False: the strategy sets its own tuning (bitfit, LoRA, SPAFIT); --tuner does not apply
 
 
 STRATEGIES: list[Strategy] = []
@@ -118,6 +119,17 @@ def find_strategy(name: str) -> tuple[Strategy, dict[str, str]]:
     raise PlanError(f"fastsel: unknown strategy {name!r}; known: {', '.join(strategy_names())}")
 
 
+def check_tuner(name: str, tuner: str) -> None:
+    """PlanError (one line) for a tuner that strategy ``name`` would ignore, or an unknown one."""
+    if tuner not in TUNERS:
+        raise PlanError(f"fastsel: unknown tuner {tuner!r}; choose from {TUNERS}")
+    strategy, _ = find_strategy(name)
+    if tuner != "full" and not strategy.takes_tuner:
+        chooses = ", ".join(s.name for s in STRATEGIES if s.takes_tuner)
+        raise PlanError(f"fastsel: --tuner {tuner} does not apply to strategy {name!r}, which sets its own tuning; "
+                        f"--tuner applies to the layer-selecting strategies ({chooses}): leave --tuner out")
+
+
 def build_plan(
     name: str,
     num_layers: int,
@@ -128,8 +140,7 @@ def build_plan(
     adapter_size: int = 256,
 ) -> Plan:
     """The plan of strategy ``name`` for a model of ``num_layers`` blocks (see the module docstring)."""
-    if tuner not in TUNERS:
-        raise PlanError(f"fastsel: unknown tuner {tuner!r}; choose from {TUNERS}")
+    check_tuner(name, tuner)
     strategy, groups = find_strategy(name)
     if strategy.needs is not None:
         if scores is None:
@@ -289,9 +300,11 @@ def _spafit(args: StrategyArgs, groups: dict[str, str]) -> Plan:
 
 for _s in [
     Strategy("full", r"full", _full, help="every parameter (with --tuner adapter: adapters in every block)"),
-    Strategy("bitfit", r"bitfit", _bitfit, help="all biases (BitFit)"),
-    Strategy("lora-{i,ii}", r"lora-(?P<v>ii|i)", _lora_all, help="LoRA on query/key/value (i) or + attention output dense (ii)"),
-    Strategy("spafit-N1-N2-{i,ii}", r"spafit-(?P<n1>\d+)-(?P<n2>\d+)-(?P<v>ii|i)", _spafit, help="SPAFIT: frozen / BitFit / LoRA groups"),
+    Strategy("bitfit", r"bitfit", _bitfit, help="all biases (BitFit)", takes_tuner=False),
+    Strategy("lora-{i,ii}", r"lora-(?P<v>ii|i)", _lora_all, help="LoRA on query/key/value (i) or + attention output dense (ii)",
+             takes_tuner=False),
+    Strategy("spafit-N1-N2-{i,ii}", r"spafit-(?P<n1>\d+)-(?P<n2>\d+)-(?P<v>ii|i)", _spafit, help="SPAFIT: frozen / BitFit / LoRA groups",
+             takes_tuner=False),
     Strategy("fisher-top-K", r"fisher-top-(?P<k>\d+)", lambda a, g: _ranked(a, g, True), "fisher", "K blocks of highest Fisher score"),
     Strategy("fisher-bottom-K", r"fisher-bottom-(?P<k>\d+)", lambda a, g: _ranked(a, g, False), "fisher", "K blocks of lowest Fisher score"),
     Strategy("top-K", r"top-(?P<k>\d+)", lambda a, g: _ranked(a, g, True), "scores", "K best-ranked blocks of any scores"),

@@ -19,12 +19,14 @@ Metrics where lower is better (the variability ratio) rank ascending; ``higher_i
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastsel.scores.confidence import format_confidence
-from fastsel.utils.atomic import atomic_write_text
+from fastsel.utils.atomic import atomic_write_json
 
 __all__ = ["LayerScore", "LayerScores"]
 
@@ -51,10 +53,13 @@ class LayerScore:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LayerScore":
         known = {"layer", "name", "num_params", "score", "trace"}
+        score = d["score"]
+        if isinstance(score, bool) or not isinstance(score, numbers.Real):
+            raise TypeError(f"layer {d.get('layer')}: score {score!r} is not a number")
         return cls(
             layer=int(d["layer"]),
             name=str(d.get("name", f"layer.{d['layer']}")),
-            score=float(d["score"]),
+            score=float(score),
             num_params=d.get("num_params"),
             trace=d.get("trace"),
             values={k: v for k, v in d.items() if k not in known},
@@ -130,7 +135,7 @@ class LayerScores:
         )
 
     def to_json(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "LayerScores":
@@ -142,13 +147,20 @@ class LayerScores:
         """:meth:`from_json` for files from users: anything that is not a scores.json is a one-line ValueError
         naming the file."""
         try:
-            return cls.from_json(path)
+            scores = cls.from_json(path)
         except UnicodeDecodeError:
             raise ValueError(f"fastsel: {path}: not a scores.json (not UTF-8 text)") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"fastsel: {path}: not a scores.json (malformed JSON: {exc.msg} at line {exc.lineno})") from None
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"fastsel: {path}: not a scores.json ({type(exc).__name__}: {exc})") from None
+        except ValueError as exc:  # int()/float() of a field that is not a number; LayerScores' own checks
+            raise ValueError(f"fastsel: {path}: not a scores.json ({str(exc).removeprefix('fastsel: ')})") from None
+        bad = [s.layer for s in scores.layers if not math.isfinite(s.score)]
+        if bad:
+            raise ValueError(f"fastsel: {path}: the score of layer(s) {bad} is not a finite number "
+                             f"({scores.layers[bad[0]].score}); a ranking cannot use it: score the model again")
+        return scores
 
     # -- display -----------------------------------------------------------------------------------
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "json_text"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,3 +80,38 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *, b
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
+
+
+def _nonfinite_at(data: Any, where: str = "") -> str | None:
+    """The key path of the first NaN/Infinity in ``data`` (``layers[2].score``), or None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where or "the value"
+    if isinstance(data, dict):
+        items: Any = ((f"{where}.{k}" if where else str(k), v) for k, v in data.items())
+    elif isinstance(data, (list, tuple)):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(data))
+    else:
+        return None
+    for key, value in items:
+        found = _nonfinite_at(value, key)
+        if found is not None:
+            return found
+    return None
+
+
+def json_text(data: Any, path: str | os.PathLike = "", **kwargs: Any) -> str:
+    """``json.dumps(data, allow_nan=False)``: strict JSON, never NaN/Infinity (which JSON does not have and most readers
+    refuse). A non-finite number is a one-line ValueError naming ``path`` and where in ``data`` it sits."""
+    try:
+        return json.dumps(data, allow_nan=False, **kwargs)
+    except ValueError:
+        where = _nonfinite_at(data)
+        if where is None:
+            raise
+        raise ValueError(f"fastsel: {path or 'JSON output'}: not written, {where} is not a finite number "
+                         "(NaN/Infinity cannot be written as JSON)") from None
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2) -> None:
+    """:func:`json_text` of ``data`` (strict JSON) written atomically to ``path``, with a final newline."""
+    atomic_write_text(path, json_text(data, path, indent=indent) + "\n")
