@@ -235,8 +235,14 @@ def add_info_command(sub: argparse._SubParsersAction) -> None:
 
 def _run_info(args: argparse.Namespace) -> int:
 
+    from fastsel.ops.backend import env_problem
+
     data = info()
     print(json.dumps(data, indent=2) if args.json else format_info(data))
+    problem = env_problem()  # a FASTSEL_BACKEND that scoring would fail on: not "everything fine"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -317,6 +323,11 @@ def _main(args: argparse.Namespace) -> int:
     try:
         if isinstance(getattr(args, "device", None), str):
             check_device(args.device)
+        if args.command in ("score", "finetune"):  # before loading anything, not at the first batch
+            from fastsel.ops.backend import env_problem
+
+            if env_problem():
+                raise ValueError(env_problem())
         return int(args.func(args) or 0)
     except Terminated:
         rank = os.environ.get("RANK")

