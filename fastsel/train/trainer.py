@@ -47,7 +47,7 @@ from fastsel.plans.strategies import build_plan, find_strategy
 from fastsel.scores.fisher import fisher_layer_scores
 from fastsel.scores.layer_scores import LayerScores
 from fastsel.tuners.apply import apply_plan, is_added_parameter, trainable_parameters, with_counts
-from fastsel.utils.atomic import atomic_write, atomic_write_text
+from fastsel.utils.atomic import atomic_write, atomic_write_json
 from fastsel.utils.progress import progress_bar
 
 __all__ = [
@@ -580,7 +580,7 @@ def save_trained(model: nn.Module, plan: Plan, out_dir: str | Path, *, base_mode
     atomic_write(out / _WEIGHTS, lambda f: f.write(blob), binary=True)
     plan.to_json(out / _PLAN)
     meta = {"base_model": base_model, "num_labels": num_labels, "seed": seed, **(extra or {})}
-    atomic_write_text(out / _META, json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(out / _META, meta)
     return out
 
 
@@ -842,7 +842,7 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
         "max_length_limit": limit,
         **result.to_dict(),
     }
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_json(out / "results.json", results)  # strict JSON: no NaN/Infinity
     _plot_curves(result, out / "curve.png", f"{plan.strategy} on {spec.name} ({layer_map.model_type}, "
                                              f"{result.trainable_params:,} trainable)")
     return results
