@@ -9,7 +9,7 @@ import torch
 
 import fastsel
 from fastsel.ops import OPS, backend
-from fastsel.ops.backend import EXTENSION, op_backend
+from fastsel.ops.backend import EXTENSION, linear_backends_available, op_backend, triton_backend_status, triton_status
 
 __all__ = ["info", "format_info", "cuda_build_problems", "main"]
 
@@ -31,6 +31,9 @@ def info() -> dict[str, Any]:
             linear_cuda = None
         except (RuntimeError, ValueError) as exc:
             linear_cuda = {"shape": "bf16 B=32 T=128 768x768", "backend": None, "reason": f"{type(exc).__name__}: {exc}"}
+    triton_version, triton_why = triton_status()
+    triton = {"version": triton_version, "reason": triton_why,
+              "devices": {dev: dict(zip(("available", "reason"), triton_backend_status(dev))) for dev in devices}}
     return {
         "fastsel": fastsel.__version__,
         "python": platform.python_version(),
@@ -48,6 +51,8 @@ def info() -> dict[str, Any]:
         },
         "torch_mismatch": _mismatch(),
         "ops": ops,
+        "linear_backends": {dev: list(linear_backends_available(dev)) for dev in devices},
+        "triton": triton,
         "linear_cuda_default": linear_cuda,
     }
 
@@ -77,6 +82,13 @@ def format_info(data: dict[str, Any]) -> str:
     for op, per_dev in data["ops"].items():
         for dev, b in per_dev.items():
             lines.append(f"  {op:<32} {dev:<5} {b['backend']:<10} {b['reason']}")
+    for dev, names in data.get("linear_backends", {}).items():
+        lines.append(f"linear op backends on {dev}: {', '.join(names)}")
+    tri = data.get("triton")
+    if tri:
+        lines.append(f"triton backend (linear op): {tri['reason']}")
+        for dev, b in tri["devices"].items():
+            lines.append(f"  {dev:<5} {'available' if b['available'] else 'unavailable':<11} {b['reason']}")
     lin = data.get("linear_cuda_default")
     if lin:
         lines.append(f"linear op on cuda ({lin['shape']}): {lin['backend']} -- {lin['reason']}")

@@ -10,6 +10,9 @@ Backends of an op (not every op has every one):
                  then the square-accumulate: no custom kernel, cuBLAS / MKL do the work
   ``wmma``       (linear op, CUDA) the 64x64-tile WMMA kernel
   ``pipelined``  (linear op, CUDA) the 128x128-tile cp.async multi-stage WMMA kernel
+  ``triton``     (linear op) the Triton kernel of ``fastsel.ops.linear_triton``, autotuned per capability:
+                 CUDA sm_80+ with triton installed; CPU tensors only in Triton's interpreter
+                 (TRITON_INTERPRET=1, for tests). Never a default until the table names it.
 
 The choice, first match wins: the ``backend=`` argument of the op's wrapper; ``FASTSEL_BACKEND``
 (``reference`` for every op, or ``op=backend,...`` / a bare backend name for the ops that have it); for the
@@ -42,11 +45,14 @@ __all__ = [
     "env_problem",
     "torch_mismatch",
     "explain_linear_default",
+    "interpret_mode",
+    "triton_status",
+    "triton_backend_status",
 ]
 
 BACKEND_ENV = "FASTSEL_BACKEND"
 FORCE_REFERENCE_ENV = BACKEND_ENV  # "reference" forces the pure-torch path everywhere (older name)
-LINEAR_BACKENDS: tuple[str, ...] = ("reference", "bmm", "kernel", "wmma", "pipelined")
+LINEAR_BACKENDS: tuple[str, ...] = ("reference", "bmm", "kernel", "wmma", "pipelined", "triton")
 CUDA_ONLY_LINEAR = ("wmma", "pipelined")
 BACKEND_TABLE_PATH = Path(__file__).with_name("backend_table.json")  # fastsel/ops/backend_table.json
 
@@ -160,15 +166,62 @@ def env_backend(op_name: str) -> str | None:
     return None
 
 
-def linear_backends_available(device: torch.device | str) -> tuple[str, ...]:
-    """The backends of the linear op that can run on ``device`` (always 'reference' and 'bmm')."""
+def linear_backends_available(device: torch.device | str, *, with_triton: bool = True) -> tuple[str, ...]:
+    """The backends of the linear op that can run on ``device`` (always 'reference' and 'bmm').
+
+    ``with_triton=False`` leaves 'triton' out without importing triton (which takes a while).
+    """
     device = torch.device(device)
     names = ["reference", "bmm"]
     if op_backend("accumulate_linear_sq_grad", device)[0] != "reference":
         names.append("kernel")
         if device.type == "cuda":
             names += list(CUDA_ONLY_LINEAR)
+    if with_triton and triton_backend_status(device)[0]:
+        names.append("triton")
     return tuple(names)
+
+
+TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
+
+
+def interpret_mode() -> bool:
+    """Whether Triton kernels run in its interpreter (TRITON_INTERPRET, read as triton reads it)."""
+    return os.environ.get(TRITON_INTERPRET_ENV, "").strip().lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_status() -> tuple[str | None, str]:
+    """(triton's version or None, why): imported once, on first use only (it takes a while)."""
+    try:
+        import triton
+        import triton.language  # noqa: F401  (a broken install fails here)
+    except Exception as exc:  # ImportError, or an OSError from libtriton
+        return None, f"triton not importable: {type(exc).__name__}: {exc}"
+    return triton.__version__, f"triton {triton.__version__}"
+
+
+def triton_backend_status(device: torch.device | str) -> tuple[bool, str]:
+    """(whether the linear op's triton backend can run on ``device``, why)."""
+    device = torch.device(device)
+    return _triton_backend_status(device.type, device.index or 0, interpret_mode())
+
+
+@functools.lru_cache(maxsize=64)
+def _triton_backend_status(device_type: str, index: int, interpret: bool) -> tuple[bool, str]:
+    version, why = triton_status()
+    if version is None:
+        return False, why
+    if interpret:
+        return True, f"{why} in its interpreter ({TRITON_INTERPRET_ENV}=1: slow, for tests)"
+    if device_type == "cpu":
+        return False, f"{why} runs CPU tensors only in its interpreter: set {TRITON_INTERPRET_ENV}=1 (slow, for tests)"
+    if device_type != "cuda":
+        return False, f"no triton kernel for device type {device_type!r}"
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:  # bf16 tl.dot and the configurations want sm_80+
+        return False, f"{why}: the kernel wants compute capability 8.0+, this GPU is {major}.{minor}"
+    return True, f"{why} on sm_{major}{minor}"
 
 
 def linear_shape_class(B: int, T: int, O: int, I: int) -> tuple[str, str, str]:
@@ -217,10 +270,15 @@ def choose_linear_backend(device: torch.device, dtype: torch.dtype, B: int, T: i
                           requested: str | None = None) -> str:
     """The backend the linear op runs for this call (see the module docstring for the order)."""
     name = requested or env_backend("accumulate_linear_sq_grad")
+    if name == "triton":  # its own check: whether triton imports and can run here, not the extension's state
+        usable, why = triton_backend_status(device)
+        if not usable:
+            raise ValueError(f"fastsel: backend 'triton' of accumulate_linear_sq_grad cannot run on {device}: {why}")
+        return name
     if name is not None:
         if name not in LINEAR_BACKENDS:
             raise ValueError(f"fastsel: unknown backend {name!r} for accumulate_linear_sq_grad; choose from {LINEAR_BACKENDS}")
-        available = linear_backends_available(device)
+        available = linear_backends_available(device, with_triton=False)  # no triton import for the others
         if name not in available:
             raise ValueError(f"fastsel: backend {name!r} of accumulate_linear_sq_grad cannot run on {device}: "
                              f"{op_backend('accumulate_linear_sq_grad', device)[1]} (available: {', '.join(available)})")
@@ -237,6 +295,8 @@ def _default_linear(device_type: str, index: int, dtype: torch.dtype, shape_clas
     if device_type != "cuda":
         return "kernel"
     picked = _table_choice(_capability(index), _dtype_key(dtype), shape_class)
+    if picked and picked[0] == "triton" and not _triton_backend_status(device_type, index, False)[0]:
+        picked = None  # a table naming triton, on an install without it
     # No measurement for this GPU: cuBLAS's batched GEMMs are the safer choice than an unmeasured kernel.
     return picked[0] if picked else "bmm"
 

@@ -1,7 +1,8 @@
 """The linear op: out (O, I) += sum_b (grad_output[b]^T @ input[b])^2, the per-example squared weight gradients.
 
 Backends (``fastsel.ops.backend``): the compiled kernel (CPU; on CUDA the pipelined mma.sync kernel or the
-64x64 WMMA one), per-example batched GEMMs (:func:`accumulate_linear_sq_grad_bmm`), the reference.
+64x64 WMMA one), per-example batched GEMMs (:func:`accumulate_linear_sq_grad_bmm`), the Triton kernel
+(``fastsel.ops.linear_triton``, imported on first use), the reference.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def accumulate_linear_sq_grad(out: Tensor, grad_output: Tensor, input: Tensor, *
 
     out (O, I) float32, updated in place; grad_output (B, *, O) = dL_b/dy; input (B, *, I) = x.
     The per-example gradient of W for example b is grad_output[b]^T @ input[b] (summed over positions).
-    ``backend``: 'kernel', 'wmma', 'pipelined' (CUDA), 'bmm' or 'reference'; None picks as
+    ``backend``: 'kernel', 'wmma', 'pipelined' (CUDA), 'triton', 'bmm' or 'reference'; None picks as
     ``fastsel.ops.backend`` says (FASTSEL_BACKEND, the measured table, the compiled kernel).
     """
     B, O, I = grad_output.shape[0], grad_output.shape[-1], input.shape[-1]
@@ -33,6 +34,10 @@ def accumulate_linear_sq_grad(out: Tensor, grad_output: Tensor, input: Tensor, *
         torch.ops.fastsel.accumulate_linear_sq_grad(out, grad_output, input, _LINEAR_VARIANTS[name])
     elif name == "bmm":
         accumulate_linear_sq_grad_bmm(out, grad_output, input)
+    elif name == "triton":
+        from fastsel.ops.linear_triton import accumulate_linear_sq_grad_triton  # imports triton: only when asked
+
+        accumulate_linear_sq_grad_triton(out, grad_output, input)
     else:
         accumulate_linear_sq_grad_ref(out, grad_output, input)
 
