@@ -8,7 +8,7 @@ from pathlib import Path
 from fastsel.data.tasks import get_task
 from fastsel.hf.layer_map import map_layers
 from fastsel.hf.loading import resolve_model_path
-from fastsel.plans.plan import LoraSpec, PlanError
+from fastsel.plans.plan import LoraSpec, Plan, PlanError
 from fastsel.plans.strategies import TUNERS, build_plan, check_tuner, find_strategy, strategy_names
 from fastsel.scores.fisher import FISHER_MODES
 from fastsel.scores.layer_scores import LayerScores
@@ -59,13 +59,23 @@ def check_scores_fit(scores: LayerScores, layer_map, path: str, model: str) -> N
                              f"(scores of another model): {fix}")
 
 
-def check_tuning_sizes(config, *, lora_r: int | None, adapter_size: int | None) -> None:
+def _plan_sizes(plan: Plan) -> dict[str, int | None]:
+    """The LoRA rank and the largest adapter bottleneck a plan uses (None: not used)."""
+    return {"lora_r": plan.lora_spec.r if plan.lora_spec else None,
+            "adapter_size": max((t.adapter_size or 0 for t in plan.blocks), default=0) or None}
+
+
+def check_tuning_sizes(config, *, lora_r: int | None, adapter_size: int | None, source: str | None = None) -> None:
     """One-line ValueError when the LoRA rank or the adapter bottleneck exceeds the model's hidden size (a LoRA
-    update of a width-H matrix has rank <= H; a bottleneck wider than H is none); None: not used."""
+    update of a width-H matrix has rank <= H; a bottleneck wider than H is none); None: not used. ``source``: the
+    plan file they come from (else the flags)."""
     hidden = getattr(config, "hidden_size", None)
     if not isinstance(hidden, int) or hidden < 1:
         return
     for flag, value, what in (("--lora-r", lora_r, "LoRA rank"), ("--adapter-size", adapter_size, "adapter bottleneck")):
+        if value is not None and value > hidden and source:
+            raise ValueError(f"fastsel: --plan {source}: its {what} is {value}, more than the model's hidden size, {hidden} "
+                             f"(it must be 1..{hidden}): fix the plan, or make it again with fastsel plan")
         if value is not None and value > hidden:
             raise ValueError(f"fastsel: {flag} {value}: the {what} must be at most the model's hidden size, {hidden} "
                              f"(use {flag} 1..{hidden})")
@@ -130,8 +140,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         scores = read_scores(args.scores)
         check_scores_fit(scores, layer_map, args.scores, args.model)
     plan = _plan_from_args(args, layer_map.num_layers, scores)
-    check_tuning_sizes(config, lora_r=plan.lora_spec.r if plan.lora_spec else None,
-                       adapter_size=max((t.adapter_size or 0 for t in plan.blocks), default=0) or None)
+    check_tuning_sizes(config, **_plan_sizes(plan))
     plan = with_counts(plan, config)
     print(plan.table())
     if args.peft:
@@ -198,6 +207,11 @@ def _check_finetune_args(args: argparse.Namespace) -> None:
         raise ValueError(f"fastsel: --rank-epochs {args.rank_epochs}: epoch(s) {bad} outside 0..{args.epochs} "
                          f"(0: before training, {args.epochs}: after the last of --epochs {args.epochs})")
     if args.plan:
+        try:
+            plan, config = Plan.from_json(args.plan), load_config(args.model, 2)
+        except Exception:  # noqa: BLE001 - run_finetune reads both again and reports what is wrong, in one line
+            return
+        check_tuning_sizes(config, **_plan_sizes(plan), source=args.plan)
         return
     check_tuner(args.strategy, args.tuner)
     strategy, _ = find_strategy(args.strategy)

@@ -274,6 +274,20 @@ def test_finetune_bad_values_are_refused_before_loading(tmp_path, capsys, monkey
     assert what in _error_line(capsys) and not Path("run").exists()
 
 
+def test_finetune_plan_file_sizes_are_checked(tmp_path, capsys, tiny_dir, data_dir):
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--model", tiny_dir, "--strategy", "lora-i", "--lora-r", "2", "--out", str(plan)]) == 0
+    capsys.readouterr()
+    data = json.loads(plan.read_text())
+    for block in data["blocks"]:
+        block["lora"]["r"] = 100000
+    plan.write_text(json.dumps(data))
+    rc = main(["finetune", "--model", tiny_dir, "--task", "rte", "--data-dir", str(data_dir), "--plan", str(plan),
+               "--no-progress", "--out", str(tmp_path / "run")])
+    line = _error_line(capsys)
+    assert rc == 2 and f"--plan {plan}: its LoRA rank is 100000" in line and not (tmp_path / "run").exists()
+
+
 def test_finetune_fisher_mode_is_checked_for_every_strategy(capsys, tiny_dir, data_dir):
     with pytest.raises(SystemExit) as exc:
         main(["finetune", "--model", tiny_dir, "--task", "rte", "--data-dir", str(data_dir), "--strategy", "position-top-1",
