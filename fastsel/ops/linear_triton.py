@@ -42,6 +42,7 @@ __all__ = [
     "TRITON_IMPORT_ERROR",
     "FP32_INPUT_PRECISION",
     "compile_for_target",
+    "make_autotuner",
 ]
 
 try:
@@ -252,14 +253,23 @@ def choose_example_splits(units: int, steps_per_unit: int, tiles: int, slots: in
     return max(1, math.ceil(units / max(1, best_c)))
 
 
+_TUNING_KEY = ["shape_class", "SQUARED", "HAS_BIAS"]  # + the operand dtypes, which Triton's autotuner adds
+
+
+def make_autotuner(configs: list[TritonConfig], kernel, do_bench=None):
+    """The kernel autotuned over ``configs``, per shape class, operand dtypes, T = 1 or not and bias or not;
+    out and bias are restored between trials (they are accumulated into). The choices are kept in Triton's
+    cache (cache_results): a machine tunes each key once, not once per process. ``do_bench``: Triton's
+    default (CUDA events) when None."""
+    tconfigs = [triton.Config(c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
+    return triton.autotune(configs=tconfigs, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune},
+                           restore_value=["out_ptr", "bias_ptr"], cache_results=True, do_bench=do_bench)(kernel)
+
+
 @functools.lru_cache(maxsize=16)
 def _autotuned(capability: tuple[int, int]):
-    """The kernel autotuned over this capability's configurations; out and bias are restored between trials."""
-    configs = [triton.Config(c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages)
-               for c in configs_for_capability(capability)]
-    return triton.autotune(configs=configs, key=["shape_class", "SQUARED", "HAS_BIAS"],
-                           prune_configs_by={"early_config_prune": _prune},
-                           restore_value=["out_ptr", "bias_ptr"])(_linear_sq_grad_kernel)
+    """The autotuned kernel of a GPU capability (one per process and capability: its choices live in it)."""
+    return make_autotuner(configs_for_capability(capability), _plain_kernel(False))
 
 
 @functools.lru_cache(maxsize=2)
@@ -321,16 +331,18 @@ def _sm_count(device: torch.device) -> int:
 
 
 def accumulate_linear_sq_grad_triton(out: Tensor, grad_output: Tensor, input: Tensor, bias_out: Tensor | None = None,
-                                     *, config: TritonConfig | None = None, splits: int | None = None) -> None:
+                                     *, config: TritonConfig | None = None, splits: int | None = None,
+                                     autotune: bool | None = None) -> None:
     """Triton backend of :func:`fastsel.ops.linear.accumulate_linear_sq_grad`, with the bias in the same launch.
 
     out (O, I) float32 contiguous, updated in place; grad_output (B, *, O); input (B, *, I) (the middle dims are
     positions; any strides as long as they flatten to (B, T, F) without a copy, else a copy is made);
     bias_out (O,) float32 or None: += sum_b (sum_t grad_output[b, t])^2, the bias of y = x W^T + b.
     Operand dtypes as the CUDA kernels: fp32, bf16, fp16; half + fp32 is computed in the half type; other
-    pairs in fp32. ``config``: one fixed configuration instead of the autotuned ones (the interpreter uses
-    :data:`INTERPRETER_CONFIG`); ``splits``: programs per output tile over the examples (None: chosen so that
-    the tiles fill the GPU's SMs).
+    pairs in fp32. ``config``: one fixed configuration instead of the autotuned ones; ``autotune``: None
+    autotunes on a GPU and runs :data:`INTERPRETER_CONFIG` in the interpreter, True autotunes there too
+    (tests); ``splits``: programs per output tile over the examples (None: chosen so that the tiles fill the
+    GPU's SMs).
     """
     if triton is None:
         raise RuntimeError(f"fastsel: the triton backend is unavailable: {TRITON_IMPORT_ERROR}")
@@ -378,8 +390,8 @@ def accumulate_linear_sq_grad_triton(out: Tensor, grad_output: Tensor, input: Te
             shape_class_code(B, T, O, I))
     consts = dict(HAS_BIAS=has_bias, SQUARED=squared, CAST=_CAST_CODES[compute], PRECISION=FP32_INPUT_PRECISION,
                   INTERPRET=interpret)
-    if config is None and not interpret:
-        capability = torch.cuda.get_device_capability(out.device)
+    if config is None and (autotune or (autotune is None and not interpret)):
+        capability = torch.cuda.get_device_capability(out.device) if out.is_cuda else (0, 0)
         _autotuned(capability)[grid](*args, **consts)
         return
     config = config or INTERPRETER_CONFIG

@@ -250,3 +250,23 @@ def test_the_kernel_compiles_for_the_gpus(capability, g_dtype, x_dtype, config, 
     ptx = compiled.asm["ptx"]
     assert instruction in ptx
     assert "cp.async" in ptx
+
+
+def test_the_autotuned_launch_restores_the_accumulators(monkeypatch):
+    """The autotuner runs every configuration on the real out and bias: they must be restored between trials
+    (else the sums count once per configuration). Timed here by the wall clock (Triton's default needs CUDA)."""
+    import time
+
+    def wall_clock(fn, quantiles):
+        start = time.perf_counter()
+        fn()
+        return [time.perf_counter() - start] * len(quantiles)
+
+    configs = [SMALL, TritonConfig(32, 32, 16, 4, 1), TritonConfig(64, 64, 64, 4, 1)]  # the last: pruned (T = 9)
+    tuner = linear_triton.make_autotuner(configs, linear_triton._plain_kernel(DEVICE == "cpu"), do_bench=wall_clock)
+    monkeypatch.setattr(linear_triton, "_autotuned", lambda capability: tuner)
+    g, x = make((3, 9, 20, 18), torch.float32)
+    out, bias_out = run(g, x, config=None, autotune=True)
+    assert_close(out, oracle_linear(g.cpu(), x.cpu()) + 0.5, **TOL)
+    assert_close(bias_out, oracle_bias(g.cpu()) + 0.5, **TOL)
+    assert len(tuner.configs_timings) == 2 and tuner.best_config.kwargs["BLOCK_T"] == 16
