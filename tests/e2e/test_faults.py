@@ -19,7 +19,33 @@ from fastsel.cli.app import main
 from fastsel.pipeline.checkpoint import load_checkpoint, rank_file
 from tests.dist_helpers import free_port
 
-FAULTS = {"injected": 0}
+FAULTS = {"injected": 0}  # faults injected in this session, incremented where each test injects one
+# faults each test injects when it runs to the end: test_zz_fault_count checks the session's count against it
+EXPECTED_FAULTS = {
+    "test_killed_rank_makes_the_other_stop_with_a_clear_error": 1,      # SIGKILL of rank 1
+    "test_stopped_rank_times_out_instead_of_hanging": 1,                # SIGSTOP of rank 1
+    "test_sigterm_is_one_line_and_the_checkpoint_resumes": 1,           # SIGTERM
+    "test_unwritable_out_and_checkpoint_fail_first_and_leave_nothing": 4,  # four unwritable paths
+    "test_full_disk_while_checkpointing_keeps_the_last_checkpoint": 1,  # ENOSPC from the second fsync
+    "test_real_write_error_from_the_kernel_leaves_no_partial_file": 1,  # RLIMIT_FSIZE
+    "test_two_runs_build_the_same_cache_at_once": 1,                    # three concurrent cache builds
+}
+RAN: dict[str, int] = {}  # test -> faults it injected, for every test of this module that ran in this session
+PROCS: list[subprocess.Popen] = []  # every background process the tests started
+
+
+@pytest.fixture(autouse=True)
+def _count_faults(request):
+    before = FAULTS["injected"]
+    yield
+    if request.node.originalname in EXPECTED_FAULTS:
+        RAN[request.node.originalname] = FAULTS["injected"] - before
+
+
+def _popen(*args, **kwargs) -> subprocess.Popen:
+    proc = subprocess.Popen(*args, **kwargs)
+    PROCS.append(proc)
+    return proc
 
 
 def _args(tiny_dir, data_dir, *extra, n=400):
@@ -38,8 +64,8 @@ def _errors(stderr: str) -> list[str]:
 def _launch(argv, env, rank, world, port):
     e = dict(env, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return subprocess.Popen([sys.executable, "-m", "fastsel", *argv], env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return _popen([sys.executable, "-m", "fastsel", *argv], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                  text=True)
 
 
 def test_killed_rank_makes_the_other_stop_with_a_clear_error(tmp_path, tiny_dir, data_dir, env):
@@ -116,8 +142,8 @@ def test_sigterm_is_one_line_and_the_checkpoint_resumes(tmp_path, tiny_dir, data
     """torchrun stops the surviving ranks with SIGTERM (so do schedulers): one line, exit 143, resumable."""
     ckdir, out = tmp_path / "ckpt", tmp_path / "s.json"
     argv = _args(tiny_dir, data_dir, "--checkpoint", str(ckdir), "--checkpoint-every", "8", "--out", str(out), n=200)
-    proc = subprocess.Popen([sys.executable, "-m", "fastsel", *argv], env=dict(env, PYTHONFAULTHANDLER="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _popen([sys.executable, "-m", "fastsel", *argv], env=dict(env, PYTHONFAULTHANDLER="1"),
+                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None and not rank_file(ckdir, 0, 1).exists():
@@ -212,9 +238,10 @@ def test_real_write_error_from_the_kernel_leaves_no_partial_file(tmp_path, tiny_
 def test_two_runs_build_the_same_cache_at_once(tmp_path, tiny_dir, data_dir, env):
     e = dict(env, FASTSEL_CACHE=str(tmp_path / "cache"))
     outs = [tmp_path / f"s{i}.json" for i in range(3)]
-    procs = [subprocess.Popen([sys.executable, "-m", "fastsel", *_args(tiny_dir, data_dir, "--out", str(o), n=300)],
-                              env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for o in outs]
-    FAULTS["injected"] += 1
+    procs = [_popen([sys.executable, "-m", "fastsel", *_args(tiny_dir, data_dir, "--out", str(o), n=300)],
+                    env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for o in outs]
+    if all(p.poll() is None for p in procs):  # all three running at once (each takes seconds to import torch)
+        FAULTS["injected"] += 1
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(x[-1500:] for x in errs)
     core = [{k: json.loads(o.read_text())[k] for k in ("layers", "ranking", "extra")} for o in outs]
@@ -227,6 +254,14 @@ def test_two_runs_build_the_same_cache_at_once(tmp_path, tiny_dir, data_dir, env
 
 
 def test_zz_fault_count(capsys):
-    """Last in the module: prints how many faults were injected (each test above asserted nothing was lost)."""
+    """Last in the module: every fault test that ran in this session injected exactly its faults, the session's
+    counter is their sum (and not zero), and no process a test started is still running."""
+    if not RAN:
+        pytest.skip("no fault-injecting test of this module ran in this session (deselected)")
+    assert RAN == {t: EXPECTED_FAULTS[t] for t in RAN}, "a test did not inject exactly its faults"
+    assert FAULTS["injected"] == sum(EXPECTED_FAULTS[t] for t in RAN) > 0
+    running = [p.args for p in PROCS if p.poll() is None]
+    assert not running, f"processes left running: {running}"
     with capsys.disabled():
-        print(f"\nfaults injected: {FAULTS['injected']}, runs left hanging: 0, partial files: 0")
+        print(f"\nfaults injected: {FAULTS['injected']} by {len(RAN)} tests; processes started in the background: "
+              f"{len(PROCS)}, left running: {len(running)}")
