@@ -35,7 +35,18 @@ from fastsel.data.tasks import load_custom_examples, load_examples  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 SCALE = float(os.environ.get("FASTSEL_FUZZ_SCALE", "1"))
 STATS: dict = {"inputs": 0, "failures": 0, "errors": collections.Counter(), "by_test": collections.Counter(),
-               "ok_by_test": collections.Counter()}
+               "ok_by_test": collections.Counter(), "started": collections.Counter(), "valid": collections.Counter(),
+               "valid_ok": collections.Counter()}
+# The fuzz tests' labels in STATS, and how many of their inputs must at least succeed in a run: the reader tests
+# generate inputs known to be valid (clean files), every one of which must be read (asserted input by input);
+# the command-line tests mix valid and invalid options, and at least one of their inputs must run through.
+# (5 of the 100-150 reader inputs at the default scale: the derandomized run generates 38 valid GLUE files, 12
+# SuperGLUE, 17 custom; the bound is loose so that fresh draws, FASTSEL_FUZZ_RANDOM=1, do not fail it by chance)
+_AT_LEAST = max(1, min(5, int(5 * SCALE)))
+MIN_VALID = {"glue": _AT_LEAST, "superglue": _AT_LEAST, "custom": _AT_LEAST, "cli-files": 1}
+MIN_OK = {"glue": _AT_LEAST, "superglue": _AT_LEAST, "custom": _AT_LEAST, "cli-files": 1, "cli-options": 1,
+          "cli-plan": 1, "cli-finetune": 1, "subprocess": 0}
+RAN: dict[str, str] = {}  # pytest test name -> its STATS label, for the tests that ran in this session
 _UNIQUE = itertools.count()
 
 
@@ -55,11 +66,20 @@ def _template(msg: str) -> str:
     return msg[:160]
 
 
-def _record(test: str, error: str | None) -> None:
+def _begin(test: str, valid: bool = False) -> None:
+    """At the start of every generated case: counts the cases the test body really ran (and the valid ones)."""
+    STATS["started"][test] += 1
+    STATS["valid"][test] += bool(valid)
+
+
+def _record(test: str, error: str | None, valid: bool = False) -> None:
+    """The outcome of one case; a valid input (a well-formed file the reader must accept) must have succeeded."""
+    assert error is None or not valid, f"a valid {test} input was rejected: {error}"
     STATS["inputs"] += 1
     STATS["by_test"][test] += 1
     if error is None:
         STATS["ok_by_test"][test] += 1
+        STATS["valid_ok"][test] += bool(valid)
     else:
         STATS["failures"] += 1
         STATS["errors"][_template(error)] += 1
@@ -68,8 +88,18 @@ def _record(test: str, error: str | None) -> None:
 def _summary() -> str:
     n_err = len(STATS["errors"])
     return (f"fuzz: {STATS['inputs']} inputs tried ({dict(STATS['by_test'])}), {STATS['inputs'] - STATS['failures']} "
-            f"succeeded ({dict(STATS['ok_by_test'])}), {STATS['failures']} one-line errors of {n_err} distinct kinds, "
-            "0 tracebacks")
+            f"succeeded ({dict(STATS['ok_by_test'])}; valid inputs {dict(STATS['valid'])}, all read), "
+            f"{STATS['failures']} one-line errors of {n_err} distinct kinds")
+
+
+@pytest.fixture(autouse=True)
+def _which(request):
+    """Records which fuzz test ran (its STATS label is the one its cases recorded under)."""
+    before = collections.Counter(STATS["started"])
+    yield
+    labels = [k for k in STATS["started"] if STATS["started"][k] != before[k]]
+    if labels:
+        RAN[request.node.name] = labels[0]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,14 +151,17 @@ def damaged(draw, text: str) -> bytes:
     return data
 
 
+LABEL_COLUMNS = ("label", "gold_label", "Quality", "score", "y")  # the columns that get labels, not words
+
+
 @st.composite
-def table_file(draw, columns: list[str], labels, sep: str = "\t", header: bool = True, good_labels=None) -> bytes:
-    """A TSV/CSV file; about half of them clean (every field plain words, valid labels, no damage)."""
+def table_file(draw, columns: list[str], labels, sep: str = "\t", header: bool = True, good_labels=None) -> tuple[bytes, bool]:
+    """(a TSV/CSV file, clean); about half of them clean (every field plain words, valid labels, no damage)."""
     cols = list(columns)
     if good_labels is not None and draw(st.booleans()):
-        rows = [_join([draw(good_labels) if c in ("label", "Quality", "score", "y") else draw(WORDS) for c in cols],
+        rows = [_join([draw(good_labels) if c in LABEL_COLUMNS else draw(WORDS) for c in cols],
                       sep, True) for _ in range(draw(st.integers(4, 10)))]
-        return ("\n".join(([_join(cols, sep, True)] if header else []) + rows) + "\n").encode()
+        return ("\n".join(([_join(cols, sep, True)] if header else []) + rows) + "\n").encode(), True
     mutate = draw(mostly(st.just("ok"), st.sampled_from(["drop", "extra", "shuffle", "rename"]), 7))
     if mutate == "drop" and cols:
         cols.pop(draw(st.integers(0, len(cols) - 1)))
@@ -141,13 +174,13 @@ def table_file(draw, columns: list[str], labels, sep: str = "\t", header: bool =
     n = draw(mostly(st.integers(4, 12), st.integers(0, 3), 8))
     rows = []
     for _ in range(n):
-        row = [draw(labels) if c in ("label", "Quality", "score", "y") else draw(FIELD) for c in cols]
+        row = [draw(labels) if c in LABEL_COLUMNS else draw(FIELD) for c in cols]
         if draw(st.integers(0, 39)) == 0:  # missing or extra fields
             row = row[: draw(st.integers(0, len(row)))] if draw(st.booleans()) else row + [draw(FIELD)]
         rows.append(_join(row, sep, draw(st.integers(0, 9)) > 0))
     eol = draw(mostly(st.just("\n"), st.sampled_from(["\r\n", "\r"]), 6))
     lines = ([_join(cols, sep, True)] if header else []) + rows
-    return draw(damaged(eol.join(lines) + (eol if draw(st.booleans()) else "")))
+    return draw(damaged(eol.join(lines) + (eol if draw(st.booleans()) else ""))), False
 
 
 def _join(row: list[str], sep: str, quote: bool) -> str:
@@ -179,16 +212,17 @@ def _check_examples(ex) -> None:
             assert isinstance(y, int) and (0 <= y < ex.task.num_labels or (y == -1 and ex.split.startswith("test")))
 
 
-def _contract(test: str, read) -> None:
+def _contract(test: str, read, valid: bool = False) -> None:
+    _begin(test, valid)
     try:
         ex = read()
     except (ValueError, OSError) as exc:  # the CLI prints these as one `error:` line, exit code 2
         msg = str(exc)
         assert msg.strip(), f"empty error message from {type(exc).__name__}"
-        _record(test, msg)
+        _record(test, msg, valid)
         return
     _check_examples(ex)
-    _record(test, None)
+    _record(test, None, valid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,17 +245,17 @@ def test_fuzz_glue_tsv(tmp_path_factory, task, split, data):
     base = tmp_path_factory.mktemp("glue")
     if task == "cola":  # no header: source, label, orig_label, sentence
         good = st.sampled_from(["0", "1"])
-        folder, blob = "CoLA", data.draw(table_file(["source", "label", "orig", "sentence"], mostly(good, FIELD, 9),
-                                                     header=False, good_labels=good))
+        folder, (blob, clean) = "CoLA", data.draw(table_file(["source", "label", "orig", "sentence"],
+                                                              mostly(good, FIELD, 9), header=False, good_labels=good))
     else:
         folder, cols, labels = GLUE[task]
         if task == "mnli" and "gold_label" in cols:
             cols = [c if c != "gold_label" else "label" for c in cols] if data.draw(st.booleans()) else cols
-        blob = data.draw(table_file(cols, mostly(labels, FIELD, 9), good_labels=labels))
+        blob, clean = data.draw(table_file(cols, mostly(labels, FIELD, 9), good_labels=labels))
     names = {"train": "train.tsv", "validation": "dev_matched.tsv" if task == "mnli" else "dev.tsv",
              "test": "test_matched.tsv" if task == "mnli" else "test.tsv"}
     _write(base, f"glue/{folder}/{names[split]}", blob)
-    _contract("glue", lambda: load_examples(task, base, split))
+    _contract("glue", lambda: load_examples(task, base, split), valid=clean)
 
 
 def _sg_record(task: str, clean: bool = False):
@@ -258,22 +292,28 @@ def _sg_record(task: str, clean: bool = False):
        split=st.sampled_from(["train", "validation", "test"]), data=st.data())
 def test_fuzz_superglue_jsonl(tmp_path_factory, task, split, data):
     base = tmp_path_factory.mktemp("sg")
-    if data.draw(st.booleans()):
+    clean = data.draw(st.booleans())
+    if clean:
         records = data.draw(st.lists(_sg_record(task, clean=True), min_size=2, max_size=5))
     else:
         records = data.draw(st.lists(mostly(_sg_record(task), JSONV, 9), max_size=6))
-    lines = [json.dumps(r) if data.draw(st.integers(0, 29)) else data.draw(FIELD) for r in records]
+    keep = [data.draw(st.integers(0, 29)) > 0 for _ in records]  # about 1 line in 30 replaced by a random field
+    lines = [json.dumps(r) if k else data.draw(FIELD) for r, k in zip(records, keep)]
     blob = "\n".join(lines) + "\n"
-    blob = data.draw(damaged(blob)) if data.draw(st.booleans()) else blob.encode()
+    damage = data.draw(st.booleans())
+    blob = data.draw(damaged(blob)) if damage else blob.encode()
+    clean = clean and all(keep) and not damage
     folder = {"boolq": "BoolQ", "cb": "CB", "copa": "COPA", "wic": "WiC", "wsc": "WSC", "multirc": "MultiRC",
               "sg-rte": "RTE"}[task]
     name = {"train": "train.jsonl", "validation": "val.jsonl", "test": "test.jsonl"}[split]
     _write(base, f"superglue/{folder}/{name}", blob)
-    _contract("superglue", lambda: load_examples(task, base, split))
+    _contract("superglue", lambda: load_examples(task, base, split), valid=clean)
 
 
 @st.composite
-def custom_file(draw) -> tuple[str, bytes, list[str], bool]:
+def custom_file(draw) -> tuple[str, bytes, list[str], bool, bool]:
+    """(extension, file bytes, text fields, regression, clean): clean files (a known extension and fields, rows of
+    plain words and valid labels, nothing damaged) must be read."""
     ext = draw(mostly(st.sampled_from([".csv", ".tsv", ".jsonl", ".json"]), st.sampled_from([".txt", ".CSV", ""]), 9))
     regression = draw(st.integers(0, 3)) == 0
     fields = draw(mostly(st.sampled_from([["text"], ["a", "b"]]), st.sampled_from([["text", "missing"], ["a", "b", "c"], []]), 8))
@@ -281,31 +321,43 @@ def custom_file(draw) -> tuple[str, bytes, list[str], bool]:
     label = mostly(good, st.one_of(st.floats(-2, 2).map(str), FIELD), 8)
     if ext in (".csv", ".tsv"):
         cols = [f for f in fields if f != "missing"] + ["y"]
-        blob = draw(table_file(cols, label, sep="," if ext == ".csv" else "\t", good_labels=good))
+        blob, clean = draw(table_file(cols, label, sep="," if ext == ".csv" else "\t", good_labels=good))
     else:
         value = mostly(WORDS, st.one_of(st.text(max_size=12), JSONV), 8)
         jlabel = mostly(st.floats(-2, 2) if regression else st.sampled_from(["pos", "neg", 0, 1, True]), JSONV, 8)
         row = mostly(st.fixed_dictionaries({"text": value, "a": value, "b": value, "y": jlabel}),
                      st.fixed_dictionaries({}, optional={"text": value, "a": value, "b": value, "y": jlabel}), 8)
-        if draw(st.booleans()):  # clean
+        clean = draw(st.booleans())
+        if clean:
             value, jlabel = WORDS, (st.floats(-2, 2) if regression else st.sampled_from(["pos", "neg", 0, 1]))
             row = st.fixed_dictionaries({"text": value, "a": value, "b": value, "y": jlabel})
-        rows = draw(st.lists(row, min_size=4, max_size=12) if draw(st.integers(0, 4)) else st.lists(row, max_size=3))
+        many = draw(st.integers(0, 4)) > 0
+        rows = draw(st.lists(row, min_size=4, max_size=12) if many else st.lists(row, max_size=3))
+        clean = clean and many
         if ext == ".json":
-            text = json.dumps(rows) if draw(st.integers(0, 4)) else "[" + draw(st.text(max_size=20))
+            whole = draw(st.integers(0, 4)) > 0
+            text = json.dumps(rows) if whole else "[" + draw(st.text(max_size=20))
+            clean = clean and whole
         else:
-            text = "\n".join(json.dumps(r) if draw(st.integers(0, 29)) else draw(FIELD) for r in rows)
-        blob = draw(damaged(text)) if draw(st.booleans()) else text.encode()
-    return ext, blob, fields, regression
+            keep = [draw(st.integers(0, 29)) > 0 for _ in rows]  # about 1 line in 30 replaced by a random field
+            text = "\n".join(json.dumps(r) if k else draw(FIELD) for r, k in zip(rows, keep))
+            clean = clean and all(keep)
+        damage = draw(st.booleans())
+        blob = draw(damaged(text)) if damage else text.encode()
+        clean = clean and not damage
+    clean = clean and ext in (".csv", ".tsv", ".jsonl", ".json") and fields in (["text"], ["a", "b"])
+    return ext, blob, fields, regression, clean
 
 
 @_settings(150)
 @given(spec=custom_file(), balanced=st.booleans(), num=st.one_of(st.none(), st.integers(1, 8)))
 def test_fuzz_custom_files(tmp_path_factory, spec, balanced, num):
-    ext, blob, fields, regression = spec
+    ext, blob, fields, regression, clean = spec
     path = _write(tmp_path_factory.mktemp("custom"), f"data{ext}", blob)
     _contract("custom", lambda: load_custom_examples(path, fields, "y", regression=regression, num_examples=num,
-                                                     seed=0, balanced=balanced))
+                                                     seed=0, balanced=balanced),
+              # balanced sampling needs a number of examples and classes
+              valid=clean and not (balanced and (num is None or regression)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,22 +399,24 @@ def _check_scores_file(path: Path) -> None:
             assert math.isfinite(x["trace"]), x
 
 
-def _cli_contract(test: str, argv: list[str], outs: list[Path]) -> None:
+def _cli_contract(test: str, argv: list[str], outs: list[Path], valid: bool = False) -> None:
+    _begin(test, valid)
     rc, out, err = _run_cli(argv)
     errors = [l for l in err.splitlines() if l.startswith("error:")]
     assert "Traceback" not in err, err
     if rc == 0:
         assert not errors, err
-        for p in outs:
-            if p.exists():
-                _check_scores_file(p)
-        _record(test, None)
+        written = [p for p in outs if p.exists()]
+        assert written, f"exit code 0 but none of {outs} written"
+        for p in written:
+            _check_scores_file(p)
+        _record(test, None, valid)
     else:
         assert len(errors) == 1, f"rc={rc}, stderr: {err[-2000:]}"
         assert "internal error" not in errors[0], errors[0]
         for p in outs:  # nothing written on failure
             assert not p.exists(), p
-        _record(test, errors[0][len("error:"):].strip())
+        _record(test, errors[0][len("error:"):].strip(), valid)
 
 
 @_settings(16)
@@ -371,7 +425,7 @@ def _cli_contract(test: str, argv: list[str], outs: list[Path]) -> None:
                                        ["--max-tokens", "40"], ["--max-length", "3"]]), max_size=2),
        clean=st.one_of(st.none(), st.sampled_from([["pos", "neg"], [0, 1, 2], [0.5, 1.5, -1.0], ["x", 2, True]])))
 def test_fuzz_cli_on_fuzzed_files(tmp_path_factory, tiny_dir, spec, metric, extra, clean):
-    ext, blob, fields, _ = spec
+    ext, blob, fields, _, _ = spec
     if clean is not None:  # a well-formed file of a few classes, so that the pass itself runs
         ext, fields = ".jsonl", ["text"]
         blob = "\n".join(json.dumps({"text": t, "y": clean[i % len(clean)]}) for i, t in enumerate(
@@ -384,7 +438,10 @@ def test_fuzz_cli_on_fuzzed_files(tmp_path_factory, tiny_dir, spec, metric, extr
             "--text-fields", ",".join(fields), "--label-field", "y", "--metric", metric, "--batch-size", "3",
             "--max-length", "16", "--no-progress", "--out", str(out), *itertools.chain(*extra)]
     outs = [out] if "," not in metric else [base / f"s.{m}.json" for m in metric.split(",")]
-    _cli_contract("cli-files", argv, outs)
+    # valid: the well-formed file of two or three string/integer classes, and no option that contradicts it
+    # (--regression on class names)
+    valid = clean in (["pos", "neg"], [0, 1, 2]) and ["--regression"] not in extra
+    _cli_contract("cli-files", argv, outs, valid=valid)
 
 
 OPTIONS = {
@@ -456,6 +513,7 @@ def test_fuzz_cli_plan(tmp_path_factory, tiny_dir, opts, scores, peft):
         (base / "s.json").write_bytes(b"\xff{not json")
     if scores is not None:
         argv += ["--scores", str(base / "s.json")]
+    _begin("cli-plan")
     rc, out, err = _run_cli(argv + ["--out", str(base / "plan.json")])
     errors = [l for l in err.splitlines() if l.startswith("error:")]
     assert "Traceback" not in err
@@ -482,6 +540,7 @@ def test_subprocess_errors_are_one_line(tmp_path, tiny_dir, case):
                 "--label-field", "y", "--no-progress"]
     else:
         argv = ["score", "--batch-size", "many"]
+    _begin("subprocess")
     p = subprocess.run([sys.executable, "-m", "fastsel", *argv], env=env, capture_output=True, text=True, timeout=300)
     errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
     assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
@@ -516,6 +575,7 @@ def test_fuzz_cli_finetune(tmp_path_factory, tiny_dir, data_dir, opts, resume, p
         opts["--plan"] = str(base / "plan.json")
     argv = ["finetune", "--model", tiny_dir, "--data-dir", str(data_dir), "--train-examples", "8", "--eval-examples", "4",
             "--no-progress", "--out", str(base / "run"), *itertools.chain(*opts.items()), *(["--resume"] if resume else [])]
+    _begin("cli-finetune")
     rc, out, err = _run_cli(argv)
     errors = [l for l in err.splitlines() if l.startswith("error:")]
     assert "Traceback" not in err, err
@@ -531,6 +591,20 @@ def test_fuzz_cli_finetune(tmp_path_factory, tiny_dir, data_dir, opts, resume, p
 
 
 def test_zz_fuzz_counts(capsys):
-    """Last in the module: prints how many inputs were tried and how many distinct errors were met."""
+    """Last in the module: for every fuzz test that ran in this session, each case its body started recorded one
+    outcome, it ran cases at all, every valid input it generated was read (and there were enough of them), and enough
+    inputs succeeded; the session's totals are the sums of the tests' counts."""
+    if not RAN:
+        pytest.skip("no fuzz test of this module ran in this session (deselected)")
+    labels = sorted(set(RAN.values()))
+    for label in labels:
+        started, recorded = STATS["started"][label], STATS["by_test"][label]
+        assert started == recorded > 0, f"{label}: {started} cases started, {recorded} outcomes recorded"
+        assert STATS["valid_ok"][label] == STATS["valid"][label], label  # every valid input read
+        assert STATS["valid"][label] >= MIN_VALID.get(label, 0), (label, STATS["valid"][label])
+        assert STATS["ok_by_test"][label] >= MIN_OK[label], (label, STATS["ok_by_test"][label])
+    assert set(STATS["by_test"]) == set(labels)
+    assert STATS["inputs"] == sum(STATS["by_test"].values()) > 0
+    assert STATS["failures"] == STATS["inputs"] - sum(STATS["ok_by_test"].values()) == sum(STATS["errors"].values())
     with capsys.disabled():
         print("\n" + _summary())
