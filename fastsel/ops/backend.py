@@ -195,7 +195,7 @@ def triton_status() -> tuple[str | None, str]:
     """(triton's version or None, why): imported once, on first use only (it takes a while)."""
     try:
         import triton
-        import triton.language  # noqa: F401  (a broken install fails here)
+        import triton.language  # a broken install fails here
     except Exception as exc:  # ImportError, or an OSError from libtriton
         return None, f"triton not importable: {type(exc).__name__}: {exc}"
     return triton.__version__, f"triton {triton.__version__}"
