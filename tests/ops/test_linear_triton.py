@@ -111,6 +111,12 @@ def test_mixed_operands_are_computed_in_the_half_type(half):
     assert_close(out, oracle_linear(g_fp32.to(half).cpu(), x_half.cpu()) + 0.5, **TOL)
 
 
+def test_mixed_operands_with_one_position_square_the_half_rounded_values():
+    g, x = make((19, 1, 20, 18), torch.float16, torch.float32)  # fp16: rounded in the kernel, even interpreted
+    out, _ = run(g, x, bias=False)
+    assert_close(out, oracle_linear(g.cpu(), x.to(torch.float16).cpu()) + 0.5, **TOL)
+
+
 def test_two_different_half_types_are_computed_in_fp32():
     g, _ = make((2, 7, 17, 18), torch.bfloat16)
     _, x = make((2, 7, 17, 18), torch.float16)
