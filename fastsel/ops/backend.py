@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,13 +141,13 @@ def _env_choices(raw: str) -> tuple[tuple[str | None, str], ...]:
 
 def _check_env_part(raw: str, op: str | None, name: str) -> None:
     """ValueError (one line) for an unknown backend or op name in FASTSEL_BACKEND: never ignored silently."""
-    from fastsel.ops import OPS  # the package, loaded by the time a backend is chosen
-
+    # fastsel.ops.OPS without an import (the package imports this module): it is loaded when a backend is chosen
+    ops = getattr(sys.modules.get("fastsel.ops"), "OPS", None)
     if name not in LINEAR_BACKENDS:
         raise ValueError(f"fastsel: {BACKEND_ENV}={raw}: unknown backend {name!r}; choose from {', '.join(LINEAR_BACKENDS)} "
                          f"({BACKEND_ENV}=NAME, or OP=NAME,... per op), or unset {BACKEND_ENV}")
-    if op is not None and op not in OPS:
-        raise ValueError(f"fastsel: {BACKEND_ENV}={raw}: unknown op {op!r}; the ops are {', '.join(OPS)}")
+    if op is not None and ops and op not in ops:
+        raise ValueError(f"fastsel: {BACKEND_ENV}={raw}: unknown op {op!r}; the ops are {', '.join(ops)}")
 
 
 def env_problem() -> str | None:
