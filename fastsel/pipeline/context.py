@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastsel.data.corpus import TokenizedCorpus
 from fastsel.data.tasks import Examples, TaskSpec, make_dataloader
 from fastsel.hf.layer_map import LayerMap
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
@@ -58,3 +59,4 @@ class PipelineContext:
     task: TaskSpec
     device: torch.device
     num_examples: int
+    corpus: TokenizedCorpus | None = None  # the pass's data (the Fisher label-dependence check rereads a share of it)

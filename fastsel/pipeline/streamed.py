@@ -386,7 +386,7 @@ def _run_pipeline(cfg: ScoreConfig, pcfg: PipelineConfig, env: DistEnv, names: l
     check_metrics_fit_task(names, task)
     model, tokenizer, layer_map = load_model(cfg.model, num_labels=1 if task.is_regression else task.num_labels,
                                              seed=cfg.seed, device=env.device)
-    ctx = PipelineContext(cfg, pcfg, model, tokenizer, layer_map, task, env.device, len(corpus))
+    ctx = PipelineContext(cfg, pcfg, model, tokenizer, layer_map, task, env.device, len(corpus), corpus)
     consumers = [CONSUMERS[n](ctx) for n in names]
     start = time.perf_counter()
     result = run_pass(ctx, corpus, consumers, env, progress=progress)

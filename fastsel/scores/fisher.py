@@ -24,12 +24,15 @@ from torch import Tensor, nn
 from fastsel.capture.per_example import SquaredGradAccumulator
 from fastsel.hf.io import eval_mode, logits_of, model_inputs
 from fastsel.hf.layer_map import EMBEDDINGS, HEAD, POOLER, LayerMap, map_layers
-from fastsel.scores.confidence import group_ids
+from fastsel.scores.confidence import group_ids, kendall_tau_b
 from fastsel.scores.layer_scores import LayerScore, LayerScores
 from fastsel.utils.progress import progress_bar
 
 __all__ = [
     "FISHER_MODES",
+    "AGGREGATES",
+    "block_aggregates",
+    "aggregation_summary",
     "FisherAccumulation",
     "LIKELIHOODS",
     "Likelihood",
@@ -243,8 +246,9 @@ class FisherAccumulation:
 
     def group_scores(self, groups: Sequence[int], layer_map: LayerMap | None = None,
                      group_sums: Sequence[Mapping[str, Tensor]] | None = None,
-                     group_counts: Sequence[int] | None = None) -> list[float]:
-        """Block scores of the examples of ``groups`` alone (their sums in float64 over their count)."""
+                     group_counts: Sequence[int] | None = None, aggregate: str = "frobenius") -> list[float]:
+        """Block scores (``aggregate``: frobenius, trace or tensor_norm_sum) of the examples of ``groups`` alone (their
+        sums in float64 over their count)."""
         group_sums = self.acc.group_sums if group_sums is None else group_sums
         group_counts = self.acc.group_counts if group_counts is None else group_counts
         n = sum(group_counts[g] for g in groups)
@@ -252,7 +256,7 @@ class FisherAccumulation:
             raise ValueError(f"no examples in groups {list(groups)}")
         diag = {name: sum(group_sums[g][name].double() for g in groups) / n for name in self.acc.sums}
         layers, _ = layer_statistics(diag, self.model, layer_map)
-        return [l["score"] for l in layers]
+        return [l[_STAT_OF[aggregate]] for l in layers]
 
 
 def fisher_diagonal(
@@ -287,14 +291,17 @@ def fisher_diagonal(
 
 
 def group_statistics(diagonal: Mapping[str, Tensor], names: Iterable[str]) -> dict[str, float]:
-    """{'score': sqrt(sum F^2), 'trace': sum F, 'num_params'} over the named parameters (float64 sums)."""
-    sq, tr, n = 0.0, 0.0, 0
+    """{'score': sqrt(sum F^2), 'trace': sum F, 'tensor_norm_sum': sum over tensors of sqrt(sum F^2), 'num_params'}
+    over the named parameters (float64 sums)."""
+    sq, tr, norms, n = 0.0, 0.0, 0.0, 0
     for name in names:
         d = diagonal[name].double()
-        sq += float(d.square().sum())
+        t = float(d.square().sum())
+        sq += t
+        norms += math.sqrt(t)
         tr += float(d.sum())
         n += d.numel()
-    return {"score": math.sqrt(sq), "trace": tr, "num_params": n}
+    return {"score": math.sqrt(sq), "trace": tr, "tensor_norm_sum": norms, "num_params": n}
 
 
 def layer_statistics(diagonal: Mapping[str, Tensor], model: nn.Module, layer_map: LayerMap | None = None) -> tuple[list[dict], dict]:
@@ -335,12 +342,57 @@ def fisher_layer_scores(
     return scores, result
 
 
-def fisher_scores(
-    result: FisherResult, model: nn.Module, layer_map: LayerMap | None = None, *, model_name: str = "", task: str = "", split: str = ""
-) -> "LayerScores":
-    """LayerScores of a FisherResult: blocks ranked by sqrt(sum F_j^2), extras (embeddings, pooler, head) unranked."""
+# How a block's diagonal becomes one number (``--aggregate``); the first is the paper's and the default.
+AGGREGATES: dict[str, str] = {
+    "frobenius": "sqrt(sum F^2) over the block's parameters (Lodha et al., eq. 1)",
+    "trace": "sum F over the block's parameters",
+    "tensor_norm_sum": "the sum over the block's tensors of sqrt(sum F^2) (what the public code of Lodha et al. computes)",
+    "label_specific": "frobenius with the gold labels / frobenius with permuted labels (the label-dependence subset): "
+                      "how much more the labels say about the block than random labels",
+}
+_STAT_OF = {"frobenius": "score", "trace": "trace", "tensor_norm_sum": "tensor_norm_sum"}
 
+
+def block_aggregates(layers: Sequence[Mapping[str, float]], permuted_frobenius: Sequence[float] | None = None) -> dict[str, list[float]]:
+    """Every aggregate of every block: layers are :func:`layer_statistics` rows; ``label_specific`` needs the
+    frobenius scores of the same blocks under permuted labels (left out without them)."""
+    out = {name: [float(l[key]) for l in layers] for name, key in _STAT_OF.items()}
+    if permuted_frobenius is not None:
+        out["label_specific"] = [f / p if p > 0 else (1.0 if f == 0 else f / 1e-300)
+                                 for f, p in zip(out["frobenius"], permuted_frobenius)]
+    return out
+
+
+def _finite_or_none(x: float) -> float | None:
+    return round(x, 6) if math.isfinite(x) else None
+
+
+def aggregation_summary(aggregates: Mapping[str, Sequence[float]], ranked_by: str) -> dict[str, Any]:
+    """scores.json ``aggregations``: each aggregate's block scores and ranking, and Kendall tau-b between the rankings."""
+    names = list(aggregates)
+    order = {n: sorted(range(len(aggregates[n])), key=lambda l: (-aggregates[n][l], l)) for n in names}
+    taus = {f"{a}~{b}": _finite_or_none(kendall_tau_b(aggregates[a], aggregates[b]))
+            for i, a in enumerate(names) for b in names[i + 1:]}
+    return {"ranked_by": ranked_by, "scores": {n: list(aggregates[n]) for n in names}, "rankings": order, "kendall_tau": taus,
+            "definitions": {n: AGGREGATES[n] for n in names}}
+
+
+def fisher_scores(
+    result: FisherResult, model: nn.Module, layer_map: LayerMap | None = None, *, model_name: str = "", task: str = "",
+    split: str = "", aggregate: str = "frobenius", permuted_frobenius: Sequence[float] | None = None,
+) -> "LayerScores":
+    """LayerScores of a FisherResult: blocks ranked by ``aggregate`` (default sqrt(sum F_j^2)), every aggregate side by
+    side in ``info["aggregations"]``, extras (embeddings, pooler, head) unranked."""
+
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"fastsel: unknown --aggregate {aggregate!r}; choose from {sorted(AGGREGATES)}")
+    if aggregate == "label_specific" and permuted_frobenius is None:
+        raise ValueError("fastsel: --aggregate label_specific needs the label-dependence check (--label-check > 0)")
     layers, extra = layer_statistics(result.diagonal, model, layer_map)
+    aggregates = block_aggregates(layers, permuted_frobenius)
+    info: dict[str, Any] = {"aggregations": aggregation_summary(aggregates, aggregate)}
+    if result.fallback_params:
+        info["fallback_params"] = list(result.fallback_params)
     return LayerScores(
         metric="fisher",
         model=model_name or getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
@@ -349,7 +401,9 @@ def fisher_scores(
         num_examples=result.num_examples,
         mode=result.mode,
         higher_is_better=True,
-        layers=[LayerScore(l["layer"], l["name"], l["score"], l["num_params"], l["trace"]) for l in layers],
+        layers=[LayerScore(l["layer"], l["name"], aggregates[aggregate][i], l["num_params"], l["trace"],
+                           {name: v[i] for name, v in aggregates.items() if name not in ("trace", aggregate)})
+                for i, l in enumerate(layers)],
         extra=extra,
-        info={"fallback_params": list(result.fallback_params)} if result.fallback_params else {},
+        info=info,
     )

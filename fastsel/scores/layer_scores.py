@@ -205,9 +205,40 @@ class LayerScores:
         if isinstance(conf, dict):
 
             lines.append(format_confidence(conf))
+        head = self.info.get("head")
+        if isinstance(head, dict) and head.get("kind") not in (None, "fresh"):
+            lines.append(_head_line(head))
+        dep = self.info.get("label_dependence")
+        if isinstance(dep, dict):
+            lines.append(_label_line(dep, fresh=not isinstance(head, dict) or head.get("kind") == "fresh"))
         us = self.info.get("until_stable")
         if isinstance(us, dict):
             lines.append(f"until-stable: stable after {us['examples_used']} of {us['examples_available']} examples" if us["stable"]
                          else f"until-stable: reached the end of the data ({us['examples_available']} examples) before "
                               f"the ranking was stable; all of it used")
         return "\n".join(lines)
+
+
+def _head_line(head: dict[str, Any]) -> str:
+    kind = head.get("kind")
+    if kind == "probe":
+        main = head.get("main_metric", "")
+        got = head.get("heldout_metrics", {}).get(main)
+        base = head.get("baseline", {}).get(main)
+        fmt = lambda x: "n/a" if x is None else f"{x:.4g}"  # noqa: E731
+        return (f"head: probe fitted on {head.get('fit_examples')} examples, held-out {main} {fmt(got)} "
+                f"(majority/mean baseline {fmt(base)})")
+    if kind == "warmup":
+        return f"head: after {head.get('steps')} warm-up steps of full fine-tuning"
+    return f"head: from {head.get('path', kind)}"
+
+
+def _label_line(dep: dict[str, Any], fresh: bool = True) -> str:
+    tau = dep.get("kendall_tau_vs_permuted_labels")
+    if dep.get("by_construction"):
+        return f"label-free by construction ({dep['by_construction']}): the ranking reflects the model, not the task"
+    what = f"Kendall tau vs permuted labels {tau if tau is None else f'{tau:.3f}'} on {dep.get('examples')} examples"
+    if dep.get("label_free"):
+        hint = "; try --head probe (docs/task_aware.md)" if fresh else " (docs/task_aware.md)"
+        return f"label-free ({what}): this ranking reflects the model, not the task{hint}"
+    return f"label-dependent ({what}): the labels change this ranking"

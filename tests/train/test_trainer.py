@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastsel.capture.prefix_cache import PrefixCache
 from fastsel.data.task_metrics import TASK_METRICS, task_metrics
 from fastsel.data.tasks import PadCollator
 from fastsel.hf.layer_map import map_layers
@@ -15,7 +16,6 @@ from fastsel.plans.plan import LoraSpec
 from fastsel.plans.strategies import build_plan
 from fastsel.train.trainer import (
     FinetuneJob,
-    PrefixCache,
     RankStability,
     TrainConfig,
     cacheable_prefix,

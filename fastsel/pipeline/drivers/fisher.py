@@ -1,46 +1,155 @@
 """The Fisher metric: ``fastsel score --metric fisher`` in memory and in the streamed pass."""
 from __future__ import annotations
 
+import contextlib
+import math
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Mapping
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from fastsel.data.corpus import BatchReader, schedule_batches, shard_batches
+from fastsel.data.tasks import make_dataloader
+from fastsel.hf.io import eval_mode, model_inputs
 from fastsel.pipeline.context import PipelineContext, ScoringContext
-from fastsel.pipeline.distributed import all_gather_objects, all_reduce_sum_
-from fastsel.pipeline.registry import Metric, confidence_groups, option, options_of, register_metric
-from fastsel.scores.confidence import confidence_from_groups
-from fastsel.scores.fisher import FISHER_MODES, FisherAccumulation, fisher_layer_scores, fisher_scores
+from fastsel.pipeline.distributed import all_gather_objects, all_reduce_sum_, process_rank, world_size
+from fastsel.pipeline.heads import PreparedHead, parse_head, save_head, setup_head
+from fastsel.pipeline.registry import AUTOCAST, Metric, confidence_groups, option, options_of, register_metric
+from fastsel.scores.confidence import confidence_from_groups, kendall_tau_b
+from fastsel.scores.fisher import (
+    AGGREGATES,
+    FISHER_MODES,
+    FisherAccumulation,
+    FisherResult,
+    block_aggregates,
+    fisher_diagonal,
+    fisher_scores,
+    layer_statistics,
+)
 from fastsel.scores.layer_scores import LayerScores
 
-__all__ = ["FisherOptions", "FisherConsumer"]
+__all__ = ["FisherOptions", "FisherConsumer", "LABEL_FREE_TAU", "label_subset", "permuted_labels", "label_dependence"]
+
+
+LABEL_FREE_TAU = 0.9  # a ranking is label-free when Kendall tau-b against the permuted-label ranking is at least this
 
 
 @dataclass(frozen=True)
 class FisherOptions:
     fisher: str = option("empirical", "labels of the log-likelihood: gold (empirical), sampled from the model, or the "
                          "exact expectation", choices=FISHER_MODES)
+    head: str = option("fresh", "where the classification head comes from: fresh (seeded random, the paper's), probe (the "
+                       "model's head fitted first on the frozen backbone), warmup:STEPS (a short full fine-tuning), or a "
+                       "checkpoint folder (docs/task_aware.md)", metavar="fresh|probe|warmup:STEPS|DIR")
+    probe_examples: int = option(1000, "--head probe / warmup: training examples it fits on (none of them scored)", metavar="N")
+    aggregate: str = option("frobenius", "how a block's Fisher diagonal becomes its score: " + "; ".join(
+        f"{k}: {v}" for k, v in AGGREGATES.items()), choices=tuple(AGGREGATES))
+    label_check: float = option(0.2, "label-dependence check: the share of the scored examples rescored with permuted "
+                                "labels (and, for a fitted head, a head fitted on permuted labels); 0: off", metavar="F")
+    save_head: str | None = option(None, "write the model with the head it scored with to this folder (a Hugging Face "
+                                   "checkpoint: --head DIR or finetune --model DIR start from it)", metavar="DIR")
 
     def __post_init__(self) -> None:
         if self.fisher not in FISHER_MODES:
             raise ValueError(f"fastsel: unknown Fisher mode {self.fisher!r}; choose from {FISHER_MODES}")
+        parse_head(self.head)
+        if not isinstance(self.probe_examples, int) or self.probe_examples < 10:
+            raise ValueError(f"fastsel: --probe-examples must be an integer >= 10, got {self.probe_examples!r}")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"fastsel: unknown --aggregate {self.aggregate!r}; choose from {sorted(AGGREGATES)}")
+        if not (isinstance(self.label_check, (int, float)) and 0 <= self.label_check < 1):
+            raise ValueError(f"fastsel: --label-check must be a share in [0, 1) (0: off), got {self.label_check!r}")
+        if self.aggregate == "label_specific" and self.label_check == 0:
+            raise ValueError("fastsel: --aggregate label_specific needs the label-dependence check (--label-check > 0)")
+
+
+def label_subset(num_examples: int, share: float, seed: int) -> np.ndarray:
+    """(M,) sorted example positions of the label-dependence check: a seeded ceil(share * N) of the N scored (M >= 2)."""
+    m = min(num_examples, max(2, math.ceil(share * num_examples)))
+    return np.sort(np.random.default_rng([seed, 0x1AB]).choice(num_examples, size=m, replace=False))
+
+
+def permuted_labels(labels: np.ndarray, subset: np.ndarray, seed: int) -> dict[int, Any]:
+    """{position: label} for ``subset``: its labels permuted among themselves (seeded)."""
+    order = np.random.default_rng([seed, 0x1AC]).permutation(len(subset))
+    return {int(i): labels[int(subset[j])].item() for i, j in zip(subset, order)}
+
+
+def label_dependence(model: nn.Module, layer_map: Any, mode: str, seed: int, head: PreparedHead,
+                     batches: Callable[[], Iterable[dict[str, Tensor]]], main: Sequence[float], aggregate: str,
+                     subset_size: int, share: float, reduce: Callable[[FisherAccumulation], None] | None = None,
+                     autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> tuple[dict, list[float]]:
+    """(scores.json ``label_dependence``, the permuted-label frobenius score of every block).
+
+    ``batches()`` yields the subset's batches with their labels already permuted; under the permuted head (a probe
+    refitted on permuted labels) the Fisher of those batches is ranked and compared with ``main`` (the run's block
+    scores by ``aggregate``). A mode that reads no labels with a head fitted to none is label-free by construction.
+    """
+    key = "frobenius" if aggregate == "label_specific" else aggregate
+    rule = (f"label_free when Kendall tau-b between the ranking and the ranking with permuted labels is >= {LABEL_FREE_TAU}; "
+            "docs/task_aware.md")
+    if mode != "empirical" and not head.fits_labels:
+        return ({"kendall_tau_vs_permuted_labels": 1.0, "label_free": True, "rule": rule, "examples": 0,
+                 "by_construction": f"the {mode} Fisher reads no labels and the {head.info.get('kind')} head was fitted "
+                                    "to none"}, [float("nan")] * len(main))
+    start = time.perf_counter()
+    with head.permuted_labels(seed):
+        acc = FisherAccumulation(model, mode, seed)
+        with eval_mode(model):
+            for batch in batches():
+                with acc.capture(batch):
+                    with autocast():
+                        outputs = model(**model_inputs(batch))
+                    acc.consume(batch, outputs)
+        if reduce is not None:
+            reduce(acc)
+        layers, _ = layer_statistics(acc.result().diagonal, model, layer_map)
+    permuted = block_aggregates(layers)
+    tau = kendall_tau_b(list(main), permuted[key])
+    info = {"kendall_tau_vs_permuted_labels": round(tau, 6) if math.isfinite(tau) else None,
+            "label_free": bool(math.isfinite(tau) and tau >= LABEL_FREE_TAU), "rule": rule,
+            "compared": key, "examples": subset_size, "share": share,
+            "permuted_ranking": sorted(range(len(layers)), key=lambda l: (-permuted[key][l], l)),
+            "permuted_scores": permuted[key], "seconds": round(time.perf_counter() - start, 3),
+            "head": "refitted on permuted labels" if head.fits_labels else "the same head; only the labels permuted"}
+    if head.permuted_info is not None:
+        info["permuted_head"] = {k: head.permuted_info[k] for k in ("heldout_metrics", "baseline", "best_epoch")
+                                 if k in head.permuted_info}
+    return info, permuted["frobenius"]
 
 
 def _fisher_run(ctx: ScoringContext) -> LayerScores:
-    mode = options_of(FisherOptions, ctx.config.options).fisher
-    scores, _ = fisher_layer_scores(
-        ctx.model,
-        ctx.loader(),
-        mode=mode,
-        seed=ctx.config.seed,
-        total=len(ctx.features),
-        progress=ctx.progress,
-        layer_map=ctx.layer_map,
-        model_name=ctx.config.model,
-        task=ctx.task.name,
-        split=ctx.config.split,
-    )
+    opts = options_of(FisherOptions, ctx.config.options)
+    head = setup_head(ctx.config, opts.head, opts.probe_examples, ctx.model, ctx.tokenizer, ctx.layer_map, ctx.task,
+                      next(ctx.model.parameters()).device, ctx.progress)
+    if opts.save_head:
+        save_head(ctx.model, ctx.tokenizer, opts.save_head)
+    result = fisher_diagonal(ctx.model, ctx.loader(), mode=opts.fisher, seed=ctx.config.seed, total=len(ctx.features),
+                             progress=ctx.progress)
+    check, permuted = None, None
+    if opts.label_check > 0:
+        main = block_aggregates(layer_statistics(result.diagonal, ctx.model, ctx.layer_map)[0])
+        key = "frobenius" if opts.aggregate == "label_specific" else opts.aggregate
+        subset = label_subset(len(ctx.features), opts.label_check, ctx.config.seed)
+        labels = np.asarray([f["labels"] for f in ctx.features])
+        new = permuted_labels(labels, subset, ctx.config.seed)
+        feats = [{**ctx.features[i], "labels": new[int(i)]} for i in subset]
+        device = next(ctx.model.parameters()).device
+
+        def batches() -> Iterator[dict[str, Tensor]]:
+            for batch in make_dataloader(feats, ctx.tokenizer, ctx.config.batch_size):
+                yield {k: v.to(device) for k, v in batch.items()}
+
+        check, permuted = label_dependence(ctx.model, ctx.layer_map, opts.fisher, ctx.config.seed, head, batches,
+                                           main[key], opts.aggregate, len(subset), opts.label_check)
+    scores = fisher_scores(result, ctx.model, ctx.layer_map, model_name=ctx.config.model, task=ctx.task.name,
+                           split=ctx.config.split, aggregate=opts.aggregate, permuted_frobenius=permuted)
+    scores.info["head"] = head.info
+    if check is not None:
+        scores.info["label_dependence"] = check
     return scores
 
 
@@ -58,9 +167,14 @@ class FisherConsumer:
 
     def __init__(self, ctx: PipelineContext) -> None:
         self.ctx = ctx
+        self.opts = options_of(FisherOptions, ctx.config.options)
         self.groups = confidence_groups(ctx.config)
-        self.fisher = FisherAccumulation(ctx.model, options_of(FisherOptions, ctx.config.options).fisher, ctx.config.seed,
-                                         groups=self.groups)
+        # The head first (a probe fits on cached features of the frozen backbone), then the accumulators.
+        self.head = setup_head(ctx.config, self.opts.head, self.opts.probe_examples, ctx.model, ctx.tokenizer,
+                               ctx.layer_map, ctx.task, ctx.device, process_rank() == 0)
+        if self.opts.save_head and process_rank() == 0:
+            save_head(ctx.model, ctx.tokenizer, self.opts.save_head)
+        self.fisher = FisherAccumulation(ctx.model, self.opts.fisher, ctx.config.seed, groups=self.groups)
         self.mode, self.acc = self.fisher.mode, self.fisher.acc
 
     def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
@@ -116,17 +230,62 @@ class FisherConsumer:
         self.acc.fallback_params = set().union(*map(set, fallback))
 
     def result(self) -> LayerScores:
-        cfg = self.ctx.config
-        scores = fisher_scores(self.fisher.result(), self.ctx.model, self.ctx.layer_map, model_name=cfg.model,
-                               task=self.ctx.task.name, split=cfg.split)
+        cfg, opts = self.ctx.config, self.opts
+        result = self.fisher.result()
+        check, permuted = None, None
+        if opts.label_check > 0:
+            check, permuted = self._label_check(result)
+        scores = fisher_scores(result, self.ctx.model, self.ctx.layer_map, model_name=cfg.model, task=self.ctx.task.name,
+                               split=cfg.split, aggregate=opts.aggregate, permuted_frobenius=permuted)
+        scores.info["head"] = self.head.info
+        if check is not None:
+            scores.info["label_dependence"] = check
         if self.groups:
             scores.info["ranking_confidence"] = self.confidence(scores)
         return scores
 
+    def _label_check(self, result: FisherResult) -> tuple[dict, list[float]]:
+        """The label-dependence check on a seeded share of the corpus, sharded over the ranks like the pass."""
+        ctx, cfg, pcfg = self.ctx, self.ctx.config, self.ctx.pipeline
+        corpus = ctx.corpus
+        if corpus is None:
+            raise ValueError("fastsel: the label-dependence check needs the pass's corpus (PipelineContext.corpus)")
+        subset = label_subset(len(corpus), self.opts.label_check, cfg.seed)
+        new = permuted_labels(corpus.labels(), subset, cfg.seed)
+        schedule = [subset[b] for b in schedule_batches(corpus.lengths()[subset], batch_size=cfg.batch_size,
+                                                        max_tokens=pcfg.max_tokens, bucket=pcfg.bucket, seed=cfg.seed)]
+        mine = shard_batches(schedule, process_rank(), world_size())
+
+        def batches() -> Iterator[dict[str, Tensor]]:
+            for batch in BatchReader(corpus, ctx.tokenizer, mine, prefetch=0):
+                batch = {k: v.to(ctx.device) for k, v in batch.items()}
+                dtype = batch["labels"].dtype
+                batch["labels"] = torch.tensor([new[int(i)] for i in batch["index"].tolist()], dtype=dtype, device=ctx.device)
+                yield batch
+
+        def reduce(acc: FisherAccumulation) -> None:
+            if world_size() > 1:
+                names = sorted(acc.acc.sums)
+                all_reduce_sum_([acc.acc.sums[n] for n in names])
+                count = torch.tensor([float(acc.acc.num_examples)], dtype=torch.float64, device=ctx.device)
+                all_reduce_sum_([count])
+                acc.acc.num_examples = int(count.item())
+
+        dtype = AUTOCAST[pcfg.autocast]
+
+        def autocast() -> ContextManager[Any]:
+            return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=ctx.device.type, dtype=dtype)
+
+        main = block_aggregates(layer_statistics(result.diagonal, ctx.model, ctx.layer_map)[0])
+        key = "frobenius" if self.opts.aggregate == "label_specific" else self.opts.aggregate
+        return label_dependence(ctx.model, ctx.layer_map, self.mode, cfg.seed, self.head, batches, main[key],
+                                self.opts.aggregate, len(subset), self.opts.label_check, reduce, autocast)
+
     def group_scores(self, groups: list[int], group_sums: list[dict[str, Tensor]] | None = None,
                      group_counts: list[int] | None = None) -> list[float]:
-        """Layer scores of the examples of ``groups`` alone."""
-        return self.fisher.group_scores(groups, self.ctx.layer_map, group_sums, group_counts)
+        """Layer scores (by the run's aggregate) of the examples of ``groups`` alone."""
+        aggregate = "frobenius" if self.opts.aggregate == "label_specific" else self.opts.aggregate
+        return self.fisher.group_scores(groups, self.ctx.layer_map, group_sums, group_counts, aggregate=aggregate)
 
     def stability_scores(self, active: bool) -> Callable[[list[int]], list[float]]:
         """Mid-pass: scores_of(groups) on the groups so far, reduced over the ranks (copies; this rank's
@@ -142,7 +301,10 @@ class FisherConsumer:
         return lambda groups: self.group_scores(groups, sums, counts)
 
     def confidence(self, scores: LayerScores) -> dict:
-
+        if self.opts.aggregate == "label_specific":
+            return {"method": f"jackknife over {self.groups} groups of examples", "groups": self.groups,
+                    "unavailable": "the label_specific aggregate has no per-group scores (the permuted-label pass is one "
+                                   "subset)"}
         return confidence_from_groups([l.score for l in scores.layers], self.group_scores, self.groups, True)
 
 
