@@ -179,6 +179,12 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank-split", choices=tuple(RANK_SPLITS), default="train",
                    help="examples of the --rank-epochs Fisher passes: training ones, held-out validation ones, or both "
                         "(reported as rank_stability and rank_stability_heldout)")
+    p.add_argument("--head", default="fresh", metavar="fresh|probe|warmup:STEPS|DIR",
+                   help="the head every strategy starts from and scores with: fresh (seeded random), probe (fitted first "
+                        "on the frozen backbone), warmup:STEPS (a short full fine-tuning) or a checkpoint folder "
+                        "(docs/task_aware.md)")
+    p.add_argument("--probe-examples", type=int, default=1000, metavar="N",
+                   help="--head probe / warmup: training examples it fits on (taken after the --score-examples ones)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (always at each epoch end) to OUT/train-state.pt")
@@ -246,6 +252,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, cache_prefix=args.cache_prefix,
         rank_epochs=_epochs(args.rank_epochs),
         rank_examples=args.rank_examples, rank_split=args.rank_split, progress=not args.no_progress,
+        head=args.head, probe_examples=args.probe_examples,
         checkpoint_every=args.checkpoint_every, resume=args.resume,
     )
     results = run_finetune(job)

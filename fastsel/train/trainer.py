@@ -48,6 +48,7 @@ from fastsel.hf.loading import clamp_max_length, load_model
 from fastsel.pipeline.checkpoint import CheckpointMismatch, fingerprint
 from fastsel.pipeline.checks import NonFiniteError
 from fastsel.pipeline.config import ScoreConfig
+from fastsel.pipeline.heads import HeadRequest, parse_head, prepare_head
 from fastsel.pipeline.inmemory import run_scoring
 from fastsel.pipeline.registry import METRICS
 from fastsel.plans.plan import LoraSpec, Plan, PlanError
@@ -617,6 +618,8 @@ class FinetuneJob:
     rank_epochs: tuple[int, ...] = ()
     rank_examples: int = 256
     rank_split: str = "train"  # examples of the rank-stability passes: train, validation or both
+    head: str = "fresh"  # fresh | probe | warmup:STEPS | a checkpoint folder (fastsel.pipeline.heads)
+    probe_examples: int = 1000  # training examples (after the scored ones) that --head probe / warmup fits on
     progress: bool = True
     checkpoint_every: int = 0  # optimizer steps between training checkpoints (0: every epoch end)
     resume: bool = False  # continue from <out>/train-state.pt
@@ -676,6 +679,9 @@ def _plot_curves(result: TrainResult, path: Path, title: str) -> None:
 
 def run_finetune(job: FinetuneJob) -> dict[str, Any]:
     """Load data and model, build or read the plan (scoring first if needed), train, save; returns results."""
+    parse_head(job.head)  # a bad --head fails before any data or model is loaded
+    if job.probe_examples < 10:
+        raise ValueError(f"fastsel: --probe-examples must be >= 10, got {job.probe_examples}")
     if job.rank_split not in RANK_SPLITS:
         raise ValueError(f"fastsel: --rank-split must be one of {sorted(RANK_SPLITS)}, got {job.rank_split!r}")
     for flag, value in (("--train-examples", job.train_examples), ("--eval-examples", job.eval_examples)):
@@ -696,6 +702,12 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
     job.max_length, limit = clamp_max_length(job.max_length, model.config, job.model)
     train_features = tokenize_examples(train_ex, tokenizer, job.max_length)
     eval_features = tokenize_examples(eval_ex, tokenizer, job.max_length)
+    # The head every strategy starts from (and scores with): fitted on training examples that are not scored.
+    pool = train_features[job.score_examples:][: job.probe_examples]
+    head = prepare_head(job.head, HeadRequest(model, tokenizer, layer_map, spec, lambda: list(pool), seed=job.seed,
+                                              batch_size=job.batch_size, device=job.device, progress=job.progress))
+    if head.fits_labels and job.progress:
+        print(f"fastsel: every strategy starts from the {head.info['kind']} head", file=sys.stderr)
 
     score_seconds = 0.0
     if job.plan_path:
@@ -732,6 +744,7 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
         "num_train": len(train_features),
         "num_eval": len(eval_features),
         "score_seconds": score_seconds,
+        "head": {k: v for k, v in head.info.items() if k != "parameters"},
         "max_length_limit": limit,
         **result.to_dict(),
     }
