@@ -68,7 +68,7 @@ def skip_reason(report) -> str:
         text = str(longrepr[2])
     else:
         text = str(longrepr)
-    return text[len("Skipped: "):] if text.startswith("Skipped: ") else text
+    return text.removeprefix("Skipped: ")
 
 
 # -- the pytest hooks (pytest_addoption and pytest_configure are imported into tests/conftest.py) ------------
