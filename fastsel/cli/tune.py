@@ -98,7 +98,7 @@ def _plan_from_args(args: argparse.Namespace, num_layers: int, scores=None):
         scores = read_scores(args.scores)
     return build_plan(args.strategy, num_layers, scores=scores, tuner=args.tuner,
                       lora=LoraSpec(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout),
-                      adapter_size=args.adapter_size)
+                      adapter_size=args.adapter_size, task=getattr(args, "task", "") or "")
 
 
 def _num_labels(args: argparse.Namespace) -> int:

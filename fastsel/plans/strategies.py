@@ -80,6 +80,7 @@ class StrategyArgs:
     tuner: str = "full"  # how selected blocks are tuned: full | adapter | bitfit | lora
     lora: LoraSpec = LoraSpec()
     adapter_size: int = 256
+    task: str = ""  # the task the plan is for: random-K draws depend on it (a control must vary with the task)
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,10 @@ def build_plan(
     tuner: str = "full",
     lora: LoraSpec | None = None,
     adapter_size: int = 256,
+    task: str = "",
 ) -> Plan:
-    """The plan of strategy ``name`` for a model of ``num_layers`` blocks (see the module docstring)."""
+    """The plan of strategy ``name`` for a model of ``num_layers`` blocks (see the module docstring); ``task`` keys the
+    random-K draws."""
     check_tuner(name, tuner)
     strategy, groups = find_strategy(name)
     if strategy.needs is not None:
@@ -149,7 +152,7 @@ def build_plan(
             raise PlanError(f"fastsel: strategy {name!r} needs {strategy.needs} scores, got {scores.metric!r} scores")
         if len(scores.layers) != num_layers:
             raise PlanError(f"fastsel: the scores cover {len(scores.layers)} layers but the model has {num_layers}")
-    args = StrategyArgs(num_layers, scores, tuner, lora or LoraSpec(), adapter_size)
+    args = StrategyArgs(num_layers, scores, tuner, lora or LoraSpec(), adapter_size, task.lower())
     plan = strategy.build(args, groups)
     plan.strategy = name.lower() if tuner == "full" else f"{name.lower()}+{tuner}"
     if scores is not None and strategy.needs is not None:
@@ -256,13 +259,14 @@ def _position_top(args: StrategyArgs, groups: dict[str, str]) -> Plan:
 
 
 def _random(args: StrategyArgs, groups: dict[str, str]) -> Plan:
-    # A control for score-selected blocks: K blocks drawn uniformly without replacement. The draw depends only
-    # on (L, K, S), so that a run is reproducible and "averaged over draws" means averaging over S.
+    # A control for score-selected blocks: K blocks drawn uniformly without replacement, keyed by (task, L, K, S):
+    # reproducible, and different for every task (a draw keyed by (L, K, S) alone compared one fixed block set
+    # with Fisher on every task); "averaged over draws" means averaging over S.
     k, L, draw = _k(groups), args.num_layers, int(groups.get("s") or 0)
     if k > L:
         raise PlanError(f"fastsel: K={k} > the number of blocks ({L})")
-    layers = sorted(random.Random(f"fastsel-random-{L}-{k}-{draw}").sample(range(L), k))
-    return _select(args, layers, k=k, draw=draw)
+    layers = sorted(random.Random(f"fastsel-random-{args.task}-{L}-{k}-{draw}").sample(range(L), k))
+    return _select(args, layers, k=k, draw=draw, task=args.task)
 
 
 def _explicit(args: StrategyArgs, groups: dict[str, str]) -> Plan:

@@ -720,7 +720,7 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
             start = time.perf_counter()
             scores = _score_for(job, strategy.needs, model, tokenizer, layer_map, train_features, out)
             score_seconds = time.perf_counter() - start
-        plan = build_plan(job.strategy, layer_map.num_layers, scores=scores, tuner=job.tuner,
+        plan = build_plan(job.strategy, layer_map.num_layers, scores=scores, tuner=job.tuner, task=spec.name,
                           lora=LoraSpec(r=job.lora_r, alpha=job.lora_alpha, dropout=job.lora_dropout),
                           adapter_size=job.adapter_size)
     plan = with_counts(plan, model.config)  # on the meta device: no copy of the weights

@@ -183,6 +183,14 @@ def test_lstar_strategies_from_variability_scores():
     assert build_plan("lstar-down-1", L, scores=variability([9, 7, 3, 1.5, 2, 4, 5, 6], l_star=5)).details["l_star"] == 5
 
 
+def test_random_k_draws_depend_on_the_task():
+    tasks = ["sst2", "mrpc", "cola", "rte", "qnli", "stsb"]
+    draws = {t: build_plan("random-1", 6, task=t).tuned_layers() for t in tasks}
+    assert draws == {t: build_plan("random-1", 6, task=t).tuned_layers() for t in tasks}  # reproducible
+    assert len({tuple(d) for d in draws.values()}) > 1  # not one fixed block for every task
+    assert build_plan("random-1", 6, task="sst2").details["task"] == "sst2"
+
+
 def test_random_k_draws_are_reproducible_distinct_and_cover_every_block():
     draws = [build_plan(f"random-2-s{s}", 6).tuned_layers() for s in range(40)]
     assert all(len(d) == 2 and len(set(d)) == 2 and all(0 <= l < 6 for l in d) for d in draws)
