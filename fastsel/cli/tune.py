@@ -12,6 +12,7 @@ from fastsel.plans.plan import LoraSpec, Plan, PlanError
 from fastsel.plans.strategies import TUNERS, build_plan, check_tuner, find_strategy, strategy_names
 from fastsel.scores.fisher import FISHER_MODES
 from fastsel.scores.layer_scores import LayerScores
+from fastsel.train.export import peft_note
 from fastsel.train.trainer import RANK_SPLITS, FinetuneJob, run_finetune
 from fastsel.tuners.apply import meta_model, with_counts
 
@@ -86,10 +87,25 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default=None, help=f"one of: {', '.join(strategy_names())}")
     p.add_argument("--scores", default=None, help="scores.json for score-based strategies")
     p.add_argument("--tuner", choices=TUNERS, default="full", help="how layer-selecting strategies tune the selected blocks")
-    p.add_argument("--lora-r", type=int, default=64)
-    p.add_argument("--lora-alpha", type=float, default=128)
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=_lora_alpha, default="2*r",
+                   help="LoRA alpha (the update is scaled by alpha/r); 2*r: twice --lora-r, whatever --lora-r is")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--adapter-size", type=int, default=256)
+
+
+def _lora_alpha(text: str) -> float | None:
+    """--lora-alpha: a number, or 2*r (None: twice the rank)."""
+    if text.replace(" ", "").lower() in ("2*r", "2r"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 2*r, not {text!r}") from None
+
+
+def _alpha(args: argparse.Namespace) -> float:
+    return 2 * args.lora_r if args.lora_alpha is None else args.lora_alpha
 
 
 def _plan_from_args(args: argparse.Namespace, num_layers: int, scores=None):
@@ -97,7 +113,7 @@ def _plan_from_args(args: argparse.Namespace, num_layers: int, scores=None):
     if scores is None and args.scores:
         scores = read_scores(args.scores)
     return build_plan(args.strategy, num_layers, scores=scores, tuner=args.tuner,
-                      lora=LoraSpec(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout),
+                      lora=LoraSpec(r=args.lora_r, alpha=_alpha(args), dropout=args.lora_dropout),
                       adapter_size=args.adapter_size, task=getattr(args, "task", "") or "")
 
 
@@ -118,7 +134,8 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
     _add_plan_arguments(p)
     p.add_argument("--task", default="sst2", help="sets the number of labels of the head")
     p.add_argument("--num-labels", type=int, default=None, help="overrides --task")
-    p.add_argument("--peft", action="store_true", help="also print the PEFT LoraConfig export")
+    p.add_argument("--peft", action="store_true",
+                   help="also print the PEFT LoraConfig export, and a note on what of the plan it cannot express")
     p.add_argument("--out", default=None, help="write plan.json here")
     p.set_defaults(func=_run_plan)
 
@@ -144,8 +161,12 @@ def _run_plan(args: argparse.Namespace) -> int:
     plan = with_counts(plan, config)
     print(plan.table())
     if args.peft:
-        print("PEFT LoraConfig:", json.dumps(plan.to_peft(layer_map.model_type, layers_pattern=layer_map.blocks_name.rsplit(".", 1)[-1],
-                                                           head_names=layer_map.head_names)))
+        if plan.tuned_layers("lora"):
+            print("PEFT LoraConfig:", json.dumps(plan.to_peft(layer_map.model_type, layers_pattern=layer_map.blocks_name.rsplit(".", 1)[-1],
+                                                               head_names=layer_map.head_names)))
+        note = peft_note(plan)
+        if note:
+            print(note)
     if args.out:
         plan.to_json(args.out)
         print(f"wrote {args.out}")

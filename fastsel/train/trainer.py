@@ -55,6 +55,7 @@ from fastsel.plans.plan import LoraSpec, Plan, PlanError
 from fastsel.plans.strategies import build_plan, find_strategy
 from fastsel.scores.fisher import fisher_layer_scores
 from fastsel.scores.layer_scores import LayerScores
+from fastsel.train.export import EXPORT_DIR, export_trained, tuning_summary
 from fastsel.tuners.apply import (
     apply_plan,
     is_added_parameter,
@@ -598,8 +599,8 @@ class FinetuneJob:
     strategy: str | None = None
     scores_path: str | None = None
     tuner: str = "full"
-    lora_r: int = 64
-    lora_alpha: float = 128
+    lora_r: int = 8
+    lora_alpha: float | None = None  # None: 2 * lora_r
     lora_dropout: float = 0.0
     adapter_size: int = 256
     score_examples: int = 512
@@ -721,10 +722,12 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
             scores = _score_for(job, strategy.needs, model, tokenizer, layer_map, train_features, out)
             score_seconds = time.perf_counter() - start
         plan = build_plan(job.strategy, layer_map.num_layers, scores=scores, tuner=job.tuner, task=spec.name,
-                          lora=LoraSpec(r=job.lora_r, alpha=job.lora_alpha, dropout=job.lora_dropout),
+                          lora=LoraSpec(r=job.lora_r, alpha=2 * job.lora_r if job.lora_alpha is None else job.lora_alpha,
+                                        dropout=job.lora_dropout),
                           adapter_size=job.adapter_size)
     plan = with_counts(plan, model.config)  # on the meta device: no copy of the weights
     apply_plan(model, plan, layer_map)
+    print(f"fastsel: {tuning_summary(plan)}", file=sys.stderr)
 
     callbacks: list[EpochCallback] = []
     if job.rank_epochs:
@@ -736,6 +739,7 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
                                            device=job.device, progress=job.progress, name=RANK_CALLBACK_NAMES[split]))
     result = train_model(model, plan, train_features, eval_features, spec, tokenizer, cfg, callbacks=callbacks)
     save_trained(model, plan, out, base_model=job.model, num_labels=num_labels, seed=job.seed)
+    export = export_trained(model, plan, out / EXPORT_DIR, base_model=job.model, num_labels=num_labels)
     results = {
         "job": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(job).items()},
         "task": spec.name,
@@ -746,6 +750,7 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
         "score_seconds": score_seconds,
         "head": {k: v for k, v in head.info.items() if k != "parameters"},
         "max_length_limit": limit,
+        "export": {"dir": EXPORT_DIR, "peft": export["peft"], "note": export["note"]},
         **result.to_dict(),
     }
     atomic_write_json(out / "results.json", results)  # strict JSON: no NaN/Infinity

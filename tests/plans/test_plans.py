@@ -278,7 +278,9 @@ def test_plan_cli_from_config_only(tmp_path, capsys):
     cfg_dir = tmp_path / "cfg"
     bert_large(2).save_pretrained(cfg_dir)  # a directory with config.json only: no weights
     out = tmp_path / "plan.json"
-    assert main(["plan", "--model", str(cfg_dir), "--strategy", "spafit-4-9-i", "--task", "mnli", "--out", str(out)]) == 0
+    # SPAFIT's Table 2 uses r=64, alpha=128 (the CLI's defaults are r=8, alpha=2*r, as in docs/finetuning.md's comparison)
+    assert main(["plan", "--model", str(cfg_dir), "--strategy", "spafit-4-9-i", "--task", "mnli", "--lora-r", "64",
+                 "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "5,650,435" in text and "layer.10" in text
     assert json.loads(out.read_text())["trainable_params"] == 5_650_435
