@@ -5,7 +5,7 @@ chunks, and every subset score is then computed exactly from per-chunk sufficien
 
 * Fisher (each mode): the block score is sqrt(sum_j F_j^2) with F = the mean over the subset of the per-example
   squared gradients, which is not additive over examples. With D_c = the per-parameter sum over chunk c
-  (``fastsel.fisher.fisher_diagonal`` on that chunk: the fused kernels, nothing re-implemented), the
+  (``fastsel.scores.fisher.fisher_diagonal`` on that chunk: the fused kernels, nothing re-implemented), the
   score of a union S of chunks is sqrt(1' G_l[S, S] 1) / N with the per-block Gram matrix
   G_l[c, c'] = <D_c, D_c'> over the block's parameters. Chunks hold 4 examples in the first 800 of the pool
   (--small-pool; N = 16 .. 200) and 20 in the whole pool (N = 500 .. 2000; the first 800 re-chunked): a union of random
@@ -16,7 +16,7 @@ chunks, and every subset score is then computed exactly from per-chunk sufficien
 For each N (N <= P/2) and each of --subsets random subsets S: Kendall tau-b and top-k overlap of the ranking
 on S against the reference ranking on the whole pool (N = P, the largest the study affords) and against the
 pool without S (an independent sample: conservative), plus the ranking confidence the library would print
-for S (4 groups, jackknife; ``fastsel.confidence.confidence_from_groups``) to test its calibration: do its
+for S (4 groups, jackknife; ``fastsel.scores.confidence.confidence_from_groups``) to test its calibration: do its
 95% score and rank intervals hold the reference, and does its tau between halves predict the observed tau?
 
     PYTHONPATH=$PWD python bench/sample_size.py --data-dir ../shared/data --out bench/sample_size.json

@@ -1,7 +1,7 @@
 // The extension module fastsel._C. Importing it runs the static registrations of every op file;
 // the schemas live next to their checks in csrc/<op>.cpp (TORCH_LIBRARY_FRAGMENT).
 //
-// Module attributes (read by fastsel/_backend.py, reported by `fastsel info`):
+// Module attributes (read by fastsel/ops/backend.py, reported by `fastsel info`):
 //   torch_version  torch.__version__ this extension was compiled against
 //   cuda_version   the CUDA toolkit that compiled the CUDA kernels ("" without CUDA kernels)
 //   cuda_archs     the arches they were compiled for, TORCH_CUDA_ARCH_LIST style ("" likewise)

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import importlib
 
-from fastsel import _compat
 from fastsel.ops.backend import EXTENSION  # noqa: F401
 
 __version__ = "0.1.0"
-
-_compat.install()
 
 # name -> module that defines it
 _EXPORTS = {

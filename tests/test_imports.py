@@ -9,8 +9,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastsel"
 
 # The flow, bottom to top: a module may import its own package and the packages below it, never one above.
 LAYERS = ["utils", "ops", "hf", "data", "capture", "scores", "pipeline", "plans", "tuners", "train", "cli"]
-# top-level modules outside the packages: the root re-exports lazily; _compat maps old paths (strings only)
-OUTSIDE = {"fastsel", "fastsel._compat", "fastsel._backend", "fastsel.__main__"}
+# top-level modules outside the packages: the root re-exports lazily; __main__ runs the CLI
+OUTSIDE = {"fastsel", "fastsel.__main__"}
 
 
 def module_name(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Streaming per-class statistics of pooled hidden states (the variability ratio, fastsel.variability)."""
+"""Streaming per-class statistics of pooled hidden states (the variability ratio, fastsel.scores.variability)."""
 from __future__ import annotations
 
 import torch

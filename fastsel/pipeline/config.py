@@ -87,7 +87,7 @@ class PipelineConfig:
     prefetch: int = 2  # batches read ahead by a background thread (0: inline)
     cache_dir: str | None = None  # tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)
     dist_timeout: float | None = None  # seconds a collective waits for the other ranks (None: distributed default)
-    # --until-stable: stop once the ranking is stable (fastsel.confidence): Kendall tau between the halves of
+    # --until-stable: stop once the ranking is stable (fastsel.scores.confidence): Kendall tau between the halves of
     # the groups >= stable_tau and the top-3 set unchanged over the last stable_checks checks, one check every
     # check_every examples (over all ranks)
     until_stable: bool = False

@@ -12,7 +12,7 @@ One pass feeds every *consumer* (one per metric) from the same forward::
     rank 0: c.result() -> LayerScores -> scores.json (atomic)
 
 A metric joins the pass by registering a consumer factory with :func:`register_consumer`; the Fisher
-consumer (around :class:`fastsel.per_example.SquaredGradAccumulator`) is registered here. Consumers that
+consumer (around :class:`fastsel.capture.per_example.SquaredGradAccumulator`) is registered here. Consumers that
 keep per-class statistics merge them exactly with :func:`merge_class_stats` (Chan et al.).
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _first_nonfinite_output(ctx: "PipelineContext", batch: Mapping[str, Tensor],
 
 def _nonfinite_error(ctx: "PipelineContext", consumers: list, batch: Mapping[str, Tensor], batch_no: int, rank: int,
                      world: int, autocast: str, logits_ok: bool, saved: int | None) -> ValueError:
-    """A fastsel.scoring.NonFiniteError (one line) naming the batch, the first layer/parameter affected, a remedy."""
+    """A fastsel.pipeline.checks.NonFiniteError (one line) naming the batch, the first layer/parameter affected, a remedy."""
 
     what = "the accumulators" if logits_ok else "the logits/loss"
     where = _first_nonfinite_parameter(ctx.model, ctx.layer_map)

@@ -245,10 +245,10 @@ class Plan:
     # -- counts and display --------------------------------------------------------------------------
 
     def with_counts(self, counts: Mapping[str, int]) -> "Plan":
-        """A copy carrying ``counts`` (from :func:`fastsel.apply.count_trainable`, which applies the plan to a
+        """A copy carrying ``counts`` (from :func:`fastsel.tuners.apply.count_trainable`, which applies the plan to a
         model or to a config's meta-device model) as ``trainable_params`` / ``params_by_group``."""
         if not isinstance(counts, Mapping) or "total" not in counts:
-            raise TypeError("fastsel: Plan.with_counts takes the counts of fastsel.apply.count_trainable(plan, model_or_config)")
+            raise TypeError("fastsel: Plan.with_counts takes the counts of fastsel.tuners.apply.count_trainable(plan, model_or_config)")
         return replace(self, trainable_params=int(counts["total"]), params_by_group=dict(counts))
 
     def table(self) -> str:

@@ -632,7 +632,7 @@ RANK_CALLBACK_NAMES = {"train": "rank_stability", "validation": "rank_stability_
 
 
 def _score_for(job: FinetuneJob, metric: str, model, tokenizer, layer_map, train_features, out: Path):
-    """Scores for a score-based strategy: Fisher on the loaded model, other metrics through fastsel.scoring."""
+    """Scores for a score-based strategy: Fisher on the loaded model, other metrics through fastsel.pipeline."""
     if job.scores_path:
         return LayerScores.read(job.scores_path)
     if metric in ("fisher", "scores"):

@@ -4,7 +4,7 @@ Order: (1) remove the blocks above the head layer (the ``nn.ModuleList`` is cut 
 count updated, so the head reads block ``head_layer`` and the removed blocks cost nothing); (2) inject
 LoRA through peft into the LoRA blocks (one ``LoraConfig`` with ``layers_to_transform``); (3) insert
 Houlsby adapters into the adapter blocks; (4) set ``requires_grad`` of every parameter from the plan.
-Group membership of a parameter comes from :func:`fastsel.layers.map_layers` (exact name parsing, so a
+Group membership of a parameter comes from :func:`fastsel.hf.layer_map.map_layers` (exact name parsing, so a
 plan for block 1 never touches block 10).
 """
 from __future__ import annotations

@@ -183,7 +183,7 @@ def test_unwritable_out_and_checkpoint_fail_first_and_leave_nothing(tmp_path, ca
 
 
 def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, capsys, tiny_dir, data_dir, monkeypatch):
-    import fastsel.atomic as atomic
+    import fastsel.utils.atomic as atomic
 
     ckdir, out = tmp_path / "ckpt", tmp_path / "s.json"
     calls = {"n": 0}

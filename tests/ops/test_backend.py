@@ -127,10 +127,3 @@ def test_info_reports_a_backend_for_every_op():
 def test_reference_backend_can_be_forced(monkeypatch):
     monkeypatch.setattr(backend, "EXTENSION", backend.ExtensionStatus(False, False, "forced in a test"))
     assert backend.op_backend("accumulate_linear_sq_grad", "cpu") == ("reference", "forced in a test")
-
-
-def test_old_module_path_is_the_same_module():
-    """fastsel._backend (the path before fastsel.ops became a package) is the backend module itself."""
-    import fastsel._backend
-
-    assert fastsel._backend is backend

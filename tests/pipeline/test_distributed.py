@@ -31,7 +31,7 @@ def _cfg(tiny_dir, data_dir, metric="fisher,variability"):
 def _worker(rank: int, world: int, port: int, cfg_json: str, pcfg_json: str, out: str, cache: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FASTSEL_CACHE=cache)
-    import fastsel.scoring  # noqa: F401  (registers the variability consumer in the spawned process)
+    import fastsel.pipeline  # noqa: F401  (the metric drivers register themselves in the spawned process)
     scores = run_pipeline(ScoreConfig.from_json(cfg_json), PipelineConfig.from_json(pcfg_json), out=out, progress=False)
     assert not dist.is_initialized()  # the pass tore its group down
     assert scores["fisher"].num_examples == N  # every rank holds the reduced result

@@ -250,7 +250,7 @@ def test_deberta_padding_invariance():
 
 def test_shared_capture_with_several_chunks(monkeypatch):
     """The batched vector-Jacobian product cut into chunks of examples gives the same diagonal."""
-    import fastsel.per_example as pe
+    import fastsel.capture.per_example as pe
 
     model = tiny_model("deberta-v2", num_labels=3)
     batch = random_batch("deberta-v2", batch_size=5, pad_last=2, num_labels=3)
