@@ -11,7 +11,7 @@ scores.json::
                             "interval": ..., "layers": [{"layer", "score_interval": [lo, hi],
                                                          "rank_interval": [best, worst]}, ...]}}
 
-(``ranking_confidence``: streamed Fisher and variability runs, see fastsel.confidence; {"method", "groups",
+(``ranking_confidence``: streamed Fisher and variability runs, see fastsel.scores.confidence; {"method", "groups",
 "unavailable": reason} when a subset of the groups cannot be scored.)
 
 Metrics where lower is better (the variability ratio) rank ascending; ``higher_is_better`` says which.

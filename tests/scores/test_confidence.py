@@ -1,4 +1,4 @@
-"""Ranking confidence (fastsel.confidence): per-group accumulators beside the totals, Kendall tau / top-k
+"""Ranking confidence (fastsel.scores.confidence): per-group accumulators beside the totals, Kendall tau / top-k
 agreement between halves, delete-one-group jackknife intervals; independent of batching; CLI table and errors.
 (Resume and two gloo processes: tests/pipeline/test_resume.py and tests/pipeline/test_distributed.py compare ranking_confidence.)"""
 from __future__ import annotations
@@ -310,7 +310,7 @@ def _stable_worker(rank: int, world: int, port: int, cfg_json: str, pcfg_json: s
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FASTSEL_CACHE=cache)
-    import fastsel.scoring  # noqa: F401
+    import fastsel.pipeline  # noqa: F401  (the metric drivers register themselves in the spawned process)
     run_pipeline(ScoreConfig.from_json(cfg_json), PipelineConfig.from_json(pcfg_json), out=out, progress=False)
 
 
