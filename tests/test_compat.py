@@ -7,7 +7,6 @@ import pytest
 
 import fastsel
 
-
 # the flat layout of fastsel 0.1 (and fastsel._backend): gone, one import path per name
 OLD_MODULES = ["atomic", "progress", "models", "layers", "per_example", "confidence", "fisher", "plot", "metrics",
                "stream", "checkpoint", "distributed", "apply", "adapters", "tune_cli", "info", "scoring",

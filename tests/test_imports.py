@@ -1,5 +1,6 @@
-"""Imports inside fastsel point one way, counting every import (module level and inside functions;
-``if TYPE_CHECKING:`` blocks aside): no cycles, and no package imports a package above it in LAYERS."""
+"""Imports inside fastsel point one way, counting every import (module level, inside functions and in
+``if TYPE_CHECKING:`` blocks: a type-only import is an edge too): no cycles, and no package imports a package
+above it in LAYERS."""
 from __future__ import annotations
 
 import ast
@@ -18,17 +19,15 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
 def imported_modules(path: Path, modules: set[str]) -> set[str]:
     """The fastsel modules ``path`` imports anywhere in its body (resolved to the deepest existing module)."""
-    tree = ast.parse(path.read_text())
-    here = module_name(path)
-    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    return imports_in(path.read_text(), module_name(path), path.name == "__init__.py", modules)
+
+
+def imports_in(source: str, here: str, is_package: bool, modules: set[str]) -> set[str]:
+    """The fastsel modules the source of module ``here`` imports anywhere, ``if TYPE_CHECKING:`` blocks included."""
+    tree = ast.parse(source)
+    package = here if is_package else here.rpartition(".")[0]
     found: set[str] = set()
 
     def resolve(name: str) -> None:
@@ -38,10 +37,6 @@ def imported_modules(path: Path, modules: set[str]) -> set[str]:
             found.add(name)
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             for alias in node.names:
                 resolve(alias.name)
@@ -112,6 +107,16 @@ def cycles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
 def test_the_checker_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {frozenset("abc")}
     assert cycles({"a": {"b"}, "b": set()}) == set()
+
+
+def test_type_only_imports_are_edges():
+    source = ("from typing import TYPE_CHECKING\n"
+              "if TYPE_CHECKING:\n    from fastsel.pipeline.config import ScoreConfig\n"
+              "    import fastsel.pipeline.context\n"
+              "def f():\n    from .checks import NonFiniteError\n")
+    modules = {"fastsel.pipeline.registry", "fastsel.pipeline.config", "fastsel.pipeline.context", "fastsel.pipeline.checks"}
+    assert imports_in(source, "fastsel.pipeline.registry", False, modules) == {
+        "fastsel.pipeline.config", "fastsel.pipeline.context", "fastsel.pipeline.checks"}
 
 
 def test_no_import_cycles():

@@ -3,6 +3,8 @@
 A metric is one :class:`Metric` record: its in-memory ``run(ctx)``, its streamed ``consumer`` (a
 :class:`BatchConsumer` factory fed by :func:`fastsel.pipeline.streamed.run_pass`), its CLI flags and help.
 The metric drivers in :mod:`fastsel.pipeline.drivers` register themselves; this module imports none of them.
+It sits below :mod:`fastsel.pipeline.config` and :mod:`fastsel.pipeline.context` (they import it, it imports
+neither, not even for type hints): what it reads of a ``ScoreConfig`` is the :class:`HasOptions` protocol.
 """
 from __future__ import annotations
 
@@ -10,14 +12,10 @@ import argparse
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, ContextManager, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from fastsel.pipeline.config import ScoreConfig
-    from fastsel.pipeline.context import PipelineContext, ScoringContext
 
 from fastsel.scores.confidence import DEFAULT_GROUPS
 from fastsel.scores.layer_scores import LayerScores
@@ -57,7 +55,15 @@ class BatchConsumer(Protocol):
     def result(self) -> LayerScores: ...
 
 
-ConsumerFactory = Callable[["PipelineContext"], BatchConsumer]
+# called with the run's fastsel.pipeline.context.PipelineContext (Any here: context.py imports this module)
+ConsumerFactory = Callable[[Any], BatchConsumer]
+
+
+class HasOptions(Protocol):
+    """What :func:`confidence_groups` reads of a config: a :class:`fastsel.pipeline.config.ScoreConfig`."""
+
+    @property
+    def options(self) -> Mapping[str, Any]: ...
 
 
 def supports(metric: str) -> bool:
@@ -72,7 +78,7 @@ def default_num_examples(metric: str) -> int | None:
     return None if not wanted or any(w is None for w in wanted) else max(wanted)  # type: ignore[type-var]
 
 
-def confidence_groups(cfg: "ScoreConfig") -> int:
+def confidence_groups(cfg: HasOptions) -> int:
     """K of the ranking confidence (``options["confidence_groups"]``, default DEFAULT_GROUPS = 4; 0: none)."""
     return int(cfg.options.get("confidence_groups", DEFAULT_GROUPS))
 
@@ -116,7 +122,7 @@ class Metric:
     values land in ``ScoreConfig.options``. ``add_arguments`` adds hand-written flags instead (plug-ins)."""
 
     name: str
-    run: Callable[["ScoringContext"], LayerScores]
+    run: Callable[[Any], LayerScores]  # called with a fastsel.pipeline.context.ScoringContext
     higher_is_better: bool = True
     needs_labels: bool = True
     classification_only: bool = False
