@@ -488,7 +488,7 @@ class SquaredGradAccumulator:
         self.sums: dict[str, Tensor] = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
         self.num_examples = 0
         self.fallback_params: set[str] = set()
-        # Optional per-group sums (ranking confidence, fastsel.confidence): enable_groups(K); each example's
+        # Optional per-group sums (ranking confidence, fastsel.scores.confidence): enable_groups(K); each example's
         # squared gradients also go to group_sums[g] of its group g (given per batch to capture()).
         self.group_sums: list[dict[str, Tensor]] = []
         self.group_counts: list[int] = []
