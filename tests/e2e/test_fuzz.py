@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fastsel.cli.app import main  # noqa: E402
@@ -40,10 +40,10 @@ STATS: dict = {"inputs": 0, "failures": 0, "errors": collections.Counter(), "by_
 # The fuzz tests' labels in STATS, and how many of their inputs must at least succeed in a run: the reader tests
 # generate inputs known to be valid (clean files), every one of which must be read (asserted input by input);
 # the command-line tests mix valid and invalid options, and at least one of their inputs must run through.
-# (5 of the 100-150 reader inputs at the default scale: the derandomized run generates 38 valid GLUE files, 12
+# (5 of the 100-150 reader inputs at the default scale: the derandomized run generates 30 valid GLUE files, 21
 # SuperGLUE, 17 custom; the bound is loose so that fresh draws, FASTSEL_FUZZ_RANDOM=1, do not fail it by chance)
 _AT_LEAST = max(1, min(5, int(5 * SCALE)))
-MIN_VALID = {"glue": _AT_LEAST, "superglue": _AT_LEAST, "custom": _AT_LEAST, "cli-files": 1}
+MIN_VALID = {"glue": _AT_LEAST, "superglue": _AT_LEAST, "custom": _AT_LEAST, "cli-files": 2}  # cli: its @examples
 MIN_OK = {"glue": _AT_LEAST, "superglue": _AT_LEAST, "custom": _AT_LEAST, "cli-files": 1, "cli-options": 1,
           "cli-plan": 1, "cli-finetune": 1, "subprocess": 0}
 RAN: dict[str, str] = {}  # pytest test name -> its STATS label, for the tests that ran in this session
@@ -249,9 +249,11 @@ def test_fuzz_glue_tsv(tmp_path_factory, task, split, data):
                                                               mostly(good, FIELD, 9), header=False, good_labels=good))
     else:
         folder, cols, labels = GLUE[task]
-        if task == "mnli" and "gold_label" in cols:
-            cols = [c if c != "gold_label" else "label" for c in cols] if data.draw(st.booleans()) else cols
+        renamed = task == "mnli" and data.draw(st.booleans())
+        if renamed:  # not MNLI's layout: its label column is gold_label (required except in the test split)
+            cols = [c if c != "gold_label" else "label" for c in cols]
         blob, clean = data.draw(table_file(cols, mostly(labels, FIELD, 9), good_labels=labels))
+        clean = clean and not (renamed and split != "test")
     names = {"train": "train.tsv", "validation": "dev_matched.tsv" if task == "mnli" else "dev.tsv",
              "test": "test_matched.tsv" if task == "mnli" else "test.tsv"}
     _write(base, f"glue/{folder}/{names[split]}", blob)
@@ -321,7 +323,10 @@ def custom_file(draw) -> tuple[str, bytes, list[str], bool, bool]:
     label = mostly(good, st.one_of(st.floats(-2, 2).map(str), FIELD), 8)
     if ext in (".csv", ".tsv"):
         cols = [f for f in fields if f != "missing"] + ["y"]
-        blob, clean = draw(table_file(cols, label, sep="," if ext == ".csv" else "\t", good_labels=good))
+        sep = "," if ext == ".csv" else "\t"
+        blob, clean = draw(table_file(cols, label, sep=sep, good_labels=good))
+        if clean:  # the labels (last column) of a clean table
+            ys = [r[-1] for r in csv.reader(io.StringIO(blob.decode()), delimiter=sep)][1:]
     else:
         value = mostly(WORDS, st.one_of(st.text(max_size=12), JSONV), 8)
         jlabel = mostly(st.floats(-2, 2) if regression else st.sampled_from(["pos", "neg", 0, 1, True]), JSONV, 8)
@@ -334,6 +339,7 @@ def custom_file(draw) -> tuple[str, bytes, list[str], bool, bool]:
         many = draw(st.integers(0, 4)) > 0
         rows = draw(st.lists(row, min_size=4, max_size=12) if many else st.lists(row, max_size=3))
         clean = clean and many
+        ys = [str(r["y"]) for r in rows] if clean else []
         if ext == ".json":
             whole = draw(st.integers(0, 4)) > 0
             text = json.dumps(rows) if whole else "[" + draw(st.text(max_size=20))
@@ -346,6 +352,7 @@ def custom_file(draw) -> tuple[str, bytes, list[str], bool, bool]:
         blob = draw(damaged(text)) if damage else text.encode()
         clean = clean and not damage
     clean = clean and ext in (".csv", ".tsv", ".jsonl", ".json") and fields in (["text"], ["a", "b"])
+    clean = clean and (regression or len(set(ys)) >= 2)  # a classification file needs two classes
     return ext, blob, fields, regression, clean
 
 
@@ -424,6 +431,8 @@ def _cli_contract(test: str, argv: list[str], outs: list[Path], valid: bool = Fa
        extra=st.lists(st.sampled_from([["--regression"], ["--balanced", "--num-examples", "4"], ["--no-bucket"],
                                        ["--max-tokens", "40"], ["--max-length", "3"]]), max_size=2),
        clean=st.one_of(st.none(), st.sampled_from([["pos", "neg"], [0, 1, 2], [0.5, 1.5, -1.0], ["x", 2, True]])))
+@example(spec=(".jsonl", b"", ["text"], False, False), metric="fisher,variability", extra=[], clean=["pos", "neg"])
+@example(spec=(".jsonl", b"", ["text"], False, False), metric="fisher", extra=[["--no-bucket"]], clean=[0, 1, 2])
 def test_fuzz_cli_on_fuzzed_files(tmp_path_factory, tiny_dir, spec, metric, extra, clean):
     ext, blob, fields, _, _ = spec
     if clean is not None:  # a well-formed file of a few classes, so that the pass itself runs
@@ -438,9 +447,10 @@ def test_fuzz_cli_on_fuzzed_files(tmp_path_factory, tiny_dir, spec, metric, extr
             "--text-fields", ",".join(fields), "--label-field", "y", "--metric", metric, "--batch-size", "3",
             "--max-length", "16", "--no-progress", "--out", str(out), *itertools.chain(*extra)]
     outs = [out] if "," not in metric else [base / f"s.{m}.json" for m in metric.split(",")]
-    # valid: the well-formed file of two or three string/integer classes, and no option that contradicts it
-    # (--regression on class names)
-    valid = clean in (["pos", "neg"], [0, 1, 2]) and ["--regression"] not in extra
+    # valid: the well-formed file of two or three string/integer classes, and no option that contradicts it:
+    # --regression on class names, or 4 balanced examples of 3 classes (1 in some class) for the variability ratio
+    too_few = ["--balanced", "--num-examples", "4"] in extra and len(clean or []) == 3 and "variability" in metric
+    valid = clean in (["pos", "neg"], [0, 1, 2]) and ["--regression"] not in extra and not too_few
     _cli_contract("cli-files", argv, outs, valid=valid)
 
 
