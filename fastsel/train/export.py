@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,7 +148,7 @@ def _write_peft(model: nn.Module, plan: Plan, folder: Path, layer_map, modules_t
 
     kw = plan.to_peft(layer_map.model_type, layers_pattern=layer_map.blocks_name.rsplit(".", 1)[-1],
                       head_names=layer_map.head_names)
-    kw["modules_to_save"] = modules_to_save
+    kw["modules_to_save"] = list(modules_to_save)  # a copy: peft extends it in place
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # the same architecture on the meta device: peft builds its wrappers there, fastsel's values are assigned

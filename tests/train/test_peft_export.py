@@ -4,13 +4,21 @@ words `fastsel plan --peft` / `fastsel finetune` print about a plan."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastsel.plans.plan import LoraSpec
 from fastsel.plans.strategies import build_plan
-from fastsel.train.export import EXTRAS, MANIFEST, load_exported, peft_gaps, peft_note, tuning_summary
+from fastsel.train.export import (
+    EXTRAS,
+    MANIFEST,
+    load_exported,
+    peft_gaps,
+    peft_note,
+    tuning_summary,
+)
 from fastsel.train.trainer import load_trained
 
 pytest.importorskip("peft")
@@ -54,7 +62,7 @@ def test_lora_run_loads_with_peft_alone(lora_run, tiny_dir, capsys):
     cfg = json.loads((folder / "adapter_config.json").read_text())
     assert cfg["r"] == 2 and cfg["lora_alpha"] == 4  # alpha follows r
     assert "classifier" in cfg["modules_to_save"] and cfg["task_type"] == "SEQ_CLS"
-    fastsel_model, tokenizer, plan = load_trained(lora_run)
+    fastsel_model, tokenizer, _ = load_trained(lora_run)
     want = _logits(fastsel_model, tokenizer)
     peft_model = PeftModel.from_pretrained(_base(tiny_dir), str(folder)).eval()
     torch.testing.assert_close(_logits(peft_model, tokenizer), want)
@@ -85,7 +93,7 @@ def test_spafit_exports_lora_and_saves_biases_beside(tmp_path, tiny_dir, data_di
 
     run = _finetune(tiny_dir, data_dir, tmp_path / "run", "spafit-0-1-i", "--lora-r", "2")
     folder = run / "peft"
-    fastsel_model, tokenizer, plan = load_trained(run)
+    fastsel_model, tokenizer, _ = load_trained(run)
     want = _logits(fastsel_model, tokenizer)
     extras = load_file(str(folder / EXTRAS))
     # group 2 (block 1): every bias; group 3 (block 2): intermediate/output biases; no LoRA matrix, no head
@@ -112,6 +120,35 @@ def test_full_block_truncated_and_adapter_plans_load_exported(tmp_path, tiny_dir
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["note"].startswith(f"note: plan {plan.strategy} has no LoRA block")
     assert any(n.startswith("classifier.") for n in manifest["extras"])
+
+
+def test_a_pooler_the_checkpoint_lacks_goes_to_modules_to_save(tmp_path, tiny_dir):
+    """A fresh load draws a missing pooler anew, so the adapter carries fastsel's draw (else PEFT alone differs)."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import BertModel
+
+    from fastsel.hf.loading import load_model
+    from fastsel.train.export import export_trained
+    from fastsel.tuners.apply import apply_plan
+
+    base = tmp_path / "no-pooler"
+    BertModel.from_pretrained(str(tiny_dir), add_pooling_layer=False).save_pretrained(base)
+    for f in Path(tiny_dir).iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            shutil.copy(f, base / f.name)
+    model, tokenizer, lm = load_model(str(base), num_labels=2, seed=3)
+    plan = build_plan("lora-i", lm.num_layers, lora=LoraSpec(r=2, alpha=4))
+    apply_plan(model, plan)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    manifest = export_trained(model, plan, tmp_path / "peft", base_model=str(base), num_labels=2)
+    assert manifest["modules_to_save"] == ["classifier", "bert.pooler.dense"] and manifest["extras"] == []
+    alone = PeftModel.from_pretrained(_base(base), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(_logits(alone, tokenizer), _logits(model.eval(), tokenizer))
 
 
 def test_load_exported_errors(tmp_path, lora_run, tiny_dir):
