@@ -378,6 +378,9 @@ def resolve_file(spec: TaskSpec, data_dir: Path, split: str) -> Path:
         layout = (f"<data_dir>/superglue/{folder}/{' or '.join(names)} or "
                   f"<SUPERGLUE_DIR>/{folder}/{' or '.join(names)}")
 
+    if data_dir.exists() and not data_dir.is_dir():
+        raise NotADirectoryError(f"fastsel: --data-dir {data_dir} is a file; give the folder holding glue/ and superglue/ "
+                                 f"(expected layout: {layout})")
     if not data_dir.is_dir():
         raise FileNotFoundError(
             f"data directory {str(data_dir)!r} does not exist (task {spec.name}, split {split}); "

