@@ -5,6 +5,7 @@ import os
 from typing import Sequence
 
 from fastsel.scores.layer_scores import LayerScores
+from fastsel.utils.atomic import atomic_savefig
 
 __all__ = ["plot_layer_scores", "plot_layer_curves"]
 
@@ -58,8 +59,10 @@ def plot_layer_scores(
         ax2.set_ylabel(label, color="#c55a11")
     ax.text(0.99, 0.97, f"top-{len(best)}: {sorted(best)}", transform=ax.transAxes, ha="right", va="top", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, path)  # a temporary file renamed over path: never a half-written image
+    finally:
+        plt.close(fig)
 
 
 def plot_layer_curves(
@@ -111,5 +114,7 @@ def plot_layer_curves(
     ax.set_title(f"{scores.metric}{mode}: {scores.model.split('/')[-1]} on {scores.task} (N={scores.num_examples}{rho_txt})", fontsize=9)
     ax.legend(handles, labels, fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, path)  # a temporary file renamed over path: never a half-written image
+    finally:
+        plt.close(fig)

@@ -5,11 +5,13 @@ import contextlib
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "json_text"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "json_text", "atomic_savefig", "deferred_signals"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,9 +52,46 @@ class _Recorder:
         return getattr(self._f, name)
 
 
+@contextlib.contextmanager
+def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """SIGINT/SIGTERM that arrive inside the block are held back and handled (by the handlers that were in place)
+    when it ends: a write is never cut in the middle (torch.save turns a KeyboardInterrupt raised inside it into
+    "enforce fail at inline_container.cc"). Only the main thread can set handlers; elsewhere nothing is deferred."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous: dict[int, Any] = {}
+    try:
+        for signum in signums:
+            if signal.getsignal(signum) is not None:  # None: a handler not set from Python, which cannot be restored
+                previous[signum] = signal.signal(signum, lambda s, _frame: pending.append(s))
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signum = pending[0]
+            handler = previous.get(signum)
+            if callable(handler):
+                handler(signum, None)  # e.g. default_int_handler: KeyboardInterrupt, now that the file is whole
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)  # what it would have done: the default action
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *, binary: bool = False) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it over ``path``."""
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it over ``path``.
+
+    SIGINT/SIGTERM during the write are deferred until the rename is done (:func:`deferred_signals`): an
+    interrupted run leaves the old file or the new one, and the interrupt is then handled as usual."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"fastsel: {path} is a folder; give a file name")
+    with deferred_signals():
+        _atomic_write(path, write, binary)
+
+
+def _atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -80,6 +119,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *, b
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> str:
+    """``fig.savefig(path)`` written atomically; returns the file written. As matplotlib does, the suffix of
+    ``path`` is the image format, and a name without one gets ``.png`` (``path.png``)."""
+    text = os.fspath(path)
+    suffix = os.path.splitext(os.path.basename(text))[1].lower().lstrip(".")
+    if not suffix:
+        text, suffix = text + ".png", "png"
+    atomic_write(text, lambda f: fig.savefig(f, format=suffix, **kwargs), binary=True)
+    return text
 
 
 def _nonfinite_at(data: Any, where: str = "") -> str | None:
