@@ -442,6 +442,7 @@ class _BatchState:
     tracker: _SharedTracker | None = None
     layout: "_BackwardLayout | None" = None
     rows: list[tuple[int, Tensor]] = field(default_factory=list)  # (group, row indices) of this batch's examples
+    grouped: bool = False  # every example of the batch is in a group: its squares go to the group sums only
 
 
 @dataclass
@@ -488,8 +489,9 @@ class SquaredGradAccumulator:
         self.sums: dict[str, Tensor] = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
         self.num_examples = 0
         self.fallback_params: set[str] = set()
-        # Optional per-group sums (ranking confidence, fastsel.scores.confidence): enable_groups(K); each example's
-        # squared gradients also go to group_sums[g] of its group g (given per batch to capture()).
+        # Optional per-group sums (ranking confidence, fastsel.scores.confidence): enable_groups(K); the squared gradients of
+        # a batch whose examples all have a group (given per batch to capture()) go to group_sums[g] of each example's
+        # group g *only*, not to ``sums`` as well: the same work as without groups. totals() adds them up.
         self.group_sums: list[dict[str, Tensor]] = []
         self.group_counts: list[int] = []
         # module name -> {param short name -> full name}; a parameter tied between modules (shared
@@ -590,11 +592,17 @@ class SquaredGradAccumulator:
         if self.group_sums and groups is not None:
             if groups.shape != (batch_size,):
                 raise ValueError(f"fastsel: groups must have shape ({batch_size},), got {tuple(groups.shape)}")
+            covered = 0
             for k in range(len(self.group_sums)):
                 idx = (groups == k).nonzero().flatten()
                 if idx.numel():
                     self._state.rows.append((k, idx))
                     self.group_counts[k] += int(idx.numel())
+                    covered += int(idx.numel())
+            if covered != batch_size:  # totals() = sums + the group sums needs each example in exactly one of them
+                self._state = None
+                raise ValueError(f"fastsel: groups must give every example a group in 0..{len(self.group_sums) - 1}")
+            self._state.grouped = True
         handles = []
         tracker = _SharedTracker(self.params, batch_size) if self.capture_shared else None
         try:
@@ -724,7 +732,8 @@ class SquaredGradAccumulator:
             for n, g in zip(layout.direct, vj[n_shared:]):
                 if g is not None:
                     sq = g.float().square()
-                    self.sums[n].add_(sq.sum(0))
+                    if not self._grouped():
+                        self.sums[n].add_(sq.sum(0))
                     for idx, gacc in self._group_rows(b0, b1):
                         gacc[n].add_(sq.index_select(0, idx).sum(0))
             k = 0
@@ -749,7 +758,8 @@ class SquaredGradAccumulator:
                     total[n] = total[n] + gr.float() if n in total else gr.float()
             for n, gr in total.items():
                 sq = gr.square()
-                acc[n].add_(sq.sum(0))
+                if not self._grouped():
+                    acc[n].add_(sq.sum(0))
                 for idx, gacc in self._group_rows(b0, b1, own):
                     gacc[n].add_(sq.index_select(0, idx).sum(0))
             return
@@ -764,7 +774,8 @@ class SquaredGradAccumulator:
             phis.append(phi if phi.dim() == 2 else phi.float())
             gs.append(g.reshape(nb, -1, width).float())
         phi_all, g_all = torch.cat(phis, 1), torch.cat(gs, 1)
-        rule.accumulate_rows(module, phi_all, g_all, acc)
+        if not self._grouped():
+            rule.accumulate_rows(module, phi_all, g_all, acc)
         for idx, gacc in self._group_rows(b0, b1, own):
             rule.accumulate_rows(module, phi_all.index_select(0, idx), g_all.index_select(0, idx), gacc)
 
@@ -790,7 +801,8 @@ class SquaredGradAccumulator:
                 if call.combine:
                     call.grad = grad.detach()
                     return
-                rule.accumulate(module, call.input, grad, acc)
+                if not self._grouped():
+                    rule.accumulate(module, call.input, grad, acc)
                 for idx, gacc in self._group_acc(own):
                     rule.accumulate(module, call.input.index_select(0, idx), grad.index_select(0, idx), gacc)
                 if release:  # let the activations go as the backward moves on
@@ -805,17 +817,31 @@ class SquaredGradAccumulator:
             group = [gacc for idx, gacc in self._group_acc() if bool((idx == b).any())]
             for n, g in zip(names, grads):
                 if g is not None:
-                    self.sums[n].add_(g.float().square())
+                    if not group:
+                        self.sums[n].add_(g.float().square())
                     for gacc in group:
                         gacc[n].add_(g.float().square())
 
     # -- results -----------------------------------------------------------------------------------
 
+    def _grouped(self) -> bool:
+        return self._state is not None and self._state.grouped
+
+    def totals(self) -> dict[str, Tensor]:
+        """The sum of every example's squared gradients: ``sums`` (batches without groups) plus every group's sums."""
+        if not self.group_sums:
+            return self.sums
+        out = {n: s.clone() for n, s in self.sums.items()}
+        for g in self.group_sums:
+            for n, t in g.items():
+                out[n].add_(t)
+        return out
+
     def mean(self) -> dict[str, Tensor]:
-        """The Fisher diagonal estimate: accumulated sums divided by the number of examples."""
+        """The Fisher diagonal estimate: the accumulated totals divided by the number of examples."""
         if self.num_examples == 0:
             raise ValueError("fastsel: no examples were accumulated")
-        return {n: s / self.num_examples for n, s in self.sums.items()}
+        return {n: s / self.num_examples for n, s in self.totals().items()}
 
     def state_dict(self) -> dict[str, object]:
         state = {"sums": self.sums, "num_examples": self.num_examples, "fallback_params": sorted(self.fallback_params)}

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastsel.scores.variability import merge_class_stats
 
-__all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "all_reduce_sum_", "all_gather_objects",
+__all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "all_reduce_sum_", "broadcast_from_rank0_", "all_gather_objects",
            "all_merge_class_stats", "barrier", "PeerFailure", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 1800.0  # a collective waiting longer than this for another rank fails (torch's default; --dist-timeout)
@@ -144,6 +144,17 @@ def all_reduce_sum_(tensors: Sequence[Tensor], group: Any = None) -> None:
         buf = t.detach().to(torch.float64)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         t.copy_(buf.to(t.dtype))
+
+
+@_collective("sharing rank 0's tensors")
+def broadcast_from_rank0_(tensors: Sequence[Tensor], group: Any = None) -> None:
+    """Overwrite each tensor with rank 0's, in place (a head fitted on every rank: rank 0's wins, so that floating
+    differences between the ranks' fits cannot give them different heads)."""
+    with torch.no_grad():
+        for t in tensors:
+            buf = t.detach().clone()
+            dist.broadcast(buf, src=0, group=group)
+            t.copy_(buf)
 
 
 @_collective("gathering the ranks' results")

@@ -30,6 +30,7 @@ from fastsel.utils.progress import progress_bar
 
 __all__ = [
     "FISHER_MODES",
+    "GroupGrams",
     "AGGREGATES",
     "block_aggregates",
     "aggregation_summary",
@@ -218,6 +219,7 @@ class FisherAccumulation:
             raise ValueError(f"fastsel: unknown Fisher mode {mode!r}; choose from {FISHER_MODES}")
         self.model, self.mode, self.seed, self.groups = model, mode, seed, groups
         self.acc = accumulator or SquaredGradAccumulator(model)
+        self._grams: tuple[tuple, GroupGrams] | None = None
         if groups:
             self.acc.enable_groups(groups)
 
@@ -247,16 +249,68 @@ class FisherAccumulation:
     def group_scores(self, groups: Sequence[int], layer_map: LayerMap | None = None,
                      group_sums: Sequence[Mapping[str, Tensor]] | None = None,
                      group_counts: Sequence[int] | None = None, aggregate: str = "frobenius") -> list[float]:
-        """Block scores (``aggregate``: frobenius, trace or tensor_norm_sum) of the examples of ``groups`` alone (their
-        sums in float64 over their count)."""
+        """Block scores (``aggregate``: frobenius, trace or tensor_norm_sum) of the examples of ``groups`` alone.
+
+        From the K x K Gram matrices of the group sums (:class:`GroupGrams`, built once per set of sums and cached):
+        any union of groups then costs K^2 numbers per tensor, not a pass over every parameter.
+        """
         group_sums = self.acc.group_sums if group_sums is None else group_sums
         group_counts = self.acc.group_counts if group_counts is None else group_counts
-        n = sum(group_counts[g] for g in groups)
+        key = (id(group_sums), tuple(group_counts), self.acc.num_examples, id(layer_map))
+        if self._grams is None or self._grams[0] != key:
+            layer_map = layer_map or map_layers(self.model)
+            named = layer_map.groups(self.model)
+            blocks = [[n for n in named[f"layer.{l}"] if n in self.acc.sums] for l in range(layer_map.num_layers)]
+            self._grams = (key, GroupGrams(group_sums, group_counts, blocks))
+        return self._grams[1].scores(groups, aggregate)
+
+
+class GroupGrams:
+    """Per-tensor K x K Gram matrices (float64) and per-group traces of K group sums.
+
+    For a union S of groups with n_S examples, the block's diagonal is D = (sum_{g in S} X_g) / n_S, so
+    sum D^2 = (1 / n_S^2) sum_{a, b in S} <X_a, X_b> and sum D = (1 / n_S) sum_{a in S} sum X_a: one pass over the
+    group sums (in chunks, no K-fold copy of a tensor) gives the scores of every union.
+    """
+
+    CHUNK = 1 << 20  # elements of one tensor stacked over the K groups at a time
+
+    def __init__(self, group_sums: Sequence[Mapping[str, Tensor]], group_counts: Sequence[int],
+                 blocks: Sequence[Sequence[str]]) -> None:
+        k = len(group_sums)
+        self.counts = [int(c) for c in group_counts]
+        self.tensor_grams: list[list[Tensor]] = []
+        self.traces: list[Tensor] = []
+        for names in blocks:
+            grams, trace = [], torch.zeros(k, dtype=torch.float64)
+            for name in names:
+                flat = [g[name].reshape(-1) for g in group_sums]
+                gram = torch.zeros(k, k, dtype=torch.float64)
+                for start in range(0, flat[0].numel(), self.CHUNK):
+                    x = torch.stack([f[start:start + self.CHUNK] for f in flat]).double()
+                    gram += (x @ x.T).cpu()
+                    trace += x.sum(1).cpu()
+                grams.append(gram)
+            self.tensor_grams.append(grams)
+            self.traces.append(trace)
+
+    def scores(self, groups: Sequence[int], aggregate: str = "frobenius") -> list[float]:
+        n = sum(self.counts[g] for g in groups)
         if n == 0:
             raise ValueError(f"no examples in groups {list(groups)}")
-        diag = {name: sum(group_sums[g][name].double() for g in groups) / n for name in self.acc.sums}
-        layers, _ = layer_statistics(diag, self.model, layer_map)
-        return [l[_STAT_OF[aggregate]] for l in layers]
+        idx = torch.tensor(list(groups))
+        out = []
+        for grams, trace in zip(self.tensor_grams, self.traces):
+            squares = [float(g.index_select(0, idx).index_select(1, idx).sum()) for g in grams]
+            if aggregate == "frobenius":
+                out.append(math.sqrt(max(sum(squares), 0.0)) / n)
+            elif aggregate == "trace":
+                out.append(float(trace[idx].sum()) / n)
+            elif aggregate == "tensor_norm_sum":
+                out.append(sum(math.sqrt(max(q, 0.0)) for q in squares) / n)
+            else:
+                raise ValueError(f"fastsel: no per-group scores for aggregate {aggregate!r}")
+        return out
 
 
 def fisher_diagonal(

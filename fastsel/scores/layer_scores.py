@@ -209,7 +209,7 @@ class LayerScores:
         if isinstance(head, dict) and head.get("kind") not in (None, "fresh"):
             lines.append(_head_line(head))
         dep = self.info.get("label_dependence")
-        if isinstance(dep, dict):
+        if isinstance(dep, dict) and "unavailable" not in dep:
             lines.append(_label_line(dep, fresh=not isinstance(head, dict) or head.get("kind") == "fresh"))
         us = self.info.get("until_stable")
         if isinstance(us, dict):

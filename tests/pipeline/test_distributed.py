@@ -73,3 +73,22 @@ def test_torchrun_cli_equals_single_process(tmp_path, tiny_dir, data_dir):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("ranking (best first)") == 1  # rank 0 alone prints and writes
     assert_scores_close(json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text()))
+
+
+def test_probe_head_two_gloo_processes_equal_one(tmp_path, tiny_dir, data_dir, monkeypatch):
+    """--head probe under torchrun: every rank fits, rank 0's head (and rank 0's permuted-label head in the label
+    check) is broadcast, so the two-process scores equal the one-process scores."""
+    cache = str(tmp_path / "cache")
+    monkeypatch.setenv("FASTSEL_CACHE", cache)
+    cfg = ScoreConfig(metric="fisher", model=tiny_dir, task="sst2", data_dir=str(data_dir), num_examples=N, batch_size=4,
+                      max_length=40, options={"head": "probe", "probe_examples": 60, "label_check": 0.3})
+    one = tmp_path / "one.json"
+    run_pipeline(cfg, PipelineConfig(), out=one, progress=False)
+    two = tmp_path / "two.json"
+    mp.spawn(_worker, args=(2, free_port(), cfg.to_json(), PipelineConfig().to_json(), str(two), cache), nprocs=2,
+             join=True)
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["head"]["kind"] == b["head"]["kind"] == "probe"
+    assert_scores_close(a, b)
+    torch.testing.assert_close(torch.tensor(b["label_dependence"]["permuted_scores"]),
+                               torch.tensor(a["label_dependence"]["permuted_scores"]), rtol=1e-4, atol=0)

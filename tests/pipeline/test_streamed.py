@@ -72,8 +72,8 @@ def test_one_pass_fisher_and_class_statistics(tiny_dir, data_dir, cache):
     ctx, corpus = _setup(cfg, PipelineConfig(max_tokens=200))
     both = run_pass(ctx, corpus, [FisherConsumer(ctx), ClassMeanConsumer(ctx)], DistEnv(), progress=False)
     fisher_alone = run_pass(ctx, corpus, [FisherConsumer(ctx)], DistEnv(), progress=False).consumers[0]
-    for n, s in fisher_alone.acc.sums.items():
-        assert torch.equal(both.consumers[0].acc.sums[n], s)  # same batches, same order: bit-identical
+    for n, s in fisher_alone.acc.totals().items():
+        assert torch.equal(both.consumers[0].acc.totals()[n], s)  # same batches, same order: bit-identical
     cm = both.consumers[1]
     assert sorted(cm.indices) == list(range(N))
     # oracle: plain forward per example, numpy statistics
@@ -107,8 +107,8 @@ def test_one_pass_fisher_and_variability_equal_each_alone(tiny_dir, data_dir, ca
     ctx, corpus = _setup(cfg, PipelineConfig(max_tokens=200))
     both = run_pass(ctx, corpus, [FisherConsumer(ctx), VariabilityConsumer(ctx)], DistEnv(), progress=False)
     fisher_alone = run_pass(ctx, corpus, [FisherConsumer(ctx)], DistEnv(), progress=False).consumers[0]
-    for n, s in fisher_alone.acc.sums.items():
-        assert torch.equal(both.consumers[0].acc.sums[n], s)
+    for n, s in fisher_alone.acc.totals().items():
+        assert torch.equal(both.consumers[0].acc.totals()[n], s)
     streamed = both.consumers[1].result()
     ex = load_examples("sst2", data_dir, "train", num_examples=N, seed=0)
     loader = make_dataloader(tokenize_examples(ex, ctx.tokenizer, cfg.max_length), ctx.tokenizer, 8)
@@ -126,9 +126,10 @@ def test_autocast_keeps_fp32_accumulators_close(tiny_dir, data_dir, cache, autoc
     ref = run_pass(ctx, corpus, [FisherConsumer(ctx)], DistEnv(), progress=False).consumers[0].acc
     ctx.pipeline = PipelineConfig(max_tokens=200, autocast=autocast)
     low = run_pass(ctx, corpus, [FisherConsumer(ctx)], DistEnv(), progress=False).consumers[0].acc
-    num = sum(float((low.sums[n] - ref.sums[n]).norm() ** 2) for n in ref.sums) ** 0.5
-    den = sum(float(ref.sums[n].norm() ** 2) for n in ref.sums) ** 0.5
-    assert all(s.dtype == torch.float32 for s in low.sums.values())
+    low_t, ref_t = low.totals(), ref.totals()
+    num = sum(float((low_t[n] - ref_t[n]).norm() ** 2) for n in ref_t) ** 0.5
+    den = sum(float(ref_t[n].norm() ** 2) for n in ref_t) ** 0.5
+    assert all(s.dtype == torch.float32 for s in low_t.values())
     # The bound: autocast rounds the operands of every matmul to the half type, a relative error of up to its unit
     # roundoff u (2^-8 = 0.39 % for bf16's 8 significand bits, 2^-11 = 0.049 % for fp16's 11). A squared
     # per-example gradient (g x)^2 built from a rounded g and x is then off by up to 2 (u + u) = 4u to first

@@ -15,8 +15,14 @@ from fastsel.data.corpus import BatchReader, schedule_batches, shard_batches
 from fastsel.data.tasks import make_dataloader
 from fastsel.hf.io import eval_mode, model_inputs
 from fastsel.pipeline.context import PipelineContext, ScoringContext
-from fastsel.pipeline.distributed import all_gather_objects, all_reduce_sum_, process_rank, world_size
-from fastsel.pipeline.heads import PreparedHead, parse_head, save_head, setup_head
+from fastsel.pipeline.distributed import (
+    all_gather_objects,
+    all_reduce_sum_,
+    broadcast_from_rank0_,
+    process_rank,
+    world_size,
+)
+from fastsel.pipeline.heads import PreparedHead, head_parameter_names, parse_head, save_head, setup_head
 from fastsel.pipeline.registry import AUTOCAST, Metric, confidence_groups, option, options_of, register_metric
 from fastsel.scores.confidence import confidence_from_groups, kendall_tau_b
 from fastsel.scores.fisher import (
@@ -81,7 +87,8 @@ def permuted_labels(labels: np.ndarray, subset: np.ndarray, seed: int) -> dict[i
 def label_dependence(model: nn.Module, layer_map: Any, mode: str, seed: int, head: PreparedHead,
                      batches: Callable[[], Iterable[dict[str, Tensor]]], main: Sequence[float], aggregate: str,
                      subset_size: int, share: float, reduce: Callable[[FisherAccumulation], None] | None = None,
-                     autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> tuple[dict, list[float]]:
+                     autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+                     share_head: Callable[[], None] | None = None) -> tuple[dict, list[float]]:
     """(scores.json ``label_dependence``, the permuted-label frobenius score of every block).
 
     ``batches()`` yields the subset's batches with their labels already permuted; under the permuted head (a probe
@@ -97,6 +104,8 @@ def label_dependence(model: nn.Module, layer_map: Any, mode: str, seed: int, hea
                                     "to none"}, [float("nan")] * len(main))
     start = time.perf_counter()
     with head.permuted_labels(seed):
+        if share_head is not None:
+            share_head()
         acc = FisherAccumulation(model, mode, seed)
         with eval_mode(model):
             for batch in batches():
@@ -172,10 +181,19 @@ class FisherConsumer:
         # The head first (a probe fits on cached features of the frozen backbone), then the accumulators.
         self.head = setup_head(ctx.config, self.opts.head, self.opts.probe_examples, ctx.model, ctx.tokenizer,
                                ctx.layer_map, ctx.task, ctx.device, process_rank() == 0)
+        self._share_head()
         if self.opts.save_head and process_rank() == 0:
             save_head(ctx.model, ctx.tokenizer, self.opts.save_head)
         self.fisher = FisherAccumulation(ctx.model, self.opts.fisher, ctx.config.seed, groups=self.groups)
         self.mode, self.acc = self.fisher.mode, self.fisher.acc
+
+    def _share_head(self) -> None:
+        """Under torchrun every rank fits the head; rank 0's is the one all ranks score with."""
+        if world_size() > 1 and self.head.fits_labels:
+            params = dict(self.ctx.model.named_parameters())
+            names = self.head.info.get("parameters") or head_parameter_names(self.ctx.model, self.ctx.layer_map)
+            broadcast_from_rank0_([params[n].data for n in names] if self.head.info.get("kind") != "warmup"
+                                  else [p.data for p in params.values()])
 
     def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
         return self.fisher.capture(batch)
@@ -185,15 +203,21 @@ class FisherConsumer:
 
     def state_dict(self) -> dict:
         cpu = lambda d: {n: t.detach().cpu().clone() for n, t in d.items()}  # noqa: E731
-        return {k: (cpu(v) if k == "sums" else [cpu(g) for g in v] if k == "group_sums" else v)
+        # what resuming needs: sums that are still zero (with --confidence-groups every batch goes to a group's sums)
+        # are what a fresh accumulator starts from, so they are left out (1/(K+1) of the checkpoint)
+        used = lambda d: {n: t.detach().cpu().clone() for n, t in d.items() if bool(t.any())}  # noqa: E731
+        return {k: (used(v) if k == "sums" else [cpu(g) for g in v] if k == "group_sums" else v)
                 for k, v in self.acc.state_dict().items()}
 
     def load_state_dict(self, state: dict) -> None:
         self.acc.load_state_dict(state)
 
-    def _sums(self) -> dict[str, Tensor]:
-        sums = getattr(self.acc, "sums", None)
-        return sums if isinstance(sums, dict) else self.acc.state_dict().get("sums", {})
+    def _accumulators(self) -> list[tuple[str, Tensor]]:
+        """Every accumulator (the sums of batches without groups, and each group's sums), named."""
+        out = list(self.acc.sums.items())
+        for g in self.acc.group_sums:
+            out += list(g.items())
+        return out
 
     def finite_flag(self) -> Tensor | None:
         """0-dim bool tensor: every accumulator is finite (no host sync here).
@@ -202,15 +226,13 @@ class FisherConsumer:
         total above the float range, itself a broken Fisher): one read of the accumulators, no temporaries;
         far cheaper than ``isfinite(t).all()`` on a CPU.
         """
-        totals = [t.sum() for t in self._sums().values() if t.is_floating_point()]
+        totals = [t.sum() for _, t in self._accumulators() if t.is_floating_point()]
         return torch.isfinite(torch.stack(totals)).all() if totals else None
 
     def first_nonfinite(self) -> str | None:
         """The first accumulator (in the model's parameter order) holding NaN/Inf, named, or None."""
-        sums = self._sums()
-        order = [n for n, _ in self.ctx.model.named_parameters() if n in sums] + sorted(set(sums) - set(dict(self.ctx.model.named_parameters())))
-        for n in order:
-            t = sums[n]
+        order = {n: i for i, (n, _) in enumerate(self.ctx.model.named_parameters())}
+        for n, t in sorted(self._accumulators(), key=lambda item: order.get(item[0], len(order))):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 return f"Fisher accumulator of parameter {n} ({self.ctx.layer_map.describe(n)})"
         return None
@@ -233,8 +255,13 @@ class FisherConsumer:
         cfg, opts = self.ctx.config, self.opts
         result = self.fisher.result()
         check, permuted = None, None
-        if opts.label_check > 0:
+        if opts.label_check > 0 and self.ctx.corpus is not None:
             check, permuted = self._label_check(result)
+        elif opts.label_check > 0:  # a consumer driven without the streamed pass's corpus (tests, plug-ins)
+            if opts.aggregate == "label_specific":
+                raise ValueError("fastsel: --aggregate label_specific needs the label-dependence check, which needs the "
+                                 "pass's corpus (PipelineContext.corpus)")
+            check = {"unavailable": "no corpus to reread (PipelineContext.corpus is None)"}
         scores = fisher_scores(result, self.ctx.model, self.ctx.layer_map, model_name=cfg.model, task=self.ctx.task.name,
                                split=cfg.split, aggregate=opts.aggregate, permuted_frobenius=permuted)
         scores.info["head"] = self.head.info
@@ -279,7 +306,7 @@ class FisherConsumer:
         main = block_aggregates(layer_statistics(result.diagonal, ctx.model, ctx.layer_map)[0])
         key = "frobenius" if self.opts.aggregate == "label_specific" else self.opts.aggregate
         return label_dependence(ctx.model, ctx.layer_map, self.mode, cfg.seed, self.head, batches, main[key],
-                                self.opts.aggregate, len(subset), self.opts.label_check, reduce, autocast)
+                                self.opts.aggregate, len(subset), self.opts.label_check, reduce, autocast, self._share_head)
 
     def group_scores(self, groups: list[int], group_sums: list[dict[str, Tensor]] | None = None,
                      group_counts: list[int] | None = None) -> list[float]:
