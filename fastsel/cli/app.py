@@ -84,6 +84,9 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int, default=argparse.SUPPRESS, metavar="M",
                    help=f"--checkpoint: examples between checkpoints (default: {PipelineConfig.checkpoint_every})")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint")
+    g.add_argument("--keep-checkpoints", action="store_true", default=argparse.SUPPRESS,
+                   help="--checkpoint: keep the checkpoint files once the pass has finished (default: removed, once "
+                        "scores.json is written)")
     g.add_argument("--prefetch", type=int, default=2, help="batches read ahead by a background thread")
     g.add_argument("--cache-dir", default=None, help="tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)")
     g.add_argument("--until-stable", action="store_true",
@@ -132,7 +135,8 @@ def check_writable(path: str | os.PathLike, what: str, *, directory: bool = Fals
 
 # flags that only apply with another one: (flag, its dest, the flag it needs)
 _NEEDS_FLAG = (("--stable-tau", "stable_tau", "--until-stable"), ("--check-every", "check_every", "--until-stable"),
-               ("--stable-checks", "stable_checks", "--until-stable"), ("--checkpoint-every", "checkpoint_every", "--checkpoint"))
+               ("--stable-checks", "stable_checks", "--until-stable"), ("--checkpoint-every", "checkpoint_every", "--checkpoint"),
+               ("--keep-checkpoints", "keep_checkpoints", "--checkpoint"))
 # flags of custom data: (flag, its dest, its parser default)
 _CUSTOM_FLAGS = (("--data-file", "data_file", None), ("--text-fields", "text_fields", ""), ("--regression", "regression", False),
                  ("--label-field", "label_field", "label"))
@@ -214,7 +218,8 @@ def _run_score(args: argparse.Namespace) -> int:
         regression=args.regression,
         options=options,
     )
-    pcfg = PipelineConfig(**{k: getattr(args, k) for k in _PIPELINE_DESTS if hasattr(args, k)})  # absent: not given
+    pcfg = PipelineConfig(**{k: getattr(args, k) for k in _PIPELINE_DESTS if hasattr(args, k)},  # absent: not given
+                          keep_checkpoints=getattr(args, "keep_checkpoints", False))  # a finished run's: removed
     results = score(cfg, pcfg, out=args.out, plot=args.plot, progress=not args.no_progress)
     if not main_process:
         return 0
@@ -332,11 +337,14 @@ def _main(args: argparse.Namespace) -> int:
     except Terminated:
         rank = os.environ.get("RANK")
         why = " (under torchrun: another rank failed or the job was stopped)" if rank is not None else ""
-        print(f"error: fastsel: stopped by SIGTERM{why}; files are written atomically, and with --checkpoint "
-              "the same command with --resume continues", file=sys.stderr)
+        hint = _resume_hint(args) or (f"with --checkpoint DIR a rerun with --resume continues where it stopped"
+                                      if args.command == "score" else "")
+        print(f"error: fastsel: stopped by SIGTERM{why}; files are written atomically" + (f"; {hint}" if hint else ""),
+              file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print("fastsel: interrupted", file=sys.stderr)
+        hint = _resume_hint(args)
+        print("fastsel: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as exc:
         # Bad input gets one clear line, not a traceback; FASTSEL_DEBUG=1 shows the traceback.
@@ -347,9 +355,45 @@ def _main(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug of fastsel: still one line, the traceback on demand
         if os.environ.get("FASTSEL_DEBUG"):
             raise
+        if _unreadable_file(exc):  # a reader fastsel did not wrap: still the user's file, not a bug to report
+            print(f"error: fastsel: a file could not be read ({type(exc).__name__}: {_one_line(exc)[:200]}): it is "
+                  "truncated or damaged; rerun with FASTSEL_DEBUG=1 to see which, then replace or delete it",
+                  file=sys.stderr)
+            return 2
         print(f"error: internal error ({type(exc).__name__}: {_one_line(exc)}); rerun with FASTSEL_DEBUG=1 for the "
               "traceback and please report it", file=sys.stderr)
         return 1
+
+
+def _resume_hint(args: argparse.Namespace) -> str | None:
+    """For an interrupted ``score --checkpoint DIR`` or ``finetune``: where its checkpoint is and how to continue from
+    it (None when it left none)."""
+    from pathlib import Path
+
+    try:
+        if args.command == "score" and getattr(args, "checkpoint", None):
+            where = Path(args.checkpoint)
+            found = where.is_dir() and any(where.glob("rank*-of-*.pt"))
+        elif args.command == "finetune" and getattr(args, "out", None):
+            from fastsel.train.trainer import TRAIN_STATE
+
+            where = Path(args.out) / TRAIN_STATE
+            found = where.is_file()
+        else:
+            return None
+    except OSError:
+        return None
+    if not found:
+        return None
+    return f"the checkpoint {where} is kept: rerun the same command{'' if args.resume else ' with --resume'} to continue"
+
+
+def _unreadable_file(exc: BaseException) -> bool:
+    """An exception of a file reader (safetensors, pickle, a zip archive) meaning that the file is damaged."""
+    import pickle
+    import zipfile
+
+    return (type(exc).__name__ == "SafetensorError" or isinstance(exc, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile)))
 
 
 def _describe(exc: BaseException) -> str:

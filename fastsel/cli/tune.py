@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastsel.data.tasks import get_task
 from fastsel.hf.layer_map import map_layers
-from fastsel.hf.loading import resolve_model_path
+from fastsel.hf.loading import check_encoder_classifier, check_model_folder, resolve_model_path
 from fastsel.plans.plan import LoraSpec, Plan, PlanError
 from fastsel.plans.strategies import TUNERS, build_plan, check_tuner, find_strategy, strategy_names
 from fastsel.scores.fisher import FISHER_MODES
@@ -16,7 +16,7 @@ from fastsel.train.export import peft_note
 from fastsel.train.trainer import RANK_SPLITS, FinetuneJob, run_finetune
 from fastsel.tuners.apply import meta_model, with_counts
 
-__all__ = ["add_plan_command", "add_finetune_command", "load_config"]
+__all__ = ["add_plan_command", "add_finetune_command", "load_config", "read_plan"]
 
 
 def load_config(model: str, num_labels: int):
@@ -25,24 +25,61 @@ def load_config(model: str, num_labels: int):
 
     path = Path(model)
     if path.is_file():
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"fastsel: --model {model} is not a config.json ({exc}); give the config.json of the model, "
+                             "or its folder") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"fastsel: --model {model} is not a config.json (not a JSON object)")
         model_type = data.pop("model_type", None)
         if model_type is None:
             raise ValueError(f"fastsel: {model} has no 'model_type'; it is not a transformers config.json")
         cfg: PretrainedConfig = AutoConfig.for_model(model_type, **data)
         cfg.num_labels = num_labels
+        check_encoder_classifier(cfg, model)
         return cfg
     resolved = resolve_model_path(model)
+    check_model_folder(model, resolved, weights=False)  # plan reads the config only
     try:
-        return AutoConfig.from_pretrained(resolved, num_labels=num_labels, local_files_only=Path(resolved).is_dir())
+        cfg = AutoConfig.from_pretrained(resolved, num_labels=num_labels, local_files_only=Path(resolved).is_dir())
     except (OSError, ValueError) as exc:
         raise OSError(f"fastsel: could not read the config of {model!r}: {exc}") from exc
+    check_encoder_classifier(cfg, model)
+    return cfg
 
 
 def read_scores(path: str):
-    """A scores.json as LayerScores; a file that is not one is a one-line ValueError naming it."""
+    """A scores.json as LayerScores; a file that is not one is a one-line ValueError naming it (and --scores)."""
+    try:
+        return LayerScores.read(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"fastsel: --scores {path}: no such file; write one with fastsel score --out") from None
+    except IsADirectoryError:
+        raise ValueError(f"fastsel: --scores {path} is a folder; give the scores.json file") from None
+    except ValueError as exc:
+        text = str(exc).removeprefix("fastsel: ")
+        fix = "; give the scores.json that fastsel score --out wrote" if "not a scores.json" in text else ""
+        raise ValueError(f"fastsel: --scores {text}{fix}") from None
 
-    return LayerScores.read(path)
+
+def read_plan(path: str) -> Plan:
+    """The plan.json given as ``--plan``; a file that is missing, not JSON (truncated) or not a plan is a one-line
+    error naming the flag and the file."""
+    try:
+        return Plan.from_json(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"fastsel: --plan {path}: no such file; write one with fastsel plan --out") from None
+    except IsADirectoryError:
+        raise ValueError(f"fastsel: --plan {path} is a folder; give the plan.json file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"fastsel: --plan {path} is not a plan.json (not UTF-8 text); write one with fastsel plan --out") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"fastsel: --plan {path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}: "
+                         "truncated or edited?); write it again with fastsel plan --out") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        why = str(exc).removeprefix("fastsel: ") if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"fastsel: --plan {path} is not a fastsel plan ({why}); write one with fastsel plan --out") from None
 
 
 def check_scores_fit(scores: LayerScores, layer_map, path: str, model: str) -> None:
@@ -150,6 +187,8 @@ def _run_plan(args: argparse.Namespace) -> int:
                          "leave --scores out")
     if args.out and args.scores and Path(args.out).resolve() == Path(args.scores).resolve():
         raise ValueError(f"fastsel: --out {args.out} is the --scores file: writing the plan would overwrite the scores")
+    if args.out and Path(args.out).expanduser().is_dir():
+        raise ValueError(f"fastsel: --out {args.out} is a folder; give a file name (e.g. {Path(args.out) / 'plan.json'})")
     config = load_config(args.model, _num_labels(args))
     layer_map = map_layers(meta_model(config))
     scores = None
@@ -211,6 +250,9 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
                    help="also checkpoint every STEPS optimizer steps (always at each epoch end) to OUT/train-state.pt")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT/train-state.pt (same settings; same result as uninterrupted)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep OUT/train-state.pt once training has finished (default: removed; results.json and the "
+                        "trained model stay)")
     p.add_argument("--out", required=True, help="run directory")
     p.set_defaults(func=_run_finetune)
 
@@ -224,6 +266,12 @@ def _epochs(text: str) -> tuple[int, ...]:
 
 def _check_finetune_args(args: argparse.Namespace) -> None:
     """One-line ValueErrors, before any loading, for values that would train something else than asked."""
+    if not 0 <= args.seed < 2**32:  # numpy's seeds (the data subsets, the shuffling)
+        raise ValueError(f"fastsel: --seed must be in 0..{2**32 - 1}, got {args.seed}")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"fastsel: --out {args.out} is a file; give a folder (the run directory: results.json, the "
+                         "trained model, the curve plot)")
     if args.max_length < 2:  # as fastsel score: [CLS] and [SEP] leave no room for text below 2
         raise ValueError(f"fastsel: --max-length must be >= 2 tokens, got {args.max_length}")
     for flag, value in (("--score-examples", args.score_examples), ("--rank-examples", args.rank_examples)):
@@ -234,9 +282,10 @@ def _check_finetune_args(args: argparse.Namespace) -> None:
         raise ValueError(f"fastsel: --rank-epochs {args.rank_epochs}: epoch(s) {bad} outside 0..{args.epochs} "
                          f"(0: before training, {args.epochs}: after the last of --epochs {args.epochs})")
     if args.plan:
+        plan = read_plan(args.plan)
         try:
-            plan, config = Plan.from_json(args.plan), load_config(args.model, 2)
-        except Exception:  # noqa: BLE001 - run_finetune reads both again and reports what is wrong, in one line
+            config = load_config(args.model, 2)
+        except Exception:  # noqa: BLE001 - run_finetune reads it again and reports what is wrong, in one line
             return
         check_tuning_sizes(config, **_plan_sizes(plan), source=args.plan)
         return
@@ -274,7 +323,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         rank_epochs=_epochs(args.rank_epochs),
         rank_examples=args.rank_examples, rank_split=args.rank_split, progress=not args.no_progress,
         head=args.head, probe_examples=args.probe_examples,
-        checkpoint_every=args.checkpoint_every, resume=args.resume,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, keep_checkpoints=args.keep_checkpoints,
     )
     results = run_finetune(job)
     best = results["best"]

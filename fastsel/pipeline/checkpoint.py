@@ -7,6 +7,7 @@ and the folder fsync'ed: a reader sees the old checkpoint or the new one, never 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,7 +18,8 @@ import torch
 
 from fastsel.utils.atomic import atomic_write
 
-__all__ = ["CheckpointMismatch", "fingerprint", "rank_file", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CheckpointMismatch", "fingerprint", "rank_file", "save_checkpoint", "load_checkpoint", "remove_checkpoint",
+           "read_torch_file"]
 
 _FORMAT = "fastsel-checkpoint-1"
 
@@ -33,6 +35,40 @@ def fingerprint(settings: dict[str, Any]) -> str:
 
 def rank_file(directory: str | os.PathLike, rank: int, world_size: int) -> Path:
     return Path(directory) / f"rank{rank}-of-{world_size}.pt"
+
+
+_KEYS = {"fingerprint", "cursor", "examples", "consumers"}  # what resuming reads
+
+
+def read_torch_file(path: str | os.PathLike, what: str, fix: str) -> Any:
+    """torch.load of ``path`` (a fastsel checkpoint); a file that is empty, truncated or not a torch file is one
+    CheckpointMismatch line naming it and saying what to do (``fix``), not the reader's own words (pickle's "invalid
+    load key", miniz's "failed finding central directory", "Ran out of input")."""
+    size = os.path.getsize(path)
+    with open(path, "rb"):  # a file that cannot be opened (permissions): that OSError, as it is
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the zip/pickle readers raise on a damaged file (even EINVAL)
+        why = "empty" if size == 0 else "truncated or damaged" if _is_zip(path) else "not a torch checkpoint"
+        raise CheckpointMismatch(f"fastsel: {what} {path} cannot be read ({why}, {size} bytes: {type(exc).__name__}); "
+                                 f"{fix}") from None
+
+
+def _is_zip(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete the checkpoint file ``path`` (of a run that finished) and its folder when that is left empty."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    if path.parent.resolve() != Path.cwd().resolve():
+        with contextlib.suppress(OSError):  # not empty (other ranks' files, the user's own), or already gone
+            path.parent.rmdir()
 
 
 def save_checkpoint(path: str | os.PathLike, *, settings: dict[str, Any], cursor: int, examples: int,
@@ -52,9 +88,10 @@ def load_checkpoint(path: str | os.PathLike, settings: dict[str, Any]) -> dict[s
     path = Path(path)
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise CheckpointMismatch(f"fastsel: {path} is not a fastsel checkpoint")
+    state = read_torch_file(path, "--checkpoint file", "delete it and rerun (the pass starts over)")
+    if not isinstance(state, dict) or state.get("format") != _FORMAT or not _KEYS <= set(state):
+        raise CheckpointMismatch(f"fastsel: checkpoint {path} is not a fastsel checkpoint of a scoring pass; delete it "
+                                 "and rerun (the pass starts over), or give --checkpoint another folder")
     if state["fingerprint"] != fingerprint(settings):
         old = state.get("settings", {})
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))

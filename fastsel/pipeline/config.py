@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from fastsel.data.tasks import get_task
-from fastsel.pipeline.registry import AUTOCAST, METRICS
+from fastsel.pipeline.registry import AUTOCAST, METRICS, options_of
 from fastsel.scores.confidence import DEFAULT_GROUPS
 
 __all__ = ["ScoreConfig", "PipelineConfig"]
@@ -44,10 +44,12 @@ class ScoreConfig:
         for name in self.metric.split(","):
             if name not in METRICS:
                 raise ValueError(f"fastsel: unknown metric {name!r}; choose from {sorted(METRICS)}")
+            if METRICS[name].options is not None:  # its flags' ranges (--probe-c, --cca-folds): now, not after the pass
+                options_of(METRICS[name].options, self.options)
         if self.batch_size < 1:
             raise ValueError(f"fastsel: batch_size must be >= 1, got {self.batch_size}")
         if not 0 <= self.seed < 2**63:
-            raise ValueError(f"fastsel: seed must be in 0..2**63-1, got {self.seed}")
+            raise ValueError(f"fastsel: seed (--seed) must be in 0..2**63-1, got {self.seed}")
         if self.max_length < 2:
             raise ValueError(f"fastsel: max_length must be >= 2, got {self.max_length}")
         k = self.options.get("confidence_groups", DEFAULT_GROUPS)
@@ -84,6 +86,8 @@ class PipelineConfig:
     checkpoint: str | None = None  # folder of per-rank checkpoint files
     checkpoint_every: int = 10000  # examples (over all ranks) between checkpoints
     resume: bool = False
+    # keep the checkpoint files of a pass that finished (fastsel score removes them unless --keep-checkpoints)
+    keep_checkpoints: bool = True
     prefetch: int = 2  # batches read ahead by a background thread (0: inline)
     cache_dir: str | None = None  # tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)
     dist_timeout: float | None = None  # seconds a collective waits for the other ranks (None: distributed default)

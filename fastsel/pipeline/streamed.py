@@ -40,7 +40,7 @@ from fastsel.data.corpus import (
 from fastsel.hf.io import eval_mode, logits_of, model_inputs
 from fastsel.hf.layer_map import LayerMap
 from fastsel.hf.loading import load_model, load_tokenizer
-from fastsel.pipeline.checkpoint import load_checkpoint, rank_file, save_checkpoint
+from fastsel.pipeline.checkpoint import load_checkpoint, rank_file, remove_checkpoint, save_checkpoint
 from fastsel.pipeline.checks import NonFiniteError, apply_length_limit
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.context import PipelineContext
@@ -400,4 +400,6 @@ def _run_pipeline(cfg: ScoreConfig, pcfg: PipelineConfig, env: DistEnv, names: l
     if env.is_main:
         write_scores(scores, out, plot)
     barrier(env)
+    if pcfg.checkpoint and not pcfg.keep_checkpoints:  # the run is done: its checkpoints are no longer needed
+        remove_checkpoint(rank_file(pcfg.checkpoint, env.rank, env.world_size))
     return scores

@@ -45,7 +45,7 @@ from fastsel.data.tasks import (
 from fastsel.hf.io import eval_mode, model_inputs
 from fastsel.hf.layer_map import map_layers
 from fastsel.hf.loading import clamp_max_length, load_model
-from fastsel.pipeline.checkpoint import CheckpointMismatch, fingerprint
+from fastsel.pipeline.checkpoint import CheckpointMismatch, fingerprint, read_torch_file
 from fastsel.pipeline.checks import NonFiniteError
 from fastsel.pipeline.config import ScoreConfig
 from fastsel.pipeline.heads import HeadRequest, parse_head, prepare_head
@@ -62,7 +62,7 @@ from fastsel.tuners.apply import (
     trainable_parameters,
     with_counts,
 )
-from fastsel.utils.atomic import atomic_write, atomic_write_json
+from fastsel.utils.atomic import atomic_savefig, atomic_write, atomic_write_json
 from fastsel.utils.progress import progress_bar
 
 __all__ = [
@@ -287,12 +287,10 @@ def load_train_checkpoint(path: str | Path, settings: dict[str, Any]) -> dict[st
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a file that is not a checkpoint: one line
-        raise CheckpointMismatch(f"fastsel: {path} is not a readable fastsel training checkpoint ({exc})") from None
+    fix = "delete it and rerun without --resume (training starts over)"
+    state = read_torch_file(path, "training checkpoint", fix)  # a damaged file: one line naming it
     if not isinstance(state, dict) or state.get("format") != _TRAIN_FORMAT:
-        raise CheckpointMismatch(f"fastsel: {path} is not a fastsel training checkpoint")
+        raise CheckpointMismatch(f"fastsel: {path} is not a fastsel training checkpoint; {fix}")
     if state.get("fingerprint") != fingerprint(settings):
         old = state.get("settings", {})
         diff = []
@@ -624,6 +622,7 @@ class FinetuneJob:
     progress: bool = True
     checkpoint_every: int = 0  # optimizer steps between training checkpoints (0: every epoch end)
     resume: bool = False  # continue from <out>/train-state.pt
+    keep_checkpoints: bool = False  # keep <out>/train-state.pt once the run has finished (default: removed)
 
 
 TRAIN_STATE = "train-state.pt"
@@ -674,8 +673,10 @@ def _plot_curves(result: TrainResult, path: Path, title: str) -> None:
     ax.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="center right")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, path)  # a temporary file renamed over path: never a half-written image
+    finally:
+        plt.close(fig)
 
 
 def run_finetune(job: FinetuneJob) -> dict[str, Any]:
@@ -756,4 +757,6 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
     atomic_write_json(out / "results.json", results)  # strict JSON: no NaN/Infinity
     _plot_curves(result, out / "curve.png", f"{plan.strategy} on {spec.name} ({layer_map.model_type}, "
                                              f"{result.trainable_params:,} trainable)")
+    if not job.keep_checkpoints:  # the trained model and results.json are written: the training state is not needed
+        (out / TRAIN_STATE).unlink(missing_ok=True)
     return results

@@ -135,7 +135,7 @@ def test_checkpoint_before_the_nan_is_kept(tmp_path, capsys, minilm_path, data_d
     good = _tiny_bert(tmp_path / "good", minilm_path)
     ckpt, out = tmp_path / "ckpt", tmp_path / "s.json"
     # same settings, a good model first (writes checkpoints), then the same directory with a NaN weight
-    assert _score(good, data_dir, out, "--checkpoint", str(ckpt), "--checkpoint-every", "8") == 0
+    assert _score(good, data_dir, out, "--checkpoint", str(ckpt), "--checkpoint-every", "8", "--keep-checkpoints") == 0
     out.unlink()
     f = rank_file(ckpt, 0, 1)
     before = f.read_bytes()

@@ -80,16 +80,16 @@ def test_sigkill_and_resume_give_the_uninterrupted_scores(tmp_path, tiny_dir, da
     second = _run_until_checkpoint(args + ["--resume"], env, ckpt, min_cursor=first + 10)
     assert second > first and not _written(out)
     assert not [p for p in ckdir.iterdir() if p.name != ckpt.name and not p.name.endswith(".tmp")]
-    done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True)
+    done = subprocess.run(args + ["--resume", "--keep-checkpoints"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"resumes at batch {second}/" in done.stderr
     assert _core(out) == _core(ref)  # same batches in the same order: bit-identical sums
-    assert _cursor(ckpt) == (N // 4, True)
+    assert _cursor(ckpt) == (N // 4, True)  # kept (--keep-checkpoints; a finished run's are removed without it)
 
     # a finished checkpoint resumes to the same result without recomputing
     again = tmp_path / "again.json"
-    rerun = subprocess.run(_cmd(tiny_dir, data_dir, again, "--checkpoint", str(ckdir), "--checkpoint-every", "20", "--resume"),
-                           env=env, capture_output=True, text=True)
+    rerun = subprocess.run(_cmd(tiny_dir, data_dir, again, "--checkpoint", str(ckdir), "--checkpoint-every", "20", "--resume",
+                                "--keep-checkpoints"), env=env, capture_output=True, text=True)
     assert rerun.returncode == 0 and _core(again) == _core(ref)
 
     # other settings: refused with a clear message

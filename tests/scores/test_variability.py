@@ -288,7 +288,7 @@ def test_cli_minilm_sst2_end_to_end(data_dir, minilm_path, tmp_path, capsys):
     # the streamed pass (bucketed batches, checkpoints) gives the same nu; a finished checkpoint resumes to it
     streamed, resumed = tmp_path / "streamed.json", tmp_path / "resumed.json"
     ck = ["--checkpoint", str(ckpt), "--checkpoint-every", "32"]
-    assert main(common + ck + ["--out", str(streamed)]) == 0
+    assert main(common + ck + ["--keep-checkpoints", "--out", str(streamed)]) == 0
     assert main(common + ck + ["--resume", "--out", str(resumed)]) == 0
     ds, dr = json.loads(streamed.read_text()), json.loads(resumed.read_text())
     assert [l["score"] for l in ds["layers"]] == pytest.approx([l["score"] for l in d["layers"]], rel=1e-6)
