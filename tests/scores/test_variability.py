@@ -39,7 +39,12 @@ def numpy_nu(H: np.ndarray, y: np.ndarray, variant: str = "xie"):
         sw = sum((H[y == c] - mus[i]).T @ (H[y == c] - mus[i]) for i, c in enumerate(classes)) / len(y)
         centre = H.mean(0)
     sb = sum(np.outer(m - centre, m - centre) for m in mus) / C
-    return np.trace(sw @ np.linalg.pinv(sb)) / C, sw, sb
+    # The pseudo-inverse of S_B (rank <= C - 1) with a relative cutoff: features computed in float32 leave S_B
+    # eigenvalues of ~1e-7 relative size that a float64 cutoff (~1e-13) would invert into ~1e13.
+    w, v = np.linalg.eigh((sb + sb.T) / 2)
+    keep = w > 1e-6 * w.max()
+    pinv = (v[:, keep] / w[keep]) @ v[:, keep].T
+    return np.trace(sw @ pinv) / C, sw, sb
 
 
 def stats_of(H: np.ndarray, y: np.ndarray, C: int, batch: int = 7) -> tuple[torch.Tensor, ...]:
