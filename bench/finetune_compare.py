@@ -654,11 +654,14 @@ def plan_jobs(args: argparse.Namespace, out: Path, tasks: Sequence[str], seeds: 
                 strategy = strategy.format(seed=seed)
                 lr = lrs[family]
                 rdir = sdir / name
+                # the LoRA / adapter sizes only where they apply: finetune refuses a flag it would ignore
+                lora = tuner == "lora" or strategy.startswith(("lora-", "spafit-"))
                 cmd = [py, "-m", "fastsel", "finetune", "--model", args.model, "--task", task, "--data-dir",
                        args.data_dir, "--strategy", strategy, "--tuner", tuner, "--epochs", str(epochs), "--lr", repr(lr),
                        "--batch-size", str(args.batch_size), "--max-length", str(ml), "--seed", str(seed),
-                       "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha),
-                       "--adapter-size", str(args.adapter_size), "--device", args.device, "--out", str(rdir), "--no-progress"]
+                       *(["--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha)] if lora else []),
+                       *(["--adapter-size", str(args.adapter_size)] if tuner == "adapter" else []),
+                       "--device", args.device, "--out", str(rdir), "--no-progress"]
                 if n_train:
                     cmd += ["--train-examples", str(n_train)]
                 deps = []

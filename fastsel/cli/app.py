@@ -154,6 +154,7 @@ def _check_score_flags(args: argparse.Namespace) -> None:
             if getattr(args, dest, default) != default:
                 raise ValueError(f"fastsel: {flag} applies only to --task custom (a CSV/TSV/JSONL --data-file); "
                                  f"--task {args.task} would ignore it: add --task custom, or leave {flag} out")
+    _check_metric_options(args)
     if args.plot:
         args.plot = plot_file(args.plot)
     names = [m for m in str(args.metric).split(",") if m]
@@ -169,6 +170,36 @@ def _check_score_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"fastsel: {flag} {path} is the same path as {other} {first}: one would overwrite the "
                              f"other; give {flag} a name of its own")
         claimed.setdefault(key, (flag, str(path)))
+
+
+def _check_metric_options(args: argparse.Namespace) -> None:
+    """One-line ValueError for a metric option (a field of a metric's options dataclass) given a value while none of
+    the --metric metrics has it, and for the options that only mean something with another one."""
+    from dataclasses import MISSING, fields
+
+    chosen = {m for m in str(args.metric).split(",") if m in METRICS}
+    owners: dict[str, tuple[object, set[str]]] = {}  # dest -> (its default, the metrics that have it)
+    for metric in METRICS.values():
+        for f in fields(metric.options) if metric.options is not None else ():
+            owners.setdefault(f.name, (f.default, set()))[1].add(metric.name)
+
+    def given(dest: str) -> bool:
+        default = owners[dest][0] if dest in owners else MISSING
+        return dest in owners and getattr(args, dest, default) != default
+
+    for dest, (_, metrics) in owners.items():
+        if chosen and given(dest) and not metrics & chosen:
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"fastsel: {flag} only applies with --metric {' or '.join(sorted(metrics))}; --metric "
+                             f"{args.metric} would ignore it: add that metric, or leave {flag} out")
+    if given("probe_examples") and not str(getattr(args, "head", "fresh")).startswith(("probe", "warmup")):
+        raise ValueError("fastsel: --probe-examples only applies with --head probe or --head warmup:STEPS (the examples "
+                         "the head is fitted on); leave --probe-examples out")
+    for dest in ("probe_c", "probe_eval_examples"):
+        if given(dest) and "probe" not in chosen and not getattr(args, "probe", False):
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"fastsel: {flag} only applies with --probe or --metric probe (the per-layer probes); "
+                             f"add one, or leave {flag} out")
 
 
 def plot_file(path: str | os.PathLike) -> str:
@@ -199,6 +230,8 @@ def _run_score(args: argparse.Namespace) -> int:
                 check_writable(path, what)
     if args.checkpoint:
         check_writable(args.checkpoint, "--checkpoint", directory=True)
+    if args.cache_dir:
+        check_writable(args.cache_dir, "--cache-dir", directory=True)
     cfg = ScoreConfig(
         metric=args.metric,
         model=args.model,

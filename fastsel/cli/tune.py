@@ -189,6 +189,10 @@ def _run_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"fastsel: --out {args.out} is the --scores file: writing the plan would overwrite the scores")
     if args.out and Path(args.out).expanduser().is_dir():
         raise ValueError(f"fastsel: --out {args.out} is a folder; give a file name (e.g. {Path(args.out) / 'plan.json'})")
+    if args.out:  # a folder in its path that is a file, no permission: one line naming --out, before the work
+        from fastsel.cli.app import check_writable
+
+        check_writable(args.out, "--out")
     config = load_config(args.model, _num_labels(args))
     layer_map = map_layers(meta_model(config))
     scores = None
@@ -197,6 +201,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         check_scores_fit(scores, layer_map, args.scores, args.model)
     plan = _plan_from_args(args, layer_map.num_layers, scores)
     check_tuning_sizes(config, **_plan_sizes(plan))
+    _check_unused_flags(args, lora=plan.lora_spec is not None, adapter=_plan_sizes(plan)["adapter_size"] is not None)
     plan = with_counts(plan, config)
     print(plan.table())
     if args.peft:
@@ -264,6 +269,28 @@ def _epochs(text: str) -> tuple[int, ...]:
         raise ValueError(f"fastsel: --rank-epochs takes comma-separated epoch numbers (e.g. 1,3), got {text!r}") from None
 
 
+def _check_unused_flags(args: argparse.Namespace, *, lora: bool, adapter: bool) -> None:
+    """One-line ValueError for a tuning flag given a value that the plan would not use (silently ignored otherwise):
+    LoRA flags without LoRA tuning, --adapter-size without adapters; finetune: the flags of a pass not made."""
+    what = f"--strategy {args.strategy}" + (f" --tuner {args.tuner}" if args.tuner != "full" else "")
+    unused = [("--lora-r", args.lora_r != 8, not lora, "--tuner lora (or a lora-*/spafit-* strategy)"),
+              ("--lora-alpha", args.lora_alpha is not None, not lora, "--tuner lora (or a lora-*/spafit-* strategy)"),
+              ("--lora-dropout", args.lora_dropout != 0.0, not lora, "--tuner lora (or a lora-*/spafit-* strategy)"),
+              ("--adapter-size", args.adapter_size != 256, not adapter, "--tuner adapter")]
+    if args.command == "finetune":
+        head = str(args.head)
+        scores_itself = find_strategy(args.strategy)[0].needs is not None and not args.scores
+        unused += [("--rank-examples", args.rank_examples != 256, not _epochs(args.rank_epochs), "--rank-epochs"),
+                   ("--rank-split", args.rank_split != "train", not _epochs(args.rank_epochs), "--rank-epochs"),
+                   ("--probe-examples", args.probe_examples != 1000, not head.startswith(("probe", "warmup")),
+                    "--head probe or --head warmup:STEPS"),
+                   ("--fisher", args.fisher != "empirical", not scores_itself,
+                    "a --strategy that scores the layers itself (fisher-*, without --scores)")]
+    for flag, given, ignored, needs in unused:
+        if given and ignored:
+            raise ValueError(f"fastsel: {flag} only applies with {needs}; {what} would ignore it: leave {flag} out")
+
+
 def _check_finetune_args(args: argparse.Namespace) -> None:
     """One-line ValueErrors, before any loading, for values that would train something else than asked."""
     if not 0 <= args.seed < 2**32:  # numpy's seeds (the data subsets, the shuffling)
@@ -296,6 +323,7 @@ def _check_finetune_args(args: argparse.Namespace) -> None:
                          "leave --scores out")
     lora = args.tuner == "lora" or strategy.name.startswith(("lora-", "spafit-"))
     adapter = args.tuner == "adapter"
+    _check_unused_flags(args, lora=lora, adapter=adapter)
     if not (lora or adapter or args.scores):
         return
     try:

@@ -253,7 +253,9 @@ def run_pass(
     pad = padding_stats(lengths, schedule)
     stats = {"batches": len(schedule), "seconds_pass": round(seconds, 3), "tokens_this_run_rank0": tokens,
              "padding_fraction": round(pad["padding_fraction"], 5), "world_size": env.world_size,
-             "max_tokens": pcfg.max_tokens, "bucket": pcfg.bucket, "autocast": pcfg.autocast}
+             "max_tokens": pcfg.max_tokens, "bucket": pcfg.bucket, "autocast": pcfg.autocast, "prefetch": pcfg.prefetch,
+             "checkpoint": pcfg.checkpoint, "checkpoint_every": pcfg.checkpoint_every if pcfg.checkpoint else None,
+             "dist_timeout": pcfg.dist_timeout}
     if stable is not None:
         stats["until_stable"] = stable.report(len(corpus))
     return PassResult(consumers, examples, stats)

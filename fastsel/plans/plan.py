@@ -42,11 +42,11 @@ class LoraSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "matrices", tuple(self.matrices))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise PlanError(f"fastsel: LoRA rank must be >= 1, got {self.r}")
+            raise PlanError(f"fastsel: LoRA rank (--lora-r) must be >= 1, got {self.r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (0 < self.alpha < math.inf):
             raise PlanError(f"fastsel: LoRA alpha (--lora-alpha) must be a finite number > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise PlanError(f"fastsel: LoRA dropout must be in [0, 1), got {self.dropout}")
+            raise PlanError(f"fastsel: LoRA dropout (--lora-dropout) must be in [0, 1), got {self.dropout}")
         if not self.matrices:
             raise PlanError("fastsel: LoRA needs at least one matrix")
         bad = [m for m in self.matrices if m not in LORA_MATRICES]
