@@ -370,7 +370,7 @@ def test_finetune_nan_loss_is_one_line(tmp_path, ft_setup, data_dir, capsys):
     for f in Path(model).iterdir():
         if "token" in f.name or f.name == "vocab.txt":
             (broken / f.name).write_bytes(f.read_bytes())
-    rc = main(["finetune", "--model", str(broken), "--task", "rte", "--data-dir", str(data_dir), "--strategy", "top-2",
+    rc = main(["finetune", "--model", str(broken), "--task", "rte", "--data-dir", str(data_dir), "--strategy", "full",
                "--train-examples", "8", "--eval-examples", "4", "--epochs", "1", "--batch-size", "4", "--max-length", "16",
                "--no-progress", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
