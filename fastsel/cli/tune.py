@@ -272,14 +272,15 @@ def _epochs(text: str) -> tuple[int, ...]:
 def _check_unused_flags(args: argparse.Namespace, *, lora: bool, adapter: bool) -> None:
     """One-line ValueError for a tuning flag given a value that the plan would not use (silently ignored otherwise):
     LoRA flags without LoRA tuning, --adapter-size without adapters; finetune: the flags of a pass not made."""
-    what = f"--strategy {args.strategy}" + (f" --tuner {args.tuner}" if args.tuner != "full" else "")
+    what = (f"--plan {args.plan}" if getattr(args, "plan", None) else f"--strategy {args.strategy}"
+            + (f" --tuner {args.tuner}" if args.tuner != "full" else ""))
     unused = [("--lora-r", args.lora_r != 8, not lora, "--tuner lora (or a lora-*/spafit-* strategy)"),
               ("--lora-alpha", args.lora_alpha is not None, not lora, "--tuner lora (or a lora-*/spafit-* strategy)"),
               ("--lora-dropout", args.lora_dropout != 0.0, not lora, "--tuner lora (or a lora-*/spafit-* strategy)"),
               ("--adapter-size", args.adapter_size != 256, not adapter, "--tuner adapter")]
     if args.command == "finetune":
         head = str(args.head)
-        scores_itself = find_strategy(args.strategy)[0].needs is not None and not args.scores
+        scores_itself = bool(args.strategy) and find_strategy(args.strategy)[0].needs is not None and not args.scores
         unused += [("--rank-examples", args.rank_examples != 256, not _epochs(args.rank_epochs), "--rank-epochs"),
                    ("--rank-split", args.rank_split != "train", not _epochs(args.rank_epochs), "--rank-epochs"),
                    ("--probe-examples", args.probe_examples != 1000, not head.startswith(("probe", "warmup")),
@@ -308,7 +309,14 @@ def _check_finetune_args(args: argparse.Namespace) -> None:
     if bad:
         raise ValueError(f"fastsel: --rank-epochs {args.rank_epochs}: epoch(s) {bad} outside 0..{args.epochs} "
                          f"(0: before training, {args.epochs}: after the last of --epochs {args.epochs})")
-    if args.plan:
+    if args.plan:  # the plan file sets the tuning: the flags that make a plan would be ignored
+        for flag, given in (("--tuner", args.tuner != "full"), ("--scores", bool(args.scores)),
+                            ("--lora-r", args.lora_r != 8), ("--lora-alpha", args.lora_alpha is not None),
+                            ("--lora-dropout", args.lora_dropout != 0.0), ("--adapter-size", args.adapter_size != 256)):
+            if given:
+                raise ValueError(f"fastsel: {flag} only applies with --strategy; with --plan {args.plan} the plan file sets "
+                                 f"the tuning: leave {flag} out (or make the plan with it: fastsel plan ... {flag} ...)")
+        _check_unused_flags(args, lora=True, adapter=True)
         plan = read_plan(args.plan)
         try:
             config = load_config(args.model, 2)

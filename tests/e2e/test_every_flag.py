@@ -500,6 +500,16 @@ def test_flag_without_what_it_needs_is_refused(runner, command, flag):
     assert not got.main_file.exists()
 
 
+@pytest.mark.parametrize("flag", [["--tuner", "lora"], ["--scores", "{scores}"], ["--lora-r", "2"], ["--lora-alpha", "3"],
+                                  ["--lora-dropout", "0.1"], ["--adapter-size", "4"], ["--fisher", "sampled"]], ids=lambda f: f[0])
+def test_finetune_flags_a_plan_file_sets_are_refused_with_plan(runner, flag):
+    """finetune --plan FILE: the plan file sets the tuning, so the flags that make a plan would be ignored."""
+    got = runner("finetune", ["--plan", "{plan}", *flag])
+    errors = got.errors()
+    assert got.rc == 2 and len(errors) == 1 and flag[0] in errors[0] and "--strategy" in errors[0], got.err[-1500:]
+    assert runner("finetune", ["--plan", "{plan}"], cached=True).rc == 0  # the plan alone runs
+
+
 def test_strict_json_helper_refuses_nan():
     with pytest.raises(ValueError):
         _strict('{"a": NaN}')
