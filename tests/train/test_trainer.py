@@ -336,9 +336,10 @@ def test_finetune_sigkill_and_resume_is_bit_identical(tmp_path, ft_setup, data_d
         kills.append(_ft_state(state))
         assert not (out / "results.json").exists()
     assert kills[0][2] >= 2 and kills[1][2] > kills[0][2]
-    done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True)
+    done = subprocess.run(args + ["--resume", "--keep-checkpoints"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming training at epoch" in done.stderr
+    assert (out / "train-state.pt").is_file()  # kept for the check below (a finished run's is removed without the flag)
     from safetensors.torch import load_file
 
     got, want = load_file(out / "trained.safetensors"), load_file(ref / "trained.safetensors")
