@@ -88,7 +88,7 @@ def run_part_a(args: argparse.Namespace) -> None:
                     continue
                 length = LENGTH[task] if name == "minilm" else 64
                 rec = _score(path or name, task, seed, args.data_dir, head=head, max_length=length)
-                rec.update(model=name, task=task, seed=seed, head=head, max_length=length)
+                rec.update(model=name, task=task, seed=seed, head_kind=head, max_length=length)
                 data["cells"][key] = rec
                 _save(out, data)
                 print(f"{key}: ranking {rec['ranking']} ({rec['wall_seconds']} s)", flush=True)
@@ -261,8 +261,13 @@ def summarize(paths: Sequence[str]) -> dict[str, Any]:
             res["H2"] = {"mean_tau_probe_vs_permuted": float(np.mean(tp)), "mean_tau_fresh_vs_permuted": float(np.mean(tf)),
                          "p_one_sided": p, "label_free_share_fresh": float(np.mean([c["label_dependence"]["label_free"] for c in fresh])),
                          "label_free_share_probe": float(np.mean([c["label_dependence"]["label_free"] for c in probe]))}
-            res["probe_heldout"] = {t: [round(c["head"]["heldout_metrics"].get(c["head"]["main_metric"], float("nan")), 4)
-                                        for c in probe if c["task"] == t] for t in sorted(set(tasks))}
+            # (records of the first cells lost the head's record to a key clash: "head" held the kind)
+            res["probe_heldout"] = {t: [round(c["head"]["heldout_metrics"][c["head"]["main_metric"]], 4)
+                                        for c in probe if c["task"] == t and isinstance(c.get("head"), dict)]
+                                    for t in sorted(set(tasks))}
+            res["permuted_probe_heldout"] = {
+                t: [round(next(iter(c["label_dependence"]["permuted_head"]["heldout_metrics"].values())), 4)
+                    for c in probe if c["task"] == t and "permuted_head" in c["label_dependence"]] for t in sorted(set(tasks))}
             res["rankings"] = {f"{t}/{s}": {"fresh": f["ranking"], "probe": p_["ranking"],
                                             "permuted-probe": p_["label_dependence"]["permuted_ranking"]}
                                for (t, s), f, p_ in zip(keys, fresh, probe)}
