@@ -7,7 +7,7 @@ from typing import Sequence
 from fastsel.scores.layer_scores import LayerScores
 from fastsel.utils.atomic import atomic_savefig
 
-__all__ = ["plot_layer_scores", "plot_layer_curves"]
+__all__ = ["plot_layer_scores", "plot_layer_curves", "top_label"]
 
 
 def _error_bars(scores: LayerScores):
@@ -19,6 +19,12 @@ def _error_bars(scores: LayerScores):
     below = [max(0.0, s.score - iv[s.layer][0]) for s in scores.layers]
     above = [max(0.0, iv[s.layer][1] - s.score) for s in scores.layers]
     return [below, above]
+
+
+def top_label(scores: LayerScores, k: int = 3) -> str:
+    """The bar chart's "top-k: [...]" label: the k best blocks in rank order, best first."""
+    top = list(scores.ranking[:k])
+    return f"top-{len(top)}: {top}"
 
 
 def plot_layer_scores(
@@ -57,7 +63,7 @@ def plot_layer_scores(
         ax2 = ax.twinx()
         ax2.plot(layers, list(vals), color="#c55a11", marker="o", label=label)
         ax2.set_ylabel(label, color="#c55a11")
-    ax.text(0.99, 0.97, f"top-{len(best)}: {sorted(best)}", transform=ax.transAxes, ha="right", va="top", fontsize=8)
+    ax.text(0.99, 0.97, top_label(scores, highlight), transform=ax.transAxes, ha="right", va="top", fontsize=8)
     fig.tight_layout()
     try:
         atomic_savefig(fig, path)  # a temporary file renamed over path: never a half-written image
