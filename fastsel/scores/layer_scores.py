@@ -195,7 +195,8 @@ class LayerScores:
                 rows.append(row + ["(not ranked)"])
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
         fmt = lambda cells: "  ".join(c.rjust(w) if i < len(cells) - 1 else c for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-        title = f"{self.metric} scores of {self.model} on {self.task}/{self.split}, N={self.num_examples}"
+        on = "/".join(x for x in (self.task, self.split) if x)  # scores made without a task (the Python API): none
+        title = f"{self.metric} scores of {self.model}" + (f" on {on}" if on else "") + f", N={self.num_examples}"
         title += f", mode={self.mode}" if self.mode else ""
         order = "higher is better" if self.higher_is_better else "lower is better"
         lines = [title + f" ({order})", fmt(head)] + [fmt(r) for r in rows]
