@@ -372,6 +372,52 @@ def run_pipeline(
         shutdown_distributed(env)
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device`` (a GPU's free memory; the machine's available memory), or None."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            try:
+                import psutil
+
+                return int(psutil.virtual_memory().available)
+            except ImportError:
+                return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (RuntimeError, ValueError, OSError, AttributeError):
+        return None
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.3g} TB"
+
+
+def check_confidence_groups(ctx: PipelineContext, names: list[str]) -> None:
+    """One-line ValueError for a ``--confidence-groups K`` that cannot work: more groups than examples scored, or
+    (Fisher) accumulators, (K+1) x the model's trainable float32 parameters, above half of the memory available."""
+    k = confidence_groups(ctx.config)
+    if k == 0:
+        return
+    if k > ctx.num_examples:
+        raise ValueError(f"fastsel: --confidence-groups {k} is more than the {ctx.num_examples} examples scored (each "
+                         f"group needs examples): use at most --confidence-groups {ctx.num_examples}, or 0 (off)")
+    if "fisher" not in names:
+        return
+    params = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
+    need, free = (k + 1) * params * 4, available_memory(ctx.device)
+    if params and free is not None and need > free // 2:
+        most = free // 2 // (params * 4) - 1
+        fix = f"use --confidence-groups {most} or fewer, or 0 (off)" if most >= 2 else "use --confidence-groups 0 (off)"
+        raise ValueError(f"fastsel: --confidence-groups {k}: the Fisher accumulators would take about {_size(need)} "
+                         f"((K+1) x {params:,} float32 parameters), more than half of the {_size(free)} of memory "
+                         f"available on {ctx.device}: {fix}")
+
+
 def _run_pipeline(cfg: ScoreConfig, pcfg: PipelineConfig, env: DistEnv, names: list[str], limit: int | None,
                   out: str | os.PathLike | None, plot: str | os.PathLike | None, progress: bool) -> dict[str, LayerScores]:
 
@@ -389,6 +435,7 @@ def _run_pipeline(cfg: ScoreConfig, pcfg: PipelineConfig, env: DistEnv, names: l
     model, tokenizer, layer_map = load_model(cfg.model, num_labels=1 if task.is_regression else task.num_labels,
                                              seed=cfg.seed, device=env.device)
     ctx = PipelineContext(cfg, pcfg, model, tokenizer, layer_map, task, env.device, len(corpus), corpus)
+    check_confidence_groups(ctx, names)  # before a head is fitted or an accumulator allocated
     consumers = [CONSUMERS[n](ctx) for n in names]
     start = time.perf_counter()
     result = run_pass(ctx, corpus, consumers, env, progress=progress)
