@@ -38,36 +38,55 @@ def add_score_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="local directory or hub name")
     p.add_argument("--task", default="sst2", help="GLUE/SuperGLUE task name, or 'custom' with --data-file")
     p.add_argument("--data-dir", default=None, help="folder with glue/ and superglue/ (or a GLUE_DIR); omit to use the hub")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="the split scored")
     p.add_argument("--num-examples", type=int, default=None,
                    help="random subset of this size (seeded); default: what the metric needs (docs/sample_size.md: "
                         "fisher 200, variability and the probes 2000; the largest when several), or all of the data "
                         "with --until-stable")
     p.add_argument("--balanced", action="store_true", help="class-balanced subset")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per batch")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset, the sampled labels and a fresh head")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--data-file", default=None, help="custom CSV/TSV/JSONL file (with --task custom)")
     p.add_argument("--text-fields", default="", help="comma-separated text columns of --data-file")
-    p.add_argument("--label-field", default="label")
+    p.add_argument("--label-field", default="label", help="label column of --data-file")
     p.add_argument("--regression", action="store_true", help="custom data with a real-valued label")
     p.add_argument("--out", default=None, help="write scores.json here")
     p.add_argument("--plot", default=None, help="write a PNG plot here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (fastsel's, transformers', datasets')")
     p.add_argument("--confidence-groups", type=int, default=DEFAULT_GROUPS, metavar="K",
                    help="ranking confidence: examples split into K groups by index (Kendall tau between halves, top-k "
-                        "agreement, jackknife intervals; memory (K+1) x the accumulators); 0: off")
+                        "agreement, jackknife intervals; memory (K+1) x the accumulators: K above the examples "
+                        "scored, or Fisher accumulators above half the available memory, are refused); 0: off")
     _add_pipeline_arguments(p)
     base = {a.dest for a in p._actions}
     taken = {flag for a in p._actions for flag in a.option_strings}
-    for metric in METRICS.values():
-        group = p.add_argument_group(f"--metric {metric.name}")
-        if metric.options is not None:
-            add_option_arguments(group, metric.options, taken)
-        if metric.add_arguments is not None:
-            metric.add_arguments(group)  # type: ignore[arg-type]
+    _add_metric_groups(p, taken)
     p.set_defaults(func=_run_score, _base_dests=base)
+
+
+def _add_metric_groups(p: argparse.ArgumentParser, taken: set[str]) -> None:
+    """The metrics' flags, in help groups titled with every metric that has them (``--metric cca, variability``):
+    a flag several metrics share (--pooling, --probe) is listed once, under all of them."""
+    from dataclasses import fields
+
+    owners: dict[str, list[str]] = {}  # option field -> the metrics whose options have it
+    for metric in METRICS.values():
+        for f in fields(metric.options) if metric.options is not None else ():
+            owners.setdefault(f.name, []).append(metric.name)
+    groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
+    for metric in METRICS.values():
+        for f in fields(metric.options) if metric.options is not None else ():
+            key = tuple(owners[f.name])
+            if key not in groups:
+                groups[key] = p.add_argument_group(f"--metric {', '.join(key)}")
+            add_option_arguments(groups[key], metric.options, taken, only={f.name})
+        if metric.add_arguments is not None:
+            key = (metric.name,)
+            if key not in groups:
+                groups[key] = p.add_argument_group(f"--metric {metric.name}")
+            metric.add_arguments(groups[key])  # type: ignore[arg-type]
 
 
 def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
@@ -366,7 +385,10 @@ def _main(args: argparse.Namespace) -> int:
 
             if env_problem():
                 raise ValueError(env_problem())
-        return int(args.func(args) or 0)
+        from fastsel.hf.loading import no_progress_bars
+
+        with no_progress_bars(bool(getattr(args, "no_progress", False))):  # transformers', datasets' bars too
+            return int(args.func(args) or 0)
     except Terminated:
         rank = os.environ.get("RANK")
         why = " (under torchrun: another rank failed or the job was stopped)" if rank is not None else ""

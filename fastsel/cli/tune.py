@@ -127,8 +127,8 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     p.add_argument("--lora-alpha", type=_lora_alpha, default="2*r",
                    help="LoRA alpha (the update is scaled by alpha/r); 2*r: twice --lora-r, whatever --lora-r is")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--adapter-size", type=int, default=256)
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--adapter-size", type=int, default=256, help="bottleneck width of the adapters (--tuner adapter)")
 
 
 def _lora_alpha(text: str) -> float | None:
@@ -227,20 +227,20 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
     _add_plan_arguments(p)
     p.add_argument("--score-examples", type=int, default=512, help="training examples used to score layers")
     p.add_argument("--fisher", default="empirical", choices=FISHER_MODES, help="Fisher mode for fisher-* strategies")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--warmup-ratio", type=float, default=0.06)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3, help="training epochs")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (linear warmup, then linear decay)")
+    p.add_argument("--batch-size", type=int, default=16, help="training examples per step")
+    p.add_argument("--warmup-ratio", type=float, default=0.06, help="share of the steps spent warming up")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
     p.add_argument("--train-examples", type=int, default=None, help="balanced random training subset")
     p.add_argument("--eval-examples", type=int, default=None, help="random validation subset (default: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets, the head and the shuffling")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--cache-prefix", choices=("auto", "on", "off"), default="auto",
                    help="train on cached outputs of a frozen bottom (auto: when the plan allows it)")
     p.add_argument("--rank-epochs", default="", help="comma-separated epochs at which to re-rank layers by Fisher")
-    p.add_argument("--rank-examples", type=int, default=256)
+    p.add_argument("--rank-examples", type=int, default=256, help="--rank-epochs: examples of each Fisher pass")
     p.add_argument("--rank-split", choices=tuple(RANK_SPLITS), default="train",
                    help="examples of the --rank-epochs Fisher passes: training ones, held-out validation ones, or both "
                         "(reported as rank_stability and rank_stability_heldout)")
@@ -250,7 +250,7 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
                         "(docs/task_aware.md)")
     p.add_argument("--probe-examples", type=int, default=1000, metavar="N",
                    help="--head probe / warmup: training examples it fits on (taken after the --score-examples ones)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (fastsel's, transformers', datasets')")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (always at each epoch end) to OUT/train-state.pt")
     p.add_argument("--resume", action="store_true",

@@ -14,7 +14,7 @@ from fastsel.hf.layer_map import LayerMap, map_layers
 
 __all__ = ["load_model", "new_parameter_names", "load_tokenizer", "check_tokenizer_fits", "check_model_folder",
            "check_encoder_classifier", "resolve_model_path", "ModelLoadError", "max_sequence_length", "clamp_max_length",
-           "quiet_transformers", "default_device"]
+           "quiet_transformers", "no_progress_bars", "default_device"]
 
 # Hub names that resolve to a copy shipped in a PyPI package, so they work offline.
 _PACKAGED = {
@@ -61,6 +61,40 @@ def quiet_transformers():
         yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+@contextlib.contextmanager
+def no_progress_bars(off: bool = True):
+    """Within: no progress bars of transformers ("Loading weights"), datasets ("tokenising") or huggingface_hub
+    (downloads) when ``off``; their previous setting is restored after."""
+    if not off:
+        yield
+        return
+    switches = []  # (is enabled, enable, disable) of each library found
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        switches.append((hf_logging.is_progress_bar_enabled, hf_logging.enable_progress_bar,
+                         hf_logging.disable_progress_bar))
+    with contextlib.suppress(ImportError):
+        from datasets.utils import logging as ds_logging
+
+        switches.append((ds_logging.is_progress_bar_enabled, ds_logging.enable_progress_bar,
+                         ds_logging.disable_progress_bar))
+    with contextlib.suppress(ImportError):
+        from huggingface_hub import utils as hub_utils
+
+        switches.append((lambda: not hub_utils.are_progress_bars_disabled(), hub_utils.enable_progress_bars,
+                         hub_utils.disable_progress_bars))
+    was = [enabled() for enabled, _, _ in switches]
+    for _, _, disable in switches:
+        disable()
+    try:
+        yield
+    finally:
+        for on, (_, enable, _) in zip(was, switches):
+            if on:
+                enable()
 
 
 def load_model(

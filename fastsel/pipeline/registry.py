@@ -88,10 +88,12 @@ def option(default: Any, help: str, *, choices: tuple | None = None, type: Calla
     return field(default=default, metadata={"help": help, "choices": choices, "type": type, "metavar": metavar})
 
 
-def add_option_arguments(parser: Any, options: type, taken: set[str] | None = None) -> None:
+def add_option_arguments(parser: Any, options: type, taken: set[str] | None = None, only: Any = None) -> None:
     """One ``--flag`` per field of the options dataclass ``options`` (flags in ``taken`` are skipped: metrics share
-    ``--pooling``); a bool field is a switch."""
+    ``--pooling``; ``only``: the names of the fields to add, None: all); a bool field is a switch."""
     for f in fields(options):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         if taken is not None:
             if flag in taken:

@@ -25,7 +25,14 @@ def streams(cfg: ScoreConfig) -> bool:
 def score(cfg: ScoreConfig, pcfg: PipelineConfig | None = None, *, out: str | os.PathLike | None = None,
           plot: str | os.PathLike | None = None, progress: bool = True) -> dict[str, LayerScores]:
     """Score ``cfg.metric`` -> {metric: LayerScores}; writes ``out`` / ``plot`` (one file per metric when several)."""
-    pcfg = pcfg or PipelineConfig()
+    from fastsel.hf.loading import no_progress_bars
+
+    with no_progress_bars(not progress):  # transformers' "Loading weights" and datasets' "tokenising" bars too
+        return _score(cfg, pcfg or PipelineConfig(), out=out, plot=plot, progress=progress)
+
+
+def _score(cfg: ScoreConfig, pcfg: PipelineConfig, *, out: str | os.PathLike | None, plot: str | os.PathLike | None,
+           progress: bool) -> dict[str, LayerScores]:
     if streams(cfg):
         return run_pipeline(cfg, pcfg, out=out, plot=plot, progress=progress)
     if "," in cfg.metric:
