@@ -15,8 +15,6 @@ cases): a new flag must come with its entry. Tiny models only (tiny_dir), a few 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
 import shutil
@@ -26,7 +24,8 @@ from typing import Any, Callable
 
 import pytest
 
-from fastsel.cli.app import build_parser, main
+from fastsel.cli.app import build_parser
+from tests.cli_helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,16 +76,6 @@ class Result:
 
     def errors(self) -> list[str]:
         return [l for l in self.err.splitlines() if l.startswith("error:")]
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(argv)
-        except SystemExit as e:  # argparse
-            rc = e.code if isinstance(e.code, int) else 1
-    return int(rc), out.getvalue(), err.getvalue()
 
 
 def base_argv(command: str, extra: list[str]) -> tuple[list[str], str]:

@@ -11,8 +11,6 @@ combinations, ``FASTSEL_FUZZ_SCALE=4`` four times as many.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -24,7 +22,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fastsel.cli.app import main  # noqa: E402
+from tests.cli_helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,14 +42,7 @@ def _strict(text: str):
     return json.loads(text, parse_constant=no)
 
 
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(argv)
-        except SystemExit as e:  # argparse
-            rc = e.code if isinstance(e.code, int) else 1
-    return int(rc), out.getvalue(), err.getvalue()
+_run = run_cli  # (tests/cli_helpers.py)
 
 
 def _refused(rc: int, err: str, outs: list[Path], argv: list[str]) -> str:

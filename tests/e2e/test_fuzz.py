@@ -11,7 +11,6 @@ the end of the module and written to ``$FASTSEL_FUZZ_REPORT`` when set.
 from __future__ import annotations
 
 import collections
-import contextlib
 import csv
 import io
 import itertools
@@ -29,8 +28,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fastsel.cli.app import main  # noqa: E402
 from fastsel.data.tasks import load_custom_examples, load_examples  # noqa: E402
+from tests.cli_helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 SCALE = float(os.environ.get("FASTSEL_FUZZ_SCALE", "1"))
@@ -384,14 +383,7 @@ def _offline():
             os.environ[k] = v
 
 
-def _run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(argv)
-        except SystemExit as e:  # argparse
-            rc = e.code if isinstance(e.code, int) else 1
-    return int(rc), out.getvalue(), err.getvalue()
+_run_cli = run_cli  # (tests/cli_helpers.py)
 
 
 def _check_scores_file(path: Path) -> None:
