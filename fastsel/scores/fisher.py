@@ -434,6 +434,7 @@ def aggregation_summary(aggregates: Mapping[str, Sequence[float]], ranked_by: st
 def fisher_scores(
     result: FisherResult, model: nn.Module, layer_map: LayerMap | None = None, *, model_name: str = "", task: str = "",
     split: str = "", aggregate: str = "frobenius", permuted_frobenius: Sequence[float] | None = None,
+    statistics: tuple[list[dict], dict] | None = None,
 ) -> "LayerScores":
     """LayerScores of a FisherResult: blocks ranked by ``aggregate`` (default sqrt(sum F_j^2)), every aggregate side by
     side in ``info["aggregations"]``, extras (embeddings, pooler, head) unranked."""
@@ -442,7 +443,9 @@ def fisher_scores(
         raise ValueError(f"fastsel: unknown --aggregate {aggregate!r}; choose from {sorted(AGGREGATES)}")
     if aggregate == "label_specific" and permuted_frobenius is None:
         raise ValueError("fastsel: --aggregate label_specific needs the label-dependence check (--label-check > 0)")
-    layers, extra = layer_statistics(result.diagonal, model, layer_map)
+    # ``statistics``: layer_statistics(result.diagonal, ...) when the caller already computed it (one pass over the
+    # diagonal, not two)
+    layers, extra = statistics if statistics is not None else layer_statistics(result.diagonal, model, layer_map)
     aggregates = block_aggregates(layers, permuted_frobenius)
     info: dict[str, Any] = {"aggregations": aggregation_summary(aggregates, aggregate)}
     if result.fallback_params:

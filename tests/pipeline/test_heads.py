@@ -117,6 +117,7 @@ def test_label_check_is_label_free_by_construction_for_exact_mode_with_a_fresh_h
     dep = scores.info["label_dependence"]
     assert dep["label_free"] and "by_construction" in dep
     assert "label-free by construction" in scores.table()
+    assert scores.info["aggregations"]["scores"]["label_specific"] == [1.0] * len(scores.layers)
 
 
 @pytest.mark.slow

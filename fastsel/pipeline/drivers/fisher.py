@@ -29,7 +29,6 @@ from fastsel.scores.fisher import (
     AGGREGATES,
     FISHER_MODES,
     FisherAccumulation,
-    FisherResult,
     block_aggregates,
     fisher_diagonal,
     fisher_scores,
@@ -85,15 +84,15 @@ def permuted_labels(labels: np.ndarray, subset: np.ndarray, seed: int) -> dict[i
 
 
 def label_dependence(model: nn.Module, layer_map: Any, mode: str, seed: int, head: PreparedHead,
-                     batches: Callable[[], Iterable[dict[str, Tensor]]], main: Sequence[float], aggregate: str,
+                     batches: Callable[[], Iterable[dict[str, Tensor]]], main: Mapping[str, Sequence[float]], aggregate: str,
                      subset_size: int, share: float, reduce: Callable[[FisherAccumulation], None] | None = None,
                      autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
                      share_head: Callable[[], None] | None = None) -> tuple[dict, list[float]]:
     """(scores.json ``label_dependence``, the permuted-label frobenius score of every block).
 
     ``batches()`` yields the subset's batches with their labels already permuted; under the permuted head (a probe
-    refitted on permuted labels) the Fisher of those batches is ranked and compared with ``main`` (the run's block
-    scores by ``aggregate``). A mode that reads no labels with a head fitted to none is label-free by construction.
+    refitted on permuted labels) the Fisher of those batches is ranked and compared with ``main`` (the run's
+    :func:`block_aggregates`) by ``aggregate``. A mode that reads no labels with a head fitted to none is label-free by construction.
     """
     key = "frobenius" if aggregate == "label_specific" else aggregate
     rule = (f"label_free when Kendall tau-b between the ranking and the ranking with permuted labels is >= {LABEL_FREE_TAU}; "
@@ -101,7 +100,7 @@ def label_dependence(model: nn.Module, layer_map: Any, mode: str, seed: int, hea
     if mode != "empirical" and not head.fits_labels:
         return ({"kendall_tau_vs_permuted_labels": 1.0, "label_free": True, "rule": rule, "examples": 0,
                  "by_construction": f"the {mode} Fisher reads no labels and the {head.info.get('kind')} head was fitted "
-                                    "to none"}, [float("nan")] * len(main))
+                                    "to none"}, list(main["frobenius"]))  # the same Fisher: label_specific is 1
     start = time.perf_counter()
     with head.permuted_labels(seed):
         if share_head is not None:
@@ -117,7 +116,7 @@ def label_dependence(model: nn.Module, layer_map: Any, mode: str, seed: int, hea
             reduce(acc)
         layers, _ = layer_statistics(acc.result().diagonal, model, layer_map)
     permuted = block_aggregates(layers)
-    tau = kendall_tau_b(list(main), permuted[key])
+    tau = kendall_tau_b(list(main[key]), permuted[key])
     info = {"kendall_tau_vs_permuted_labels": round(tau, 6) if math.isfinite(tau) else None,
             "label_free": bool(math.isfinite(tau) and tau >= LABEL_FREE_TAU), "rule": rule,
             "compared": key, "examples": subset_size, "share": share,
@@ -139,9 +138,9 @@ def _fisher_run(ctx: ScoringContext) -> LayerScores:
     result = fisher_diagonal(ctx.model, ctx.loader(), mode=opts.fisher, seed=ctx.config.seed, total=len(ctx.features),
                              progress=ctx.progress)
     check, permuted = None, None
+    statistics = layer_statistics(result.diagonal, ctx.model, ctx.layer_map)
     if opts.label_check > 0:
-        main = block_aggregates(layer_statistics(result.diagonal, ctx.model, ctx.layer_map)[0])
-        key = "frobenius" if opts.aggregate == "label_specific" else opts.aggregate
+        main = block_aggregates(statistics[0])
         subset = label_subset(len(ctx.features), opts.label_check, ctx.config.seed)
         labels = np.asarray([f["labels"] for f in ctx.features])
         new = permuted_labels(labels, subset, ctx.config.seed)
@@ -153,9 +152,10 @@ def _fisher_run(ctx: ScoringContext) -> LayerScores:
                 yield {k: v.to(device) for k, v in batch.items()}
 
         check, permuted = label_dependence(ctx.model, ctx.layer_map, opts.fisher, ctx.config.seed, head, batches,
-                                           main[key], opts.aggregate, len(subset), opts.label_check)
+                                           main, opts.aggregate, len(subset), opts.label_check)
     scores = fisher_scores(result, ctx.model, ctx.layer_map, model_name=ctx.config.model, task=ctx.task.name,
-                           split=ctx.config.split, aggregate=opts.aggregate, permuted_frobenius=permuted)
+                           split=ctx.config.split, aggregate=opts.aggregate, permuted_frobenius=permuted,
+                           statistics=statistics)
     scores.info["head"] = head.info
     if check is not None:
         scores.info["label_dependence"] = check
@@ -254,16 +254,18 @@ class FisherConsumer:
     def result(self) -> LayerScores:
         cfg, opts = self.ctx.config, self.opts
         result = self.fisher.result()
+        statistics = layer_statistics(result.diagonal, self.ctx.model, self.ctx.layer_map)
         check, permuted = None, None
         if opts.label_check > 0 and self.ctx.corpus is not None:
-            check, permuted = self._label_check(result)
+            check, permuted = self._label_check(statistics[0])
         elif opts.label_check > 0:  # a consumer driven without the streamed pass's corpus (tests, plug-ins)
             if opts.aggregate == "label_specific":
                 raise ValueError("fastsel: --aggregate label_specific needs the label-dependence check, which needs the "
                                  "pass's corpus (PipelineContext.corpus)")
             check = {"unavailable": "no corpus to reread (PipelineContext.corpus is None)"}
         scores = fisher_scores(result, self.ctx.model, self.ctx.layer_map, model_name=cfg.model, task=self.ctx.task.name,
-                               split=cfg.split, aggregate=opts.aggregate, permuted_frobenius=permuted)
+                               split=cfg.split, aggregate=opts.aggregate, permuted_frobenius=permuted,
+                               statistics=statistics)
         scores.info["head"] = self.head.info
         if check is not None:
             scores.info["label_dependence"] = check
@@ -271,7 +273,7 @@ class FisherConsumer:
             scores.info["ranking_confidence"] = self.confidence(scores)
         return scores
 
-    def _label_check(self, result: FisherResult) -> tuple[dict, list[float]]:
+    def _label_check(self, layers: list[dict]) -> tuple[dict, list[float]]:
         """The label-dependence check on a seeded share of the corpus, sharded over the ranks like the pass."""
         ctx, cfg, pcfg = self.ctx, self.ctx.config, self.ctx.pipeline
         corpus = ctx.corpus
@@ -303,9 +305,7 @@ class FisherConsumer:
         def autocast() -> ContextManager[Any]:
             return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=ctx.device.type, dtype=dtype)
 
-        main = block_aggregates(layer_statistics(result.diagonal, ctx.model, ctx.layer_map)[0])
-        key = "frobenius" if self.opts.aggregate == "label_specific" else self.opts.aggregate
-        return label_dependence(ctx.model, ctx.layer_map, self.mode, cfg.seed, self.head, batches, main[key],
+        return label_dependence(ctx.model, ctx.layer_map, self.mode, cfg.seed, self.head, batches, block_aggregates(layers),
                                 self.opts.aggregate, len(subset), self.opts.label_check, reduce, autocast, self._share_head)
 
     def group_scores(self, groups: list[int], group_sums: list[dict[str, Tensor]] | None = None,
