@@ -494,6 +494,7 @@ class SquaredGradAccumulator:
         # group g *only*, not to ``sums`` as well: the same work as without groups. totals() adds them up.
         self.group_sums: list[dict[str, Tensor]] = []
         self.group_counts: list[int] = []
+        self.sums_used = False  # a batch without groups went to ``sums`` (else they are zeros nobody needs to read)
         # module name -> {param short name -> full name}; a parameter tied between modules (shared
         # embeddings) has per-example gradients summed over its uses, so no single hook can credit it.
         canonical = {id(p): n for n, p in self.params.items()}
@@ -603,6 +604,8 @@ class SquaredGradAccumulator:
                 self._state = None
                 raise ValueError(f"fastsel: groups must give every example a group in 0..{len(self.group_sums) - 1}")
             self._state.grouped = True
+        if not self._state.grouped:
+            self.sums_used = True
         handles = []
         tracker = _SharedTracker(self.params, batch_size) if self.capture_shared else None
         try:
@@ -831,8 +834,9 @@ class SquaredGradAccumulator:
         """The sum of every example's squared gradients: ``sums`` (batches without groups) plus every group's sums."""
         if not self.group_sums:
             return self.sums
-        out = {n: s.clone() for n, s in self.sums.items()}
-        for g in self.group_sums:
+        first, *rest = self.group_sums
+        out = {n: (s + first[n]) if self.sums_used else first[n].clone() for n, s in self.sums.items()}
+        for g in rest:
             for n, t in g.items():
                 out[n].add_(t)
         return out
@@ -844,7 +848,9 @@ class SquaredGradAccumulator:
         return {n: s / self.num_examples for n, s in self.totals().items()}
 
     def state_dict(self) -> dict[str, object]:
-        state = {"sums": self.sums, "num_examples": self.num_examples, "fallback_params": sorted(self.fallback_params)}
+        """What resuming needs: ``sums`` only when a batch without groups filled them (else they are all zeros)."""
+        sums = self.sums if self.sums_used or not self.group_sums else {}
+        state = {"sums": sums, "num_examples": self.num_examples, "fallback_params": sorted(self.fallback_params)}
         if self.group_sums:
             state["group_sums"] = self.group_sums
             state["group_counts"] = list(self.group_counts)
@@ -853,6 +859,7 @@ class SquaredGradAccumulator:
     def load_state_dict(self, state: dict[str, object]) -> None:
         for n, t in state["sums"].items():  # type: ignore[union-attr]
             self.sums[n].copy_(t)
+        self.sums_used = bool(state["sums"])
         self.num_examples = int(state["num_examples"])  # type: ignore[arg-type]
         self.fallback_params = set(state.get("fallback_params", []))  # type: ignore[union-attr]
         if self.group_sums:

@@ -174,7 +174,9 @@ def test_nonfinite_accumulator_names_the_parameter(tmp_path, capsys, minilm_path
         consume(self, batch, outputs)
         seen["n"] += 1
         if seen["n"] == 3:
-            self.acc.sums["bert.encoder.layer.2.intermediate.dense.weight"][1, 1] = float("inf")
+            # the accumulator this batch wrote: with confidence groups (the default) a group's sums, not ``sums``
+            written = self.acc.group_sums[0] if self.acc.group_sums else self.acc.sums
+            written["bert.encoder.layer.2.intermediate.dense.weight"][1, 1] = float("inf")
 
     monkeypatch.setattr(FisherConsumer, "consume", broken)
     out = tmp_path / "s.json"

@@ -202,19 +202,17 @@ class FisherConsumer:
         self.fisher.consume(batch, outputs)
 
     def state_dict(self) -> dict:
+        # the accumulator's state holds what resuming needs (no all-zero ``sums`` when every batch had groups)
         cpu = lambda d: {n: t.detach().cpu().clone() for n, t in d.items()}  # noqa: E731
-        # what resuming needs: sums that are still zero (with --confidence-groups every batch goes to a group's sums)
-        # are what a fresh accumulator starts from, so they are left out (1/(K+1) of the checkpoint)
-        used = lambda d: {n: t.detach().cpu().clone() for n, t in d.items() if bool(t.any())}  # noqa: E731
-        return {k: (used(v) if k == "sums" else [cpu(g) for g in v] if k == "group_sums" else v)
+        return {k: (cpu(v) if k == "sums" else [cpu(g) for g in v] if k == "group_sums" else v)
                 for k, v in self.acc.state_dict().items()}
 
     def load_state_dict(self, state: dict) -> None:
         self.acc.load_state_dict(state)
 
     def _accumulators(self) -> list[tuple[str, Tensor]]:
-        """Every accumulator (the sums of batches without groups, and each group's sums), named."""
-        out = list(self.acc.sums.items())
+        """Every accumulator in use (the sums of batches without groups, and each group's sums), named."""
+        out = list(self.acc.sums.items()) if self.acc.sums_used or not self.acc.group_sums else []
         for g in self.acc.group_sums:
             out += list(g.items())
         return out
