@@ -678,6 +678,7 @@ def load_custom_examples(
     num_examples: int | None = None,
     seed: int = 0,
     balanced: bool = False,
+    label_names: Sequence[str] | None = None,
 ) -> Examples:
     """Load a CSV / TSV / JSONL file (by extension) with one or two text columns and a label column.
 
@@ -685,7 +686,21 @@ def load_custom_examples(
     Classification labels (strings or integers) are mapped to 0..C-1 in sorted order (numeric order when
     all labels are integers); the returned task is a ``TaskSpec(benchmark="custom")`` whose ``label_names``
     are the original values as strings. ``regression=True`` parses float labels.
+
+    ``label_names`` (classification only; the ``label_names`` of the training file's task) maps the file's
+    labels onto those names instead of deriving the classes from the file -- an integer label is matched as
+    the str of the int, a named one as its stripped string -- and the returned task has exactly those
+    ``label_names``, so a validation file holding a subset of the classes keeps the training file's class
+    indices. A label not among them is a ValueError naming the file, the row and the label.
     """
+    if label_names is not None:
+        if regression:
+            raise ValueError("fastsel: label_names is for classification; with regression=True it must be None")
+        if isinstance(label_names, str):
+            raise ValueError(f"fastsel: label_names must be a sequence of class names, got the string {label_names!r}")
+        label_names = tuple(str(n) for n in label_names)
+        if len(label_names) < 2 or len(set(label_names)) != len(label_names):
+            raise ValueError(f"fastsel: label_names must be at least 2 distinct class names, got {list(label_names)}")
     path = Path(path).expanduser()
     if isinstance(text_fields, str):
         text_fields = [text_fields]
@@ -717,6 +732,10 @@ def load_custom_examples(
     if regression:
         spec = TaskSpec(task_name, "custom", 1, (), ("pearson", "spearman"))
         labels: list = [_parse_label(v, spec, f"{path}:{w}") for v, (w, _) in zip(raw, rows)]
+    elif label_names is not None:
+        index = {n: i for i, n in enumerate(label_names)}
+        labels = [_known_label(v, index, f"{path}:{w}") for v, (w, _) in zip(raw, rows)]
+        spec = TaskSpec(task_name, "custom", len(label_names), label_names, ("accuracy",))
     else:
         keys = [v.strip() if isinstance(v, str) else v for v in raw]
         numbers = [_as_float(v) for v in keys]
@@ -741,6 +760,18 @@ def load_custom_examples(
         spec = TaskSpec(task_name, "custom", len(uniq), tuple(str(u) for u in uniq), ("accuracy",))
     ex = Examples(task=spec, split="custom", text_a=a, text_b=b, labels=labels)
     return _subsample(ex, num_examples, seed, balanced)
+
+
+def _known_label(value: Any, index: dict[str, int], where: str) -> int:
+    """The class index of ``value`` among the training file's label names (its stripped string, else the str of
+    its int, as load_custom_examples names the classes)."""
+    key = value.strip() if isinstance(value, str) else value
+    if str(key) in index:
+        return index[str(key)]
+    as_int = _as_int(key)
+    if as_int is not None and str(as_int) in index:
+        return index[str(as_int)]
+    raise ValueError(f"fastsel: {where}: label {key!r} is not one of the training file's labels {list(index)}")
 
 
 def _as_float(v: Any) -> float | None:

@@ -335,6 +335,56 @@ def test_custom_errors(tmp_path):
         load_custom_examples(_write(tmp_path / "r.csv", "text,y\na,high\n"), ["text"], "y", regression=True)
 
 
+def test_custom_label_names_mapping(tmp_path):
+    train = load_custom_examples(_write(tmp_path / "train.csv", "text,y\na,pos\nb,neg\nc, pos \n"), ["text"], "y")
+    assert train.task.label_names == ("neg", "pos")
+    # the names given are used as they are (not re-sorted from the file), stripped labels matched
+    dev = load_custom_examples(_write(tmp_path / "dev.csv", "text,y\nx,neg\ny, pos\nz,neg\n"), ["text"], "y",
+                               task_name="mine", label_names=("pos", "neg"))
+    assert dev.task.label_names == ("pos", "neg") and dev.task.num_labels == 2
+    assert dev.labels == [1, 0, 1] and dev.task.name == "mine" and dev.task.benchmark == "custom"
+    same = load_custom_examples(tmp_path / "dev.csv", ["text"], "y", label_names=list(train.task.label_names))
+    assert same.task.label_names == train.task.label_names and same.labels == [0, 1, 0]
+
+
+def test_custom_label_names_subset_keeps_indices(tmp_path):
+    train = load_custom_examples(_write(tmp_path / "train.csv", "text,y\na,neg\nb,neutral\nc,pos\n"), ["text"], "y")
+    assert train.task.label_names == ("neg", "neutral", "pos")
+    # a single class present: allowed with label_names, and it keeps the training file's index (2, not 0)
+    dev = load_custom_examples(_write(tmp_path / "dev.csv", "text,y\nx,pos\ny,pos\n"), ["text"], "y",
+                               label_names=train.task.label_names)
+    assert dev.labels == [2, 2] and dev.task.num_labels == 3 and dev.task.label_names == train.task.label_names
+    assert dev.task == train.task
+    # without label_names the file alone has a single class
+    with pytest.raises(ValueError, match="single class"):
+        load_custom_examples(tmp_path / "dev.csv", ["text"], "y")
+
+
+def test_custom_label_names_unknown_label(tmp_path):
+    p = _write(tmp_path / "dev.csv", "text,y\n" + "".join(f"t{i},neg\n" for i in range(5)) + "u,maybe\n")
+    with pytest.raises(ValueError) as e:
+        load_custom_examples(p, ["text"], "y", label_names=("neg", "pos"))
+    msg = str(e.value)
+    assert msg == f"fastsel: {p}:7: label 'maybe' is not one of the training file's labels ['neg', 'pos']"
+    assert "\n" not in msg
+    jl = _write(tmp_path / "dev.jsonl", '{"t": "a", "y": 1}\n{"t": "b", "y": 3}\n')
+    with pytest.raises(ValueError, match=r"dev.jsonl:2: label 3 is not one of the training file's labels \['1', '2'\]"):
+        load_custom_examples(jl, ["t"], "y", label_names=("1", "2"))
+    with pytest.raises(ValueError, match="regression"):
+        load_custom_examples(p, ["text"], "y", regression=True, label_names=("neg", "pos"))
+
+
+def test_custom_label_names_integers(tmp_path):
+    train = load_custom_examples(_write(tmp_path / "train.tsv", "a\tlabel\nx\t10\ny\t2\nz\t7\n"), ["a"], "label")
+    assert train.task.label_names == ("2", "7", "10")
+    dev = load_custom_examples(_write(tmp_path / "dev.tsv", "a\tlabel\nx\t10\ny\t 2\nz\t+10\n"), ["a"], "label",
+                               label_names=train.task.label_names)
+    assert dev.labels == [2, 0, 2] and dev.task.label_names == ("2", "7", "10")
+    # JSON integers (and integral floats) match the str of the int
+    jl = _write(tmp_path / "dev.jsonl", '{"a": "p", "label": 7}\n{"a": "q", "label": 2.0}\n{"a": "r", "label": "10"}\n')
+    assert load_custom_examples(jl, ["a"], "label", label_names=train.task.label_names).labels == [1, 0, 2]
+
+
 # ---------------------------------------------------------------------------------------------- tokenize + batch
 
 
