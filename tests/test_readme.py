@@ -5,7 +5,8 @@
   does not exist, or a score flag without the one it needs, fails), ``make TARGET`` names a Makefile target,
   ``bash FILE`` an existing file, and ``FASTSEL_BACKEND=...`` a valid backend choice;
 - every ``--flag`` the text mentions is a flag of some ``fastsel`` command (or of the few other tools named);
-- ```json blocks parse, and their keys are keys of a real scores.json.
+- ```json blocks parse, and their keys are keys of a real scores.json;
+- ```text blocks (what a command prints) are the only ones not checked.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def test_docs_have_their_snippets():
     assert any(is_backend_snippet(c) for c in snippets(REPO / "docs" / "scoring.md"))
     for path in DOCS:
         for lang, _ in blocks(path):
-            assert lang in ("python", "json", *SHELL), f"{path.name}: a ```{lang} block that no test runs"
+            assert lang in ("python", "json", "text", *SHELL), f"{path.name}: a ```{lang} block that no test runs"
 
 
 def test_readme_snippets(tiny_dir, data_dir, tmp_path, monkeypatch):
