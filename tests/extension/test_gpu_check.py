@@ -16,6 +16,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_check  # noqa: E402
 import sanitize_kernels  # noqa: E402
+from gpucheck.sections.linear import linear_winners  # noqa: E402
+from gpucheck.summary import print_summary  # noqa: E402
 
 from fastsel import EXTENSION  # noqa: E402
 
@@ -33,7 +35,7 @@ def test_linear_winners_and_rules():
         cfg("T<=256|B<=32|OI<=1M", {"bmm": 2.0, "wmma": 1.0, "pipelined": 1.1}),
         cfg("T>256|B>32|OI>1M", {"bmm": 3.0, "wmma": 1.0, "pipelined": 2.0}, bad=("wmma",)),  # fastest but wrong
     ]
-    winners, rules = gpu_check.linear_winners(configs, "9.0", "H200")
+    winners, rules = linear_winners(configs, "9.0", "H200")
     assert winners["bf16"]["T<=256|B<=32|OI<=1M"]["backend"] == "wmma"
     assert winners["bf16"]["T>256|B>32|OI>1M"]["backend"] == "pipelined"  # a failed check never wins
     assert winners["bf16"]["T>256|B>32|OI>1M"]["failed_checks"] == ["wmma"]
@@ -45,7 +47,7 @@ def test_linear_winners_and_rules():
 
 def test_summary_reads_steps_and_a_missing_json(tmp_path, capsys):
     (tmp_path / "steps.tsv").write_text("env\tok\t3\nbuild\tFAILED (rc 1, build failed)\t40\n")
-    gpu_check.print_summary(tmp_path)
+    print_summary(tmp_path)
     out = capsys.readouterr().out
     assert "FAILED (rc 1, build failed)" in out and "no " in out and "gpu_check.json" in out
 
