@@ -7,8 +7,8 @@ import torch
 from fisher_oracles import assert_diagonals_close
 from torch import nn
 
-from fastsel.capture import per_example as pe
 from fastsel.capture.per_example import SquaredGradAccumulator
+from fastsel.capture.rules import GENERIC, RMS_NORM, rule_for
 
 
 def _check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward) -> SquaredGradAccumulator:
@@ -90,7 +90,7 @@ def test_rms_norm_rule_matches_the_loop(kind):
     fc = nn.Linear(8, 3)
     model = nn.ModuleDict({"norm": norm, "fc": fc})
     acc = SquaredGradAccumulator(model)
-    assert pe._rule_for(norm) is pe._RMS_NORM
+    assert rule_for(norm) is RMS_NORM
     x = torch.randn(6, 5, 8) * torch.rand(6, 1, 1) * 1e-2  # small inputs: eps matters
     _check(model, x, torch.randint(0, 3, (6,)), lambda xb: fc(norm(xb)).mean(1))
     assert not acc.fallback_params
@@ -104,7 +104,7 @@ def test_rms_norm_over_two_dims():
     fc = nn.Linear(32, 2)
     model = nn.ModuleDict({"norm": norm, "fc": fc})
     SquaredGradAccumulator(model)
-    assert pe._rule_for(norm) is pe._RMS_NORM
+    assert rule_for(norm) is RMS_NORM
     _check(model, torch.randn(5, 3, 4, 8), torch.randint(0, 2, (5,)), lambda xb: fc(norm(xb).flatten(2)).mean(1))
 
 
@@ -114,7 +114,7 @@ def test_a_look_alike_stays_generic():
     fc = nn.Linear(8, 3)
     model = nn.ModuleDict({"norm": norm, "fc": fc})
     SquaredGradAccumulator(model)
-    assert pe._rule_for(norm) is pe._GENERIC
+    assert rule_for(norm) is GENERIC
     _check(model, torch.randn(5, 4, 8), torch.randint(0, 3, (5,)), lambda xb: fc(norm(xb)).mean(1))
 
 
@@ -267,3 +267,43 @@ def test_several_terms_reuse_the_shared_capture():
                 want[n] += g.square()
     assert_diagonals_close(acc.mean(), {n: w / 4 for n, w in want.items()})
     assert not acc.fallback_params
+
+
+class SharedAndUncaptured(nn.Module):
+    """Every path of the engine at once: single calls (hooks), a module with two calls and a directly read table
+    (the shared capture), and a parameter on the exact fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared, self.uncaptured = SharedBias(), Uncaptured()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(x) + self.uncaptured(x)
+
+
+@pytest.mark.parametrize("workspace", [None, 1], ids=["one-chunk", "example-chunks"])
+def test_groups_on_every_path(workspace, monkeypatch):
+    """With groups, each example's squares go to its group's sums only, on every path (the per-example loop per
+    group); the shared capture cut into chunks of examples keeps each example in its group."""
+    from fastsel.capture import per_example
+
+    if workspace is not None:
+        monkeypatch.setattr(per_example, "SHARED_WORKSPACE_BYTES", workspace)
+    torch.manual_seed(0)
+    model = SharedAndUncaptured()
+    x, y = torch.randn(5, 5, 8), torch.randint(0, 3, (5,))
+    groups = torch.tensor([1, 0, 1, 2, 0])
+    acc = SquaredGradAccumulator(model)
+    acc.enable_groups(3)
+    with acc.capture(batch_size=5, groups=groups):
+        acc.backward([torch.log_softmax(model(x), -1).gather(1, y[:, None]).squeeze(1)])
+    assert acc.fallback_params == {"uncaptured.mix.weight"} and not acc.sums_used
+    params = dict(model.named_parameters())
+    for k in range(3):
+        want = {n: torch.zeros_like(p) for n, p in params.items()}
+        for b in (groups == k).nonzero().flatten().tolist():
+            term = torch.log_softmax(model(x[b : b + 1]), -1)[0, y[b]]
+            for n, g in zip(want, torch.autograd.grad(term, list(params.values()))):
+                want[n] += g.square()
+        assert_diagonals_close(acc.group_sums[k], want)
+    assert not any(s.any() for s in acc.sums.values())
