@@ -302,7 +302,7 @@ class SquaredGradAccumulator(SquaredGradSums):
         return _BackwardLayout(combined, direct, candidates, vjp_inputs)
 
     def backward(self, terms: Sequence[Tensor]) -> None:
-        """Accumulate the squared per-example gradients of each per-example term (shape (B,))."""
+        """terms: [(B,) per-example terms, ...]: each term's per-example gradients, squared, added to the sums."""
         st = self._state
         if st is None:
             raise RuntimeError("fastsel: call backward() inside `with acc.capture(batch_size):`")
