@@ -41,7 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fastsel.capture.taps import PooledStates  # noqa: E402
-from fastsel.data.tasks import get_task, load_examples, make_dataloader, tokenize_examples  # noqa: E402
+from fastsel.data.features import make_dataloader, tokenize_examples  # noqa: E402
+from fastsel.data.readers import load_examples  # noqa: E402
+from fastsel.data.specs import get_task  # noqa: E402
 from fastsel.hf.loading import load_model  # noqa: E402
 from fastsel.scores.confidence import confidence_from_groups, kendall_tau_b, topk_agreement  # noqa: E402
 from fastsel.scores.fisher import fisher_diagonal  # noqa: E402

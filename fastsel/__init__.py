@@ -21,7 +21,7 @@ _EXPORTS = {
     "ClassStatistics": "scores.variability",
     "SquaredGradAccumulator": "capture.per_example",
     "LayerMap": "hf.layer_map", "map_layers": "hf.layer_map", "load_model": "hf.loading",
-    "get_task": "data.tasks", "load_examples": "data.tasks", "tokenize_examples": "data.tasks", "make_dataloader": "data.tasks",
+    "get_task": "data.specs", "load_examples": "data.readers", "tokenize_examples": "data.features", "make_dataloader": "data.features",
     "ScoreConfig": "pipeline.config", "PipelineConfig": "pipeline.config", "METRICS": "pipeline.registry",
     "Metric": "pipeline.registry", "register_metric": "pipeline.registry", "score": "pipeline.run",
     "run_scoring": "pipeline.inmemory", "run_pipeline": "pipeline.streamed",

@@ -20,7 +20,7 @@ def test_old_module_paths_are_gone(old):
 
 
 @pytest.mark.parametrize("package, name, module", [
-    ("data", "load_examples", "data.tasks"), ("data", "tokenize_examples", "data.tasks"),
+    ("data", "load_examples", "data.readers"), ("data", "tokenize_examples", "data.features"),
     ("pipeline", "PipelineConfig", "pipeline.config"), ("pipeline", "run_pipeline", "pipeline.streamed"),
     ("plans", "Plan", "plans.plan"), ("plans", "build_plan", "plans.strategies"),
     ("scores", "LayerScore", "scores.layer_scores"), ("scores", "LayerScores", "scores.layer_scores"),

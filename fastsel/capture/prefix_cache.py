@@ -9,7 +9,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastsel.data.tasks import PadCollator
+from fastsel.data.features import PadCollator
 from fastsel.hf.io import eval_mode, model_inputs
 from fastsel.hf.layer_map import LayerMap
 from fastsel.utils.progress import progress_bar

@@ -31,16 +31,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from fastsel.data.tasks import (
-    FEATURE_KEYS,
-    DataSource,
-    PadCollator,
-    TaskSpec,
-    canonical_split,
-    examples_for,
-    get_task,
-    resolve_file,
-)
+from fastsel.data.features import FEATURE_KEYS, PadCollator
+from fastsel.data.readers import DataSource, canonical_split, examples_for, resolve_file
+from fastsel.data.specs import TaskSpec, get_task
 
 __all__ = [
     "cache_root",

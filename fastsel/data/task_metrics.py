@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from fastsel.data.tasks import get_task
+from fastsel.data.specs import get_task
 
 __all__ = ["TASK_METRICS", "accuracy", "f1_binary", "matthews_corrcoef", "pearson", "spearman", "task_metrics",
            "predictions_from_logits", "main_metric"]

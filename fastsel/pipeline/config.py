@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from fastsel.data.tasks import get_task
+from fastsel.data.specs import get_task
 from fastsel.pipeline.registry import AUTOCAST, METRICS, options_of
 from fastsel.scores.confidence import DEFAULT_GROUPS
 

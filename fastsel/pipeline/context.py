@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from fastsel.data.corpus import TokenizedCorpus
-from fastsel.data.tasks import Examples, TaskSpec, make_dataloader
+from fastsel.data.examples import Examples
+from fastsel.data.features import make_dataloader
+from fastsel.data.specs import TaskSpec
 from fastsel.hf.layer_map import LayerMap
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.scores.layer_scores import LayerScores

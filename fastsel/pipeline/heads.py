@@ -35,13 +35,10 @@ from torch import Tensor, nn
 
 from fastsel.capture.prefix_cache import PrefixCache, index_batches
 from fastsel.data.task_metrics import main_metric, predictions_from_logits, task_metrics
-from fastsel.data.tasks import (
-    Examples,
-    PadCollator,
-    TaskSpec,
-    examples_for,
-    tokenize_examples,
-)
+from fastsel.data.examples import Examples
+from fastsel.data.features import PadCollator, tokenize_examples
+from fastsel.data.readers import examples_for
+from fastsel.data.specs import TaskSpec
 from fastsel.hf.io import eval_mode, model_inputs
 from fastsel.hf.layer_map import HEAD, LayerMap
 from fastsel.hf.loading import new_parameter_names, quiet_transformers

@@ -4,7 +4,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fastsel.data.tasks import examples_for, tokenize_examples
+from fastsel.data.features import tokenize_examples
+from fastsel.data.readers import examples_for
 from fastsel.hf.loading import load_model
 from fastsel.pipeline.checks import apply_length_limit, check_weights_finite
 from fastsel.pipeline.config import ScoreConfig

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from fastsel.data.tasks import TaskSpec
+from fastsel.data.specs import TaskSpec
 from fastsel.pipeline.checks import check_scores_finite
 from fastsel.pipeline.config import ScoreConfig
 from fastsel.pipeline.registry import METRICS

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from fastsel.data.corpus import BatchReader, load_tokenized_corpus, padding_stats, schedule_batches, shard_batches
-from fastsel.data.tasks import load_examples, tokenize_examples
+from fastsel.data.features import tokenize_examples
+from fastsel.data.readers import load_examples
 from fastsel.pipeline.config import ScoreConfig
 
 N = 120

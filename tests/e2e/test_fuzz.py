@@ -28,7 +28,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fastsel.data.tasks import load_custom_examples, load_examples  # noqa: E402
+from fastsel.data.readers import load_custom_examples, load_examples  # noqa: E402
 from tests.cli_helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[2]

@@ -150,7 +150,7 @@ def test_real_labels_need_regression(tmp_path, capsys, tiny_dir, real_labels_csv
 
 
 def test_load_custom_examples_real_labels(tmp_path, real_labels_csv):
-    from fastsel.data.tasks import load_custom_examples
+    from fastsel.data.readers import load_custom_examples
 
     with pytest.raises(ValueError, match="holds real numbers"):
         load_custom_examples(real_labels_csv, ["text"], "y")

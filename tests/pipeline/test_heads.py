@@ -13,7 +13,8 @@ import torch
 from fisher_oracles import oracle_fisher
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from fastsel.data.tasks import PadCollator, examples_for, tokenize_examples
+from fastsel.data.features import PadCollator, tokenize_examples
+from fastsel.data.readers import examples_for
 from fastsel.hf.layer_map import map_layers
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.drivers.fisher import LABEL_FREE_TAU, label_subset, permuted_labels

@@ -11,7 +11,8 @@ from stream_helpers import ClassMeanConsumer, pooled
 
 from fastsel.cli.app import main
 from fastsel.data.corpus import load_tokenized_corpus
-from fastsel.data.tasks import load_examples, tokenize_examples
+from fastsel.data.features import tokenize_examples
+from fastsel.data.readers import load_examples
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.context import PipelineContext
 from fastsel.pipeline.distributed import DistEnv
@@ -51,7 +52,7 @@ def _setup(cfg, pcfg=None):
 def test_streamed_fisher_equals_plain_loader(tiny_dir, data_dir, cache, mode):
     """Bucketed, token-budget batches give the Fisher of the plain sequential loader (sampled labels keyed
     by global index, so batch composition does not matter)."""
-    from fastsel.data.tasks import make_dataloader
+    from fastsel.data.features import make_dataloader
     from fastsel.scores.fisher import fisher_diagonal
 
     cfg = _cfg(tiny_dir, data_dir, options={"fisher": mode})
@@ -99,7 +100,7 @@ def test_one_pass_fisher_and_class_statistics(tiny_dir, data_dir, cache):
 
 def test_one_pass_fisher_and_variability_equal_each_alone(tiny_dir, data_dir, cache):
     """The real variability consumer shares the Fisher forward: nu equals the in-memory computation."""
-    from fastsel.data.tasks import make_dataloader
+    from fastsel.data.features import make_dataloader
     from fastsel.pipeline.drivers.variability import VariabilityConsumer
     from fastsel.scores.variability import accumulate_class_statistics, variability_layer_scores
 

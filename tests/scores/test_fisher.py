@@ -286,7 +286,8 @@ def test_model_mode_is_restored():
 
 @pytest.mark.slow
 def test_real_minilm_on_sst2_matches_oracle(minilm_path, data_dir):
-    from fastsel.data.tasks import load_examples, make_dataloader, tokenize_examples
+    from fastsel.data.features import make_dataloader, tokenize_examples
+    from fastsel.data.readers import load_examples
     from fastsel.hf.loading import load_model
 
     model, tok, _ = load_model(minilm_path, num_labels=2, seed=0)

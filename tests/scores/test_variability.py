@@ -271,7 +271,8 @@ def test_regression_task_rejected(data_dir):
 @pytest.mark.slow
 def test_cli_minilm_sst2_end_to_end(data_dir, minilm_path, tmp_path, capsys):
     from fastsel.cli.app import main
-    from fastsel.data.tasks import load_examples, make_dataloader, tokenize_examples
+    from fastsel.data.features import make_dataloader, tokenize_examples
+    from fastsel.data.readers import load_examples
     from fastsel.hf.loading import load_model
 
     out, plot, ckpt = tmp_path / "scores.json", tmp_path / "nu.png", tmp_path / "ckpt"

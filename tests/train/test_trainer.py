@@ -10,7 +10,7 @@ import torch
 
 from fastsel.capture.prefix_cache import PrefixCache
 from fastsel.data.task_metrics import TASK_METRICS, task_metrics
-from fastsel.data.tasks import PadCollator
+from fastsel.data.features import PadCollator
 from fastsel.hf.layer_map import map_layers
 from fastsel.plans.plan import LoraSpec
 from fastsel.plans.strategies import build_plan
@@ -405,7 +405,9 @@ def test_finetune_zero_examples_is_one_line(tmp_path, tiny_dir, data_dir, capsys
 
 def test_finetune_rank_split_both_measures_held_out_examples(tmp_path, tiny_dir, data_dir):
     from fastsel.cli.app import main
-    from fastsel.data.tasks import get_task, load_examples, tokenize_examples
+    from fastsel.data.features import tokenize_examples
+    from fastsel.data.readers import load_examples
+    from fastsel.data.specs import get_task
     from fastsel.hf.loading import load_model
     from fastsel.scores.fisher import fisher_layer_scores
 

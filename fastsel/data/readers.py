@@ -1,7 +1,5 @@
-"""Task registry, example loading, tokenization and batching for GLUE, SuperGLUE and custom data.
-
-Every task is cast as single-sentence or sentence-pair classification (or regression for STS-B):
-an :class:`Examples` holds ``text_a``, optional ``text_b`` and integer (float for regression) labels.
+"""Reading the examples of a split: GLUE TSV, SuperGLUE JSONL, the Hugging Face hub, and custom CSV/TSV/JSONL
+files, into :class:`fastsel.data.examples.Examples` (label orders: :mod:`fastsel.data.specs`).
 
 Data sources
 ------------
@@ -17,6 +15,8 @@ Data sources
 Folder names are matched case- and punctuation-insensitively (``sst2`` finds ``SST-2``).
 With ``data_dir=None`` the split is fetched from the Hugging Face hub with ``datasets.load_dataset``
 (``nyu-mll/glue`` / ``aps/super_glue``); that needs network access.
+``load_custom_examples(path, text_fields, label_field)`` reads a custom CSV / TSV / JSONL file, and
+``examples_for(cfg)`` picks between the two for a scoring config.
 
 Split files: GLUE ``train.tsv`` / ``dev.tsv`` / ``test.tsv`` (MNLI: ``dev_matched.tsv`` and
 ``test_matched.tsv``; ``split="validation_mismatched"`` reads ``dev_mismatched.tsv``). SuperGLUE
@@ -27,39 +27,12 @@ labels give label ``-1`` (``nan`` for STS-B), as ``datasets`` does; other splits
 GLUE TSVs are read with ``csv.QUOTE_NONE`` (they contain unescaped quotes) and ``utf-8-sig``
 (MRPC starts with a BOM). CoLA train/dev have no header (source, label, original mark, sentence).
 
-Label orders follow the ``datasets`` glue / super_glue configs
--------------------------------------------------------------
-=========  ==========================================  =======================================
-task       inputs (text_a, text_b)                     labels
-=========  ==========================================  =======================================
-cola       sentence, -                                 unacceptable=0, acceptable=1
-sst2       sentence, -                                 negative=0, positive=1
-mrpc       #1 String, #2 String                        not_equivalent=0, equivalent=1
-stsb       sentence1, sentence2                        float score 0..5 (regression)
-qqp        question1, question2                        not_duplicate=0, duplicate=1
-mnli       sentence1 (premise), sentence2 (hypothesis) entailment=0, neutral=1, contradiction=2
-qnli       question, sentence                          entailment=0, not_entailment=1
-rte        sentence1, sentence2                        entailment=0, not_entailment=1
-wnli       sentence1, sentence2                        not_entailment=0, entailment=1
-boolq      question, passage                           False=0, True=1
-cb         premise, hypothesis                         entailment=0, contradiction=1, neutral=2
-copa       premise + cue, "choice1 or choice2"         0 = choice1, 1 = choice2
-wic        "word: sentence1", sentence2                False=0, True=1
-wsc        text, "span2_text refers to span1_text"     False=0, True=1
-multirc    passage, question + " " + answer            False=0, True=1 (one example per answer)
-sg-rte     premise, hypothesis                         entailment=0, not_entailment=1
-=========  ==========================================  =======================================
-
-COPA: the cue is " What was the cause?" for ``question == "cause"`` and " What happened as a
-result?" for ``"effect"``; the label is the index of the correct choice.
-WiC: the target word is put in front of the first sentence (``f"{word}: {sentence1}"``) so that
-truncation never drops it. WSC: span2 is the pronoun, span1 the candidate referent
-(``f"{span2_text} refers to {span1_text}"``). MultiRC: one example per (paragraph, question,
-answer option); its official metrics (F1 over all answer options ``f1a`` and per-question exact
-match ``em``) are simplified to ``("f1", "accuracy")`` -- ``f1`` over all answer options equals
-``f1a``; ``em`` would need question grouping, which :class:`Examples` does not carry.
-CB's official metric also includes macro-F1; the registry lists only ``accuracy`` for it.
-SuperGLUE RTE is registered as ``sg-rte`` (GLUE RTE is ``rte``).
+SuperGLUE rows become pairs as the table in :mod:`fastsel.data.specs` lists. COPA: the cue is " What was
+the cause?" for ``question == "cause"`` and " What happened as a result?" for ``"effect"``; the label is the
+index of the correct choice. WiC: the target word is put in front of the first sentence
+(``f"{word}: {sentence1}"``) so that truncation never drops it. WSC: span2 is the pronoun, span1 the
+candidate referent (``f"{span2_text} refers to {span1_text}"``). MultiRC: one example per (paragraph,
+question, answer option).
 """
 from __future__ import annotations
 
@@ -71,141 +44,24 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
-import torch
+
+from fastsel.data.examples import Examples, subsample
+from fastsel.data.specs import TaskSpec, get_task, name_key
 
 __all__ = [
-    "TaskSpec",
-    "TASKS",
-    "get_task",
-    "Examples",
     "load_examples",
     "load_custom_examples",
     "examples_for",
     "DataSource",
     "canonical_split",
     "resolve_file",
-    "tokenize_examples",
-    "make_dataloader",
-    "FEATURE_KEYS",
 ]
-
-# the per-token features of a tokenised example (and of a batch, beside labels and index)
-FEATURE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask")
 
 # GLUE rows can be long (MultiRC/QNLI passages); the csv default limit is 128 KiB.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-
-
-# ----------------------------------------------------------------------------------------------
-# Task registry
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Static description of a task."""
-
-    name: str
-    benchmark: str  # "glue" | "superglue" | "custom"
-    num_labels: int  # 1 for regression
-    label_names: tuple[str, ...]  # () for regression
-    metrics: tuple[str, ...]
-
-    @property
-    def is_regression(self) -> bool:
-        return self.num_labels == 1 and not self.label_names
-
-
-_ACC = ("accuracy",)
-_BOOL = ("False", "True")
-_NLI2 = ("entailment", "not_entailment")
-
-TASKS: dict[str, TaskSpec] = {
-    t.name: t
-    for t in [
-        TaskSpec("cola", "glue", 2, ("unacceptable", "acceptable"), ("mcc",)),
-        TaskSpec("sst2", "glue", 2, ("negative", "positive"), _ACC),
-        TaskSpec("mrpc", "glue", 2, ("not_equivalent", "equivalent"), ("f1", "accuracy")),
-        TaskSpec("stsb", "glue", 1, (), ("pearson", "spearman")),
-        TaskSpec("qqp", "glue", 2, ("not_duplicate", "duplicate"), ("f1", "accuracy")),
-        TaskSpec("mnli", "glue", 3, ("entailment", "neutral", "contradiction"), _ACC),
-        TaskSpec("qnli", "glue", 2, _NLI2, _ACC),
-        TaskSpec("rte", "glue", 2, _NLI2, _ACC),
-        TaskSpec("wnli", "glue", 2, ("not_entailment", "entailment"), _ACC),
-        TaskSpec("boolq", "superglue", 2, _BOOL, _ACC),
-        TaskSpec("cb", "superglue", 3, ("entailment", "contradiction", "neutral"), _ACC),
-        TaskSpec("copa", "superglue", 2, ("choice1", "choice2"), _ACC),
-        TaskSpec("wic", "superglue", 2, _BOOL, _ACC),
-        TaskSpec("wsc", "superglue", 2, _BOOL, _ACC),
-        TaskSpec("multirc", "superglue", 2, _BOOL, ("f1", "accuracy")),
-        TaskSpec("sg-rte", "superglue", 2, _NLI2, _ACC),
-    ]
-}
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", str(name).lower())
-
-
-_ALIASES = {_norm(k): k for k in TASKS}
-_ALIASES.update(
-    {
-        "supergluerte": "sg-rte",
-        "sgluerte": "sg-rte",
-        "wscfixed": "wsc",
-        "stsbenchmark": "stsb",
-    }
-)
-
-
-def get_task(name: str | TaskSpec) -> TaskSpec:
-    """Look a task up by name, ignoring case and punctuation ("SST-2", "sst_2", "STS-B")."""
-    if isinstance(name, TaskSpec):
-        return name
-    key = _ALIASES.get(_norm(name))
-    if key is None:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
-    return TASKS[key]
-
-
-# ----------------------------------------------------------------------------------------------
-# Examples
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Examples:
-    """The raw examples of one split."""
-
-    task: TaskSpec
-    split: str
-    text_a: list[str]
-    text_b: list[str] | None  # None for single-sentence tasks
-    labels: list[int] | list[float]
-
-    def __post_init__(self) -> None:
-        n = len(self.text_a)
-        if len(self.labels) != n or (self.text_b is not None and len(self.text_b) != n):
-            raise ValueError(
-                f"Examples: text_a ({n}), text_b ({None if self.text_b is None else len(self.text_b)})"
-                f" and labels ({len(self.labels)}) must have the same length"
-            )
-
-    def __len__(self) -> int:
-        return len(self.text_a)
-
-    def subset(self, indices: Sequence[int]) -> "Examples":
-        idx = [int(i) for i in indices]
-        return Examples(
-            task=self.task,
-            split=self.split,
-            text_a=[self.text_a[i] for i in idx],
-            text_b=None if self.text_b is None else [self.text_b[i] for i in idx],
-            labels=[self.labels[i] for i in idx],
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,7 +151,7 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validati
 
 
 def canonical_split(split: str) -> str:
-    s = _SPLIT_ALIASES.get(_norm(split))
+    s = _SPLIT_ALIASES.get(name_key(split))
     if s is None:
         raise ValueError(f"unknown split {split!r}; use 'train', 'validation' or 'test'")
     return s
@@ -355,9 +211,9 @@ def _child_dir(parent: Path, name: str) -> Path | None:
         return p
     if not parent.is_dir():
         return None
-    want = _norm(name)
+    want = name_key(name)
     for c in sorted(parent.iterdir()):
-        if c.is_dir() and _norm(c.name) == want:
+        if c.is_dir() and name_key(c.name) == want:
             return c
     return None
 
@@ -394,7 +250,7 @@ def resolve_file(spec: TaskSpec, data_dir: Path, split: str) -> Path:
             candidates.append(td if td is not None else bd / folder)
     td = _child_dir(data_dir, folder)
     candidates.append(td if td is not None else data_dir / folder)
-    if _norm(data_dir.name) == _norm(folder):
+    if name_key(data_dir.name) == name_key(folder):
         candidates.append(data_dir)
     tried = []
     for d in candidates:
@@ -455,14 +311,9 @@ def _read_glue_tsv(spec: TaskSpec, path: Path, split: str) -> tuple[list[str], l
     return a, b, labels
 
 
-_FIELD_LIMIT = 64 * 2**20  # characters per CSV/TSV field (csv's default, 128 KiB, is too small for long documents)
-
-
 @contextlib.contextmanager
 def _reading(path: Path, what: str = "") -> Any:
     """Turn what a malformed file makes the readers raise into one clear ValueError naming the file."""
-    if csv.field_size_limit() < _FIELD_LIMIT:
-        csv.field_size_limit(_FIELD_LIMIT)
     try:
         yield
     except UnicodeDecodeError as e:
@@ -543,56 +394,6 @@ def _load_hub(spec: TaskSpec, split: str) -> tuple[list[str], list[str] | None, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Subsampling
-# ----------------------------------------------------------------------------------------------
-
-
-def _balanced_quota(counts: dict[int, int], k: int) -> dict[int, int]:
-    """Split ``k`` over classes as equally as possible, capped by each class's size (water filling)."""
-    quota = {c: 0 for c in counts}
-    remaining = min(k, sum(counts.values()))
-    active = sorted(c for c in counts if counts[c] > 0)
-    while remaining > 0 and active:
-        share = remaining // len(active)
-        if share == 0:
-            for c in active[:remaining]:
-                quota[c] += 1
-            break
-        for c in active:
-            add = min(share, counts[c] - quota[c])
-            quota[c] += add
-            remaining -= add
-        active = [c for c in active if quota[c] < counts[c]]
-    return quota
-
-
-def _subsample(ex: Examples, num_examples: int | None, seed: int, balanced: bool) -> Examples:
-    if num_examples is None:
-        if balanced:
-            raise ValueError("balanced=True needs num_examples")
-        return ex
-    if num_examples < 0:
-        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
-    n = len(ex)
-    rng = np.random.default_rng(seed)
-    if balanced:
-        if ex.task.is_regression:
-            raise ValueError(f"balanced subsampling needs a classification task; {ex.task.name} is regression")
-        labels = np.asarray(ex.labels, dtype=np.int64)
-        classes = sorted(set(labels.tolist()))
-        counts = {c: int((labels == c).sum()) for c in classes}
-        quota = _balanced_quota(counts, num_examples)
-        chosen: list[int] = []
-        for c in classes:
-            idx = np.flatnonzero(labels == c)
-            chosen.extend(rng.choice(idx, size=quota[c], replace=False).tolist())
-        return ex.subset(sorted(chosen))
-    if num_examples >= n:
-        return ex
-    return ex.subset(np.sort(rng.choice(n, size=num_examples, replace=False)).tolist())
-
-
-# ----------------------------------------------------------------------------------------------
 # Public loaders
 # ----------------------------------------------------------------------------------------------
 
@@ -631,7 +432,7 @@ def load_examples(
     if not a:
         raise ValueError(f"no examples in {src} (task {spec.name}, split {split})")
     ex = Examples(task=spec, split=split, text_a=a, text_b=b, labels=labels)
-    return _subsample(ex, num_examples, seed, balanced)
+    return subsample(ex, num_examples, seed, balanced)
 
 
 def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
@@ -759,7 +560,7 @@ def load_custom_examples(
             raise ValueError(f"{path}: label column {label_field!r} has a single class {uniq}; need at least 2")
         spec = TaskSpec(task_name, "custom", len(uniq), tuple(str(u) for u in uniq), ("accuracy",))
     ex = Examples(task=spec, split="custom", text_a=a, text_b=b, labels=labels)
-    return _subsample(ex, num_examples, seed, balanced)
+    return subsample(ex, num_examples, seed, balanced)
 
 
 def _known_label(value: Any, index: dict[str, int], where: str) -> int:
@@ -798,91 +599,8 @@ def _as_int(v: Any) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenization and batching
+# A scoring config's examples
 # ----------------------------------------------------------------------------------------------
-
-
-def tokenize_examples(examples: Examples, tokenizer, max_length: int = 128) -> list[dict[str, list[int]]]:
-    """Tokenize (pairs as pairs) with truncation; return one feature dict per example.
-
-    Each dict holds ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the tokenizer returns
-    them), ``special_tokens_mask`` (from the tokenizer, 1 at special tokens) and ``labels``
-    (int, or float for regression).
-    """
-    if len(examples) == 0:
-        return []
-    kwargs = dict(truncation=True, max_length=max_length, return_special_tokens_mask=True)
-    if examples.text_b is None:
-        enc = tokenizer(list(examples.text_a), **kwargs)
-    else:
-        enc = tokenizer(list(examples.text_a), list(examples.text_b), **kwargs)
-    keys = [k for k in FEATURE_KEYS if k in enc]
-    if "special_tokens_mask" not in enc:
-        raise ValueError("tokenizer did not return special_tokens_mask")
-    conv: Callable = float if examples.task.is_regression else int
-    cols = [enc[k] for k in keys]
-    return [
-        {**{k: list(c[i]) for k, c in zip(keys, cols)}, "labels": conv(examples.labels[i])}
-        for i in range(len(examples))
-    ]
-
-
-class PadCollator:
-    """Pad a list of feature dicts to the longest sequence in the batch.
-
-    ``input_ids`` are padded with ``tokenizer.pad_token_id``, ``attention_mask`` and ``token_type_ids``
-    with 0 (``pad_token_type_id``), ``special_tokens_mask`` with 1 (padding counts as special), on the
-    tokenizer's ``padding_side``. ``labels`` become a long tensor, or float32 when they are floats.
-    """
-
-    def __init__(self, tokenizer):
-        pad_id = getattr(tokenizer, "pad_token_id", None)
-        if pad_id is None:
-            raise ValueError("tokenizer has no pad token (pad_token_id is None); set tokenizer.pad_token first")
-        self.pad_values = {
-            "input_ids": int(pad_id),
-            "attention_mask": 0,
-            "token_type_ids": int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
-            "special_tokens_mask": 1,
-        }
-        self.left = getattr(tokenizer, "padding_side", "right") == "left"
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("empty batch")
-        width = max(len(f["input_ids"]) for f in features)
-        batch: dict[str, torch.Tensor] = {}
-        for key, pad in self.pad_values.items():
-            if key not in features[0]:
-                continue
-            out = torch.full((len(features), width), pad, dtype=torch.long)
-            for i, f in enumerate(features):
-                seq = f[key]
-                if len(seq) != len(f["input_ids"]):
-                    raise ValueError(f"feature {i}: {key} has length {len(seq)}, input_ids {len(f['input_ids'])}")
-                if self.left:
-                    out[i, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-                else:
-                    out[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-            batch[key] = out
-        if "labels" in features[0]:
-            labs = [f["labels"] for f in features]
-            dtype = torch.float32 if any(isinstance(v, float) for v in labs) else torch.long
-            batch["labels"] = torch.tensor(labs, dtype=dtype)
-        return batch
-
-
-def make_dataloader(
-    features: list[dict], tokenizer, batch_size: int, *, shuffle: bool = False, seed: int = 0
-) -> torch.utils.data.DataLoader:
-    """A DataLoader with dynamic per-batch padding (see :class:`PadCollator`); shuffling is seeded."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return torch.utils.data.DataLoader(
-        list(features), batch_size=batch_size, shuffle=shuffle, generator=generator,
-        collate_fn=PadCollator(tokenizer),
-    )
 
 
 class DataSource(Protocol):

@@ -1,4 +1,4 @@
-"""Tests for fastsel.data: registry, loaders (real GLUE/SuperGLUE files), subsampling, batching."""
+"""Tests for fastsel.data.readers: real GLUE/SuperGLUE files, folder layouts, malformed inputs, custom files."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
-from fastsel.data.tasks import TASKS, Examples, get_task, load_custom_examples, load_examples, make_dataloader, tokenize_examples
+from fastsel.data.examples import Examples
+from fastsel.data.readers import load_custom_examples, load_examples
+from fastsel.data.specs import TASKS
 
 # (task, split) -> row count, from shared/data/SOURCES.md
 COUNTS = {
@@ -43,46 +44,6 @@ def _load(data_dir, task, split):
             pytest.skip(f"{FOLDER[task]} not in {data_dir}")
         _cache[key] = load_examples(task, data_dir, split)
     return _cache[key]
-
-
-# ---------------------------------------------------------------------------------------------- registry
-
-
-def test_registry_contents():
-    glue = {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"}
-    sg = {"boolq", "cb", "copa", "wic", "wsc", "multirc", "sg-rte"}
-    assert {k for k, t in TASKS.items() if t.benchmark == "glue"} == glue
-    assert {k for k, t in TASKS.items() if t.benchmark == "superglue"} == sg
-    for k, t in TASKS.items():
-        assert t.name == k
-        assert t.is_regression == (k == "stsb")
-        if not t.is_regression:
-            assert len(t.label_names) == t.num_labels
-    assert TASKS["stsb"].num_labels == 1 and TASKS["stsb"].label_names == ()
-    assert TASKS["cola"].metrics == ("mcc",)
-    assert TASKS["mrpc"].metrics == ("f1", "accuracy") == TASKS["qqp"].metrics
-    assert TASKS["stsb"].metrics == ("pearson", "spearman")
-    assert TASKS["sst2"].metrics == ("accuracy",)
-    # datasets' label orders
-    assert TASKS["mnli"].label_names == ("entailment", "neutral", "contradiction")
-    assert TASKS["rte"].label_names == ("entailment", "not_entailment") == TASKS["qnli"].label_names
-    assert TASKS["wnli"].label_names == ("not_entailment", "entailment")
-    assert TASKS["cb"].label_names == ("entailment", "contradiction", "neutral")
-    with pytest.raises(Exception):
-        TASKS["sst2"].num_labels = 3  # frozen
-
-
-@pytest.mark.parametrize("alias,name", [("SST-2", "sst2"), ("sst2", "sst2"), ("STS-B", "stsb"), ("CoLA", "cola"),
-                                        ("MNLI", "mnli"), ("sg-rte", "sg-rte"), ("SG_RTE", "sg-rte"),
-                                        ("BoolQ", "boolq"), ("multi-rc", "multirc"), ("WSC.fixed", "wsc")])
-def test_get_task_aliases(alias, name):
-    assert get_task(alias) is TASKS[name]
-
-
-def test_get_task_unknown_lists_known():
-    with pytest.raises(ValueError) as e:
-        get_task("imdb")
-    assert "imdb" in str(e.value) and "sst2" in str(e.value) and "boolq" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------- real data
@@ -262,35 +223,6 @@ def test_hub_failure_is_clear(monkeypatch):
         load_examples("sst2", None, "train")
 
 
-# ---------------------------------------------------------------------------------------------- subsampling
-
-
-def test_subsample_seeded(data_dir):
-    full = _load(data_dir, "sst2", "validation")
-    a = load_examples("sst2", data_dir, "validation", num_examples=100, seed=3)
-    b = load_examples("sst2", data_dir, "validation", num_examples=100, seed=3)
-    c = load_examples("sst2", data_dir, "validation", num_examples=100, seed=4)
-    assert len(a) == 100 and a.text_a == b.text_a and a.labels == b.labels
-    assert a.text_a != c.text_a
-    assert set(a.text_a) <= set(full.text_a) and len(set(a.text_a)) == len(a.text_a)
-    big = load_examples("sst2", data_dir, "validation", num_examples=10_000)
-    assert big.text_a == full.text_a
-
-
-def test_balanced(data_dir):
-    ex = load_examples("cola", data_dir, "validation", num_examples=101, seed=1, balanced=True)
-    assert len(ex) == 101 and sorted(Counter(ex.labels).values()) == [50, 51]
-    again = load_examples("cola", data_dir, "validation", num_examples=101, seed=1, balanced=True)
-    assert again.text_a == ex.text_a
-    # CB validation: 23 entailment, 28 contradiction, 5 neutral -> small class capped, rest redistributed
-    cb = load_examples("cb", data_dir, "validation", num_examples=30, balanced=True)
-    assert dict(Counter(cb.labels)) == {0: 13, 1: 12, 2: 5}
-    cb_all = load_examples("cb", data_dir, "validation", num_examples=1000, balanced=True)
-    assert len(cb_all) == 56
-    with pytest.raises(ValueError, match="regression"):
-        load_examples("stsb", data_dir, "validation", num_examples=10, balanced=True)
-
-
 # ---------------------------------------------------------------------------------------------- custom files
 
 
@@ -383,72 +315,3 @@ def test_custom_label_names_integers(tmp_path):
     # JSON integers (and integral floats) match the str of the int
     jl = _write(tmp_path / "dev.jsonl", '{"a": "p", "label": 7}\n{"a": "q", "label": 2.0}\n{"a": "r", "label": "10"}\n')
     assert load_custom_examples(jl, ["a"], "label", label_names=train.task.label_names).labels == [1, 0, 2]
-
-
-# ---------------------------------------------------------------------------------------------- tokenize + batch
-
-
-def _toy(pairs: bool, regression: bool = False) -> Examples:
-    spec = TASKS["stsb"] if regression else (TASKS["rte"] if pairs else TASKS["sst2"])
-    a = ["a short one .", "this sentence is quite a bit longer than the first one was", "mid length here"]
-    b = ["and its partner", "x", "another fairly long second segment for the pair"] if pairs else None
-    labels = [0.5, 4.0, 2.25] if regression else [0, 1, 1]
-    return Examples(spec, "train", a, b, labels)
-
-
-def test_tokenize_pairs(tiny_tokenizer):
-    tok = tiny_tokenizer
-    feats = tokenize_examples(_toy(pairs=True), tok, max_length=64)
-    assert len(feats) == 3
-    special = set(tok.all_special_ids)
-    for f in feats:
-        assert set(f) == {"input_ids", "attention_mask", "token_type_ids", "special_tokens_mask", "labels"}
-        assert set(f["token_type_ids"]) == {0, 1}
-        assert f["token_type_ids"][0] == 0 and f["token_type_ids"][-1] == 1
-        assert f["special_tokens_mask"] == [int(t in special) for t in f["input_ids"]]
-        assert sum(f["special_tokens_mask"]) == 3  # [CLS] a [SEP] b [SEP]
-        assert isinstance(f["labels"], int)
-    single = tokenize_examples(_toy(pairs=False), tok)
-    assert all(set(f["token_type_ids"]) == {0} and sum(f["special_tokens_mask"]) == 2 for f in single)
-    short = tokenize_examples(_toy(pairs=True), tok, max_length=8)
-    assert max(len(f["input_ids"]) for f in short) == 8
-    reg = tokenize_examples(_toy(pairs=True, regression=True), tok)
-    assert [f["labels"] for f in reg] == [0.5, 4.0, 2.25]
-
-
-def test_dataloader_dynamic_padding(tiny_tokenizer):
-    tok = tiny_tokenizer
-    feats = tokenize_examples(_toy(pairs=True), tok)
-    lens = [len(f["input_ids"]) for f in feats]
-    batches = list(make_dataloader(feats, tok, batch_size=2))
-    assert [b["input_ids"].shape[1] for b in batches] == [max(lens[:2]), lens[2]]
-    b = batches[0]
-    assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "special_tokens_mask", "labels"}
-    assert b["labels"].dtype == torch.long and b["input_ids"].dtype == torch.long
-    pad = b["attention_mask"] == 0
-    assert pad.any()
-    assert (b["input_ids"][pad] == tok.pad_token_id).all()
-    assert (b["special_tokens_mask"][pad] == 1).all() and (b["token_type_ids"][pad] == 0).all()
-    for i in range(2):  # real positions unchanged
-        n = lens[i]
-        assert b["input_ids"][i, :n].tolist() == feats[i]["input_ids"]
-        assert b["special_tokens_mask"][i, :n].tolist() == feats[i]["special_tokens_mask"]
-    # special mask covers exactly special tokens + padding
-    special = torch.tensor(sorted(set(tok.all_special_ids)))
-    expect = torch.isin(b["input_ids"], special) | pad
-    assert torch.equal(b["special_tokens_mask"].bool(), expect)
-
-    reg = make_dataloader(tokenize_examples(_toy(True, regression=True), tok), tok, batch_size=3)
-    assert next(iter(reg))["labels"].dtype == torch.float32
-
-
-def test_dataloader_shuffle_seeded(data_dir, tiny_tokenizer):
-    ex = load_examples("rte", data_dir, "validation", num_examples=40, seed=0)
-    feats = tokenize_examples(ex, tiny_tokenizer, max_length=64)
-    order = lambda s: torch.cat([b["labels"] for b in make_dataloader(feats, tiny_tokenizer, 8, shuffle=True, seed=s)])
-    ids = lambda s: [b["input_ids"][:, 1].tolist() for b in make_dataloader(feats, tiny_tokenizer, 8, shuffle=True, seed=s)]
-    assert ids(1) == ids(1) and ids(1) != ids(2)
-    assert sorted(order(1).tolist()) == sorted(ex.labels)
-    plain = list(make_dataloader(feats, tiny_tokenizer, 8))
-    assert sum(b["input_ids"].shape[0] for b in plain) == 40
-    assert all(b["input_ids"].shape[1] <= 64 for b in plain)
