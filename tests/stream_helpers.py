@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fastsel.pipeline.context import PipelineContext
-from fastsel.pipeline.registry import CONSUMERS, register_consumer
+from fastsel.pipeline.registry import BatchConsumer
 from fastsel.scores.layer_scores import LayerScore, LayerScores
 from fastsel.scores.variability import merge_class_stats
 
@@ -46,7 +46,7 @@ def batch_class_stats(x: torch.Tensor, y: torch.Tensor, num_classes: int):
     return count, mean, m2
 
 
-class ClassMeanConsumer:
+class ClassMeanConsumer(BatchConsumer):
     """Test consumer without backward: per-layer class statistics of mean-pooled hidden states.
 
     Score of layer l: within-class variance trace(sum_c M2_c) / N of the pooled states after block l.
@@ -93,10 +93,8 @@ class ClassMeanConsumer:
 
 
 def register_classmean() -> None:
-    """Register the test metric in fastsel.pipeline.registry (METRICS, CONSUMERS) (idempotent)."""
+    """Register the test metric in fastsel.pipeline.registry.METRICS, with its consumer (idempotent)."""
     from fastsel.pipeline.registry import METRICS, Metric, register_metric
 
     if "classmean" not in METRICS:
-        register_metric(Metric(name="classmean", run=lambda ctx: None, classification_only=True, help="test only"))
-    if "classmean" not in CONSUMERS:
-        register_consumer("classmean", ClassMeanConsumer)
+        register_metric(Metric(name="classmean", run=lambda ctx: None, classification_only=True, consumer=ClassMeanConsumer))

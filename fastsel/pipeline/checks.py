@@ -15,7 +15,7 @@ from fastsel.scores.layer_scores import LayerScores
 if TYPE_CHECKING:
     from fastsel.pipeline.config import ScoreConfig
 
-__all__ = ["NonFiniteError", "apply_length_limit", "check_weights_finite", "check_scores_finite"]
+__all__ = ["NonFiniteError", "apply_length_limit", "first_nonfinite_parameter", "check_weights_finite", "check_scores_finite"]
 
 
 class NonFiniteError(ValueError):
@@ -48,16 +48,25 @@ def apply_length_limit(cfg: "ScoreConfig") -> int | None:
     return limit
 
 
-def check_weights_finite(model: nn.Module, layer_map: LayerMap, name: str) -> None:
-    """NonFiniteError naming the first parameter holding NaN/Inf (a broken checkpoint), before any pass."""
+def first_nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of the first floating-point parameter of ``model`` (in ``named_parameters()`` order) holding NaN or
+    Inf, or None when every one is finite. Reads every parameter (one host sync each): for diagnosis, not per step."""
     import torch
 
-    for pname, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            group = layer_map.group_of(pname)
-            raise NonFiniteError(
-                f"fastsel: parameter {pname} ({group.replace('layer.', 'block ')}) of {name} holds NaN/Inf: the model's "
-                "weights are broken; no scores written (reload or re-download the checkpoint)")
+            return name
+    return None
+
+
+def check_weights_finite(model: nn.Module, layer_map: LayerMap, name: str) -> None:
+    """NonFiniteError naming the first parameter holding NaN/Inf (a broken checkpoint), before any pass."""
+    pname = first_nonfinite_parameter(model)
+    if pname is not None:
+        group = layer_map.group_of(pname)
+        raise NonFiniteError(
+            f"fastsel: parameter {pname} ({group.replace('layer.', 'block ')}) of {name} holds NaN/Inf: the model's "
+            "weights are broken; no scores written (reload or re-download the checkpoint)")
 
 
 def check_scores_finite(scores: LayerScores) -> None:

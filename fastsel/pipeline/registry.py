@@ -1,18 +1,21 @@
 """The one registry of layer-scoring metrics.
 
-A metric is one :class:`Metric` record: its in-memory ``run(ctx)``, its streamed ``consumer`` (a
-:class:`BatchConsumer` factory fed by :func:`fastsel.pipeline.streamed.run_pass`), its CLI flags and help.
-The metric drivers in :mod:`fastsel.pipeline.drivers` register themselves; this module imports none of them.
+A metric is one :class:`Metric` record: its in-memory ``run(ctx)``, its streamed ``consumer`` (a factory of
+:class:`BatchConsumer`, fed by :func:`fastsel.pipeline.streamed.run_pass`) and its options, whose fields are its
+CLI flags. :func:`register_metric` is the one way in; the metric drivers in :mod:`fastsel.pipeline.drivers` call it
+on import, and this module imports none of them.
 It sits below :mod:`fastsel.pipeline.config` and :mod:`fastsel.pipeline.context` (they import it, it imports
 neither, not even for type hints): what it reads of a ``ScoreConfig`` is the :class:`HasOptions` protocol.
 """
 from __future__ import annotations
 
+import abc
 import argparse
-from collections.abc import Mapping as MappingABC
-from dataclasses import dataclass, field, fields, replace
+import contextlib
+import inspect
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, ContextManager, Mapping, Protocol
 
 import torch
 from torch import Tensor
@@ -20,39 +23,105 @@ from torch import Tensor
 from fastsel.scores.confidence import DEFAULT_GROUPS
 from fastsel.scores.layer_scores import LayerScores
 
-__all__ = ["Metric", "METRICS", "register_metric", "BatchConsumer", "ConsumerFactory", "CONSUMERS",
-           "register_consumer", "supports", "confidence_groups", "default_num_examples", "AUTOCAST", "option", "add_option_arguments",
-           "options_of"]
+__all__ = ["Metric", "METRICS", "register_metric", "BatchConsumer", "ConsumerFactory", "confidence_groups",
+           "default_num_examples", "AUTOCAST", "autocast_context", "option", "add_option_arguments", "options_of"]
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@runtime_checkable
-class BatchConsumer(Protocol):
-    """One metric's accumulator inside the shared pass.
+def autocast_context(device: torch.device, name: str) -> ContextManager[Any]:
+    """The autocast of ``--autocast name`` (a key of :data:`AUTOCAST`) on ``device``; ``none``: a null context."""
+    dtype = AUTOCAST[name]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
-    batch: dict of input_ids (B, T), attention_mask (B, T), token_type_ids, special_tokens_mask (B, T),
-    labels (B,), index (B,) int64 global example positions. outputs: the model output of that batch
-    (``hidden_states`` present when any consumer sets ``needs_hidden_states``).
+
+class BatchConsumer(abc.ABC):
+    """One metric's accumulator inside the shared streamed pass: every hook the pass calls, declared here.
+
+    The pass (:func:`fastsel.pipeline.streamed.run_pass`) calls, per batch: ``capture(batch)`` (entered around the
+    forward and the consume calls), the one forward, then ``consume(batch, outputs)`` (consumers with
+    ``needs_backward`` last), then ``finite_flag()``; ``state_dict()`` at each checkpoint and ``load_state_dict``
+    on resume; ``first_nonfinite()`` when a batch went non-finite; ``stability_scores(active)`` at each check of
+    ``--until-stable``; after the pass ``all_reduce(group)`` (under torchrun) and ``result()``.
+
+    A subclass sets ``name`` (the name its :class:`Metric` is registered under) and implements the abstract hooks
+    (``consume``, ``state_dict``, ``load_state_dict``, ``all_reduce``, ``result``): a class missing one cannot be
+    instantiated (TypeError) nor registered (:func:`register_metric`). The other hooks have defaults, documented
+    on each.
+
+    Shapes: ``batch`` is a dict of input_ids (B, T) int64, attention_mask (B, T), token_type_ids (B, T) (when the
+    model takes them), special_tokens_mask (B, T), labels (B,), index (B,) int64 global example positions, all
+    on the pass's device; ``outputs`` is the model output of that batch (logits (B, C), and ``hidden_states``, a
+    tuple of L+1 tensors (B, T, D), when any consumer sets ``needs_hidden_states``).
     """
 
-    name: str
-    needs_backward: bool  # Fisher: True (the forward keeps its graph); class statistics: False
-    needs_hidden_states: bool
+    name: ClassVar[str] = ""
+    #: True: the forward keeps its graph and ``consume`` runs with grad enabled (Fisher); False: no graph.
+    needs_backward: ClassVar[bool] = False
+    #: True: the forward is run with ``output_hidden_states=True`` (hooks on the blocks need not set it).
+    needs_hidden_states: ClassVar[bool] = False
+    #: True: ``stability_scores`` is implemented (``--until-stable`` refuses the consumers without it, up front).
+    supports_stability: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        overrides = cls.stability_scores is not BatchConsumer.stability_scores
+        if overrides != bool(cls.supports_stability):
+            raise TypeError(f"fastsel: consumer {cls.__name__}: supports_stability is {cls.supports_stability} but "
+                            f"stability_scores is {'' if overrides else 'not '}implemented; set both or neither")
 
     def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
-        """Entered around the forward (and the consume calls) of each batch: hooks, or nullcontext()."""
+        """Entered around the forward (and the consume calls) of each batch: forward hooks on the model, say.
 
-    def consume(self, batch: Mapping[str, Tensor], outputs: Any) -> None: ...
+        Default: ``contextlib.nullcontext()`` (nothing to hook).
+        """
+        return contextlib.nullcontext()
 
-    def state_dict(self) -> dict: ...
+    @abc.abstractmethod
+    def consume(self, batch: Mapping[str, Tensor], outputs: Any) -> None:
+        """Add one batch (shapes: the class docstring) to the statistics; grad is enabled iff ``needs_backward``."""
 
-    def load_state_dict(self, state: dict) -> None: ...
+    @abc.abstractmethod
+    def state_dict(self) -> dict:
+        """Everything resuming needs (tensors on the CPU or the device; the checkpoint moves nothing)."""
 
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (the same settings: the checkpoint's fingerprint says so)."""
+
+    @abc.abstractmethod
     def all_reduce(self, group: Any = None) -> None:
-        """Combine this rank's statistics with every other rank's (called once, after the pass)."""
+        """Combine this rank's statistics with every other rank's (called once, after the pass, under torchrun)."""
 
-    def result(self) -> LayerScores: ...
+    @abc.abstractmethod
+    def result(self) -> LayerScores:
+        """The metric's scores of the blocks from the (reduced) statistics."""
+
+    def finite_flag(self) -> Tensor | None:
+        """0-dim bool tensor on the pass's device: every accumulator is finite; computed without a host sync (the
+        pass reads the flags of all consumers, with the logits', in one sync per batch).
+
+        Default: None (nothing to check).
+        """
+        return None
+
+    def first_nonfinite(self) -> str | None:
+        """Once a batch went non-finite: the first accumulator holding NaN/Inf, named for a message (the error's
+        "first affected"), or None.
+
+        Default: None (nothing to name).
+        """
+        return None
+
+    def stability_scores(self, active: bool) -> Callable[[list[int]], list[float]]:
+        """Mid-pass (``--until-stable``): ``scores_of(groups)``, the L block scores (a list of L floats) of the
+        examples of the confidence groups ``groups`` seen so far, reduced over the ranks when ``active`` (a
+        collective: every rank calls it at the same point); this rank's accumulators stay untouched.
+
+        Default: not supported (``supports_stability`` is False): ``--until-stable`` says so before the pass;
+        called anyway, NotImplementedError.
+        """
+        raise NotImplementedError(f"fastsel: --until-stable: metric {self.name!r} has no ranking confidence")
 
 
 # called with the run's fastsel.pipeline.context.PipelineContext (Any here: context.py imports this module)
@@ -64,11 +133,6 @@ class HasOptions(Protocol):
 
     @property
     def options(self) -> Mapping[str, Any]: ...
-
-
-def supports(metric: str) -> bool:
-    """Whether every metric of a comma-separated list has a streaming consumer."""
-    return all(name in METRICS and METRICS[name].consumer is not None for name in metric.split(","))
 
 
 def default_num_examples(metric: str) -> int | None:
@@ -126,13 +190,12 @@ class Metric:
     name: str
     run: Callable[[Any], LayerScores]  # called with a fastsel.pipeline.context.ScoringContext
     higher_is_better: bool = True
-    needs_labels: bool = True
     classification_only: bool = False
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
-    help: str = ""
     plot: Callable[[LayerScores, str | Path], None] | None = None  # None: fastsel.scores.plot.plot_layer_scores
     options: type | None = None  # a dataclass of the metric's settings
-    consumer: ConsumerFactory | None = None  # the streamed pass's accumulator (None: in-memory only)
+    # the streamed pass's accumulator: a BatchConsumer subclass (or a function returning one); None: in-memory only
+    consumer: ConsumerFactory | None = None
     # examples `fastsel score` draws when --num-examples is not given (docs/sample_size.md); None: all of them
     default_examples: int | None = None
 
@@ -140,37 +203,30 @@ class Metric:
 METRICS: dict[str, Metric] = {}
 
 
+def _check_consumer(metric: Metric) -> None:
+    """TypeError (one line) for a consumer class that the streamed pass could not drive: not a
+    :class:`BatchConsumer`, a required hook missing, or a ``name`` other than the metric's."""
+    factory = metric.consumer
+    if factory is None or not inspect.isclass(factory):
+        if factory is not None and not callable(factory):
+            raise TypeError(f"fastsel: the consumer of metric {metric.name!r} is not callable: {factory!r}")
+        return  # a factory function: its consumer is checked when the pass makes it
+    if not issubclass(factory, BatchConsumer):
+        raise TypeError(f"fastsel: the consumer of metric {metric.name!r}, {factory.__name__}, is not a subclass of "
+                        "fastsel.pipeline.registry.BatchConsumer")
+    if inspect.isabstract(factory):
+        missing = ", ".join(sorted(factory.__abstractmethods__))
+        raise TypeError(f"fastsel: the consumer of metric {metric.name!r}, {factory.__name__}, does not implement "
+                        f"the required hook(s) {missing} of BatchConsumer")
+    if factory.name != metric.name:
+        raise TypeError(f"fastsel: the consumer of metric {metric.name!r}, {factory.__name__}, is named "
+                        f"{factory.name!r}: set its class attribute name = {metric.name!r}")
+
+
 def register_metric(metric: Metric) -> Metric:
+    """Add ``metric`` to :data:`METRICS` (the one way in); its consumer class, if any, is checked first."""
     if metric.name in METRICS:
         raise ValueError(f"fastsel: metric {metric.name!r} registered twice")
+    _check_consumer(metric)
     METRICS[metric.name] = metric
     return metric
-
-
-def register_consumer(name: str, factory: ConsumerFactory) -> ConsumerFactory:
-    """Attach a streamed consumer to metric ``name`` (registered before) that has none yet."""
-    if name not in METRICS:
-        raise ValueError(f"fastsel: register metric {name!r} (register_metric) before its consumer")
-    if METRICS[name].consumer is not None:
-        raise ValueError(f"fastsel: consumer for {name!r} registered twice")
-    METRICS[name] = replace(METRICS[name], consumer=factory)
-    return factory
-
-
-class _Consumers(MappingABC):
-    """Read-only view {metric name: consumer factory} of the metrics that stream (derived from METRICS)."""
-
-    def __getitem__(self, name: str) -> ConsumerFactory:
-        metric = METRICS[name]
-        if metric.consumer is None:
-            raise KeyError(name)
-        return metric.consumer
-
-    def __iter__(self):
-        return (n for n, m in METRICS.items() if m.consumer is not None)
-
-    def __len__(self) -> int:
-        return sum(1 for m in METRICS.values() if m.consumer is not None)
-
-
-CONSUMERS: Mapping[str, ConsumerFactory] = _Consumers()

@@ -9,7 +9,7 @@ from pathlib import Path
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.distributed import world_size
 from fastsel.pipeline.inmemory import run_scoring
-from fastsel.pipeline.registry import supports
+from fastsel.pipeline.registry import METRICS
 from fastsel.pipeline.streamed import run_pipeline
 from fastsel.scores.layer_scores import LayerScores
 
@@ -19,7 +19,8 @@ __all__ = ["score", "streams"]
 def streams(cfg: ScoreConfig) -> bool:
     """Whether ``cfg`` runs in the streamed pass: every metric has a consumer, and no probe (probes keep the
     scored subset's states in memory and need a validation pass)."""
-    return supports(cfg.metric) and not cfg.options.get("probe")
+    streamed = all(name in METRICS and METRICS[name].consumer is not None for name in cfg.metric.split(","))
+    return streamed and not cfg.options.get("probe")
 
 
 def score(cfg: ScoreConfig, pcfg: PipelineConfig | None = None, *, out: str | os.PathLike | None = None,

@@ -11,9 +11,11 @@ One pass feeds every *consumer* (one per metric) from the same forward::
     for c in consumers: c.all_reduce(group)                           # sums / exact merges over ranks
     rank 0: c.result() -> LayerScores -> scores.json (atomic)
 
-A metric joins the pass by registering a consumer factory with :func:`register_consumer`; the Fisher
-consumer (around :class:`fastsel.capture.per_example.SquaredGradAccumulator`) is registered here. Consumers that
-keep per-class statistics merge them exactly with :func:`merge_class_stats` (Chan et al.).
+A metric joins the pass with a consumer, a :class:`fastsel.pipeline.registry.BatchConsumer` subclass (every hook
+the pass calls is declared there), registered with ``register_metric(Metric(name, run=..., consumer=...))``; the
+drivers in :mod:`fastsel.pipeline.drivers` register the Fisher and variability consumers. Consumers that keep
+per-class statistics merge them exactly with :func:`merge_class_stats` (Chan et al.). A non-finite batch is
+diagnosed by :mod:`fastsel.pipeline.diagnosis`; ``--until-stable`` is :mod:`fastsel.pipeline.stability`.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,94 +40,20 @@ from fastsel.data.corpus import (
     shard_batches,
 )
 from fastsel.hf.io import eval_mode, logits_of, model_inputs
-from fastsel.hf.layer_map import LayerMap
 from fastsel.hf.loading import load_model, load_tokenizer
 from fastsel.pipeline.checkpoint import load_checkpoint, rank_file, remove_checkpoint, save_checkpoint
-from fastsel.pipeline.checks import NonFiniteError, apply_length_limit
+from fastsel.pipeline.checks import apply_length_limit
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.context import PipelineContext
-from fastsel.pipeline.distributed import DistEnv, PeerFailure, all_reduce_sum_, barrier, init_distributed, shutdown_distributed
+from fastsel.pipeline.diagnosis import nonfinite_error
+from fastsel.pipeline.distributed import DistEnv, PeerFailure, barrier, init_distributed, shutdown_distributed
 from fastsel.pipeline.outputs import check_metrics_fit_task, finish_scores, write_scores
-from fastsel.pipeline.registry import AUTOCAST, CONSUMERS, METRICS, BatchConsumer, confidence_groups
-from fastsel.scores.confidence import halves, kendall_tau_b, ranking_order
+from fastsel.pipeline.registry import METRICS, BatchConsumer, autocast_context, confidence_groups
+from fastsel.pipeline.stability import StabilityWatch
 from fastsel.scores.layer_scores import LayerScores
 from fastsel.utils.progress import progress_bar
 
 __all__ = ["run_pass", "run_pipeline", "PassResult", "pass_settings"]
-
-
-def _first_nonfinite_parameter(model: nn.Module, layer_map: LayerMap) -> str | None:
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            kind = "NaN" if bool(torch.isnan(p).any()) else "Inf"
-            return f"parameter {name} ({layer_map.describe(name)}) holds {kind} in the model's weights"
-    return None
-
-
-def _first_nonfinite_output(ctx: "PipelineContext", batch: Mapping[str, Tensor], autocast: str) -> str | None:
-    """Re-run the batch's forward with hooks on the embeddings and every block: the first non-finite output."""
-    lm = ctx.layer_map
-    named = dict(ctx.model.named_modules())
-    modules = [("embeddings", lm.embeddings_name)] + [(f"block {l}", lm.block_name(l)) for l in range(lm.num_layers)]
-    found: list[str] = []
-    handles = []
-
-    def hook(where: str):
-        def fn(_m, _i, out):
-            t = out[0] if isinstance(out, (tuple, list)) else out
-            if not found and isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                found.append(f"the output of {where}")
-        return fn
-
-    try:
-        for where, name in modules:
-            if name in named:
-                handles.append(named[name].register_forward_hook(hook(where)))
-        with torch.no_grad(), _autocast(ctx.device, autocast):
-            out = ctx.model(**model_inputs(batch))
-        if not found and not bool(torch.isfinite(logits_of(out)).all()):
-            found.append("the output of the head (logits)")
-    except Exception:  # noqa: BLE001 - diagnosis only
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return found[0] if found else None
-
-
-def _nonfinite_error(ctx: "PipelineContext", consumers: list, batch: Mapping[str, Tensor], batch_no: int, rank: int,
-                     world: int, autocast: str, logits_ok: bool, saved: int | None) -> ValueError:
-    """A fastsel.pipeline.checks.NonFiniteError (one line) naming the batch, the first layer/parameter affected, a remedy."""
-
-    what = "the accumulators" if logits_ok else "the logits/loss"
-    where = _first_nonfinite_parameter(ctx.model, ctx.layer_map)
-    if where is None and not logits_ok:
-        where = _first_nonfinite_output(ctx, batch, autocast)
-    if where is None:
-        for c in consumers:
-            probe = getattr(c, "first_nonfinite", None)
-            where = probe() if probe is not None else None
-            if where:
-                break
-    idx = batch["index"].tolist() if "index" in batch else []
-    shown = ",".join(map(str, idx[:4])) + (",..." if len(idx) > 4 else "")
-    rank_txt = f" of rank {rank}/{world}" if world > 1 else ""
-    if where and "weights" in where:
-        hint = "the model's weights are broken: reload or re-download the checkpoint (fp32 cannot fix them)"
-    elif autocast == "fp16":
-        hint = "try --autocast bf16 (fp16 overflows easily), or fp32 (--autocast none)"
-    elif autocast == "bf16":
-        hint = "try fp32 (--autocast none)"
-    else:
-        hint = "try fp32 (--autocast none) and check the model's weights and the inputs"
-    kept = f"; the checkpoint of batch {saved} is kept" if saved is not None else ""
-    return NonFiniteError(f"fastsel: non-finite values (NaN/Inf) in {what} at batch {batch_no}{rank_txt} (examples {shown}); "
-                          f"first affected: {where or 'unknown'}; no scores written{kept}; {hint}")
-
-
-def _autocast(device: torch.device, name: str) -> ContextManager[Any]:
-    dtype = AUTOCAST[name]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _step(model: nn.Module, consumers: list[BatchConsumer], batch: dict[str, Tensor], autocast: str,
@@ -141,14 +69,14 @@ def _step(model: nn.Module, consumers: list[BatchConsumer], batch: dict[str, Ten
     with contextlib.ExitStack() as stack:
         for c in consumers:
             stack.enter_context(c.capture(batch))
-        with torch.set_grad_enabled(grad), _autocast(device, autocast):
+        with torch.set_grad_enabled(grad), autocast_context(device, autocast):
             outputs = model(**inputs, **kwargs)
         # Statistics of the forward first: the backward of gradient consumers may free the graph's buffers.
         logits_ok = torch.isfinite(logits_of(outputs).detach()).all()
         for c in sorted(consumers, key=lambda c: c.needs_backward):
             with torch.set_grad_enabled(c.needs_backward):
                 c.consume(batch, outputs)
-    flags = [f for f in (getattr(c, "finite_flag", lambda: None)() for c in consumers) if f is not None]
+    flags = [f for f in (c.finite_flag() for c in consumers) if f is not None]
     acc_ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=logits_ok.device)
     return logits_ok, acc_ok
 
@@ -179,6 +107,10 @@ def run_pass(
     progress: bool = True,
 ) -> PassResult:
     """Run the streamed pass of ``consumers`` over this rank's shard of ``corpus``; reduce over ranks."""
+    for c in consumers:
+        if not isinstance(c, BatchConsumer):
+            raise TypeError(f"fastsel: the streamed pass drives BatchConsumer subclasses (fastsel.pipeline.registry), "
+                            f"not {type(c).__name__}")
     cfg, pcfg = ctx.config, ctx.pipeline
     lengths = corpus.lengths()
     schedule = schedule_batches(lengths, batch_size=cfg.batch_size, max_tokens=pcfg.max_tokens, bucket=pcfg.bucket, seed=cfg.seed)
@@ -189,7 +121,7 @@ def run_pass(
     ckpt = rank_file(pcfg.checkpoint, env.rank, env.world_size) if pcfg.checkpoint else None
 
     cursor, examples, saved = 0, 0, None
-    stable = _StabilityWatch(ctx, consumers, env, schedule) if pcfg.until_stable else None
+    stable = StabilityWatch(ctx, consumers, env, schedule) if pcfg.until_stable else None
     if ckpt is not None and pcfg.resume:
         state = load_checkpoint(ckpt, settings)
         if state is not None:
@@ -230,8 +162,8 @@ def run_pass(
                 B = int(batch["input_ids"].shape[0])
                 logits_ok, acc_ok = _step(model, consumers, batch, pcfg.autocast, ctx.device)
                 if not bool(torch.stack([logits_ok, acc_ok]).all()):  # the one host sync of the batch
-                    raise _nonfinite_error(ctx, consumers, batch, cursor, env.rank, env.world_size, pcfg.autocast,
-                                           bool(logits_ok), saved)
+                    raise nonfinite_error(ctx, consumers, batch, cursor, env.rank, env.world_size, pcfg.autocast,
+                                          bool(logits_ok), saved)
                 cursor += 1
                 examples += B
                 since_save += B
@@ -261,81 +193,6 @@ def run_pass(
     return PassResult(consumers, examples, stats)
 
 
-class _StabilityWatch:
-    """--until-stable: every ``check_every`` examples (a fixed number of batches per rank, the same points on
-    every rank and on resume), the ranking of each consumer on the groups so far (reduced over the ranks):
-    stable when, for every consumer, Kendall tau between the halves >= stable_tau and the top-3 set of the
-    ranking on all groups is the same over the last ``stable_checks`` checks."""
-
-    def __init__(self, ctx: PipelineContext, consumers: list[BatchConsumer], env: DistEnv, schedule: list) -> None:
-
-        self.ctx, self.consumers, self.env = ctx, consumers, env
-        self.pcfg = ctx.pipeline
-        self.k = confidence_groups(ctx.config)
-        if self.k < 2:
-            raise ValueError("fastsel: --until-stable needs the ranking confidence (--confidence-groups K >= 2, not 0)")
-        for c in consumers:
-            if not hasattr(c, "stability_scores"):
-                raise ValueError(f"fastsel: --until-stable: metric {c.name!r} has no ranking confidence")
-        self.halves = halves(self.k)
-        total = max(1, ctx.num_examples)
-        per_batch = total / max(1, len(schedule))
-        self.batches = max(1, round(self.pcfg.check_every / per_batch / env.world_size))  # per rank, per check
-        self.last = len(schedule) // env.world_size  # every rank has at least this many batches
-        self.history: list[dict[str, Any]] = []
-        self.stopped = False
-
-    def due(self, cursor: int) -> bool:
-        return cursor % self.batches == 0 and cursor <= self.last
-
-    def check(self, cursor: int, examples: int) -> bool:
-        """One check (a collective under torchrun); True: stop now."""
-
-        entry: dict[str, Any] = {"batches_per_rank": cursor}
-        ok = True
-        for c in self.consumers:
-            scores_of = c.stability_scores(self.env.active)  # type: ignore[attr-defined]
-            try:
-                full, a, b = scores_of(list(range(self.k))), scores_of(self.halves[0]), scores_of(self.halves[1])
-                tau = kendall_tau_b(a, b)
-
-                hib = METRICS[c.name].higher_is_better if c.name in METRICS else True
-                top = sorted(ranking_order(full, hib)[:3])
-            except ValueError:  # too few examples per class in a half
-                tau, top = float("nan"), None
-            entry[c.name] = {"kendall_tau_halves": None if math.isnan(tau) else round(tau, 6), "top3": top}
-            recent = [h[c.name]["top3"] for h in self.history[-(self.pcfg.stable_checks - 1):]] if self.pcfg.stable_checks > 1 else []
-            ok = ok and not math.isnan(tau) and tau >= self.pcfg.stable_tau and top is not None and \
-                len(recent) == self.pcfg.stable_checks - 1 and all(r == top for r in recent)
-        flag = torch.tensor([1.0 if ok else 0.0, float(examples)], dtype=torch.float64, device=self.ctx.device)
-        if self.env.active:  # every rank takes the same decision
-            all_reduce_sum_([flag])
-        ok = float(flag[0]) > 0
-        entry["examples"] = int(flag[1])
-        self.history.append(entry)
-        self.stopped = ok
-        return ok
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "stopped": self.stopped}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.history = list(state.get("history", []))
-        self.stopped = bool(state.get("stopped", False))
-
-    def report(self, total: int) -> dict[str, Any]:
-        used = self.history[-1]["examples"] if self.stopped else total
-        d = {"stable": self.stopped, "reached_end": not self.stopped, "examples_used": used, "examples_available": total,
-             "stable_tau": self.pcfg.stable_tau, "check_every": self.pcfg.check_every,
-             "stable_checks": self.pcfg.stable_checks, "checks": self.history}
-        if not self.stopped and self.env.is_main:
-            print(f"fastsel: note: --until-stable reached the end of the data ({total} examples) before the ranking was "
-                  f"stable (Kendall tau between halves >= {self.pcfg.stable_tau} and the top-3 unchanged over "
-                  f"{self.pcfg.stable_checks} checks); the scores use all of it", file=sys.stderr)
-            d["note"] = "reached the end of the data before the ranking was stable"
-        return d
-
-
 def run_pipeline(
     cfg: ScoreConfig,
     pcfg: PipelineConfig | None = None,
@@ -353,9 +210,10 @@ def run_pipeline(
     names = cfg.metric.split(",")
     if len(set(names)) != len(names):
         raise ValueError(f"fastsel: metric listed twice in {cfg.metric!r}")
-    missing = [n for n in names if n not in CONSUMERS]
+    streamed = sorted(n for n, m in METRICS.items() if m.consumer is not None)
+    missing = [n for n in names if n not in streamed]
     if missing:
-        raise ValueError(f"fastsel: metric(s) {missing} cannot run in the streamed pass; streamed: {sorted(CONSUMERS)}")
+        raise ValueError(f"fastsel: metric(s) {missing} cannot run in the streamed pass; streamed: {streamed}")
 
     if pcfg.until_stable and confidence_groups(cfg) < 2:
         raise ValueError("fastsel: --until-stable needs the ranking confidence (--confidence-groups K >= 2, not 0)")
@@ -436,7 +294,7 @@ def _run_pipeline(cfg: ScoreConfig, pcfg: PipelineConfig, env: DistEnv, names: l
                                              seed=cfg.seed, device=env.device)
     ctx = PipelineContext(cfg, pcfg, model, tokenizer, layer_map, task, env.device, len(corpus), corpus)
     check_confidence_groups(ctx, names)  # before a head is fitted or an accumulator allocated
-    consumers = [CONSUMERS[n](ctx) for n in names]
+    consumers = [METRICS[n].consumer(ctx) for n in names]  # type: ignore[misc]  (checked above: all stream)
     start = time.perf_counter()
     result = run_pass(ctx, corpus, consumers, env, progress=progress)
     scores = {c.name: c.result() for c in result.consumers}

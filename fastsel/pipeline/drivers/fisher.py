@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from fastsel.data.corpus import BatchReader, schedule_batches, shard_batches
-from fastsel.data.tasks import make_dataloader
+from fastsel.data.features import make_dataloader
 from fastsel.hf.io import eval_mode, model_inputs
 from fastsel.pipeline.context import PipelineContext, ScoringContext
 from fastsel.pipeline.distributed import (
@@ -23,7 +23,15 @@ from fastsel.pipeline.distributed import (
     world_size,
 )
 from fastsel.pipeline.heads import PreparedHead, head_parameter_names, parse_head, save_head, setup_head
-from fastsel.pipeline.registry import AUTOCAST, Metric, confidence_groups, option, options_of, register_metric
+from fastsel.pipeline.registry import (
+    BatchConsumer,
+    Metric,
+    autocast_context,
+    confidence_groups,
+    option,
+    options_of,
+    register_metric,
+)
 from fastsel.scores.confidence import confidence_from_groups, kendall_tau_b
 from fastsel.scores.fisher import (
     AGGREGATES,
@@ -162,7 +170,7 @@ def _fisher_run(ctx: ScoringContext) -> LayerScores:
     return scores
 
 
-class FisherConsumer:
+class FisherConsumer(BatchConsumer):
     """Fisher diagonal of the shared pass: per-example squared gradients of the log-likelihood.
 
     Wraps :class:`SquaredGradAccumulator`: ``capture`` hooks the model for the batch, ``consume`` turns
@@ -173,6 +181,7 @@ class FisherConsumer:
     name = "fisher"
     needs_backward = True
     needs_hidden_states = False
+    supports_stability = True
 
     def __init__(self, ctx: PipelineContext) -> None:
         self.ctx = ctx
@@ -298,10 +307,8 @@ class FisherConsumer:
                 all_reduce_sum_([count])
                 acc.acc.num_examples = int(count.item())
 
-        dtype = AUTOCAST[pcfg.autocast]
-
         def autocast() -> ContextManager[Any]:
-            return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=ctx.device.type, dtype=dtype)
+            return autocast_context(ctx.device, pcfg.autocast)
 
         return label_dependence(ctx.model, ctx.layer_map, self.mode, cfg.seed, self.head, batches, block_aggregates(layers),
                                 self.opts.aggregate, len(subset), self.opts.label_check, reduce, autocast, self._share_head)
@@ -334,5 +341,4 @@ class FisherConsumer:
 
 
 register_metric(Metric(name="fisher", run=_fisher_run, consumer=FisherConsumer, options=FisherOptions, higher_is_better=True,
-                       needs_labels=True, default_examples=200,
-                       help="diagonal Fisher information per layer (Lodha et al. 2023)"))
+                       default_examples=200))  # diagonal Fisher information per layer (Lodha et al. 2023)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastsel.capture.taps import POOLINGS
-from fastsel.data.tasks import load_examples, make_dataloader, tokenize_examples
+from fastsel.data.features import make_dataloader, tokenize_examples
+from fastsel.data.readers import load_examples
 from fastsel.pipeline.context import ScoringContext
 from fastsel.pipeline.registry import Metric, option, options_of, register_metric
 from fastsel.scores.layer_scores import LayerScore, LayerScores
@@ -160,10 +161,13 @@ def _probe_run(ctx: ScoringContext):
     return _layer_scores(ctx, "probe", s, True, probe_metric=metric, probe_eval=where, probe_train_examples=int(len(tr[1])))
 
 
-for _name, _run, _hib, _options, _help in [
-    ("cca", _cca_run, True, CCAOptions, "cross-validated regularised CCA between pooled states and one-hot labels"),
-    ("numrank", _numrank_run, False, NumrankOptions, "numerical rank ||H_y||_*^2 / ||H_y||_F^2 averaged over classes"),
-    ("probe", _probe_run, True, ProbeOptions, "logistic-regression probe per layer, scored on the validation split"),
+# cca: cross-validated regularised CCA between pooled states and one-hot labels; numrank: numerical rank
+# ||H_y||_*^2 / ||H_y||_F^2 averaged over classes; probe: logistic-regression probe per layer, scored on the
+# validation split
+for _name, _run, _hib, _options in [
+    ("cca", _cca_run, True, CCAOptions),
+    ("numrank", _numrank_run, False, NumrankOptions),
+    ("probe", _probe_run, True, ProbeOptions),
 ]:
-    register_metric(Metric(name=_name, run=_run, higher_is_better=_hib, needs_labels=True, classification_only=True,
-                           options=_options, help=_help, plot=plot_layer_curves, default_examples=2000))
+    register_metric(Metric(name=_name, run=_run, higher_is_better=_hib, classification_only=True,
+                           options=_options, plot=plot_layer_curves, default_examples=2000))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ContextManager, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 from torch import Tensor
@@ -11,7 +11,14 @@ from fastsel.capture.taps import PooledStates
 from fastsel.pipeline.context import PipelineContext, ScoringContext
 from fastsel.pipeline.distributed import all_merge_class_stats, all_reduce_sum_
 from fastsel.pipeline.drivers.probing import NumrankOptions, attach_probes
-from fastsel.pipeline.registry import Metric, confidence_groups, option, options_of, register_metric
+from fastsel.pipeline.registry import (
+    BatchConsumer,
+    Metric,
+    confidence_groups,
+    option,
+    options_of,
+    register_metric,
+)
 from fastsel.scores.confidence import confidence_from_groups
 from fastsel.scores.layer_scores import LayerScores
 from fastsel.scores.plot import plot_layer_curves
@@ -39,7 +46,7 @@ class VariabilityOptions(NumrankOptions):
             raise ValueError(f"fastsel: unknown variant {self.variant!r}; choose from {VARIANTS}")
 
 
-class VariabilityConsumer:
+class VariabilityConsumer(BatchConsumer):
     """Class statistics inside :func:`fastsel.pipeline.run_pass`.
 
     ``capture`` taps every block while the shared forward runs (the same forward the Fisher backward
@@ -50,6 +57,7 @@ class VariabilityConsumer:
     name = "variability"
     needs_backward = False
     needs_hidden_states = False  # hooks on the blocks, not output_hidden_states
+    supports_stability = True
 
     def __init__(self, ctx: PipelineContext) -> None:
         opts = options_of(VariabilityOptions, ctx.config.options)
@@ -116,7 +124,7 @@ class VariabilityConsumer:
                 st.mean[i] = torch.zeros(st.num_classes, width, dtype=st.dtype, device=self.ctx.device)
                 st.m2[i] = torch.zeros(st.num_classes, width, width, dtype=st.dtype, device=self.ctx.device)
 
-    def stability_scores(self, active: bool):
+    def stability_scores(self, active: bool) -> Callable[[list[int]], list[float]]:
         """Mid-pass (--until-stable): scores_of(groups) on the groups so far, merged over the ranks (copies)."""
 
         copies = []
@@ -177,6 +185,5 @@ def _variability_run(ctx: ScoringContext) -> LayerScores:
 
 
 register_metric(Metric(name="variability", run=_variability_run, consumer=VariabilityConsumer, options=VariabilityOptions,
-                       higher_is_better=False, needs_labels=True, classification_only=True, plot=plot_layer_curves,
-                       default_examples=2000,
-                       help="hidden-state variability ratio nu per layer (Xie et al. 2022); l* = argmin"))
+                       higher_is_better=False, classification_only=True, plot=plot_layer_curves,
+                       default_examples=2000))  # hidden-state variability ratio nu per layer (Xie et al. 2022); l* = argmin
