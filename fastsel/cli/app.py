@@ -48,10 +48,7 @@ def add_score_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset, the sampled labels and a fresh head")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--data-file", default=None, help="custom CSV/TSV/JSONL file (with --task custom)")
-    p.add_argument("--text-fields", default="", help="comma-separated text columns of --data-file")
-    p.add_argument("--label-field", default="label", help="label column of --data-file")
-    p.add_argument("--regression", action="store_true", help="custom data with a real-valued label")
+    add_custom_data_arguments(p)
     p.add_argument("--out", default=None, help="write scores.json here")
     p.add_argument("--plot", default=None, help="write a PNG plot here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (fastsel's, transformers', datasets')")
@@ -64,6 +61,30 @@ def add_score_command(sub: argparse._SubParsersAction) -> None:
     taken = {flag for a in p._actions for flag in a.option_strings}
     _add_metric_groups(p, taken)
     p.set_defaults(func=_run_score, _base_dests=base)
+
+
+def add_custom_data_arguments(p: argparse.ArgumentParser, *, eval_file: bool = False) -> None:
+    """The flags of custom data (``--task custom``), shared by score and finetune (``eval_file``: finetune's
+    ``--eval-file``); refused without --task custom (:func:`check_custom_data_flags`)."""
+    p.add_argument("--data-file", default=None, help="custom CSV/TSV/JSONL file (with --task custom)"
+                   + ("; the training examples" if eval_file else ""))
+    if eval_file:
+        p.add_argument("--eval-file", default=None,
+                       help="custom CSV/TSV/JSONL file of the evaluation examples (same columns and classes as "
+                            "--data-file); default: a seeded 10%% of --data-file is held out (never trained on)")
+    p.add_argument("--text-fields", default="", help="comma-separated text columns of --data-file (one, or two for pairs)")
+    p.add_argument("--label-field", default="label", help="label column of --data-file")
+    p.add_argument("--regression", action="store_true", help="custom data with a real-valued label")
+
+
+def check_custom_data_flags(args: argparse.Namespace) -> None:
+    """One-line ValueError for a flag of custom data given while --task is not custom (it would be ignored)."""
+    if args.task == "custom":
+        return
+    for flag, dest, default in _CUSTOM_FLAGS:
+        if getattr(args, dest, default) != default:
+            raise ValueError(f"fastsel: {flag} applies only to --task custom (a CSV/TSV/JSONL --data-file); "
+                             f"--task {args.task} would ignore it: add --task custom, or leave {flag} out")
 
 
 def _add_metric_groups(p: argparse.ArgumentParser, taken: set[str]) -> None:
@@ -157,8 +178,8 @@ _NEEDS_FLAG = (("--stable-tau", "stable_tau", "--until-stable"), ("--check-every
                ("--stable-checks", "stable_checks", "--until-stable"), ("--checkpoint-every", "checkpoint_every", "--checkpoint"),
                ("--keep-checkpoints", "keep_checkpoints", "--checkpoint"))
 # flags of custom data: (flag, its dest, its parser default)
-_CUSTOM_FLAGS = (("--data-file", "data_file", None), ("--text-fields", "text_fields", ""), ("--regression", "regression", False),
-                 ("--label-field", "label_field", "label"))
+_CUSTOM_FLAGS = (("--data-file", "data_file", None), ("--eval-file", "eval_file", None), ("--text-fields", "text_fields", ""),
+                 ("--regression", "regression", False), ("--label-field", "label_field", "label"))
 
 
 def _check_score_flags(args: argparse.Namespace) -> None:
@@ -168,11 +189,7 @@ def _check_score_flags(args: argparse.Namespace) -> None:
     for flag, dest, needs in _NEEDS_FLAG:
         if hasattr(args, dest) and not given[needs]:
             raise ValueError(f"fastsel: {flag} only applies with {needs}; add {needs}, or leave {flag} out")
-    if args.task != "custom":
-        for flag, dest, default in _CUSTOM_FLAGS:
-            if getattr(args, dest, default) != default:
-                raise ValueError(f"fastsel: {flag} applies only to --task custom (a CSV/TSV/JSONL --data-file); "
-                                 f"--task {args.task} would ignore it: add --task custom, or leave {flag} out")
+    check_custom_data_flags(args)
     _check_metric_options(args)
     if args.plot:
         args.plot = plot_file(args.plot)

@@ -5,7 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from fastsel.data.tasks import get_task
+from fastsel.cli.app import add_custom_data_arguments, check_custom_data_flags
+from fastsel.data.specs import get_task
 from fastsel.hf.layer_map import map_layers
 from fastsel.hf.loading import check_encoder_classifier, check_model_folder, resolve_model_path
 from fastsel.plans.plan import LoraSpec, Plan, PlanError
@@ -221,8 +222,9 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="score -> plan -> train in one command; results.json and a curve plot",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="minilm", help="local directory or hub name")
-    p.add_argument("--task", required=True)
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--task", required=True, help="GLUE/SuperGLUE task name, or 'custom' with --data-file")
+    p.add_argument("--data-dir", default=None, help="folder with glue/ and superglue/ (or a GLUE_DIR); omit to use the hub")
+    add_custom_data_arguments(p, eval_file=True)
     p.add_argument("--plan", default=None, help="plan.json (instead of --strategy)")
     _add_plan_arguments(p)
     p.add_argument("--score-examples", type=int, default=512, help="training examples used to score layers")
@@ -254,10 +256,12 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (always at each epoch end) to OUT/train-state.pt")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUT/train-state.pt (same settings; same result as uninterrupted)")
+                   help="continue an interrupted run from OUT/train-state.pt (same settings; same result as "
+                        "uninterrupted); with another --epochs, the run goes on to that many epochs (a finished one "
+                        "too, if it kept its state with --keep-checkpoints)")
     p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep OUT/train-state.pt once training has finished (default: removed; results.json and the "
-                        "trained model stay)")
+                   help="keep OUT/train-state.pt once training has finished, so that --resume --epochs N can extend "
+                        "the run later (default: removed; results.json and the trained model stay)")
     p.add_argument("--out", required=True, help="run directory")
     p.set_defaults(func=_run_finetune)
 
@@ -294,6 +298,7 @@ def _check_unused_flags(args: argparse.Namespace, *, lora: bool, adapter: bool) 
 
 def _check_finetune_args(args: argparse.Namespace) -> None:
     """One-line ValueErrors, before any loading, for values that would train something else than asked."""
+    check_custom_data_flags(args)
     if not 0 <= args.seed < 2**32:  # numpy's seeds (the data subsets, the shuffling)
         raise ValueError(f"fastsel: --seed must be in 0..{2**32 - 1}, got {args.seed}")
     out = Path(args.out).expanduser()
@@ -358,7 +363,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, cache_prefix=args.cache_prefix,
         rank_epochs=_epochs(args.rank_epochs),
         rank_examples=args.rank_examples, rank_split=args.rank_split, progress=not args.no_progress,
-        head=args.head, probe_examples=args.probe_examples,
+        head=args.head, probe_examples=args.probe_examples, data_file=args.data_file, eval_file=args.eval_file,
+        text_fields=tuple(f for f in args.text_fields.split(",") if f), label_field=args.label_field,
+        regression=args.regression,
         checkpoint_every=args.checkpoint_every, resume=args.resume, keep_checkpoints=args.keep_checkpoints,
     )
     results = run_finetune(job)

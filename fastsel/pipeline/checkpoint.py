@@ -19,7 +19,7 @@ import torch
 from fastsel.utils.atomic import atomic_write
 
 __all__ = ["CheckpointMismatch", "fingerprint", "rank_file", "save_checkpoint", "load_checkpoint", "remove_checkpoint",
-           "read_torch_file"]
+           "read_torch_file", "load_fingerprinted", "settings_diff"]
 
 _FORMAT = "fastsel-checkpoint-1"
 
@@ -83,21 +83,40 @@ def save_checkpoint(path: str | os.PathLike, *, settings: dict[str, Any], cursor
     atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
-def load_checkpoint(path: str | os.PathLike, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` (None when there is none); CheckpointMismatch when its settings differ."""
+def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that differs; a group of settings (a dict) is compared key by key."""
+    diff = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diff.append(f"{key}: {a!r} -> {b!r}" if not isinstance(a, (dict, list)) else f"{key} differs")
+    return diff
+
+
+def load_fingerprinted(path: str | os.PathLike, settings: dict[str, Any], *, format: str, keys: set[str], what: str,
+                       not_ours: str, start_over: str) -> dict[str, Any] | None:
+    """The fastsel checkpoint of format ``format`` at ``path`` (None when there is none), checked: readable (else a
+    one-line CheckpointMismatch naming ``what`` and ``start_over``), of this format with ``keys`` (else ``not_ours``),
+    and written with these ``settings`` (else one line listing what differs). The scoring pass and training share it."""
     path = Path(path)
     if not path.is_file():
         return None
-    state = read_torch_file(path, "--checkpoint file", "delete it and rerun (the pass starts over)")
-    if not isinstance(state, dict) or state.get("format") != _FORMAT or not _KEYS <= set(state):
-        raise CheckpointMismatch(f"fastsel: checkpoint {path} is not a fastsel checkpoint of a scoring pass; delete it "
-                                 "and rerun (the pass starts over), or give --checkpoint another folder")
+    state = read_torch_file(path, what, start_over)
+    if not isinstance(state, dict) or state.get("format") != format or not keys <= set(state):
+        raise CheckpointMismatch(f"fastsel: {path} {not_ours}")
     if state["fingerprint"] != fingerprint(settings):
-        old = state.get("settings", {})
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:6])
-        raise CheckpointMismatch(
-            f"fastsel: checkpoint {path} was written by a run with other settings ({shown}); "
-            f"rerun with the same settings, or remove the checkpoint / drop --resume to start over"
-        )
+        shown = ", ".join(settings_diff(state.get("settings") or {}, settings)[:6])
+        raise CheckpointMismatch(f"fastsel: {what} {path} was written by a run with other settings ({shown}); rerun with "
+                                 "the same settings, or remove it / drop --resume to start over")
     return state
+
+
+def load_checkpoint(path: str | os.PathLike, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint of a scoring pass at ``path`` (None when there is none); CheckpointMismatch when it is not one
+    or its settings differ."""
+    return load_fingerprinted(path, settings, format=_FORMAT, keys=_KEYS, what="--checkpoint file",
+                              not_ours="is not a fastsel checkpoint of a scoring pass; delete it and rerun (the pass "
+                                       "starts over), or give --checkpoint another folder",
+                              start_over="delete it and rerun (the pass starts over)")

@@ -34,19 +34,15 @@ from torch import Tensor, nn
 
 from fastsel.capture.prefix_cache import PrefixCache, index_batches
 from fastsel.data.task_metrics import main_metric, predictions_from_logits, task_metrics
-from fastsel.data.tasks import (
-    PadCollator,
-    TaskSpec,
-    get_task,
-    load_examples,
-    make_dataloader,
-    tokenize_examples,
-)
+from fastsel.data.features import PadCollator, make_dataloader, tokenize_examples
+from fastsel.data.examples import Examples, subsample
+from fastsel.data.readers import load_custom_examples, load_examples
+from fastsel.data.specs import TaskSpec, get_task
 from fastsel.hf.io import eval_mode, model_inputs
 from fastsel.hf.layer_map import map_layers
 from fastsel.hf.loading import clamp_max_length, load_model
-from fastsel.pipeline.checkpoint import CheckpointMismatch, fingerprint, read_torch_file
-from fastsel.pipeline.checks import NonFiniteError
+from fastsel.pipeline.checkpoint import fingerprint, load_fingerprinted
+from fastsel.pipeline.checks import NonFiniteError, first_nonfinite_parameter
 from fastsel.pipeline.config import ScoreConfig
 from fastsel.pipeline.heads import HeadRequest, parse_head, prepare_head
 from fastsel.pipeline.inmemory import run_scoring
@@ -142,6 +138,7 @@ class TrainResult:
     cache: dict[str, Any] | None = None
     peak_memory_mb: float | None = None
     callbacks: dict[str, Any] = field(default_factory=dict)
+    extensions: list[dict[str, Any]] = field(default_factory=list)  # resumes with another number of epochs
 
     @property
     def epoch_seconds_mean(self) -> float:
@@ -157,6 +154,7 @@ class TrainResult:
             "cache": self.cache,
             "peak_memory_mb": self.peak_memory_mb,
             "callbacks": self.callbacks,
+            "extensions": self.extensions,
         }
 
 
@@ -272,7 +270,9 @@ def train_settings(cfg: TrainConfig, plan: Plan, train_features: Sequence[dict],
         for f in feats:
             h.update(np.asarray(f["input_ids"], dtype=np.int64).tobytes())
             h.update(repr(f.get("labels")).encode())
-    train = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint", "checkpoint_every", "resume", "device")}
+    # epochs is left out: resuming with more (or fewer) epochs extends the run (train_model says so and records it)
+    train = {k: v for k, v in asdict(cfg).items()
+             if k not in ("progress", "checkpoint", "checkpoint_every", "resume", "device", "epochs")}
     return {"train": train, "plan": plan.to_dict(), "data": h.hexdigest(), "num_train": len(train_features),
             "num_eval": len(eval_features)}
 
@@ -284,33 +284,35 @@ def save_train_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 def load_train_checkpoint(path: str | Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The training checkpoint at ``path`` (None when there is none); CheckpointMismatch when it is another run's."""
-    path = Path(path)
-    if not path.is_file():
+    return load_fingerprinted(path, settings, format=_TRAIN_FORMAT, keys={"fingerprint", "params", "optimizer"},
+                              what="training checkpoint",
+                              not_ours="is not a fastsel training checkpoint; delete it and rerun without --resume "
+                                       "(training starts over)",
+                              start_over="delete it and rerun without --resume (training starts over)")
+
+
+def _check_extension(state: dict[str, Any], cfg: TrainConfig, steps_per_epoch: int) -> dict[str, Any] | None:
+    """None when the checkpoint was written with ``cfg.epochs``; else the record of the extension (or shortening)
+    to ``cfg.epochs``, or a one-line ValueError when ``cfg.epochs`` would end before what was already trained."""
+    saved = int(state.get("epochs", cfg.epochs))
+    if saved == cfg.epochs:
         return None
-    fix = "delete it and rerun without --resume (training starts over)"
-    state = read_torch_file(path, "training checkpoint", fix)  # a damaged file: one line naming it
-    if not isinstance(state, dict) or state.get("format") != _TRAIN_FORMAT:
-        raise CheckpointMismatch(f"fastsel: {path} is not a fastsel training checkpoint; {fix}")
-    if state.get("fingerprint") != fingerprint(settings):
-        old = state.get("settings", {})
-        diff = []
-        for group in sorted(set(old) | set(settings)):
-            a, b = old.get(group), settings.get(group)
-            if isinstance(a, dict) and isinstance(b, dict):
-                diff += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            elif a != b:
-                diff.append(f"{group} differs")
-        raise CheckpointMismatch(f"fastsel: training checkpoint {path} was written by a run with other settings "
-                                 f"({', '.join(diff[:6])}); rerun with the same settings, or remove it / drop --resume")
-    return state
+    done = state["epoch"] - 1 + (1 if state["batch"] else 0)  # epochs begun; a begun epoch is finished first
+    if cfg.epochs < done:
+        raise ValueError(f"fastsel: --epochs {cfg.epochs}: the training checkpoint has trained {state['epoch'] - 1} "
+                         f"epoch(s){' and part of the next' if state['batch'] else ''} already; give --epochs {done} or "
+                         "more to continue it")
+    return {"from_epochs": saved, "to_epochs": cfg.epochs, "at_step": int(state["step"]),
+            "at_epoch": int(state["epoch"]), "at_batch": int(state["batch"]),
+            "note": (f"training goes on to {cfg.epochs} epochs instead of {saved} (from step {state['step']}): the "
+                     f"learning rate follows the {cfg.epochs}-epoch schedule ({steps_per_epoch * cfg.epochs} steps) "
+                     "from there, so the result is not the same as that of a run of "
+                     f"{cfg.epochs} epochs from the start")}
 
 
 def _nonfinite_loss(model: nn.Module, loss: float, epoch: int, step: int, saved: str | None) -> ValueError:
-    where = "none of the parameters (the loss itself: check the labels and the inputs)"
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            where = f"parameter {name}"
-            break
+    name = first_nonfinite_parameter(model)
+    where = f"parameter {name}" if name else "none of the parameters (the loss itself: check the labels and the inputs)"
     kept = f"; the checkpoint of {saved} is kept" if saved else ""
     return NonFiniteError(f"fastsel: the training loss is {loss} at epoch {epoch}, step {step}; first non-finite: {where}; "
                           f"nothing written{kept}; try a lower --lr, fp32, or check the model's weights")
@@ -363,6 +365,7 @@ def train_model(
     torch.manual_seed(cfg.seed)  # dropout
 
     history: list[EpochRecord] = []
+    extensions: list[dict[str, Any]] = []  # resumed with another --epochs: where and from what
     best_value, best_state, best_epoch = -math.inf, None, 0
     first_epoch, skip, step, resumed_loss = 1, 0, 0, 0.0
     settings = train_settings(cfg, plan, train_features, eval_features) if cfg.checkpoint else None
@@ -376,6 +379,13 @@ def train_model(
                 p.copy_(state["params"][n])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        extensions = list(state.get("extensions") or [])
+        extension = _check_extension(state, cfg, steps_per_epoch)
+        if extension is not None:
+            extensions.append(extension)
+        # the schedule of cfg.epochs from the saved step on (the same value when the epochs are unchanged)
+        for group, base, lam in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * lam(scheduler.last_epoch)
         history = [EpochRecord(**r) for r in state["history"]]
         best_value, best_epoch, best_state = state["best_value"], state["best_epoch"], state["best_state"]
         first_epoch, skip, step, resumed_loss = state["epoch"], state["batch"], state["step"], state["loss_sum"]
@@ -383,6 +393,8 @@ def train_model(
         saved = f"step {step}"
         print(f"fastsel: resuming training at epoch {first_epoch}, batch {skip} (step {step}) from {cfg.checkpoint}",
               file=sys.stderr)
+        if extension is not None:
+            print(f"fastsel: {extension['note']}", file=sys.stderr)
         del state
     else:
         if cfg.resume:
@@ -398,7 +410,8 @@ def train_model(
             "settings": settings, "fingerprint": fingerprint(settings),
             "params": {n: p.detach().cpu().clone() for n, p in trainable_parameters(model)},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(device),
-            "epoch": epoch, "batch": batch, "step": step, "loss_sum": loss_sum,
+            "epoch": epoch, "batch": batch, "step": step, "loss_sum": loss_sum, "epochs": cfg.epochs,
+            "extensions": extensions,
             "history": [asdict(r) for r in history], "best_value": best_value, "best_epoch": best_epoch,
             "best_state": None if best_state is None else {n: t.detach().cpu() for n, t in best_state.items()},
         })
@@ -451,7 +464,7 @@ def train_model(
             p.copy_(best_state[n])
     model.eval()
     return TrainResult(history, best_epoch, history[best_epoch - 1].metrics, metric, trainable, cache_info,
-                       peak_memory_mb(device), {cb.name: cb.report() for cb in callbacks})
+                       peak_memory_mb(device), {cb.name: cb.report() for cb in callbacks}, extensions)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -619,6 +632,13 @@ class FinetuneJob:
     rank_split: str = "train"  # examples of the rank-stability passes: train, validation or both
     head: str = "fresh"  # fresh | probe | warmup:STEPS | a checkpoint folder (fastsel.pipeline.heads)
     probe_examples: int = 1000  # training examples (after the scored ones) that --head probe / warmup fits on
+    # custom data (task "custom"): a CSV/TSV/JSONL training file with named columns, as fastsel score reads it;
+    # evaluation on eval_file, or on a seeded EVAL_SHARE of data_file held out when there is none
+    data_file: str | None = None
+    eval_file: str | None = None
+    text_fields: tuple[str, ...] = ()
+    label_field: str = "label"
+    regression: bool = False
     progress: bool = True
     checkpoint_every: int = 0  # optimizer steps between training checkpoints (0: every epoch end)
     resume: bool = False  # continue from <out>/train-state.pt
@@ -626,8 +646,56 @@ class FinetuneJob:
 
 
 TRAIN_STATE = "train-state.pt"
+EVAL_SHARE = 0.1  # custom data without an eval file: this share of the file (at least one example) is held out
 RANK_SPLITS = {"train": ("train",), "validation": ("validation",), "both": ("train", "validation")}
 RANK_CALLBACK_NAMES = {"train": "rank_stability", "validation": "rank_stability_heldout"}
+
+
+def job_examples(job: FinetuneJob) -> tuple[TaskSpec, Examples, Examples, str]:
+    """The task, training and evaluation examples of a job, and where the evaluation ones come from. A GLUE/SuperGLUE
+    task: its train and validation splits. Task "custom": ``data_file`` for training and ``eval_file`` (its labels
+    mapped onto the training file's classes) for evaluation, or, without one, a seeded ``EVAL_SHARE`` of
+    ``data_file`` held out (never trained on). Then the seeded subsets of ``train_examples`` (class-balanced) and
+    ``eval_examples``."""
+    if job.task != "custom":
+        given = [flag for flag, value in (("--data-file", job.data_file), ("--eval-file", job.eval_file),
+                                           ("--text-fields", job.text_fields), ("--regression", job.regression),
+                                           ("--label-field", job.label_field != "label")) if value]
+        if given:
+            raise ValueError(f"fastsel: {given[0]} applies only to --task custom (a CSV/TSV/JSONL --data-file); --task "
+                             f"{job.task} would ignore it: add --task custom, or leave {given[0]} out")
+        spec = get_task(job.task)
+        train_ex = load_examples(spec, job.data_dir, "train")
+        eval_ex = load_examples(spec, job.data_dir, "validation")
+        source = f"the {spec.name} validation split"
+    else:
+        if not job.data_file or not job.text_fields:
+            raise ValueError("fastsel: --task custom needs --data-file (the training file) and --text-fields (its one "
+                             "or two text columns)")
+        if job.eval_file and Path(job.eval_file).expanduser().resolve() == Path(job.data_file).expanduser().resolve():
+            raise ValueError(f"fastsel: --eval-file {job.eval_file} is the --data-file: the model would be evaluated on "
+                             "its training examples; give a file of other examples, or leave --eval-file out (then "
+                             f"{EVAL_SHARE:.0%} of --data-file is held out)")
+        read = dict(text_fields=job.text_fields, label_field=job.label_field, regression=job.regression)
+        full = load_custom_examples(job.data_file, **read)
+        spec = full.task
+        if job.eval_file:
+            eval_ex = load_custom_examples(job.eval_file, **read,
+                                           label_names=None if spec.is_regression else spec.label_names)
+            train_ex, source = full, str(Path(job.eval_file).expanduser().resolve())
+        else:
+            if len(full) < 2:
+                raise ValueError(f"fastsel: --data-file {job.data_file} has {len(full)} example; holding some out for "
+                                 "evaluation needs at least 2 (or give --eval-file)")
+            order = np.random.default_rng([job.seed, 0x4556414C]).permutation(len(full))  # own stream: "EVAL"
+            held = max(1, int(round(EVAL_SHARE * len(full))))
+            eval_ex, train_ex = full.subset(sorted(order[:held])), full.subset(sorted(order[held:]))
+            source = (f"{held} of the {len(full)} examples of {Path(job.data_file).expanduser().resolve()} held out "
+                      f"({EVAL_SHARE:.0%}, seed {job.seed}; not trained on)")
+    train_ex = subsample(train_ex, job.train_examples, job.seed,
+                         balanced=job.train_examples is not None and not spec.is_regression)
+    eval_ex = subsample(eval_ex, job.eval_examples, job.seed, balanced=False)
+    return spec, train_ex, eval_ex, source
 
 
 def _score_for(job: FinetuneJob, metric: str, model, tokenizer, layer_map, train_features, out: Path):
@@ -643,9 +711,16 @@ def _score_for(job: FinetuneJob, metric: str, model, tokenizer, layer_map, train
         if metric not in METRICS:
             raise ValueError(f"fastsel: strategy needs {metric!r} scores but no {metric!r} metric is registered "
                              f"(known: {sorted(METRICS)}); pass --scores with a {metric} scores.json")
+        if job.task == "custom" and not job.eval_file:
+            # the pass reads the whole --data-file, whose held-out share must not choose the layers
+            raise ValueError(f"fastsel: a strategy scored by {metric} on --task custom needs --eval-file (then all of "
+                             "--data-file is training data and may be scored), or --scores from fastsel score on the "
+                             "training examples")
         scores = run_scoring(ScoreConfig(metric=metric, model=job.model, task=job.task, data_dir=job.data_dir,
-                                         num_examples=job.score_examples, balanced=True, seed=job.seed,
-                                         max_length=job.max_length, device=job.device), progress=job.progress)
+                                         num_examples=job.score_examples, balanced=not job.regression, seed=job.seed,
+                                         max_length=job.max_length, device=job.device, data_file=job.data_file,
+                                         text_fields=job.text_fields, label_field=job.label_field,
+                                         regression=job.regression), progress=job.progress)
     scores.to_json(out / "scores.json")
     return scores
 
@@ -690,15 +765,16 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
         if value is not None and value < 1:
             raise ValueError(f"fastsel: {flag} must be >= 1 (leave it out for all the examples), got {value}")
     out = Path(job.out)
+    if job.resume and not (out / TRAIN_STATE).exists() and (out / "results.json").is_file():
+        raise ValueError(f"fastsel: --resume: the run in {job.out} has finished and its training state was removed "
+                         f"({TRAIN_STATE}; kept only with --keep-checkpoints), so it cannot go on; train again without "
+                         "--resume, with --keep-checkpoints to be able to extend the run later with more --epochs")
     out.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(epochs=job.epochs, lr=job.lr, batch_size=job.batch_size, warmup_ratio=job.warmup_ratio,
                       weight_decay=job.weight_decay, seed=job.seed, device=job.device, cache_prefix=job.cache_prefix,
                       progress=job.progress, checkpoint=str(out / TRAIN_STATE), checkpoint_every=job.checkpoint_every,
                       resume=job.resume)
-    spec = get_task(job.task)
-    train_ex = load_examples(spec, job.data_dir, "train", num_examples=job.train_examples, seed=job.seed,
-                             balanced=job.train_examples is not None and not spec.is_regression)
-    eval_ex = load_examples(spec, job.data_dir, "validation", num_examples=job.eval_examples, seed=job.seed)
+    spec, train_ex, eval_ex, eval_source = job_examples(job)
     num_labels = 1 if spec.is_regression else spec.num_labels
     model, tokenizer, layer_map = load_model(job.model, num_labels=num_labels, seed=job.seed, device=job.device)
     job.max_length, limit = clamp_max_length(job.max_length, model.config, job.model)
@@ -748,6 +824,7 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
         "plan_table": plan.table(),
         "num_train": len(train_features),
         "num_eval": len(eval_features),
+        "eval_source": eval_source,
         "score_seconds": score_seconds,
         "head": {k: v for k, v in head.info.items() if k != "parameters"},
         "max_length_limit": limit,
