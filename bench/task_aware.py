@@ -57,11 +57,11 @@ def _score(model: str, task: str, seed: int, data_dir: str, *, head: str = "fres
     from fastsel.pipeline.config import PipelineConfig, ScoreConfig
     from fastsel.pipeline.run import score
 
-    options: dict[str, Any] = {"confidence_groups": 4}
+    options: dict[str, Any] = {}
     if metric == "fisher":
         options.update(head=head, save_head=save_head)
     cfg = ScoreConfig(metric=metric, model=model, task=task, data_dir=data_dir, num_examples=num_examples,
-                      batch_size=16, max_length=max_length, seed=seed, options=options)
+                      batch_size=16, max_length=max_length, seed=seed, confidence_groups=4, options=options)
     start = time.perf_counter()
     scores = score(cfg, PipelineConfig(), progress=False)[metric]
     d = scores.to_dict()
@@ -97,7 +97,8 @@ def run_part_a(args: argparse.Namespace) -> None:
 def run_part_b(args: argparse.Namespace) -> None:
     from fastsel.data.task_metrics import main_metric
     from fastsel.data.specs import get_task
-    from fastsel.train.trainer import FinetuneJob, run_finetune
+    from fastsel.train.config import TrainConfig
+    from fastsel.train.finetune import FinetuneJob, run_finetune
 
     out = Path(args.out)
     data = _load(out)
@@ -126,9 +127,10 @@ def run_part_b(args: argparse.Namespace) -> None:
             run_dir = work / f"run-{task}-{seed}-{layer}"
             start = time.perf_counter()
             res = run_finetune(FinetuneJob(model=str(head_dir), task=task, out=str(run_dir), data_dir=args.data_dir,
-                                           strategy=f"layers-{layer}-{layer}-{L - 1}", epochs=2, lr=1e-4, batch_size=16,
-                                           max_length=64, train_examples=500, eval_examples=500, seed=seed,
-                                           progress=False))
+                                           strategy=f"layers-{layer}-{layer}-{L - 1}", max_length=64,
+                                           train_examples=500, eval_examples=500,
+                                           train=TrainConfig(epochs=2, lr=1e-4, batch_size=16, seed=seed,
+                                                             progress=False)))
             history = res["history"]
             blocks[str(layer)] = {"last": history[-1]["metrics"][metric], "per_epoch": [h["metrics"][metric] for h in history],
                                   "seconds": round(time.perf_counter() - start, 1), "trainable_params": res["trainable_params"]}

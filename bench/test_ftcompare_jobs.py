@@ -58,3 +58,16 @@ def test_score_mismatch(tmp_path):
     cfg = {"num_examples": 512, "seed": 2, "max_length": 128, "balanced": True, "task": "rte"}
     assert score_mismatch(job, {"config": cfg}, 512) == []
     assert score_mismatch(job, {"config": dict(cfg, num_examples=32)}, 512) == ["scores num_examples 32 != 512"]
+
+
+def test_settings_mismatch_reads_nested_training_settings(tmp_path):
+    """results.json of FinetuneJob: the training settings (epochs, lr, seed) sit under job["train"]."""
+    a = args_for(tmp_path, "--epochs", "3", "--train-examples", "2000")
+    job = next(j for j in plan_jobs(a, Path(a.out), ["sst2"], [0], strategy_table(["fisher-top-1"])) if j.kind == "train")
+    res = fake_results(0.8, "fisher-top-1", 0)
+    flat = res["job"]
+    res["job"] = {k: v for k, v in flat.items() if k not in ("epochs", "lr", "seed")}
+    res["job"]["train"] = {k: flat[k] for k in ("epochs", "lr", "seed") if k in flat}
+    assert settings_mismatch(job, res) == []
+    res["job"]["train"]["epochs"] = 2
+    assert any(b.startswith("epochs") for b in settings_mismatch(job, res))

@@ -28,8 +28,8 @@ _EXPORTS = {
     "Plan": "plans.plan", "Tuning": "plans.plan", "LoraSpec": "plans.plan", "PlanError": "plans.plan",
     "build_plan": "plans.strategies", "register_strategy": "plans.strategies", "STRATEGIES": "plans.strategies",
     "apply_plan": "tuners.apply", "count_trainable": "tuners.apply", "with_counts": "tuners.apply",
-    "TrainConfig": "train.trainer", "train_model": "train.trainer", "save_trained": "train.trainer",
-    "load_trained": "train.trainer", "RankStability": "train.trainer",
+    "TrainConfig": "train.config", "train_model": "train.loop", "save_trained": "train.saved",
+    "load_trained": "train.saved", "RankStability": "train.rank_stability",
 }
 __all__ = ["EXTENSION", "__version__", *_EXPORTS]
 

@@ -24,7 +24,8 @@ def test_old_module_paths_are_gone(old):
     ("pipeline", "PipelineConfig", "pipeline.config"), ("pipeline", "run_pipeline", "pipeline.streamed"),
     ("plans", "Plan", "plans.plan"), ("plans", "build_plan", "plans.strategies"),
     ("scores", "LayerScore", "scores.layer_scores"), ("scores", "LayerScores", "scores.layer_scores"),
-    ("train", "train_model", "train.trainer"),
+    ("train", "train_model", "train.loop"), ("train", "FinetuneJob", "train.finetune"),
+    ("train", "TrainConfig", "train.config"),
 ])
 def test_packages_export_their_main_names(package, name, module):
     """The package's name is the defining module's object (one object, not a copy or a wrapper)."""

@@ -159,7 +159,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_shell_commands(path, monkeypatch):
-    from fastsel.cli.app import _check_score_flags
+    from fastsel.cli.app import check_score_flags
     from fastsel.ops.backend import env_problem
 
     targets = set(re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), flags=re.M))
@@ -171,7 +171,7 @@ def test_shell_commands(path, monkeypatch):
             args = parse(argv)
             if args.command == "score":
                 try:
-                    _check_score_flags(args)
+                    check_score_flags(args)
                 except ValueError as exc:
                     pytest.fail(f"{path.name}: `{line}` is refused: {exc}")
             for tok in tokens[:tokens.index("fastsel") if "fastsel" in tokens else 0]:

@@ -99,7 +99,8 @@ def plan_jobs(args: argparse.Namespace, out: Path, tasks: Sequence[str], seeds: 
 
 # results.json "job" fields that must match for a finished run to count as this study's
 def settings_mismatch(job: Job, results: Mapping[str, Any]) -> list[str]:
-    got = results.get("job", {})
+    job_record = results.get("job", {})
+    got = {**job_record, **job_record.get("train", {})}  # FinetuneJob nests its training settings under "train"
     want = {"strategy": job.strategy, "tuner": job.tuner, "epochs": job.epochs, "seed": job.seed,
             "max_length": job.max_length, "train_examples": job.train_examples}
     bad = [f"{k} {got.get(k)!r} != {v!r}" for k, v in want.items() if got.get(k) != v]

@@ -65,7 +65,7 @@ def gather_refs(dirs: Sequence[Path], model: str, data_dir: str) -> tuple[list[d
             seen.add(path.resolve())
             try:
                 res = json.loads(path.read_text())
-                job = res["job"]
+                job = {**res["job"], **res["job"].get("train", {})}  # FinetuneJob nests its training settings under "train"
                 hist = res["history"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue

@@ -11,15 +11,18 @@ import os
 import sys
 from typing import Callable
 
+from dataclasses import dataclass
+
 from fastsel.cli.info import format_info, info
+from fastsel.data.settings import DataSettings
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.distributed import process_rank
 from fastsel.pipeline.outputs import output_path
-from fastsel.pipeline.registry import METRICS, add_option_arguments, default_num_examples
+from fastsel.pipeline.registry import METRICS, default_num_examples
 from fastsel.pipeline.run import score
-from fastsel.scores.confidence import DEFAULT_GROUPS
+from fastsel.utils.settings import JsonSettings, add_setting_arguments, check_needs, setting, values_from_args
 
-__all__ = ["main", "COMMANDS", "check_device"]
+__all__ = ["main", "COMMANDS", "check_device", "check_score_flags", "ScoreOutputs"]
 
 # name -> "module:function" adding the subparser (a registry of commands; plan and finetune import lazily)
 COMMANDS: dict[str, str] = {
@@ -30,61 +33,28 @@ COMMANDS: dict[str, str] = {
 }
 
 
+@dataclass
+class ScoreOutputs(JsonSettings):
+    """What ``fastsel score`` writes besides computing (not part of the scores' settings)."""
+
+    out: str | None = setting(None, "write scores.json here")
+    plot: str | None = setting(None, "write a PNG plot here")
+    progress: bool = setting(True, "no progress bars (fastsel's, transformers', datasets')", flag="--no-progress")
+
+
 def add_score_command(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("score", help="score every layer of an encoder on a task", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--metric", default="fisher",
-                   help=f"one of: {', '.join(sorted(METRICS))}; several, comma-separated, share one pass (e.g. fisher,variability)")
-    p.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="local directory or hub name")
-    p.add_argument("--task", default="sst2", help="GLUE/SuperGLUE task name, or 'custom' with --data-file")
-    p.add_argument("--data-dir", default=None, help="folder with glue/ and superglue/ (or a GLUE_DIR); omit to use the hub")
-    p.add_argument("--split", default="train", help="the split scored")
-    p.add_argument("--num-examples", type=int, default=None,
-                   help="random subset of this size (seeded); default: what the metric needs (docs/sample_size.md: "
-                        "fisher 200, variability and the probes 2000; the largest when several), or all of the data "
-                        "with --until-stable")
-    p.add_argument("--balanced", action="store_true", help="class-balanced subset")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per batch")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset, the sampled labels and a fresh head")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    add_custom_data_arguments(p)
-    p.add_argument("--out", default=None, help="write scores.json here")
-    p.add_argument("--plot", default=None, help="write a PNG plot here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (fastsel's, transformers', datasets')")
-    p.add_argument("--confidence-groups", type=int, default=DEFAULT_GROUPS, metavar="K",
-                   help="ranking confidence: examples split into K groups by index (Kendall tau between halves, top-k "
-                        "agreement, jackknife intervals; memory (K+1) x the accumulators: K above the examples "
-                        "scored, or Fisher accumulators above half the available memory, are refused); 0: off")
-    _add_pipeline_arguments(p)
+    add_setting_arguments(p, ScoreConfig, only=("metric", "model"))
+    add_setting_arguments(p, ScoreConfig, skip=("metric", "model"))
+    add_setting_arguments(p, ScoreOutputs)
+    # fastsel score removes a finished pass's checkpoints unless --keep-checkpoints (the Python default keeps them)
+    add_setting_arguments(p.add_argument_group("large corpora, several processes (torchrun), checkpoints"), PipelineConfig,
+                          defaults={"keep_checkpoints": False})
     base = {a.dest for a in p._actions}
     taken = {flag for a in p._actions for flag in a.option_strings}
     _add_metric_groups(p, taken)
     p.set_defaults(func=_run_score, _base_dests=base)
-
-
-def add_custom_data_arguments(p: argparse.ArgumentParser, *, eval_file: bool = False) -> None:
-    """The flags of custom data (``--task custom``), shared by score and finetune (``eval_file``: finetune's
-    ``--eval-file``); refused without --task custom (:func:`check_custom_data_flags`)."""
-    p.add_argument("--data-file", default=None, help="custom CSV/TSV/JSONL file (with --task custom)"
-                   + ("; the training examples" if eval_file else ""))
-    if eval_file:
-        p.add_argument("--eval-file", default=None,
-                       help="custom CSV/TSV/JSONL file of the evaluation examples (same columns and classes as "
-                            "--data-file); default: a seeded 10%% of --data-file is held out (never trained on)")
-    p.add_argument("--text-fields", default="", help="comma-separated text columns of --data-file (one, or two for pairs)")
-    p.add_argument("--label-field", default="label", help="label column of --data-file")
-    p.add_argument("--regression", action="store_true", help="custom data with a real-valued label")
-
-
-def check_custom_data_flags(args: argparse.Namespace) -> None:
-    """One-line ValueError for a flag of custom data given while --task is not custom (it would be ignored)."""
-    if args.task == "custom":
-        return
-    for flag, dest, default in _CUSTOM_FLAGS:
-        if getattr(args, dest, default) != default:
-            raise ValueError(f"fastsel: {flag} applies only to --task custom (a CSV/TSV/JSONL --data-file); "
-                             f"--task {args.task} would ignore it: add --task custom, or leave {flag} out")
 
 
 def _add_metric_groups(p: argparse.ArgumentParser, taken: set[str]) -> None:
@@ -102,51 +72,12 @@ def _add_metric_groups(p: argparse.ArgumentParser, taken: set[str]) -> None:
             key = tuple(owners[f.name])
             if key not in groups:
                 groups[key] = p.add_argument_group(f"--metric {', '.join(key)}")
-            add_option_arguments(groups[key], metric.options, taken, only={f.name})
+            add_setting_arguments(groups[key], metric.options, taken=taken, only={f.name})
         if metric.add_arguments is not None:
             key = (metric.name,)
             if key not in groups:
                 groups[key] = p.add_argument_group(f"--metric {metric.name}")
             metric.add_arguments(groups[key])  # type: ignore[arg-type]
-
-
-def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of the streamed pass (fastsel.pipeline): large corpora, torchrun, checkpoints."""
-    g = p.add_argument_group("large corpora, several processes (torchrun), checkpoints")
-    g.add_argument("--max-tokens", type=int, default=None,
-                   help="padded tokens per batch (batch size follows the lengths); default: --batch-size examples")
-    g.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
-                   help="length-bucketed batches (minimal padding)")
-    g.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
-                   help="forward in bf16/fp16 autocast; accumulators stay fp32")
-    g.add_argument("--checkpoint", default=None, metavar="DIR",
-                   help="folder for atomic checkpoints (one file per rank)")
-    g.add_argument("--checkpoint-every", type=int, default=argparse.SUPPRESS, metavar="M",
-                   help=f"--checkpoint: examples between checkpoints (default: {PipelineConfig.checkpoint_every})")
-    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint")
-    g.add_argument("--keep-checkpoints", action="store_true", default=argparse.SUPPRESS,
-                   help="--checkpoint: keep the checkpoint files once the pass has finished (default: removed, once "
-                        "scores.json is written)")
-    g.add_argument("--prefetch", type=int, default=2, help="batches read ahead by a background thread")
-    g.add_argument("--cache-dir", default=None, help="tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)")
-    g.add_argument("--until-stable", action="store_true",
-                   help="stop streaming once the layer ranking is stable (Kendall tau between two halves of the data >= "
-                        "--stable-tau and the top-3 unchanged over --stable-checks checks); the N used goes to scores.json")
-    # Flags that only mean something with another one have no parser default (argparse.SUPPRESS): given without
-    # it they are refused (_check_score_flags); PipelineConfig holds their defaults, shown in --help.
-    g.add_argument("--stable-tau", type=float, default=argparse.SUPPRESS, metavar="TAU",
-                   help=f"--until-stable: target tau in (0, 1] (default: {PipelineConfig.stable_tau})")
-    g.add_argument("--check-every", type=int, default=argparse.SUPPRESS, metavar="M",
-                   help=f"--until-stable: examples (over all processes) between two checks (default: {PipelineConfig.check_every})")
-    g.add_argument("--stable-checks", type=int, default=argparse.SUPPRESS, metavar="C",
-                   help=f"--until-stable: the top-3 must be the same over the last C checks (default: {PipelineConfig.stable_checks})")
-    g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
-                   help="torchrun: how long a rank waits for the others in a collective before it fails with an error "
-                        "(a rank that died) instead of hanging; default 1800")
-
-
-_PIPELINE_DESTS = ("max_tokens", "bucket", "autocast", "checkpoint", "checkpoint_every", "resume", "prefetch", "cache_dir",
-                   "dist_timeout", "until_stable", "stable_tau", "check_every", "stable_checks")
 
 
 def check_writable(path: str | os.PathLike, what: str, *, directory: bool = False) -> None:
@@ -173,23 +104,11 @@ def check_writable(path: str | os.PathLike, what: str, *, directory: bool = Fals
         raise OSError(f"{what} {str(target)!r} cannot be written ({exc.strerror or exc})") from None
 
 
-# flags that only apply with another one: (flag, its dest, the flag it needs)
-_NEEDS_FLAG = (("--stable-tau", "stable_tau", "--until-stable"), ("--check-every", "check_every", "--until-stable"),
-               ("--stable-checks", "stable_checks", "--until-stable"), ("--checkpoint-every", "checkpoint_every", "--checkpoint"),
-               ("--keep-checkpoints", "keep_checkpoints", "--checkpoint"))
-# flags of custom data: (flag, its dest, its parser default)
-_CUSTOM_FLAGS = (("--data-file", "data_file", None), ("--eval-file", "eval_file", None), ("--text-fields", "text_fields", ""),
-                 ("--regression", "regression", False), ("--label-field", "label_field", "label"))
-
-
-def _check_score_flags(args: argparse.Namespace) -> None:
+def check_score_flags(args: argparse.Namespace) -> None:
     """One-line ValueError, before anything runs, for a flag that would be ignored and for outputs that would
     overwrite each other (or the data); ``--plot`` becomes the path matplotlib will write (PATH -> PATH.png)."""
-    given = {"--until-stable": bool(args.until_stable), "--checkpoint": bool(args.checkpoint)}
-    for flag, dest, needs in _NEEDS_FLAG:
-        if hasattr(args, dest) and not given[needs]:
-            raise ValueError(f"fastsel: {flag} only applies with {needs}; add {needs}, or leave {flag} out")
-    check_custom_data_flags(args)
+    check_needs(args, PipelineConfig)
+    DataSettings(**values_from_args(DataSettings, args)).check_data()  # custom-data flags without --task custom
     _check_metric_options(args)
     if args.plot:
         args.plot = plot_file(args.plot)
@@ -197,7 +116,7 @@ def _check_score_flags(args: argparse.Namespace) -> None:
     claimed: dict[object, tuple[str, str]] = {}
     paths = [("--data-file", args.data_file)] + [(flag, output_path(p, m, len(names)) if p else None)
                                                  for flag, p in (("--out", args.out), ("--plot", args.plot)) for m in names]
-    for flag, path in [*paths, ("--checkpoint", args.checkpoint)]:
+    for flag, path in [*paths, ("--checkpoint", args.checkpoint_dir)]:
         if not path:
             continue
         key = os.path.abspath(os.path.expanduser(str(path)))
@@ -256,40 +175,23 @@ def plot_file(path: str | os.PathLike) -> str:
 
 def _run_score(args: argparse.Namespace) -> int:
 
-    _check_score_flags(args)
+    check_score_flags(args)
     options = {k: v for k, v in vars(args).items() if k not in args._base_dests and not k.startswith("_") and k != "func"}
-    options["confidence_groups"] = args.confidence_groups
     main_process = process_rank() == 0
     if main_process:  # fail before the pass, not after it
         for path, what in ((args.out, "--out"), (args.plot, "--plot")):
             if path:
                 check_writable(path, what)
-    if args.checkpoint:
-        check_writable(args.checkpoint, "--checkpoint", directory=True)
+    if args.checkpoint_dir:
+        check_writable(args.checkpoint_dir, "--checkpoint", directory=True)
     if args.cache_dir:
         check_writable(args.cache_dir, "--cache-dir", directory=True)
-    cfg = ScoreConfig(
-        metric=args.metric,
-        model=args.model,
-        task=args.task,
-        data_dir=args.data_dir,
-        split=args.split,
-        num_examples=args.num_examples if args.num_examples is not None or args.until_stable
-        else default_num_examples(args.metric),
-        balanced=args.balanced,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        device=args.device,
-        data_file=args.data_file,
-        text_fields=tuple(f for f in args.text_fields.split(",") if f),
-        label_field=args.label_field,
-        regression=args.regression,
-        options=options,
-    )
-    pcfg = PipelineConfig(**{k: getattr(args, k) for k in _PIPELINE_DESTS if hasattr(args, k)},  # absent: not given
-                          keep_checkpoints=getattr(args, "keep_checkpoints", False))  # a finished run's: removed
-    results = score(cfg, pcfg, out=args.out, plot=args.plot, progress=not args.no_progress)
+    values = values_from_args(ScoreConfig, args)
+    if args.num_examples is None and not args.until_stable:
+        values["num_examples"] = default_num_examples(args.metric)
+    cfg = ScoreConfig(**values, options=options)
+    pcfg = PipelineConfig(**{"keep_checkpoints": False, **values_from_args(PipelineConfig, args)})
+    results = score(cfg, pcfg, out=args.out, plot=args.plot, progress=args.progress)
     if not main_process:
         return 0
     for name, scores in results.items():
@@ -404,7 +306,7 @@ def _main(args: argparse.Namespace) -> int:
                 raise ValueError(env_problem())
         from fastsel.hf.loading import no_progress_bars
 
-        with no_progress_bars(bool(getattr(args, "no_progress", False))):  # transformers', datasets' bars too
+        with no_progress_bars(not getattr(args, "progress", True)):  # transformers', datasets' bars too
             return int(args.func(args) or 0)
     except Terminated:
         rank = os.environ.get("RANK")
@@ -443,11 +345,11 @@ def _resume_hint(args: argparse.Namespace) -> str | None:
     from pathlib import Path
 
     try:
-        if args.command == "score" and getattr(args, "checkpoint", None):
-            where = Path(args.checkpoint)
+        if args.command == "score" and getattr(args, "checkpoint_dir", None):
+            where = Path(args.checkpoint_dir)
             found = where.is_dir() and any(where.glob("rank*-of-*.pt"))
         elif args.command == "finetune" and getattr(args, "out", None):
-            from fastsel.train.trainer import TRAIN_STATE
+            from fastsel.train.finetune import TRAIN_STATE
 
             where = Path(args.out) / TRAIN_STATE
             found = where.is_file()

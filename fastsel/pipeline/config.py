@@ -1,43 +1,50 @@
-"""What a scoring run computes (:class:`ScoreConfig`) and how its pass runs (:class:`PipelineConfig`):
-validated on construction, round-trip through JSON."""
+"""What a scoring run computes (:class:`ScoreConfig`) and how its pass runs (:class:`PipelineConfig`): settings
+fields (:func:`fastsel.utils.settings.setting`) from which ``fastsel score`` makes its flags; validated on
+construction, round-trip through JSON."""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
-from fastsel.data.specs import get_task
+from fastsel.data.settings import DataSettings
 from fastsel.pipeline.registry import AUTOCAST, METRICS, options_of
 from fastsel.scores.confidence import DEFAULT_GROUPS
+from fastsel.utils.settings import JsonSettings, setting
 
-__all__ = ["ScoreConfig", "PipelineConfig"]
+__all__ = ["ScoreConfig", "PipelineConfig", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _metric_help() -> str:  # the registry is filled when the drivers are imported, after this module
+    return (f"one of: {', '.join(sorted(METRICS))}; several, comma-separated, share one pass (e.g. "
+            "fisher,variability)")
 
 
 @dataclass
-class ScoreConfig:
-    """Everything a scoring run needs; validated on construction, round-trips through JSON."""
+class ScoreConfig(DataSettings, JsonSettings):
+    """Everything a scoring run computes; validated on construction, round-trips through JSON. The task and custom
+    data fields come from :class:`fastsel.data.settings.DataSettings`."""
 
-    metric: str = "fisher"
-    model: str = "sentence-transformers/all-MiniLM-L6-v2"
-    task: str = "sst2"
-    data_dir: str | None = None
-    split: str = "train"
-    num_examples: int | None = None
-    balanced: bool = False
-    batch_size: int = 16
-    max_length: int = 128
-    seed: int = 0
-    device: str = "cpu"
-    # custom data (task "custom"): a CSV/TSV/JSONL file with named columns
-    data_file: str | None = None
-    text_fields: tuple[str, ...] = ()
-    label_field: str = "label"
-    regression: bool = False
-    # metric-specific options (e.g. {"fisher": "exact"}, {"pooling": "cls"})
-    options: dict[str, Any] = field(default_factory=dict)
+    metric: str = setting("fisher", _metric_help)
+    model: str = setting(DEFAULT_MODEL, "local directory or hub name")
+    split: str = setting("train", "the split scored")
+    num_examples: int | None = setting(None, "random subset of this size (seeded); default: what the metric needs "
+                                       "(docs/sample_size.md: fisher 200, variability and the probes 2000; the largest "
+                                       "when several), or all of the data with --until-stable")
+    balanced: bool = setting(False, "class-balanced subset")
+    batch_size: int = setting(16, "examples per batch")
+    max_length: int = setting(128, "tokens per example (longer ones are truncated)")
+    seed: int = setting(0, "seed of the subset, the sampled labels and a fresh head")
+    device: str = setting("cpu", "torch device (cpu, cuda, cuda:1, ...)")
+    confidence_groups: int = setting(DEFAULT_GROUPS, "ranking confidence: examples split into K groups by index "
+                                     "(Kendall tau between halves, top-k agreement, jackknife intervals; memory (K+1) x "
+                                     "the accumulators: K above the examples scored, or Fisher accumulators above half "
+                                     "the available memory, are refused); 0: off", metavar="K")
+    # the metrics' own settings ({"fisher": "exact"}, {"pooling": "cls"}): fields of their options dataclasses
+    options: dict[str, Any] = setting(default_factory=dict, help="metric-specific options", cli=False)
 
     def __post_init__(self) -> None:
-        self.text_fields = tuple(self.text_fields)
         self.validate()
 
     def validate(self) -> None:
@@ -52,52 +59,49 @@ class ScoreConfig:
             raise ValueError(f"fastsel: seed (--seed) must be in 0..2**63-1, got {self.seed}")
         if self.max_length < 2:
             raise ValueError(f"fastsel: max_length must be >= 2, got {self.max_length}")
-        k = self.options.get("confidence_groups", DEFAULT_GROUPS)
+        k = self.confidence_groups
         if not isinstance(k, int) or isinstance(k, bool) or not (k == 0 or k >= 2):
             raise ValueError(f"fastsel: confidence_groups (--confidence-groups) must be 0 (off) or an integer >= 2, got {k!r}")
+        if "confidence_groups" in self.options:
+            raise ValueError("fastsel: confidence_groups is a ScoreConfig field, not an option: "
+                             "ScoreConfig(confidence_groups=K)")
         if self.num_examples is not None and self.num_examples < 1:
             raise ValueError(f"fastsel: num_examples must be >= 1, got {self.num_examples}")
-        if self.task == "custom":
-            if not self.data_file or not self.text_fields:
-                raise ValueError("fastsel: task 'custom' needs data_file and text_fields (--data-file, --text-fields)")
-        else:
-            get_task(self.task)  # raises for an unknown task
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ScoreConfig":
-        data = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"fastsel: unknown ScoreConfig keys {sorted(unknown)}")
-        return cls(**data)
+        self.check_data()
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(JsonSettings):
     """How the pass runs (not what it computes, except autocast and batching, which change float sums)."""
 
-    max_tokens: int | None = None  # padded tokens per batch; None: --batch-size examples per batch
-    bucket: bool = True  # length-bucketed batches (minimal padding)
-    autocast: str = "none"  # none | bf16 | fp16 forward; accumulators stay fp32
-    checkpoint: str | None = None  # folder of per-rank checkpoint files
-    checkpoint_every: int = 10000  # examples (over all ranks) between checkpoints
-    resume: bool = False
-    # keep the checkpoint files of a pass that finished (fastsel score removes them unless --keep-checkpoints)
-    keep_checkpoints: bool = True
-    prefetch: int = 2  # batches read ahead by a background thread (0: inline)
-    cache_dir: str | None = None  # tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)
-    dist_timeout: float | None = None  # seconds a collective waits for the other ranks (None: distributed default)
+    max_tokens: int | None = setting(None, "padded tokens per batch (batch size follows the lengths); default: "
+                                     "--batch-size examples")
+    bucket: bool = setting(True, "length-bucketed batches (minimal padding)")
+    autocast: str = setting("none", "forward in bf16/fp16 autocast; accumulators stay fp32", choices=tuple(AUTOCAST))
+    checkpoint_dir: str | None = setting(None, "folder for atomic checkpoints (one file per rank)", flag="--checkpoint",
+                                         metavar="DIR")
+    checkpoint_every_examples: int = setting(10000, "examples (over all processes) between checkpoints",
+                                             flag="--checkpoint-every", metavar="M", needs="--checkpoint")
+    resume: bool = setting(False, "continue from the checkpoint in --checkpoint")
+    # a finished pass's checkpoint files: kept when called from Python; fastsel score removes them (the flag's default)
+    keep_checkpoints: bool = setting(True, "keep the checkpoint files once the pass has finished", needs="--checkpoint",
+                                     shown="removed, once scores.json is written")
+    prefetch: int = setting(2, "batches read ahead by a background thread (0: inline)")
+    cache_dir: str | None = setting(None, "tokenised Arrow caches (default $FASTSEL_CACHE or ~/.cache/fastsel)")
+    dist_timeout: float | None = setting(None, "torchrun: how long a rank waits for the others in a collective before "
+                                         "it fails with an error (a rank that died) instead of hanging; default 1800",
+                                         metavar="SECONDS")
     # --until-stable: stop once the ranking is stable (fastsel.scores.confidence): Kendall tau between the halves of
     # the groups >= stable_tau and the top-3 set unchanged over the last stable_checks checks, one check every
-    # check_every examples (over all ranks)
-    until_stable: bool = False
-    stable_tau: float = 0.9
-    check_every: int = 200
-    stable_checks: int = 3
+    # check_every_examples examples (over all ranks)
+    until_stable: bool = setting(False, "stop streaming once the layer ranking is stable (Kendall tau between two halves "
+                                 "of the data >= --stable-tau and the top-3 unchanged over --stable-checks checks); the N "
+                                 "used goes to scores.json")
+    stable_tau: float = setting(0.9, "target tau in (0, 1]", metavar="TAU", needs="--until-stable")
+    check_every_examples: int = setting(200, "examples (over all processes) between two checks", flag="--check-every",
+                                        metavar="M", needs="--until-stable")
+    stable_checks: int = setting(3, "the top-3 must be the same over the last C checks", metavar="C",
+                                 needs="--until-stable")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,28 +111,17 @@ class PipelineConfig:
             raise ValueError(f"fastsel: max_tokens must be >= 1, got {self.max_tokens}")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"fastsel: autocast must be one of {sorted(AUTOCAST)}, got {self.autocast!r}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"fastsel: checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.checkpoint_every_examples < 1:
+            raise ValueError(f"fastsel: --checkpoint-every must be >= 1 example, got {self.checkpoint_every_examples}")
         if self.prefetch < 0:
             raise ValueError(f"fastsel: prefetch must be >= 0, got {self.prefetch}")
         if self.dist_timeout is not None and not self.dist_timeout > 0:
             raise ValueError(f"fastsel: dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if not (isinstance(self.stable_tau, (int, float)) and 0 < self.stable_tau <= 1):
             raise ValueError(f"fastsel: --stable-tau must be in (0, 1], got {self.stable_tau}")
-        if self.check_every < 1:
-            raise ValueError(f"fastsel: --check-every must be >= 1 example, got {self.check_every}")
+        if self.check_every_examples < 1:
+            raise ValueError(f"fastsel: --check-every must be >= 1 example, got {self.check_every_examples}")
         if self.stable_checks < 1:
             raise ValueError(f"fastsel: --stable-checks must be >= 1, got {self.stable_checks}")
-        if self.resume and not self.checkpoint:
+        if self.resume and not self.checkpoint_dir:
             raise ValueError("fastsel: --resume needs --checkpoint PATH (the folder the interrupted run wrote)")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "PipelineConfig":
-        data = json.loads(text)
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"fastsel: unknown PipelineConfig keys {sorted(unknown)}")
-        return cls(**data)

@@ -5,7 +5,8 @@ A metric is one :class:`Metric` record: its in-memory ``run(ctx)``, its streamed
 CLI flags. :func:`register_metric` is the one way in; the metric drivers in :mod:`fastsel.pipeline.drivers` call it
 on import, and this module imports none of them.
 It sits below :mod:`fastsel.pipeline.config` and :mod:`fastsel.pipeline.context` (they import it, it imports
-neither, not even for type hints): what it reads of a ``ScoreConfig`` is the :class:`HasOptions` protocol.
+neither, not even for type hints). A metric's options are a dataclass of :func:`fastsel.utils.settings.setting`
+fields, from which the CLI makes the metric's flags.
 """
 from __future__ import annotations
 
@@ -13,18 +14,17 @@ import abc
 import argparse
 import contextlib
 import inspect
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, ClassVar, ContextManager, Mapping, Protocol
+from typing import Any, Callable, ClassVar, ContextManager, Mapping
 
 import torch
 from torch import Tensor
 
-from fastsel.scores.confidence import DEFAULT_GROUPS
 from fastsel.scores.layer_scores import LayerScores
 
-__all__ = ["Metric", "METRICS", "register_metric", "BatchConsumer", "ConsumerFactory", "confidence_groups",
-           "default_num_examples", "AUTOCAST", "autocast_context", "option", "add_option_arguments", "options_of"]
+__all__ = ["Metric", "METRICS", "register_metric", "BatchConsumer", "ConsumerFactory", "default_num_examples", "AUTOCAST",
+           "autocast_context", "options_of"]
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -128,50 +128,11 @@ class BatchConsumer(abc.ABC):
 ConsumerFactory = Callable[[Any], BatchConsumer]
 
 
-class HasOptions(Protocol):
-    """What :func:`confidence_groups` reads of a config: a :class:`fastsel.pipeline.config.ScoreConfig`."""
-
-    @property
-    def options(self) -> Mapping[str, Any]: ...
-
-
 def default_num_examples(metric: str) -> int | None:
     """The examples a comma-separated list of metrics is scored on by default: the largest of their
     ``default_examples`` (None when any of them wants all the data)."""
     wanted = [METRICS[name].default_examples for name in metric.split(",") if name in METRICS]
     return None if not wanted or any(w is None for w in wanted) else max(wanted)  # type: ignore[type-var]
-
-
-def confidence_groups(cfg: HasOptions) -> int:
-    """K of the ranking confidence (``options["confidence_groups"]``, default DEFAULT_GROUPS = 4; 0: none)."""
-    return int(cfg.options.get("confidence_groups", DEFAULT_GROUPS))
-
-
-def option(default: Any, help: str, *, choices: tuple | None = None, type: Callable | None = None, metavar: str | None = None) -> Any:
-    """A field of a metric's options dataclass; its ``--flag`` (the field name with dashes) is made from it."""
-    return field(default=default, metadata={"help": help, "choices": choices, "type": type, "metavar": metavar})
-
-
-def add_option_arguments(parser: Any, options: type, taken: set[str] | None = None, only: Any = None) -> None:
-    """One ``--flag`` per field of the options dataclass ``options`` (flags in ``taken`` are skipped: metrics share
-    ``--pooling``; ``only``: the names of the fields to add, None: all); a bool field is a switch."""
-    for f in fields(options):
-        if only is not None and f.name not in only:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if taken is not None:
-            if flag in taken:
-                continue
-            taken.add(flag)
-        md = f.metadata
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", default=f.default, help=md.get("help"))
-            continue
-        kw = {k: md[k] for k in ("choices", "metavar") if md.get(k) is not None}
-        conv = md.get("type") or (type(f.default) if f.default is not None else None)
-        if conv is not None:
-            kw["type"] = conv
-        parser.add_argument(flag, default=f.default, help=md.get("help"), **kw)
 
 
 def options_of(options: type, values: Mapping[str, Any]) -> Any:
@@ -184,7 +145,8 @@ def options_of(options: type, values: Mapping[str, Any]) -> Any:
 @dataclass(frozen=True)
 class Metric:
     """A layer-scoring metric: ``run(ctx) -> LayerScores`` in memory, ``consumer(ctx)`` in the streamed pass, and
-    ``options``, a dataclass of its settings (fields made with :func:`option`) whose fields are its CLI flags; their
+    ``options``, a dataclass of its settings (fields made with :func:`fastsel.utils.settings.setting`) whose fields
+    are its CLI flags; their
     values land in ``ScoreConfig.options``. ``add_arguments`` adds hand-written flags instead (plug-ins)."""
 
     name: str

@@ -38,7 +38,7 @@ def _score(cfg: ScoreConfig, pcfg: PipelineConfig, *, out: str | os.PathLike | N
         return run_pipeline(cfg, pcfg, out=out, plot=plot, progress=progress)
     if "," in cfg.metric:
         raise ValueError(f"fastsel: {cfg.metric!r}: only metrics of the streamed pass can share one pass")
-    if pcfg.checkpoint or pcfg.resume or pcfg.max_tokens or pcfg.autocast != "none" or pcfg.until_stable or world_size() > 1:
+    if pcfg.checkpoint_dir or pcfg.resume or pcfg.max_tokens or pcfg.autocast != "none" or pcfg.until_stable or world_size() > 1:
         raise ValueError(f"fastsel: metric {cfg.metric!r}{' with --probe' if cfg.options.get('probe') else ''} does not run "
                          "in the streamed pass; --max-tokens, --autocast, --checkpoint/--resume, --until-stable and torchrun "
                          "need a streamed metric (fisher, variability without --probe)")

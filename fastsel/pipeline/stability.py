@@ -1,6 +1,6 @@
 """``--until-stable``: stop the streamed pass once the ranking of every metric is stable.
 
-Every ``check_every`` examples (a fixed number of batches per rank) the pass asks each consumer for the scores of
+Every ``check_every_examples`` examples (a fixed number of batches per rank) the pass asks each consumer for the scores of
 its confidence groups so far (:meth:`fastsel.pipeline.registry.BatchConsumer.stability_scores`) and stops when, for
 every metric, Kendall tau between the rankings of the two halves of the groups is at least ``stable_tau`` and the
 top-3 set of the ranking on all groups is unchanged over the last ``stable_checks`` checks.
@@ -15,14 +15,14 @@ import torch
 
 from fastsel.pipeline.context import PipelineContext
 from fastsel.pipeline.distributed import DistEnv, all_reduce_sum_
-from fastsel.pipeline.registry import METRICS, BatchConsumer, confidence_groups
+from fastsel.pipeline.registry import METRICS, BatchConsumer
 from fastsel.scores.confidence import halves, kendall_tau_b, ranking_order
 
 __all__ = ["StabilityWatch"]
 
 
 class StabilityWatch:
-    """--until-stable: every ``check_every`` examples (a fixed number of batches per rank, the same points on
+    """--until-stable: every ``check_every_examples`` examples (a fixed number of batches per rank, the same points on
     every rank and on resume), the ranking of each consumer on the groups so far (reduced over the ranks):
     stable when, for every consumer, Kendall tau between the halves >= stable_tau and the top-3 set of the
     ranking on all groups is the same over the last ``stable_checks`` checks."""
@@ -31,7 +31,7 @@ class StabilityWatch:
 
         self.ctx, self.consumers, self.env = ctx, consumers, env
         self.pcfg = ctx.pipeline
-        self.k = confidence_groups(ctx.config)
+        self.k = ctx.config.confidence_groups
         if self.k < 2:
             raise ValueError("fastsel: --until-stable needs the ranking confidence (--confidence-groups K >= 2, not 0)")
         for c in consumers:
@@ -40,7 +40,7 @@ class StabilityWatch:
         self.halves = halves(self.k)
         total = max(1, ctx.num_examples)
         per_batch = total / max(1, len(schedule))
-        self.batches = max(1, round(self.pcfg.check_every / per_batch / env.world_size))  # per rank, per check
+        self.batches = max(1, round(self.pcfg.check_every_examples / per_batch / env.world_size))  # per rank, per check
         self.last = len(schedule) // env.world_size  # every rank has at least this many batches
         self.history: list[dict[str, Any]] = []
         self.stopped = False
@@ -86,7 +86,7 @@ class StabilityWatch:
     def report(self, total: int) -> dict[str, Any]:
         used = self.history[-1]["examples"] if self.stopped else total
         d = {"stable": self.stopped, "reached_end": not self.stopped, "examples_used": used, "examples_available": total,
-             "stable_tau": self.pcfg.stable_tau, "check_every": self.pcfg.check_every,
+             "stable_tau": self.pcfg.stable_tau, "check_every_examples": self.pcfg.check_every_examples,
              "stable_checks": self.pcfg.stable_checks, "checks": self.history}
         if not self.stopped and self.env.is_main:
             print(f"fastsel: note: --until-stable reached the end of the data ({total} examples) before the ranking was "

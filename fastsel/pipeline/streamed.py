@@ -48,7 +48,7 @@ from fastsel.pipeline.context import PipelineContext
 from fastsel.pipeline.diagnosis import nonfinite_error
 from fastsel.pipeline.distributed import DistEnv, PeerFailure, barrier, init_distributed, shutdown_distributed
 from fastsel.pipeline.outputs import check_metrics_fit_task, finish_scores, write_scores
-from fastsel.pipeline.registry import METRICS, BatchConsumer, autocast_context, confidence_groups
+from fastsel.pipeline.registry import METRICS, BatchConsumer, autocast_context
 from fastsel.pipeline.stability import StabilityWatch
 from fastsel.scores.layer_scores import LayerScores
 from fastsel.utils.progress import progress_bar
@@ -117,8 +117,8 @@ def run_pass(
     mine = shard_batches(schedule, env.rank, env.world_size)
     settings = pass_settings(cfg, pcfg, corpus.key, env.world_size)
     if pcfg.until_stable:
-        settings["until_stable"] = [pcfg.stable_tau, pcfg.check_every, pcfg.stable_checks]
-    ckpt = rank_file(pcfg.checkpoint, env.rank, env.world_size) if pcfg.checkpoint else None
+        settings["until_stable"] = [pcfg.stable_tau, pcfg.check_every_examples, pcfg.stable_checks]
+    ckpt = rank_file(pcfg.checkpoint_dir, env.rank, env.world_size) if pcfg.checkpoint_dir else None
 
     cursor, examples, saved = 0, 0, None
     stable = StabilityWatch(ctx, consumers, env, schedule) if pcfg.until_stable else None
@@ -144,7 +144,7 @@ def run_pass(
                             consumers={c.name: c.state_dict() for c in consumers}, complete=complete,
                             extra={"until_stable": stable.state_dict()} if stable is not None else None)
 
-    every = max(1, math.ceil(pcfg.checkpoint_every / env.world_size))  # per rank
+    every = max(1, math.ceil(pcfg.checkpoint_every_examples / env.world_size))  # per rank
     total = int(sum(len(b) for b in mine))
     model = ctx.model
     start_at = len(mine) if stable is not None and stable.stopped else cursor  # a stopped run stays stopped
@@ -186,7 +186,7 @@ def run_pass(
     stats = {"batches": len(schedule), "seconds_pass": round(seconds, 3), "tokens_this_run_rank0": tokens,
              "padding_fraction": round(pad["padding_fraction"], 5), "world_size": env.world_size,
              "max_tokens": pcfg.max_tokens, "bucket": pcfg.bucket, "autocast": pcfg.autocast, "prefetch": pcfg.prefetch,
-             "checkpoint": pcfg.checkpoint, "checkpoint_every": pcfg.checkpoint_every if pcfg.checkpoint else None,
+             "checkpoint_dir": pcfg.checkpoint_dir, "checkpoint_every_examples": pcfg.checkpoint_every_examples if pcfg.checkpoint_dir else None,
              "dist_timeout": pcfg.dist_timeout}
     if stable is not None:
         stats["until_stable"] = stable.report(len(corpus))
@@ -215,15 +215,15 @@ def run_pipeline(
     if missing:
         raise ValueError(f"fastsel: metric(s) {missing} cannot run in the streamed pass; streamed: {streamed}")
 
-    if pcfg.until_stable and confidence_groups(cfg) < 2:
+    if pcfg.until_stable and cfg.confidence_groups < 2:
         raise ValueError("fastsel: --until-stable needs the ranking confidence (--confidence-groups K >= 2, not 0)")
     limit = apply_length_limit(cfg)  # before the corpus key: the cache holds the clamped lengths
     env = init_distributed(cfg.device, pcfg.dist_timeout)
     try:
         return _run_pipeline(cfg, pcfg, env, names, limit, out, plot, progress)
     except PeerFailure as exc:
-        if pcfg.checkpoint:
-            raise PeerFailure(f"{exc}; the checkpoints in {pcfg.checkpoint} stay loadable: rerun the same command with "
+        if pcfg.checkpoint_dir:
+            raise PeerFailure(f"{exc}; the checkpoints in {pcfg.checkpoint_dir} stay loadable: rerun the same command with "
                               "--resume to continue") from None
         raise
     finally:
@@ -258,7 +258,7 @@ def _size(n: float) -> str:
 def check_confidence_groups(ctx: PipelineContext, names: list[str]) -> None:
     """One-line ValueError for a ``--confidence-groups K`` that cannot work: more groups than examples scored, or
     (Fisher) accumulators, (K+1) x the model's trainable float32 parameters, above half of the memory available."""
-    k = confidence_groups(ctx.config)
+    k = ctx.config.confidence_groups
     if k == 0:
         return
     if k > ctx.num_examples:
@@ -307,6 +307,6 @@ def _run_pipeline(cfg: ScoreConfig, pcfg: PipelineConfig, env: DistEnv, names: l
     if env.is_main:
         write_scores(scores, out, plot)
     barrier(env)
-    if pcfg.checkpoint and not pcfg.keep_checkpoints:  # the run is done: its checkpoints are no longer needed
-        remove_checkpoint(rank_file(pcfg.checkpoint, env.rank, env.world_size))
+    if pcfg.checkpoint_dir and not pcfg.keep_checkpoints:  # the run is done: its checkpoints are no longer needed
+        remove_checkpoint(rank_file(pcfg.checkpoint_dir, env.rank, env.world_size))
     return scores

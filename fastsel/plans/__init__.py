@@ -2,3 +2,4 @@
 from layer scores."""
 from fastsel.plans.plan import *  # noqa: F401,F403
 from fastsel.plans.strategies import *  # noqa: F401,F403
+from fastsel.plans.request import *  # noqa: F401,F403

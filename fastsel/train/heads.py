@@ -11,7 +11,8 @@ import torch
 from fastsel.data.task_metrics import main_metric
 from fastsel.pipeline.heads import HeadRequest, HeadSource, PreparedHead, register_head_source
 from fastsel.plans.strategies import build_plan
-from fastsel.train.trainer import TrainConfig, train_model
+from fastsel.train.config import TrainConfig
+from fastsel.train.loop import train_model
 
 __all__ = ["WARMUP_LR", "warmup"]
 

@@ -204,7 +204,7 @@ def test_metric_flags_are_named_with_their_range(tmp_path, capsys, tiny_dir, dat
 def test_finetune_negative_seed(tmp_path, capsys, tiny_dir, data_dir):
     assert main(_finetune(tiny_dir, data_dir, tmp_path / "run", "--seed", "-1")) == 2
     line = _error_line(capsys)
-    assert "--seed must be in 0..4294967295, got -1" in line and not (tmp_path / "run").exists()
+    assert "(--seed) must be in 0..4294967295, got -1" in line and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("command", ["score", "finetune"])
@@ -246,12 +246,13 @@ def test_plots_are_written_atomically(tmp_path, monkeypatch):
 
     from fastsel.scores.layer_scores import LayerScore, LayerScores
     from fastsel.scores.plot import plot_layer_curves, plot_layer_scores
-    from fastsel.train.trainer import EpochRecord, TrainResult, _plot_curves
+    from fastsel.train.finetune import plot_curves
+    from fastsel.train.loop import EpochRecord, TrainResult
 
     scores = LayerScores("fisher", "m", "sst2", "train", 4, [LayerScore(l, f"layer.{l}", float(l + 1)) for l in range(3)])
     result = TrainResult([EpochRecord(1, 0.7, 1.0, 1.0, {"accuracy": 0.5}, 0.69)], 1, {"accuracy": 0.5}, "accuracy", 10)
     writers = [lambda p: plot_layer_scores(scores, p), lambda p: plot_layer_curves(scores, p),
-               lambda p: _plot_curves(result, p, "t")]
+               lambda p: plot_curves(result, p, "t")]
     for i, write in enumerate(writers):
         path = tmp_path / f"p{i}.png"
         write(path)

@@ -9,17 +9,9 @@ from fastsel.cli.app import main
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, minilm_path):
-    """A tiny random BERT saved with the real MiniLM tokenizer (vocab 30522), as a local model dir."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-bert")
-    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(path)
-    return str(path)
+def tiny_model_dir(tiny_dir):
+    """A tiny random BERT with the tiny WordPiece tokenizer (conftest.tiny_dir): no MiniLM needed."""
+    return str(tiny_dir)
 
 
 @pytest.mark.parametrize("task,mode", [("sst2", "empirical"), ("rte", "exact"), ("stsb", "sampled"), ("boolq", "empirical")])

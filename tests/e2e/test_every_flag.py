@@ -81,14 +81,15 @@ class Result:
 def base_argv(command: str, extra: list[str]) -> tuple[list[str], str]:
     """The command's fixed flags (the entry's flags come after them: argparse keeps the last value) and the
     main output file relative to the run folder."""
+    data = [] if "custom" in extra else ["--data-dir", "{data}"]  # custom data comes from --data-file alone
     if command == "score":
-        return ["score", "--model", "{tiny}", "--task", "sst2", "--data-dir", "{data}", "--num-examples", "8",
+        return ["score", "--model", "{tiny}", "--task", "sst2", *data, "--num-examples", "8",
                 "--max-length", "16", "--out", "{run}/s.json"], "s.json"
     if command == "plan":
         strategy = [] if "--strategy" in extra else ["--strategy", "position-top-1"]
         return ["plan", "--model", "{tiny}", *strategy, "--out", "{run}/plan.json"], "plan.json"
     strategy = [] if {"--strategy", "--plan"} & set(extra) else ["--strategy", "position-top-1"]
-    return ["finetune", "--model", "{tiny}", "--task", "rte", "--data-dir", "{data}", *strategy, "--epochs", "1",
+    return ["finetune", "--model", "{tiny}", "--task", "rte", *data, *strategy, "--epochs", "1",
             "--train-examples", "16", "--eval-examples", "8", "--max-length", "16", "--out", "{run}/run"], "run/results.json"
 
 
@@ -190,7 +191,11 @@ def top(*keys: str) -> Callable[[Result], Any]:
 
 
 def job(key: str) -> Callable[[Result], Any]:
-    return top("job", key)
+    """A results.json job setting: a FinetuneJob field, or one of its training settings (job["train"])."""
+    def get(r: Result):
+        j = r.data.get("job", {})
+        return j[key] if key in j else j.get("train", {}).get(key)
+    return get
 
 
 def scores_of(r: Result) -> list[float]:
@@ -253,8 +258,8 @@ CASES: dict[tuple[str, str], Case] = {
     ("score", "--max-tokens"): Case(["--max-tokens", "40"], pipe("max_tokens"), [["--max-tokens", "0"], ["--max-tokens", "-5"]]),
     ("score", "--bucket"): Case(["--no-bucket"], pipe("bucket"), switch_bad("--no-bucket")),
     ("score", "--autocast"): Case(["--autocast", "bf16"], pipe("autocast"), [["--autocast", "fp8"]]),
-    ("score", "--checkpoint"): Case(["--checkpoint", "{run}/ck"], pipe("checkpoint"), [["--checkpoint", "{afile}"]]),
-    ("score", "--checkpoint-every"): Case(["--checkpoint-every", "4"], pipe("checkpoint_every"),
+    ("score", "--checkpoint"): Case(["--checkpoint", "{run}/ck"], pipe("checkpoint_dir"), [["--checkpoint", "{afile}"]]),
+    ("score", "--checkpoint-every"): Case(["--checkpoint-every", "4"], pipe("checkpoint_every_examples"),
                                           [["--checkpoint-every", "0"], ["--checkpoint-every", "-1"]],
                                           context=["--checkpoint", "{run}/ck"], needs=(["--checkpoint-every", "4"], "--checkpoint")),
     ("score", "--resume"): Case(["--resume"], pipe("tokens_this_run_rank0"), switch_bad("--resume"),
@@ -271,7 +276,7 @@ CASES: dict[tuple[str, str], Case] = {
                                     [["--stable-tau", "0"], ["--stable-tau", "1.5"], ["--stable-tau", "nan"],
                                      ["--stable-tau", "inf"]],
                                     context=["--until-stable"], needs=(["--stable-tau", "0.5"], "--until-stable")),
-    ("score", "--check-every"): Case(["--check-every", "4"], top("until_stable", "check_every"),
+    ("score", "--check-every"): Case(["--check-every", "4"], top("until_stable", "check_every_examples"),
                                      [["--check-every", "0"], ["--check-every", "-2"]],
                                      context=["--until-stable"], needs=(["--check-every", "4"], "--until-stable")),
     ("score", "--stable-checks"): Case(["--stable-checks", "2"], top("until_stable", "stable_checks"),
@@ -419,7 +424,7 @@ CASES: dict[tuple[str, str], Case] = {
                                            context=["--head", "probe", "--train-examples", "64", "--score-examples", "8"],
                                            needs=(["--probe-examples", "16"], "--head")),
     ("finetune", "--no-progress"): Case(["--no-progress"], stderr_has("ex/s"), switch_bad("--no-progress"), progress=True),
-    ("finetune", "--checkpoint-every"): Case(["--checkpoint-every", "1"], job("checkpoint_every"),
+    ("finetune", "--checkpoint-every"): Case(["--checkpoint-every", "1"], job("checkpoint_every_steps"),
                                              [["--checkpoint-every", "-1"]]),
     ("finetune", "--resume"): Case(["--resume"], job("resume"), switch_bad("--resume"),
                                    context=["--out", "{tmp}/ft-resume", "--keep-checkpoints"],
@@ -439,6 +444,36 @@ def test_every_parser_flag_has_a_case():
     stale = sorted(f"{c} {f}" for c, f in CASES if f not in FLAGS.get(c, {}))
     assert not missing, f"flags without an entry in CASES (add valid/bad values and how to observe them): {missing}"
     assert not stale, f"entries of flags the parser no longer has: {stale}"
+
+
+def _settings_classes(command: str) -> list[type]:
+    from fastsel.cli.app import ScoreOutputs
+    from fastsel.cli.tune import PlanCommand
+    from fastsel.pipeline.config import PipelineConfig, ScoreConfig
+    from fastsel.pipeline.registry import METRICS
+    from fastsel.train.config import TrainConfig
+    from fastsel.train.finetune import FinetuneJob
+
+    return {"score": [ScoreConfig, ScoreOutputs, PipelineConfig, *{m.options for m in METRICS.values() if m.options}],
+            "plan": [PlanCommand], "finetune": [FinetuneJob, TrainConfig]}[command]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_parser_flag_is_a_settings_field(command):
+    """One source of settings: each flag is made from a settings field (fastsel.utils.settings.setting) of the
+    command's config classes, under that field's name and option string; no flag is written by hand."""
+    from dataclasses import fields
+
+    from fastsel.utils.settings import flag_of
+
+    by_flag = {flag_of(f): f for cls in _settings_classes(command) for f in fields(cls)
+               if f.metadata.get("cli", True) and "help" in f.metadata}
+    for flag, action in FLAGS[command].items():
+        assert flag in by_flag, f"fastsel {command} {flag} is not made from a settings field"
+        assert action.dest == by_flag[flag].name, (flag, action.dest)
+    own = {flag_of(f) for cls in _settings_classes(command)[:3] for f in fields(cls)  # not plug-in metrics' options
+           if f.metadata.get("cli", True) and "help" in f.metadata}
+    assert own <= set(FLAGS[command]), f"settings fields without a flag: {sorted(own - set(FLAGS[command]))}"
 
 
 def _case(command: str, flag: str) -> Case:

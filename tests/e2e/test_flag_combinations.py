@@ -171,15 +171,15 @@ def test_score_flag_combinations(tmp_path_factory, tiny_dir, data_dir, c):
         assert cfg["metric"] in (metric, c["metric"]) and cfg["max_length"] == 16 and cfg["batch_size"] == 4
         opts = cfg["options"]
         assert opts["head"] == c["head"] and opts["aggregate"] == c["aggregate"]
-        assert opts["confidence_groups"] == (4 if c["groups"] is None else c["groups"])
+        assert cfg["confidence_groups"] == (4 if c["groups"] is None else c["groups"])
         if c["label_check"] is not None:
             assert opts["label_check"] == c["label_check"]
         assert opts["pooling"] == (c["pooling"] or "mean") and opts["variant"] == (c["variant"] or "xie")
         pipe = d["pipeline"]
         assert pipe["autocast"] == c["autocast"] and pipe["max_tokens"] == c["max_tokens"]
-        assert pipe["checkpoint"] == (str(base / "ck") if c["checkpoint"] else None)
+        assert pipe["checkpoint_dir"] == (str(base / "ck") if c["checkpoint"] else None)
         assert ("until_stable" in d) == c["until_stable"]
-        k = opts["confidence_groups"]
+        k = cfg["confidence_groups"]
         assert (d.get("ranking_confidence") or {}).get("groups", 0) == k or k == 0
         if metric == "fisher":
             assert d["head"]["kind"] == c["head"].split(":")[0]

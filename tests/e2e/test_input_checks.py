@@ -313,9 +313,9 @@ def test_help_still_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["score", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag, default in (("--stable-tau TAU", PipelineConfig.stable_tau), ("--check-every M", PipelineConfig.check_every),
+    for flag, default in (("--stable-tau TAU", PipelineConfig.stable_tau), ("--check-every M", PipelineConfig.check_every_examples),
                           ("--stable-checks C", PipelineConfig.stable_checks),
-                          ("--checkpoint-every M", PipelineConfig.checkpoint_every)):
+                          ("--checkpoint-every M", PipelineConfig.checkpoint_every_examples)):
         entry = text[text.index(f"{flag} --"):][:160]  # "--stable-tau TAU --until-stable: target tau ..."
         assert f"(default: {default})" in entry and "(default: None)" not in entry, entry
 
@@ -331,12 +331,13 @@ def test_until_stable_flags_reach_the_pipeline(monkeypatch, tiny_dir, data_dir):
     assert main(base + ["--checkpoint", str(Path(tiny_dir).parent / "ck"), "--checkpoint-every", "8"]) == 0
     assert main(base) == 0
     (a, b, c) = seen
-    assert (a.until_stable, a.stable_tau, a.check_every, a.stable_checks) == (True, 0.5, 64, 2)
-    assert b.checkpoint_every == 8
+    assert (a.until_stable, a.stable_tau, a.check_every_examples, a.stable_checks) == (True, 0.5, 64, 2)
+    assert b.checkpoint_every_examples == 8
     from fastsel.pipeline.config import PipelineConfig
 
-    assert (c.stable_tau, c.check_every, c.stable_checks, c.checkpoint_every) == (
-        PipelineConfig.stable_tau, PipelineConfig.check_every, PipelineConfig.stable_checks, PipelineConfig.checkpoint_every)
+    assert (c.stable_tau, c.check_every_examples, c.stable_checks, c.checkpoint_every_examples) == (
+        PipelineConfig.stable_tau, PipelineConfig.check_every_examples, PipelineConfig.stable_checks,
+        PipelineConfig.checkpoint_every_examples)
 
 
 def test_plan_tuner_that_a_strategy_ignores_is_refused(capsys, tiny_dir):

@@ -80,7 +80,7 @@ def test_api_scores_carry_task_and_split(tiny_dir, data_dir, cache):
     from fastsel.pipeline.run import score
 
     cfg = ScoreConfig(metric="fisher", model=str(tiny_dir), task="rte", split="validation", data_dir=str(data_dir),
-                      num_examples=8, max_length=16, options={"confidence_groups": 0})
+                      num_examples=8, max_length=16, confidence_groups=0)
     scores = score(cfg, progress=False)["fisher"]
     assert (scores.task, scores.split) == ("rte", "validation")
     assert " on rte/validation," in scores.table().splitlines()[0]

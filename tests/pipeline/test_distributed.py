@@ -42,7 +42,7 @@ def test_two_gloo_processes_equal_one(tmp_path, tiny_dir, data_dir, monkeypatch,
     cache = str(tmp_path / "cache")
     monkeypatch.setenv("FASTSEL_CACHE", cache)
     cfg = _cfg(tiny_dir, data_dir)
-    pcfg = PipelineConfig(max_tokens=max_tokens, checkpoint=str(tmp_path / "ck2"), checkpoint_every=16)
+    pcfg = PipelineConfig(max_tokens=max_tokens, checkpoint_dir=str(tmp_path / "ck2"), checkpoint_every_examples=16)
     one = tmp_path / "one.json"
     run_pipeline(cfg, PipelineConfig(max_tokens=max_tokens), out=one, progress=False)
     two = tmp_path / "two.json"

@@ -42,9 +42,9 @@ def reviews(tmp_path_factory):
 
 
 def _cfg(tiny_dir, reviews, **options) -> ScoreConfig:
-    opts = {"confidence_groups": 0, "probe_examples": 120, **options}
+    opts = {"probe_examples": 120, **options}
     return ScoreConfig(metric="fisher", model=str(tiny_dir), task="custom", data_file=str(reviews), text_fields=("text",),
-                       num_examples=40, batch_size=8, max_length=32, seed=0, options=opts)
+                       num_examples=40, batch_size=8, max_length=32, seed=0, confidence_groups=0, options=opts)
 
 
 def _oracle_blocks(model_dir, cfg: ScoreConfig) -> tuple[list[float], list[float], list[float]]:
@@ -125,7 +125,7 @@ def test_label_check_is_label_free_by_construction_for_exact_mode_with_a_fresh_h
 def test_label_check_says_label_free_for_minilm_with_a_fresh_head(minilm_path, data_dir, one_thread):
     """The measured case of docs/task_aware.md: all-MiniLM-L6-v2 with a random head on SST-2."""
     cfg = ScoreConfig(metric="fisher", model=str(minilm_path), task="sst2", data_dir=str(data_dir), num_examples=64,
-                      max_length=48, seed=0, options={"confidence_groups": 0, "label_check": 0.5})
+                      max_length=48, seed=0, confidence_groups=0, options={"label_check": 0.5})
     scores = score(cfg, PipelineConfig(), progress=False)["fisher"]
     dep = scores.info["label_dependence"]
     assert dep["examples"] == 32 and dep["label_free"] and dep["kendall_tau_vs_permuted_labels"] >= LABEL_FREE_TAU
@@ -191,10 +191,12 @@ def test_cli_refuses_bad_head_options_in_one_line(tiny_dir, reviews, flags, need
 
 
 def test_finetune_starts_every_strategy_from_the_probe_head(tiny_dir, data_dir, tmp_path, one_thread):
-    from fastsel.train.trainer import FinetuneJob, run_finetune
+    from fastsel.train.config import TrainConfig
+    from fastsel.train.finetune import FinetuneJob, run_finetune
 
-    job = dict(model=str(tiny_dir), task="sst2", data_dir=str(data_dir), strategy="position-top-1", epochs=1,
-               train_examples=96, eval_examples=32, score_examples=16, probe_examples=60, max_length=32, progress=False)
+    job = dict(model=str(tiny_dir), task="sst2", data_dir=str(data_dir), strategy="position-top-1",
+               train_examples=96, eval_examples=32, score_examples=16, probe_examples=60, max_length=32,
+               train=TrainConfig(epochs=1, progress=False))
     res = run_finetune(FinetuneJob(out=str(tmp_path / "a"), head="probe", **job))
     assert res["head"]["kind"] == "probe" and res["head"]["examples"] == 60
     fresh = run_finetune(FinetuneJob(out=str(tmp_path / "b"), **job))

@@ -17,7 +17,6 @@ from fastsel.pipeline.registry import (
     METRICS,
     BatchConsumer,
     Metric,
-    add_option_arguments,
     default_num_examples,
     options_of,
     register_metric,
@@ -26,6 +25,7 @@ from fastsel.pipeline.run import streams
 from fastsel.pipeline.stability import StabilityWatch
 from fastsel.pipeline.streamed import run_pass
 from fastsel.scores.layer_scores import LayerScore, LayerScores
+from fastsel.utils.settings import add_setting_arguments
 
 
 def test_one_record_per_metric_holds_run_consumer_and_options():
@@ -140,7 +140,7 @@ def test_the_optional_hooks_default_as_documented():
 
 def test_until_stable_names_the_consumer_without_stability_scores():
     class Ctx:  # what StabilityWatch reads before the pass
-        config = ScoreConfig(metric="fisher", options={"confidence_groups": 4})
+        config = ScoreConfig(metric="fisher", confidence_groups=4)
         pipeline = PipelineConfig(until_stable=True)
         num_examples = 8
 
@@ -162,7 +162,7 @@ def test_option_fields_make_the_flags_once():
     p = argparse.ArgumentParser()
     taken: set[str] = set()
     for m in ("fisher", "variability", "cca", "probe"):
-        add_option_arguments(p, METRICS[m].options, taken)
+        add_setting_arguments(p, METRICS[m].options, taken=taken)
     args = p.parse_args(["--pooling", "cls", "--probe", "--cca-folds", "3", "--fisher", "sampled"])
     assert (args.pooling, args.probe, args.cca_folds, args.fisher, args.variant) == ("cls", True, 3, "sampled", "xie")
     assert sum(flag == "--pooling" for a in p._actions for flag in a.option_strings) == 1

@@ -144,7 +144,7 @@ def test_autocast_keeps_fp32_accumulators_close(tiny_dir, data_dir, cache, autoc
 
 
 def test_pipeline_config_round_trip_and_errors():
-    p = PipelineConfig(max_tokens=512, autocast="bf16", checkpoint="/tmp/x", resume=True)
+    p = PipelineConfig(max_tokens=512, autocast="bf16", checkpoint_dir="/tmp/x", resume=True)
     assert PipelineConfig.from_json(p.to_json()) == p
     with pytest.raises(ValueError, match="needs --checkpoint"):
         PipelineConfig(resume=True)

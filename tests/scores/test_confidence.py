@@ -118,7 +118,7 @@ def test_unavailable_when_a_subset_cannot_be_scored():
 def test_group_accumulators_sum_to_the_unchanged_totals(tiny_dir, data_dir, cache, mode):
     """Groups-only accumulation: the totals (the sum of the groups) equal a run without groups within float32
     rounding; results unchanged."""
-    ctx0, corpus = _setup(tiny_dir, data_dir, options={"fisher": mode, "confidence_groups": 0})
+    ctx0, corpus = _setup(tiny_dir, data_dir, confidence_groups=0, options={"fisher": mode})
     plain_f, plain_v = _pass(ctx0, corpus)
     ctx, corpus = _setup(tiny_dir, data_dir, options={"fisher": mode})
     fis, var = _pass(ctx, corpus)
@@ -274,7 +274,7 @@ def test_until_stable_resume_gives_the_same_stop(tmp_path, tiny_dir, data_dir, c
 
     cfg = ScoreConfig(model=tiny_dir, task="sst2", data_dir=str(data_dir), num_examples=400, batch_size=8, max_length=32,
                       metric="fisher,variability", options={"fisher": "sampled"})
-    kw = dict(until_stable=True, check_every=32, stable_tau=0.5)
+    kw = dict(until_stable=True, check_every_examples=32, stable_tau=0.5)
     ref = run_pipeline(cfg, PipelineConfig(**kw), progress=False)
     ck = str(tmp_path / "ck")
     calls = {"n": 0}
@@ -288,16 +288,16 @@ def test_until_stable_resume_gives_the_same_stop(tmp_path, tiny_dir, data_dir, c
 
     monkeypatch.setattr(FisherConsumer, "consume", dying)
     with pytest.raises(KeyboardInterrupt):
-        run_pipeline(cfg, PipelineConfig(checkpoint=ck, checkpoint_every=16, **kw), progress=False)
+        run_pipeline(cfg, PipelineConfig(checkpoint_dir=ck, checkpoint_every_examples=16, **kw), progress=False)
     monkeypatch.setattr(FisherConsumer, "consume", real)
-    got = run_pipeline(cfg, PipelineConfig(checkpoint=ck, checkpoint_every=16, resume=True, **kw), progress=False)
+    got = run_pipeline(cfg, PipelineConfig(checkpoint_dir=ck, checkpoint_every_examples=16, resume=True, **kw), progress=False)
     for m in ("fisher", "variability"):
         assert got[m].info["until_stable"] == ref[m].info["until_stable"]
         assert got[m].num_examples == ref[m].num_examples < 400
         assert got[m].info["ranking_confidence"] == ref[m].info["ranking_confidence"]
         assert [l.score for l in got[m].layers] == [l.score for l in ref[m].layers]
     # the finished (stopped) checkpoint resumes to the same result without going on
-    again = run_pipeline(cfg, PipelineConfig(checkpoint=ck, checkpoint_every=16, resume=True, **kw), progress=False)
+    again = run_pipeline(cfg, PipelineConfig(checkpoint_dir=ck, checkpoint_every_examples=16, resume=True, **kw), progress=False)
     assert again["fisher"].num_examples == ref["fisher"].num_examples
 
 
@@ -334,7 +334,7 @@ def test_until_stable_two_gloo_processes_equal_one(tmp_path, tiny_dir, data_dir,
     monkeypatch.setenv("FASTSEL_CACHE", cache)
     cfg = ScoreConfig(model=tiny_dir, task="sst2", data_dir=str(data_dir), num_examples=400, batch_size=8, max_length=32,
                       metric="fisher,variability", options={"fisher": "sampled"})
-    pcfg = PipelineConfig(until_stable=True, check_every=32, stable_tau=0.5)  # 4 batches per check: 2 per rank
+    pcfg = PipelineConfig(until_stable=True, check_every_examples=32, stable_tau=0.5)  # 4 batches per check: 2 per rank
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     run_pipeline(cfg, pcfg, out=one, progress=False)
     mp.spawn(_stable_worker, args=(2, free_port(), cfg.to_json(), pcfg.to_json(), str(two), cache), nprocs=2, join=True)

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from fastsel.cli.app import main
-from fastsel.train.trainer import EVAL_SHARE, FinetuneJob, job_examples
+from fastsel.train.config import TrainConfig
+from fastsel.train.finetune import EVAL_SHARE, FinetuneJob, job_examples
 
 ROWS = [("a good film", "pos"), ("bad and dull", "neg"), ("a great cast", "pos"), ("boring story", "neg"),
         ("fine and fresh", "pos"), ("slow and thin", "neg")]
@@ -21,8 +22,9 @@ def files(tmp_path):
     return train, dev
 
 
-def _job(train, **kw) -> FinetuneJob:
-    return FinetuneJob(model="unused", task="custom", out="unused", data_file=str(train), text_fields=("text",), **kw)
+def _job(path, **kw) -> FinetuneJob:
+    return FinetuneJob(model="unused", task="custom", out="unused", data_file=str(path), text_fields=("text",),
+                       strategy="full", **kw)
 
 
 def test_held_out_share_is_disjoint_seeded_and_complete(files):
@@ -33,7 +35,7 @@ def test_held_out_share_is_disjoint_seeded_and_complete(files):
     assert len(rows) == 30 and not set(tr.text_a) & set(ev.text_a)  # every row once, none in both
     assert "3 of the 30 examples" in source and "held out" in source
     assert job_examples(_job(train))[2].text_a == ev.text_a  # seeded
-    assert job_examples(_job(train, seed=1))[2].text_a != ev.text_a
+    assert job_examples(_job(train, train=TrainConfig(seed=1)))[2].text_a != ev.text_a
 
 
 def test_eval_file_keeps_the_training_classes(files):
@@ -54,13 +56,13 @@ def test_eval_file_with_an_unknown_label_is_refused(files, tmp_path):
 def test_custom_flags_need_task_custom(files):
     train, _ = files
     with pytest.raises(ValueError, match="--data-file applies only to --task custom"):
-        job_examples(FinetuneJob(model="m", task="sst2", out="o", data_file=str(train)))
+        FinetuneJob(model="m", task="sst2", out="o", data_file=str(train), strategy="full")
 
 
 def test_eval_file_that_is_the_data_file_is_refused(files):
     train, _ = files
     with pytest.raises(ValueError, match="--eval-file .* is the --data-file"):
-        job_examples(_job(train, eval_file=str(train)))
+        _job(train, eval_file=str(train))  # refused when the job is made
 
 
 def _argv(tiny_dir, train, out, *extra):

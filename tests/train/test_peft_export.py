@@ -19,7 +19,7 @@ from fastsel.train.export import (
     peft_note,
     tuning_summary,
 )
-from fastsel.train.trainer import load_trained
+from fastsel.train.saved import load_trained
 
 pytest.importorskip("peft")
 

@@ -7,7 +7,8 @@ import torch
 from fastsel.hf.layer_map import map_layers
 from fastsel.plans.plan import LoraSpec, Plan, PlanError, Tuning
 from fastsel.plans.strategies import build_plan
-from fastsel.train.trainer import TrainConfig, make_optimizer
+from fastsel.train.config import TrainConfig
+from fastsel.train.loop import make_optimizer
 from fastsel.tuners.adapters import AdaptedLinear, BottleneckAdapter
 from fastsel.tuners.apply import apply_plan, trainable_parameters
 from tests.tiny_models import random_batch, tiny_model

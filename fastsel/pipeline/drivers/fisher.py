@@ -27,8 +27,6 @@ from fastsel.pipeline.registry import (
     BatchConsumer,
     Metric,
     autocast_context,
-    confidence_groups,
-    option,
     options_of,
     register_metric,
 )
@@ -43,6 +41,7 @@ from fastsel.scores.fisher import (
     layer_statistics,
 )
 from fastsel.scores.layer_scores import LayerScores
+from fastsel.utils.settings import setting
 
 __all__ = ["FisherOptions", "FisherConsumer", "LABEL_FREE_TAU", "label_subset", "permuted_labels", "label_dependence"]
 
@@ -52,17 +51,17 @@ LABEL_FREE_TAU = 0.9  # a ranking is label-free when Kendall tau-b against the p
 
 @dataclass(frozen=True)
 class FisherOptions:
-    fisher: str = option("empirical", "labels of the log-likelihood: gold (empirical), sampled from the model, or the "
+    fisher: str = setting("empirical", "labels of the log-likelihood: gold (empirical), sampled from the model, or the "
                          "exact expectation", choices=FISHER_MODES)
-    head: str = option("fresh", "where the classification head comes from: fresh (seeded random, the paper's), probe (the "
+    head: str = setting("fresh", "where the classification head comes from: fresh (seeded random, the paper's), probe (the "
                        "model's head fitted first on the frozen backbone), warmup:STEPS (a short full fine-tuning), or a "
                        "checkpoint folder (docs/task_aware.md)", metavar="fresh|probe|warmup:STEPS|DIR")
-    probe_examples: int = option(1000, "--head probe / warmup: training examples it fits on (none of them scored)", metavar="N")
-    aggregate: str = option("frobenius", "how a block's Fisher diagonal becomes its score: " + "; ".join(
+    probe_examples: int = setting(1000, "--head probe / warmup: training examples it fits on (none of them scored)", metavar="N")
+    aggregate: str = setting("frobenius", "how a block's Fisher diagonal becomes its score: " + "; ".join(
         f"{k}: {v}" for k, v in AGGREGATES.items()), choices=tuple(AGGREGATES))
-    label_check: float = option(0.2, "label-dependence check: the share of the scored examples rescored with permuted "
+    label_check: float = setting(0.2, "label-dependence check: the share of the scored examples rescored with permuted "
                                 "labels (and, for a fitted head, a head fitted on permuted labels); 0: off", metavar="F")
-    save_head: str | None = option(None, "write the model with the head it scored with to this folder (a Hugging Face "
+    save_head: str | None = setting(None, "write the model with the head it scored with to this folder (a Hugging Face "
                                    "checkpoint: --head DIR or finetune --model DIR start from it)", metavar="DIR")
 
     def __post_init__(self) -> None:
@@ -186,7 +185,7 @@ class FisherConsumer(BatchConsumer):
     def __init__(self, ctx: PipelineContext) -> None:
         self.ctx = ctx
         self.opts = options_of(FisherOptions, ctx.config.options)
-        self.groups = confidence_groups(ctx.config)
+        self.groups = ctx.config.confidence_groups
         # The head first (a probe fits on cached features of the frozen backbone), then the accumulators.
         self.head = setup_head(ctx.config, self.opts.head, self.opts.probe_examples, ctx.model, ctx.tokenizer,
                                ctx.layer_map, ctx.task, ctx.device, process_rank() == 0)

@@ -9,7 +9,7 @@ from fastsel.capture.taps import POOLINGS
 from fastsel.data.features import make_dataloader, tokenize_examples
 from fastsel.data.readers import load_examples
 from fastsel.pipeline.context import ScoringContext
-from fastsel.pipeline.registry import Metric, option, options_of, register_metric
+from fastsel.pipeline.registry import Metric, options_of, register_metric
 from fastsel.scores.layer_scores import LayerScore, LayerScores
 from fastsel.scores.plot import plot_layer_curves
 from fastsel.scores.probing import (
@@ -20,13 +20,14 @@ from fastsel.scores.probing import (
     numerical_rank,
     probe_scores,
 )
+from fastsel.utils.settings import setting
 
 __all__ = ["PoolingOptions", "ProbeOptions", "CCAOptions", "NumrankOptions", "attach_probes"]
 
 
 @dataclass(frozen=True)
 class PoolingOptions:
-    pooling: str = option("mean", "sequence state: mean of the non-special tokens, or the first (CLS) token (variability, "
+    pooling: str = setting("mean", "sequence state: mean of the non-special tokens, or the first (CLS) token (variability, "
                           "cca, numrank, probe)", choices=POOLINGS)
 
     def __post_init__(self) -> None:
@@ -36,8 +37,8 @@ class PoolingOptions:
 
 @dataclass(frozen=True)
 class ProbeOptions(PoolingOptions):
-    probe_eval_examples: int | None = option(None, "random subset of the validation split (default: all)", type=int)
-    probe_c: float = option(1.0, "inverse L2 strength of the logistic-regression probes")
+    probe_eval_examples: int | None = setting(None, "random subset of the validation split (default: all)", type=int)
+    probe_c: float = setting(1.0, "inverse L2 strength of the logistic-regression probes")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,13 +52,13 @@ class ProbeOptions(PoolingOptions):
 
 @dataclass(frozen=True)
 class NumrankOptions(ProbeOptions):
-    probe: bool = option(False, "also train a probe per layer and report the probe score s and rho(score, s) (see "
+    probe: bool = setting(False, "also train a probe per layer and report the probe score s and rho(score, s) (see "
                          "--metric probe options)")
 
 
 @dataclass(frozen=True)
 class CCAOptions(NumrankOptions):
-    cca_folds: int = option(10, "cross-validation folds of the CCA score (appendix C.7)")
+    cca_folds: int = setting(10, "cross-validation folds of the CCA score (appendix C.7)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,8 +14,6 @@ from fastsel.pipeline.drivers.probing import NumrankOptions, attach_probes
 from fastsel.pipeline.registry import (
     BatchConsumer,
     Metric,
-    confidence_groups,
-    option,
     options_of,
     register_metric,
 )
@@ -31,13 +29,14 @@ from fastsel.scores.variability import (
     variability_layer_scores,
     variability_ratio,
 )
+from fastsel.utils.settings import setting
 
 __all__ = ["VariabilityOptions", "VariabilityConsumer"]
 
 
 @dataclass(frozen=True)
 class VariabilityOptions(NumrankOptions):
-    variant: str = option("xie", "xie: class-balanced Sigma_w, Sigma_b (section 3.1); papyan: frequency-weighted, global "
+    variant: str = setting("xie", "xie: class-balanced Sigma_w, Sigma_b (section 3.1); papyan: frequency-weighted, global "
                           "mean (appendix A.1)", choices=VARIANTS)
 
     def __post_init__(self) -> None:
@@ -64,7 +63,7 @@ class VariabilityConsumer(BatchConsumer):
         self.ctx = ctx
         self.pooling, self.variant = opts.pooling, opts.variant
         # ranking confidence (fastsel.scores.confidence): one set of class statistics per group of examples
-        self.groups = confidence_groups(ctx.config)
+        self.groups = ctx.config.confidence_groups
         self.acc = ClassStatisticsAccumulation(ctx.model, ctx.layer_map, ctx.task.num_labels, pooling=self.pooling,
                                                groups=self.groups)
         self.stats, self.group_stats = self.acc.stats, self.acc.group_stats
