@@ -128,6 +128,7 @@ def run_part_b(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             res = run_finetune(FinetuneJob(model=str(head_dir), task=task, out=str(run_dir), data_dir=args.data_dir,
                                            strategy=f"layers-{layer}-{layer}-{L - 1}", max_length=64,
+                                           head="fresh",  # keep the head the folder holds: the cell's probe
                                            train_examples=500, eval_examples=500,
                                            train=TrainConfig(epochs=2, lr=1e-4, batch_size=16, seed=seed,
                                                              progress=False)))

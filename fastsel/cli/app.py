@@ -147,8 +147,8 @@ def _check_metric_options(args: argparse.Namespace) -> None:
             flag = "--" + dest.replace("_", "-")
             raise ValueError(f"fastsel: {flag} only applies with --metric {' or '.join(sorted(metrics))}; --metric "
                              f"{args.metric} would ignore it: add that metric, or leave {flag} out")
-    if given("probe_examples") and not str(getattr(args, "head", "fresh")).startswith(("probe", "warmup")):
-        raise ValueError("fastsel: --probe-examples only applies with --head probe or --head warmup:STEPS (the examples "
+    if given("probe_examples") and not str(getattr(args, "head", "auto")).startswith(("auto", "probe", "warmup")):
+        raise ValueError("fastsel: --probe-examples only applies with --head auto, probe or warmup:STEPS (the examples "
                          "the head is fitted on); leave --probe-examples out")
     for dest in ("probe_c", "probe_eval_examples"):
         if given(dest) and "probe" not in chosen and not getattr(args, "probe", False):

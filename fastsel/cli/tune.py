@@ -228,7 +228,7 @@ def _check_unused_flags(req: PlanRequest, *, lora: bool, adapter: bool) -> None:
         unused += [("--rank-examples", differs_from_default(req, "rank_examples"), not req.rank_epochs, _RANK_NEEDS),
                    ("--rank-split", differs_from_default(req, "rank_split"), not req.rank_epochs, _RANK_NEEDS),
                    ("--probe-examples", differs_from_default(req, "probe_examples"),
-                    not head.startswith(("probe", "warmup")), "--head probe or --head warmup:STEPS"),
+                    not head.startswith(("auto", "probe", "warmup")), "--head auto, probe or warmup:STEPS"),
                    ("--fisher", differs_from_default(req, "fisher_mode"), not scores_itself,
                     "a --strategy that scores the layers itself (fisher-*, without --scores)")]
     for flag, was_given, ignored, needs in unused:

@@ -62,3 +62,4 @@ class PipelineContext:
     device: torch.device
     num_examples: int
     corpus: TokenizedCorpus | None = None  # the pass's data (the Fisher label-dependence check rereads a share of it)
+    progress: bool = True  # bars and progress lines (on rank 0); False: --no-progress

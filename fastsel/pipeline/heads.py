@@ -4,6 +4,10 @@ With a freshly initialised head (``fresh``, the paper's setting) the Fisher rank
 for two classes an example's gradient is ±½ u^T dφ/dθ for a random u, and the gold label only flips a sign that
 squaring removes (docs/task_aware.md). The other sources give the score a head that knows the task:
 
+- ``auto`` (the default): ``probe`` when at least :data:`AUTO_MIN_EXAMPLES` training examples are not scored,
+  else ``fresh``, said in one line and recorded (``requested: auto``, ``why_fresh``). The pre-registered study of
+  docs/task_aware.md made the probe the default: its ranking depends on the task, and the blocks it chooses train
+  no worse than the fresh head's;
 - ``fresh``: the seeded random head that :func:`fastsel.hf.loading.load_model` initialised;
 - ``probe``: the model's own head (every parameter of the head group, plus any parameter the checkpoint lacked,
   such as a pooler it did not ship) fitted with the backbone frozen, on cached backbone outputs of up to
@@ -47,7 +51,7 @@ if TYPE_CHECKING:
     from fastsel.pipeline.config import ScoreConfig
 
 __all__ = ["HeadSource", "HeadRequest", "PreparedHead", "HEAD_SOURCES", "register_head_source", "parse_head",
-           "prepare_head", "head_parameter_names", "fit_head", "save_head", "probe_pool", "setup_head"]
+           "AUTO_MIN_EXAMPLES", "DEFAULT_HEAD", "HEAD_METAVAR", "prepare_head", "head_parameter_names", "fit_head", "save_head", "probe_pool", "setup_head"]
 
 
 @dataclass
@@ -69,6 +73,7 @@ class HeadRequest:
     batch_size: int = 16
     device: torch.device | str = "cpu"
     progress: bool = False
+    pool_limit: int | None = None  # the most examples pool() returns (--probe-examples): auto needs no more than that
 
 
 class PreparedHead:
@@ -96,6 +101,9 @@ class HeadSource:
 
 
 HEAD_SOURCES: dict[str, HeadSource] = {}
+DEFAULT_HEAD = "auto"
+HEAD_METAVAR = "auto|fresh|probe|warmup:STEPS|DIR"
+AUTO_MIN_EXAMPLES = 100  # --head auto fits a probe from this many training examples that are not scored
 
 
 def register_head_source(source: HeadSource) -> HeadSource:
@@ -106,9 +114,10 @@ def register_head_source(source: HeadSource) -> HeadSource:
 
 
 def parse_head(spec: str) -> tuple[str, str | None]:
-    """``fresh`` / ``probe`` / ``warmup:STEPS`` / a checkpoint folder -> (kind, argument); ValueError (one line)."""
+    """``auto`` / ``fresh`` / ``probe`` / ``warmup:STEPS`` / a checkpoint folder -> (kind, argument); ValueError (one
+    line)."""
     spec = str(spec).strip()
-    if spec in ("fresh", "probe"):
+    if spec in ("auto", "fresh", "probe"):
         return spec, None
     if spec.startswith("warmup:") or spec == "warmup":
         steps = spec.partition(":")[2]
@@ -120,7 +129,8 @@ def parse_head(spec: str) -> tuple[str, str | None]:
         return "path", str(path.resolve())
     if path.exists():
         raise ValueError(f"fastsel: --head {spec!r} is a file; give a checkpoint folder (as written by --save-head)")
-    raise ValueError(f"fastsel: --head {spec!r} is neither fresh, probe, warmup:STEPS nor an existing checkpoint folder")
+    raise ValueError(f"fastsel: --head {spec!r} is neither auto, fresh, probe, warmup:STEPS nor an existing checkpoint "
+                     "folder")
 
 
 def prepare_head(spec: str, request: HeadRequest) -> PreparedHead:
@@ -310,6 +320,10 @@ def fit_head(model: nn.Module, layer_map: LayerMap, tokenizer: Any, features: Se
 
 def _probe(req: HeadRequest) -> PreparedHead:
     features = req.pool()
+    if len(features) < 10:
+        raise ValueError(f"fastsel: only {len(features)} training examples of {req.task.name} are not scored, too few to "
+                         "fit a head; score fewer examples (--num-examples, finetune: --score-examples), give more "
+                         "training examples, or use --head fresh")
     names = head_parameter_names(req.model, req.layer_map)
     initial = _state(req.model, names)  # the fresh head: both probes start from it
     info, cache = fit_head(req.model, req.layer_map, req.tokenizer, features, req.task, seed=req.seed,
@@ -335,6 +349,23 @@ def _probe(req: HeadRequest) -> PreparedHead:
     return head
 
 
+def _auto(req: HeadRequest) -> PreparedHead:
+    """probe when the pool holds AUTO_MIN_EXAMPLES examples or more, else fresh (said on stderr and recorded)."""
+    available = len(req.pool())
+    if available >= min(AUTO_MIN_EXAMPLES, req.pool_limit or AUTO_MIN_EXAMPLES):
+        head = _probe(req)
+        head.info["requested"] = "auto"
+        return head
+    why = f"only {available} training examples are not scored (auto fits a probe head from {AUTO_MIN_EXAMPLES})"
+    print(f"fastsel: --head auto: {why}; scoring with the fresh head, whose ranking reflects the model more than the "
+          "task (--head fresh chooses it outright)", file=sys.stderr)
+    head = _fresh(req)
+    head.info.update(requested="auto", why_fresh=why)
+    return head
+
+
+register_head_source(HeadSource("auto", _auto, f"probe when at least {AUTO_MIN_EXAMPLES} training examples are not "
+                                "scored, else fresh (said in one line)", needs_pool=True))
 register_head_source(HeadSource("fresh", _fresh, "the seeded random head (Lodha et al.'s setting; the ranking is then "
                                 "nearly label-free)"))
 register_head_source(HeadSource("probe", _probe, "the model's own head fitted first with the backbone frozen (a linear "
@@ -352,9 +383,6 @@ def probe_pool(cfg: "ScoreConfig", scored: Examples, limit: int) -> Examples:
     full = examples_for(replace(cfg, split="train", num_examples=None, balanced=False))
     taken = set(zip(scored.text_a, scored.text_b or [None] * len(scored)))
     keep = [i for i, key in enumerate(zip(full.text_a, full.text_b or [None] * len(full))) if key not in taken]
-    if len(keep) < 10:
-        raise ValueError(f"fastsel: only {len(keep)} training examples of {full.task.name} are not scored, too few to fit "
-                         "a head; score fewer examples (--num-examples) or use --head fresh")
     if len(keep) > limit:
         keep = sorted(np.random.default_rng([cfg.seed, 0x9B0BE]).choice(keep, size=limit, replace=False).tolist())
     return full.subset(keep)
@@ -372,7 +400,7 @@ def setup_head(cfg: "ScoreConfig", spec: str, probe_examples: int, model: nn.Mod
         return tokenised[0]
 
     request = HeadRequest(model, tokenizer, layer_map, task, pool, seed=cfg.seed, batch_size=cfg.batch_size,
-                          device=device, progress=progress)
+                          device=device, progress=progress, pool_limit=probe_examples)
     return prepare_head(spec, request)
 
 

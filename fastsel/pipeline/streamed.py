@@ -292,7 +292,8 @@ def _run_pipeline(cfg: ScoreConfig, pcfg: PipelineConfig, env: DistEnv, names: l
     check_metrics_fit_task(names, task)
     model, tokenizer, layer_map = load_model(cfg.model, num_labels=1 if task.is_regression else task.num_labels,
                                              seed=cfg.seed, device=env.device)
-    ctx = PipelineContext(cfg, pcfg, model, tokenizer, layer_map, task, env.device, len(corpus), corpus)
+    ctx = PipelineContext(cfg, pcfg, model, tokenizer, layer_map, task, env.device, len(corpus), corpus,
+                          progress=progress)
     check_confidence_groups(ctx, names)  # before a head is fitted or an accumulator allocated
     consumers = [METRICS[n].consumer(ctx) for n in names]  # type: ignore[misc]  (checked above: all stream)
     start = time.perf_counter()

@@ -211,7 +211,8 @@ class LayerScores:
             lines.append(_head_line(head))
         dep = self.info.get("label_dependence")
         if isinstance(dep, dict) and "unavailable" not in dep:
-            lines.append(_label_line(dep, fresh=not isinstance(head, dict) or head.get("kind") == "fresh"))
+            fresh = not isinstance(head, dict) or head.get("kind") == "fresh"
+            lines.append(_label_line(dep, fresh=fresh, few=isinstance(head, dict) and "why_fresh" in head))
         us = self.info.get("until_stable")
         if isinstance(us, dict):
             lines.append(f"until-stable: stable after {us['examples_used']} of {us['examples_available']} examples" if us["stable"]
@@ -234,12 +235,16 @@ def _head_line(head: dict[str, Any]) -> str:
     return f"head: from {head.get('path', kind)}"
 
 
-def _label_line(dep: dict[str, Any], fresh: bool = True) -> str:
+def _label_line(dep: dict[str, Any], fresh: bool = True, few: bool = False) -> str:
+    """``few``: the fresh head was used because too few training examples were left to fit a probe."""
     tau = dep.get("kendall_tau_vs_permuted_labels")
     if dep.get("by_construction"):
         return f"label-free by construction ({dep['by_construction']}): the ranking reflects the model, not the task"
     what = f"Kendall tau vs permuted labels {tau if tau is None else f'{tau:.3f}'} on {dep.get('examples')} examples"
     if dep.get("label_free"):
-        hint = "; try --head probe (docs/task_aware.md)" if fresh else " (docs/task_aware.md)"
+        hint = " (docs/task_aware.md)"
+        if fresh:
+            hint = ("; with more training examples than are scored, --head auto fits a probe head (docs/task_aware.md)"
+                    if few else "; try --head probe (docs/task_aware.md)")
         return f"label-free ({what}): this ranking reflects the model, not the task{hint}"
     return f"label-dependent ({what}): the labels change this ranking"

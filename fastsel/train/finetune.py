@@ -21,7 +21,14 @@ from fastsel.data.settings import CUSTOM_TASK, DataSettings
 from fastsel.data.specs import TaskSpec, get_task
 from fastsel.hf.loading import clamp_max_length, load_model
 from fastsel.pipeline.config import DEFAULT_MODEL, ScoreConfig
-from fastsel.pipeline.heads import HeadRequest, parse_head, prepare_head
+from fastsel.pipeline.heads import (
+    AUTO_MIN_EXAMPLES,
+    DEFAULT_HEAD,
+    HEAD_METAVAR,
+    HeadRequest,
+    parse_head,
+    prepare_head,
+)
 from fastsel.pipeline.inmemory import run_scoring
 from fastsel.pipeline.registry import METRICS
 from fastsel.plans.plan import Plan
@@ -71,10 +78,11 @@ class FinetuneJob(DataSettings, PlanRequest, JsonSettings):
     rank_split: str = setting("train", "examples of the --rank-epochs Fisher passes: training ones, held-out validation "
                               "ones, or both (reported as rank_stability and rank_stability_heldout)",
                               choices=tuple(RANK_SPLITS))
-    head: str = setting("fresh", "the head every strategy starts from and scores with: fresh (seeded random), probe "
-                        "(fitted first on the frozen backbone), warmup:STEPS (a short full fine-tuning) or a checkpoint "
-                        "folder (docs/task_aware.md)", metavar="fresh|probe|warmup:STEPS|DIR")
-    probe_examples: int = setting(1000, "--head probe / warmup: training examples it fits on (taken after the "
+    head: str = setting(DEFAULT_HEAD, "the head every strategy starts from and scores with: auto (probe when at "
+                        f"least {AUTO_MIN_EXAMPLES} training examples are left after the --score-examples ones, else "
+                        "fresh), probe (fitted first on the frozen backbone), fresh (seeded random), warmup:STEPS (a "
+                        "short full fine-tuning) or a checkpoint folder (docs/task_aware.md)", metavar=HEAD_METAVAR)
+    probe_examples: int = setting(1000, "--head auto / probe / warmup: training examples it fits on (taken after the "
                                   "--score-examples ones)", metavar="N")
     keep_checkpoints: bool = setting(False, "keep OUT/train-state.pt once training has finished, so that --resume "
                                      "--epochs N can extend the run later (default: removed; results.json and the "
@@ -237,7 +245,8 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
     # The head every strategy starts from (and scores with): fitted on training examples that are not scored.
     pool = train_features[job.score_examples:][: job.probe_examples]
     head = prepare_head(job.head, HeadRequest(model, tokenizer, layer_map, spec, lambda: list(pool), seed=cfg.seed,
-                                              batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress))
+                                              batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress,
+                                              pool_limit=job.probe_examples))
     if head.fits_labels and cfg.progress:
         print(f"fastsel: every strategy starts from the {head.info['kind']} head", file=sys.stderr)
 

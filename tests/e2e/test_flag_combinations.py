@@ -70,7 +70,7 @@ def _finite_numbers(obj, where: str = "") -> None:
 
 SCORE = st.fixed_dictionaries({
     "metric": st.sampled_from(["fisher", "variability", "fisher,variability"]),
-    "head": st.sampled_from(["fresh", "probe", "warmup:2"]),
+    "head": st.sampled_from(["auto", "fresh", "probe", "warmup:2"]),
     "aggregate": st.sampled_from(["frobenius", "trace", "tensor_norm_sum", "label_specific"]),
     "label_check": st.sampled_from([None, 0.0, 0.5]),
     "groups": st.sampled_from([None, 0, 2, 3]),
@@ -91,7 +91,7 @@ def score_combo(draw) -> dict:
     if draw(st.integers(0, 9)) < 6:
         metrics = set(c["metric"].split(","))
         if "fisher" not in metrics:
-            c.update(head="fresh", aggregate="frobenius", label_check=None)
+            c.update(head="auto", aggregate="frobenius", label_check=None)  # the defaults
         if "variability" not in metrics:
             c.update(pooling=None, variant=None)
         if c["aggregate"] == "label_specific" and c["label_check"] == 0.0:
@@ -104,7 +104,7 @@ def score_combo(draw) -> dict:
 def score_expect(c: dict) -> bool:
     """Whether fastsel must run this combination (every flag applies, none contradicts another)."""
     metrics = set(c["metric"].split(","))
-    fisher_opts = c["head"] != "fresh" or c["aggregate"] != "frobenius" or c["label_check"] not in (None, 0.2)
+    fisher_opts = c["head"] != "auto" or c["aggregate"] != "frobenius" or c["label_check"] not in (None, 0.2)
     if fisher_opts and "fisher" not in metrics:
         return False  # --head/--aggregate/--label-check would be ignored
     if (c["pooling"] or c["variant"]) and "variability" not in metrics:
@@ -121,7 +121,7 @@ def score_expect(c: dict) -> bool:
 @example(c={"metric": "fisher,variability", "head": "probe", "aggregate": "trace", "label_check": 0.5, "groups": 2,
             "until_stable": True, "checkpoint": True, "autocast": "bf16", "pooling": "cls", "variant": "papyan",
             "data": "custom", "max_tokens": 64})
-@example(c={"metric": "variability", "head": "fresh", "aggregate": "trace", "label_check": None, "groups": None,
+@example(c={"metric": "variability", "head": "auto", "aggregate": "trace", "label_check": None, "groups": None,
             "until_stable": False, "checkpoint": False, "autocast": "none", "pooling": None, "variant": None,
             "data": "sst2", "max_tokens": None})
 def test_score_flag_combinations(tmp_path_factory, tiny_dir, data_dir, c):
@@ -140,7 +140,7 @@ def test_score_flag_combinations(tmp_path_factory, tiny_dir, data_dir, c):
     argv += ["--num-examples", "24", "--balanced"] if not c["until_stable"] else ["--num-examples", "32", "--balanced",
                                                                                    "--until-stable", "--check-every", "8"]
     argv += ["--head", c["head"], "--aggregate", c["aggregate"], "--autocast", c["autocast"]]
-    if c["head"] != "fresh":
+    if c["head"] != "fresh" and "fisher" in c["metric"]:  # the examples a head is fitted on: a Fisher option
         argv += ["--probe-examples", "16"]
     for flag, key in (("--label-check", "label_check"), ("--confidence-groups", "groups"), ("--pooling", "pooling"),
                       ("--variant", "variant"), ("--max-tokens", "max_tokens")):
@@ -182,7 +182,8 @@ def test_score_flag_combinations(tmp_path_factory, tiny_dir, data_dir, c):
         k = cfg["confidence_groups"]
         assert (d.get("ranking_confidence") or {}).get("groups", 0) == k or k == 0
         if metric == "fisher":
-            assert d["head"]["kind"] == c["head"].split(":")[0]
+            # auto: a probe here (at least --probe-examples 16 training examples are never all scored)
+            assert d["head"]["kind"] == ("probe" if c["head"] == "auto" else c["head"].split(":")[0])
             assert ("label_dependence" in d) == (c["label_check"] != 0.0)
         else:
             assert d["mode"] == f"{c['variant'] or 'xie'}/{c['pooling'] or 'mean'}"

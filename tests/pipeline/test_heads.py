@@ -18,7 +18,7 @@ from fastsel.data.readers import examples_for
 from fastsel.hf.layer_map import map_layers
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.drivers.fisher import LABEL_FREE_TAU, label_subset, permuted_labels
-from fastsel.pipeline.heads import head_parameter_names, parse_head, probe_pool
+from fastsel.pipeline.heads import AUTO_MIN_EXAMPLES, head_parameter_names, parse_head, probe_pool
 from fastsel.pipeline.run import score
 
 POS = "good great best fine funny brilliant wonderful perfect charming clever".split()
@@ -101,8 +101,41 @@ def test_saved_head_is_the_head_a_path_run_scores_with(tiny_dir, reviews, tmp_pa
     assert again.info["head"]["kind"] == "path"
     torch.testing.assert_close(torch.tensor([l.score for l in again.layers]), torch.tensor([l.score for l in probe.layers]),
                                rtol=1e-6, atol=0)
-    fresh = score(_cfg(tiny_dir, reviews, label_check=0), PipelineConfig(), progress=False)["fisher"]
+    fresh = score(_cfg(tiny_dir, reviews, head="fresh", label_check=0), PipelineConfig(), progress=False)["fisher"]
     assert [l.score for l in fresh.layers] != [l.score for l in probe.layers]
+
+
+def test_auto_head_is_the_probe_when_enough_examples_are_not_scored(tiny_dir, reviews, one_thread, capsys):
+    """The default head (auto): a probe fitted on the pool (here 120 of the 260 examples not scored), recorded as
+    asked by auto; the same scores as --head probe."""
+    auto = score(_cfg(tiny_dir, reviews, label_check=0), PipelineConfig(), progress=False)["fisher"]
+    assert auto.info["head"]["kind"] == "probe" and auto.info["head"]["requested"] == "auto"
+    assert auto.info["head"]["examples"] == 120
+    probe = score(_cfg(tiny_dir, reviews, head="probe", label_check=0), PipelineConfig(), progress=False)["fisher"]
+    assert [l.score for l in auto.layers] == [l.score for l in probe.layers]
+    assert "--head auto" not in capsys.readouterr().err
+
+
+def test_auto_head_falls_back_to_fresh_in_one_line_when_few_examples_are_left(tiny_dir, tmp_path, one_thread, capsys):
+    """Fewer than AUTO_MIN_EXAMPLES training examples not scored: the fresh head, said on stderr and recorded."""
+    small = tmp_path / "small.csv"
+    small.write_text("text,label\n" + "".join(f"{'good fine' if i % 2 else 'bad dull'} {i},{i % 2}\n" for i in range(60)))
+    cfg = ScoreConfig(metric="fisher", model=str(tiny_dir), task="custom", data_file=str(small), text_fields=("text",),
+                      num_examples=20, batch_size=8, max_length=16, seed=0, confidence_groups=0,
+                      options={"label_check": 0})
+    scores = score(cfg, PipelineConfig(), progress=False)["fisher"]
+    head = scores.info["head"]
+    assert head["kind"] == "fresh" and head["requested"] == "auto" and "only 40 training examples" in head["why_fresh"]
+    lines = [l for l in capsys.readouterr().err.splitlines() if "--head auto" in l]
+    assert len(lines) == 1 and f"from {AUTO_MIN_EXAMPLES}" in lines[0]
+    fresh = score(ScoreConfig(**{**cfg.to_dict(), "options": {"label_check": 0, "head": "fresh"}}), PipelineConfig(),
+                  progress=False)["fisher"]
+    assert [l.score for l in scores.layers] == [l.score for l in fresh.layers]
+
+
+def test_auto_head_fits_a_probe_on_fewer_examples_when_probe_examples_asks_so(tiny_dir, reviews, one_thread):
+    scores = score(_cfg(tiny_dir, reviews, probe_examples=50, label_check=0), PipelineConfig(), progress=False)["fisher"]
+    assert scores.info["head"]["kind"] == "probe" and scores.info["head"]["examples"] == 50
 
 
 def test_warmup_head_trains_the_given_number_of_steps(tiny_dir, reviews, one_thread):
@@ -114,7 +147,7 @@ def test_warmup_head_trains_the_given_number_of_steps(tiny_dir, reviews, one_thr
 
 
 def test_label_check_is_label_free_by_construction_for_exact_mode_with_a_fresh_head(tiny_dir, reviews, one_thread):
-    scores = score(_cfg(tiny_dir, reviews, fisher="exact"), PipelineConfig(), progress=False)["fisher"]
+    scores = score(_cfg(tiny_dir, reviews, fisher="exact", head="fresh"), PipelineConfig(), progress=False)["fisher"]
     dep = scores.info["label_dependence"]
     assert dep["label_free"] and "by_construction" in dep
     assert "label-free by construction" in scores.table()
@@ -125,7 +158,7 @@ def test_label_check_is_label_free_by_construction_for_exact_mode_with_a_fresh_h
 def test_label_check_says_label_free_for_minilm_with_a_fresh_head(minilm_path, data_dir, one_thread):
     """The measured case of docs/task_aware.md: all-MiniLM-L6-v2 with a random head on SST-2."""
     cfg = ScoreConfig(metric="fisher", model=str(minilm_path), task="sst2", data_dir=str(data_dir), num_examples=64,
-                      max_length=48, seed=0, confidence_groups=0, options={"label_check": 0.5})
+                      max_length=48, seed=0, confidence_groups=0, options={"label_check": 0.5, "head": "fresh"})
     scores = score(cfg, PipelineConfig(), progress=False)["fisher"]
     dep = scores.info["label_dependence"]
     assert dep["examples"] == 32 and dep["label_free"] and dep["kendall_tau_vs_permuted_labels"] >= LABEL_FREE_TAU
@@ -171,7 +204,7 @@ def test_parse_head_accepts(spec):
 
 
 @pytest.mark.parametrize("spec, needle", [("warmup:0", "warmup:STEPS"), ("warmup:x", "warmup:STEPS"),
-                                          ("/no/such/dir", "neither fresh"), (__file__, "is a file")])
+                                          ("/no/such/dir", "neither auto, fresh"), (__file__, "is a file")])
 def test_parse_head_refuses(spec, needle):
     with pytest.raises(ValueError, match=needle):
         parse_head(spec)
@@ -199,5 +232,5 @@ def test_finetune_starts_every_strategy_from_the_probe_head(tiny_dir, data_dir, 
                train=TrainConfig(epochs=1, progress=False))
     res = run_finetune(FinetuneJob(out=str(tmp_path / "a"), head="probe", **job))
     assert res["head"]["kind"] == "probe" and res["head"]["examples"] == 60
-    fresh = run_finetune(FinetuneJob(out=str(tmp_path / "b"), **job))
+    fresh = run_finetune(FinetuneJob(out=str(tmp_path / "b"), head="fresh", **job))
     assert fresh["head"]["kind"] == "fresh"

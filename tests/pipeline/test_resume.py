@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 from fastsel.pipeline.checkpoint import CheckpointMismatch, load_checkpoint, rank_file, save_checkpoint
 from fastsel.pipeline.outputs import output_path
+from tests.cli_helpers import kill_when
 
 N = 600
 
@@ -47,20 +47,14 @@ def _run_until_checkpoint(cmd, env, ckpt: Path, min_cursor: int, timeout: float 
     """Start ``cmd``, SIGKILL it once ``ckpt`` holds a cursor >= min_cursor; return the cursor it had."""
     before = _cursor(ckpt)[0] if ckpt.exists() else -1
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if ckpt.exists():
-                cursor, complete = _cursor(ckpt)
-                if cursor >= min_cursor and cursor != before and not complete:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-            time.sleep(0.02)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"run was not killed mid-way (rc {proc.returncode}): {proc.stderr.read().decode()[-2000:]}"
+    def ready() -> bool:
+        if not ckpt.exists():
+            return False
+        cursor, complete = _cursor(ckpt)
+        return cursor >= min_cursor and cursor != before and not complete
+
+    rc = kill_when(proc, ready, timeout=timeout, poll=0.02)
+    assert rc == -signal.SIGKILL, f"run was not killed mid-way (rc {rc}): {proc.stderr.read().decode()[-2000:]}"
     cursor, complete = _cursor(ckpt)  # it may have saved once more before the signal landed
     assert cursor >= min_cursor and not complete
     return cursor

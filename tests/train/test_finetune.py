@@ -8,6 +8,7 @@ import torch
 
 from fastsel.data.features import PadCollator
 from fastsel.train.finetune import FinetuneJob, run_finetune
+from tests.cli_helpers import kill_when
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
@@ -73,7 +74,6 @@ def _ft_cmd(model, data_dir, out, *extra):
 def test_finetune_sigkill_and_resume_is_bit_identical(tmp_path, ft_setup, data_dir):
     import signal
     import subprocess
-    import time
 
     model, env = ft_setup
     ref = tmp_path / "ref"
@@ -86,18 +86,8 @@ def test_finetune_sigkill_and_resume_is_bit_identical(tmp_path, ft_setup, data_d
     for target in (2, 11):  # mid epoch 1, then mid epoch 2 of the resumed run
         proc = subprocess.Popen(args + (["--resume"] if kills else []), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and proc.poll() is None:
-                if state.exists() and _ft_state(state)[2] >= target:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-                time.sleep(0.01)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+        rc = kill_when(proc, lambda: state.exists() and _ft_state(state)[2] >= target)
+        assert rc == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
         kills.append(_ft_state(state))
         assert not (out / "results.json").exists()
     assert kills[0][2] >= 2 and kills[1][2] > kills[0][2]

@@ -22,7 +22,16 @@ from fastsel.pipeline.distributed import (
     process_rank,
     world_size,
 )
-from fastsel.pipeline.heads import PreparedHead, head_parameter_names, parse_head, save_head, setup_head
+from fastsel.pipeline.heads import (
+    AUTO_MIN_EXAMPLES,
+    DEFAULT_HEAD,
+    HEAD_METAVAR,
+    PreparedHead,
+    head_parameter_names,
+    parse_head,
+    save_head,
+    setup_head,
+)
 from fastsel.pipeline.registry import (
     BatchConsumer,
     Metric,
@@ -53,10 +62,13 @@ LABEL_FREE_TAU = 0.9  # a ranking is label-free when Kendall tau-b against the p
 class FisherOptions:
     fisher: str = setting("empirical", "labels of the log-likelihood: gold (empirical), sampled from the model, or the "
                          "exact expectation", choices=FISHER_MODES)
-    head: str = setting("fresh", "where the classification head comes from: fresh (seeded random, the paper's), probe (the "
-                       "model's head fitted first on the frozen backbone), warmup:STEPS (a short full fine-tuning), or a "
-                       "checkpoint folder (docs/task_aware.md)", metavar="fresh|probe|warmup:STEPS|DIR")
-    probe_examples: int = setting(1000, "--head probe / warmup: training examples it fits on (none of them scored)", metavar="N")
+    head: str = setting(DEFAULT_HEAD, "where the classification head comes from: auto (probe when at least "
+                        f"{AUTO_MIN_EXAMPLES} training examples are not scored, else fresh), probe (the model's head fitted "
+                        "first on the frozen backbone), fresh (seeded random, the paper's; its ranking is nearly "
+                        "label-free), warmup:STEPS (a short full fine-tuning), or a checkpoint folder "
+                        "(docs/task_aware.md)", metavar=HEAD_METAVAR)
+    probe_examples: int = setting(1000, "--head auto / probe / warmup: training examples it fits on (none of them scored)",
+                                  metavar="N")
     aggregate: str = setting("frobenius", "how a block's Fisher diagonal becomes its score: " + "; ".join(
         f"{k}: {v}" for k, v in AGGREGATES.items()), choices=tuple(AGGREGATES))
     label_check: float = setting(0.2, "label-dependence check: the share of the scored examples rescored with permuted "
@@ -188,7 +200,7 @@ class FisherConsumer(BatchConsumer):
         self.groups = ctx.config.confidence_groups
         # The head first (a probe fits on cached features of the frozen backbone), then the accumulators.
         self.head = setup_head(ctx.config, self.opts.head, self.opts.probe_examples, ctx.model, ctx.tokenizer,
-                               ctx.layer_map, ctx.task, ctx.device, process_rank() == 0)
+                               ctx.layer_map, ctx.task, ctx.device, ctx.progress and process_rank() == 0)
         self._share_head()
         if self.opts.save_head and process_rank() == 0:
             save_head(ctx.model, ctx.tokenizer, self.opts.save_head)
