@@ -9,14 +9,14 @@ import importlib
 import json
 import os
 import sys
-from typing import Callable
-
 from dataclasses import dataclass
+from typing import Callable
 
 from fastsel.cli.info import format_info, info
 from fastsel.data.settings import DataSettings
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.distributed import process_rank
+from fastsel.pipeline.heads import DEFAULT_HEAD, fits_on_pool
 from fastsel.pipeline.outputs import output_path
 from fastsel.pipeline.registry import METRICS, default_num_examples
 from fastsel.pipeline.run import score
@@ -147,7 +147,7 @@ def _check_metric_options(args: argparse.Namespace) -> None:
             flag = "--" + dest.replace("_", "-")
             raise ValueError(f"fastsel: {flag} only applies with --metric {' or '.join(sorted(metrics))}; --metric "
                              f"{args.metric} would ignore it: add that metric, or leave {flag} out")
-    if given("probe_examples") and not str(getattr(args, "head", "auto")).startswith(("auto", "probe", "warmup")):
+    if given("probe_examples") and not fits_on_pool(getattr(args, "head", DEFAULT_HEAD)):
         raise ValueError("fastsel: --probe-examples only applies with --head auto, probe or warmup:STEPS (the examples "
                          "the head is fitted on); leave --probe-examples out")
     for dest in ("probe_c", "probe_eval_examples"):
@@ -311,7 +311,7 @@ def _main(args: argparse.Namespace) -> int:
     except Terminated:
         rank = os.environ.get("RANK")
         why = " (under torchrun: another rank failed or the job was stopped)" if rank is not None else ""
-        hint = _resume_hint(args) or (f"with --checkpoint DIR a rerun with --resume continues where it stopped"
+        hint = _resume_hint(args) or ("with --checkpoint DIR a rerun with --resume continues where it stopped"
                                       if args.command == "score" else "")
         print(f"error: fastsel: stopped by SIGTERM{why}; files are written atomically" + (f"; {hint}" if hint else ""),
               file=sys.stderr)

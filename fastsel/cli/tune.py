@@ -9,6 +9,7 @@ from pathlib import Path
 from fastsel.data.specs import get_task
 from fastsel.hf.layer_map import map_layers
 from fastsel.hf.loading import check_encoder_classifier, check_model_folder, resolve_model_path
+from fastsel.pipeline.heads import fits_on_pool
 from fastsel.plans.plan import Plan, PlanError
 from fastsel.plans.request import PlanRequest
 from fastsel.plans.strategies import build_plan, check_tuner, find_strategy
@@ -223,12 +224,11 @@ def _check_unused_flags(req: PlanRequest, *, lora: bool, adapter: bool) -> None:
               ("--lora-dropout", given["--lora-dropout"], not lora, _LORA_NEEDS),
               ("--adapter-size", given["--adapter-size"], not adapter, "--tuner adapter")]
     if isinstance(req, FinetuneJob):
-        head = str(req.head)
         scores_itself = bool(req.strategy) and find_strategy(req.strategy)[0].needs is not None and not req.scores_path
         unused += [("--rank-examples", differs_from_default(req, "rank_examples"), not req.rank_epochs, _RANK_NEEDS),
                    ("--rank-split", differs_from_default(req, "rank_split"), not req.rank_epochs, _RANK_NEEDS),
                    ("--probe-examples", differs_from_default(req, "probe_examples"),
-                    not head.startswith(("auto", "probe", "warmup")), "--head auto, probe or warmup:STEPS"),
+                    not fits_on_pool(req.head), "--head auto, probe or warmup:STEPS"),
                    ("--fisher", differs_from_default(req, "fisher_mode"), not scores_itself,
                     "a --strategy that scores the layers itself (fisher-*, without --scores)")]
     for flag, was_given, ignored, needs in unused:

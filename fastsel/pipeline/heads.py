@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from fastsel.pipeline.config import ScoreConfig
 
 __all__ = ["HeadSource", "HeadRequest", "PreparedHead", "HEAD_SOURCES", "register_head_source", "parse_head",
-           "AUTO_MIN_EXAMPLES", "DEFAULT_HEAD", "HEAD_METAVAR", "prepare_head", "head_parameter_names", "fit_head", "save_head", "probe_pool", "setup_head"]
+           "AUTO_MIN_EXAMPLES", "DEFAULT_HEAD", "HEAD_METAVAR", "fits_on_pool", "prepare_head", "head_parameter_names",
+           "fit_head", "save_head", "probe_pool", "setup_head"]
 
 
 @dataclass
@@ -131,6 +132,13 @@ def parse_head(spec: str) -> tuple[str, str | None]:
         raise ValueError(f"fastsel: --head {spec!r} is a file; give a checkpoint folder (as written by --save-head)")
     raise ValueError(f"fastsel: --head {spec!r} is neither auto, fresh, probe, warmup:STEPS nor an existing checkpoint "
                      "folder")
+
+
+def fits_on_pool(spec: str) -> bool:
+    """Whether the head source ``spec`` names fits on training examples (so ``--probe-examples`` applies to it)."""
+    kind, _ = parse_head(spec)
+    source = HEAD_SOURCES.get(kind)
+    return source is not None and source.needs_pool
 
 
 def prepare_head(spec: str, request: HeadRequest) -> PreparedHead:

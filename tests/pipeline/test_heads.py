@@ -18,7 +18,7 @@ from fastsel.data.readers import examples_for
 from fastsel.hf.layer_map import map_layers
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.drivers.fisher import LABEL_FREE_TAU, label_subset, permuted_labels
-from fastsel.pipeline.heads import AUTO_MIN_EXAMPLES, head_parameter_names, parse_head, probe_pool
+from fastsel.pipeline.heads import AUTO_MIN_EXAMPLES, fits_on_pool, head_parameter_names, parse_head, probe_pool
 from fastsel.pipeline.run import score
 
 POS = "good great best fine funny brilliant wonderful perfect charming clever".split()
@@ -234,3 +234,11 @@ def test_finetune_starts_every_strategy_from_the_probe_head(tiny_dir, data_dir, 
     assert res["head"]["kind"] == "probe" and res["head"]["examples"] == 60
     fresh = run_finetune(FinetuneJob(out=str(tmp_path / "b"), head="fresh", **job))
     assert fresh["head"]["kind"] == "fresh"
+
+
+def test_fits_on_pool_follows_the_registered_sources(tmp_path):
+    """--probe-examples applies exactly to the head sources registered with needs_pool (auto, probe, warmup)."""
+    import fastsel.train  # noqa: F401 - registers warmup
+
+    assert all(fits_on_pool(spec) for spec in ("auto", "probe", "warmup:2"))
+    assert not fits_on_pool("fresh") and not fits_on_pool(str(tmp_path))
