@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastsel.data.settings import DataSettings
+from fastsel.pipeline.cuda_graphs import CUDA_GRAPH_MODES
 from fastsel.pipeline.registry import AUTOCAST, METRICS, options_of
 from fastsel.scores.confidence import DEFAULT_GROUPS
 from fastsel.utils.settings import JsonSettings, setting
@@ -102,6 +103,11 @@ class PipelineConfig(JsonSettings):
                                         metavar="M", needs="--until-stable")
     stable_checks: int = setting(3, "the top-3 must be the same over the last C checks", metavar="C",
                                  needs="--until-stable")
+    cuda_graphs: str = setting("auto", "CUDA-graph capture of the scoring step, one graph per batch shape (lengths "
+                               "padded to multiples of 32), replayed for later batches of that shape: on (needs a CUDA "
+                               "--device), off, or auto: on where a GPU run measured that it pays (none has yet: eager); "
+                               "steps it cannot capture (--fisher sampled, --confidence-groups K, variability, ...) run "
+                               "eager, the reason in scores.json pipeline.cuda_graphs", choices=CUDA_GRAPH_MODES)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -123,5 +129,7 @@ class PipelineConfig(JsonSettings):
             raise ValueError(f"fastsel: --check-every must be >= 1 example, got {self.check_every_examples}")
         if self.stable_checks < 1:
             raise ValueError(f"fastsel: --stable-checks must be >= 1, got {self.stable_checks}")
+        if self.cuda_graphs not in CUDA_GRAPH_MODES:
+            raise ValueError(f"fastsel: --cuda-graphs must be one of {', '.join(CUDA_GRAPH_MODES)}, got {self.cuda_graphs!r}")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("fastsel: --resume needs --checkpoint PATH (the folder the interrupted run wrote)")

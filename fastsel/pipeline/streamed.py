@@ -45,6 +45,7 @@ from fastsel.pipeline.checkpoint import load_checkpoint, rank_file, remove_check
 from fastsel.pipeline.checks import apply_length_limit
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.context import PipelineContext
+from fastsel.pipeline.cuda_graphs import GraphSteps, check_cuda_graphs
 from fastsel.pipeline.diagnosis import nonfinite_error
 from fastsel.pipeline.distributed import DistEnv, PeerFailure, barrier, init_distributed, shutdown_distributed
 from fastsel.pipeline.outputs import check_metrics_fit_task, finish_scores, write_scores
@@ -153,6 +154,7 @@ def run_pass(
     tokens, since_save = 0, 0
     start = time.perf_counter()
     names = ",".join(c.name for c in consumers)
+    graphs = GraphSteps.for_pass(ctx, consumers, _step)  # --cuda-graphs; eager (off, auto today): graphs.step is _step
     with eval_mode(model):
         with progress_bar(total=total, desc=f"{names} (rank {env.rank}/{env.world_size})" if env.world_size > 1 else names,
                           unit="ex", disable=not progress or not env.is_main) as bar:
@@ -160,7 +162,7 @@ def run_pass(
             for batch in reader:
                 batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
                 B = int(batch["input_ids"].shape[0])
-                logits_ok, acc_ok = _step(model, consumers, batch, pcfg.autocast, ctx.device)
+                logits_ok, acc_ok = graphs.step(model, consumers, batch, pcfg.autocast, ctx.device)
                 if not bool(torch.stack([logits_ok, acc_ok]).all()):  # the one host sync of the batch
                     raise nonfinite_error(ctx, consumers, batch, cursor, env.rank, env.world_size, pcfg.autocast,
                                           bool(logits_ok), saved)
@@ -187,7 +189,7 @@ def run_pass(
              "padding_fraction": round(pad["padding_fraction"], 5), "world_size": env.world_size,
              "max_tokens": pcfg.max_tokens, "bucket": pcfg.bucket, "autocast": pcfg.autocast, "prefetch": pcfg.prefetch,
              "checkpoint_dir": pcfg.checkpoint_dir, "checkpoint_every_examples": pcfg.checkpoint_every_examples if pcfg.checkpoint_dir else None,
-             "dist_timeout": pcfg.dist_timeout}
+             "dist_timeout": pcfg.dist_timeout, "cuda_graphs": graphs.report(cursor - start_at)}
     if stable is not None:
         stats["until_stable"] = stable.report(len(corpus))
     return PassResult(consumers, examples, stats)
@@ -215,6 +217,7 @@ def run_pipeline(
     if missing:
         raise ValueError(f"fastsel: metric(s) {missing} cannot run in the streamed pass; streamed: {streamed}")
 
+    check_cuda_graphs(pcfg.cuda_graphs, cfg.device)  # --cuda-graphs on without CUDA: before the model is loaded
     if pcfg.until_stable and cfg.confidence_groups < 2:
         raise ValueError("fastsel: --until-stable needs the ranking confidence (--confidence-groups K >= 2, not 0)")
     limit = apply_length_limit(cfg)  # before the corpus key: the cache holds the clamped lengths
