@@ -11,7 +11,7 @@ SOURCES   := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*
 CUDA_VENV   ?= .venv-cuda
 CUDA_PY     := $(CUDA_VENV)/bin/python
 CUDA_TORCH  ?= torch==2.14.1
-CUDA_ARCHS  ?= 8.0;9.0
+CUDA_ARCHS  ?= 8.0;9.0+PTX
 CUDA_SRC    := build/cuda-src
 CUDA_DEPS   := $(CUDA_VENV)/.fastsel-deps
 CUDA_BUILT  := $(CUDA_VENV)/.fastsel-built
@@ -88,7 +88,8 @@ cuda-build: $(CUDA_BUILT)
 	cd build && $(abspath $(CUDA_PY)) -m fastsel info --json > cuda-info.json
 	cd build && $(abspath $(CUDA_PY)) -m fastsel.cli.info --require-cuda
 
-# On a GPU machine: build, test and benchmark the CUDA kernels (bench/gpu_check.sh); --dry: what it would run.
+# On a GPU machine: build (this GPU's arch +PTX), test, benchmark and sanitize the CUDA kernels in <= 8 minutes
+# (bench/gpu_check.sh; results and logs under runs/gpu_check); --dry: the same steps on a CPU at tiny sizes.
 gpu-check:
 	bash bench/gpu_check.sh
 

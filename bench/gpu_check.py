@@ -8,16 +8,20 @@ leaves the results so far; an error is recorded and the next section runs):
 
   env          device, driver, torch / CUDA / transformers versions, what fastsel loaded
   gemm         measured bf16 and fp32 GEMM TFLOP/s (8192^3, random data) and device-to-device copy GB/s
-  linear       every backend of accumulate_linear_sq_grad on BERT-base / BERT-large layer shapes, B in
-               {8, 32, 128}, T in {128, 512}, bf16 and fp32: checked against the fp32 reference, then timed
-               (interleaved with the weight-gradient GEMM of the same shape, the physical limit); one
-               mixed-dtype call (g bf16, x fp32, as under autocast); per-(dtype, shape class) winners
-               ("linear_winners", with rules in the format of fastsel/ops/backend_table.json)
+  linear       every backend of accumulate_linear_sq_grad (CUDA pipelined / wmma, triton, bmm) on BERT-base /
+               BERT-large layer shapes, B in {8, 32, 128}, T in {32, 64, 128, 512}, bf16, fp16 and fp32:
+               checked against the fp32 reference, then timed (interleaved with the weight-gradient GEMM of
+               the same shape, the physical limit); one mixed-dtype call (g bf16, x fp32, as under autocast);
+               per-(dtype, shape class) winners ("linear_winners", with rules in the format of
+               fastsel/ops/backend_table.json), and that table written to OUT/backend_table.json
   error        bf16 inputs: relative error of every backend vs an fp64 oracle, and of a bf16 pure-torch
                per-example bmm, on BERT-base shapes (B=32, T=128)
   fisher       BERT-base Fisher pass (B=32, T=128) under bf16 autocast: fastsel (default and each linear
                backend) vs a plain training step, the per-example loop, torch.func vmap and Opacus; time
                and extra peak memory, agreement checks first (fp32 vs the loop, bf16 per-layer traces)
+  fisher_pass  `fastsel score` as a user runs it (in this process) on a BERT folder: B=32 and 128, the default
+               configuration and the bare pass, SDPA and eager attention, CUDA graphs off and on, and the
+               variability pass; its output in OUT/fisher_pass.log
   variability  tokens/s of accumulate_class_statistics vs a plain forward; class_stats_update vs its ref
 
 Timing: warm-up, then methods interleaved round by round (A B C A B C ...), each call timed by CUDA

@@ -6,7 +6,9 @@ The rules are gpu_check's ``linear_winners.rules``: per (GPU capability, operand
 ``fastsel.ops.backend.linear_shape_class``) the backend with the lowest geometric-mean slowdown against the
 best backend of each measured configuration, among those that passed their agreement check. A GPU with
 no rule falls back to the table's default, cuBLAS batched GEMMs (``bmm``), the backend that needs no
-custom kernel.
+custom kernel; so does a shape class the run did not time. fp16 gets its own rules when the run timed fp16
+(gpu_check does since T in {32, 64} and triton were added); an older run's bf16 rules cover fp16 too.
+bench/gpu_check.py writes the same table to OUT/backend_table.json at the end of its linear section.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def table_from(data: dict, source: str) -> dict:
     rules = [dict(r) for r in data.get("linear_winners", {}).get("rules", [])]
-    for r in rules:  # fp16 runs the same tensor-core code as bf16 (not timed separately): same choice
-        if "bf16" in r["when"].get("dtype", []):
+    measured_fp16 = any("fp16" in r["when"].get("dtype", []) for r in rules)
+    for r in rules:  # a run that did not time fp16 (before 2027): it runs the same tensor-core code as bf16
+        if not measured_fp16 and "bf16" in r["when"].get("dtype", []):
             r["when"] = {**r["when"], "dtype": ["bf16", "fp16"]}
     if not rules:
         raise SystemExit(f"make_backend_table: {source} has no linear_winners.rules (did the linear section run?)")

@@ -43,3 +43,31 @@ def test_read_steps(tmp_path):
     assert read_steps(tmp_path / "missing.tsv") == []
     (tmp_path / "steps.tsv").write_text("env\tok\t3\nbroken line\nbuild\tFAILED (rc 1)\t40\n")
     assert read_steps(tmp_path / "steps.tsv") == [("env", "ok", "3"), ("build", "FAILED (rc 1)", "40")]
+
+
+def test_summary_of_the_new_steps(tmp_path):
+    from gpucheck.summary import present_logs
+
+    data = {"dry": False, "gpu": "H100", "sections": {
+        "linear": {"status": "ok", "winners": {"fp16": {"T<=32|B<=8|OI<=1M": "triton"}}, "triton_first_calls_s": 42.0,
+                   "skipped_time_budget": ["a", "b"],
+                   "backend_table": {"path": "/x/backend_table.json", "rules": 54, "T_classes": ["T<=256", "T<=32", "T>256"],
+                                     "dtypes": ["bf16", "fp16", "fp32"]}},
+        "fisher_pass": {"status": "ok", "examples": 512, "T": 128, "attention_loaded": {"sdpa": "sdpa", "eager": "eager"},
+                        "runs": {"fisher default B32 sdpa graphs=off": {"status": "ok", "pass_s": 1.25, "examples_per_s": 409.6,
+                                                                       "scoring_s": 2.5, "wall_s": 4.0, "peak_extra_mib": 900.0,
+                                                                       "head": "probe"},
+                                 "fisher default B32 sdpa graphs=on": {"status": "skipped: fastsel has no cuda_graphs setting"}},
+                        "ratios": {"default/bare scoring B32 sdpa graphs=off": 1.5}}}}
+    for f in ("tests_cuda.log", "sanitize_memcheck.log"):
+        (tmp_path / f).write_text("x")
+    lines = summary_lines(data, logs=present_logs(tmp_path))
+    text = "\n".join(lines)
+    assert "linear winners fp16: T<=32|B<=8|OI<=1M: triton" in text
+    assert "triton first calls (autotune + compile): 42.0 s" in text and "linear configs skipped (time budget): 2" in text
+    assert "backend table: 54 measured rules, T classes T<=256, T<=32, T>256, dtypes bf16, fp16, fp32 -> backend_table.json" in text
+    row = next(l for l in lines if l.startswith("fisher default B32 sdpa graphs=off"))
+    assert row.split()[5:10] == ["1.25", "409.6", "2.5", "4", "900"] and row.endswith("ok, head probe")
+    assert any(l.startswith("fisher default B32 sdpa graphs=on") and "no cuda_graphs setting" in l for l in lines)
+    assert "ratios: default/bare scoring B32 sdpa graphs=off 1.50" in text
+    assert "logs: tests_cuda.log, sanitize_memcheck.log" in text

@@ -9,6 +9,7 @@ from ..run import Run
 from .env import section_env
 from .error import section_error
 from .fisher import section_fisher
+from .fisher_pass import section_fisher_pass
 from .gemm import section_gemm
 from .linear import section_linear
 from .profiling import section_profile
@@ -20,6 +21,7 @@ SECTIONS: dict[str, Callable[[Run, dict], None]] = {
     "linear": section_linear,
     "error": section_error,
     "fisher": section_fisher,
+    "fisher_pass": section_fisher_pass,
     "variability": section_variability,
     "profile": section_profile,
 }

@@ -112,8 +112,8 @@ def _fisher_times(run: Run, res: dict, model, batch, fastsel, variants, checks, 
             peers.plain(model, batch)
 
     methods = {"train_step": train_step, "plain_fwd_bwd": plain_fb, "fastsel": fastsel()}
-    for v in variants:
-        if checks.get(f"fastsel[{v}]_bf16_layer_err", {}).get("error") is None:
+    for v in variants:  # fisher_untimed (dry: triton, in its interpreter): checked above, not timed
+        if checks.get(f"fastsel[{v}]_bf16_layer_err", {}).get("error") is None and v not in cfg["fisher_untimed"]:
             methods[f"fastsel[{v}]"] = fastsel(v)
     times = bench(methods, dev, rounds=cfg["fisher_rounds"], warmup=2)
     mem = {}

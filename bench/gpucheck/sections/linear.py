@@ -1,10 +1,14 @@
-"""Section linear: every backend of accumulate_linear_sq_grad on BERT layer shapes, checked against the fp32
-reference, then timed interleaved with the weight-gradient GEMM of the same shape (the physical limit); one
-mixed-dtype call (g bf16, x fp32, as under autocast); the per-(dtype, shape class) winners, with rules in the
-format of fastsel/ops/backend_table.json."""
+"""Section linear: every backend of accumulate_linear_sq_grad (the CUDA kernels, triton, bmm) on BERT layer shapes
+in bf16, fp16 and fp32, checked against the fp32 reference, then timed interleaved with the weight-gradient GEMM of
+the same shape (the physical limit); one mixed-dtype call (g bf16, x fp32, as under autocast); the per-(dtype,
+shape class) winners, with rules in the format of fastsel/ops/backend_table.json, and that table written from
+them to OUT/backend_table.json (bench/make_backend_table.py's table_from: every class the run timed, T<=32
+included, is a measured rule; a human copies it to fastsel/ops/ after reading the run)."""
 from __future__ import annotations
 
+import json
 import math
+import time
 from typing import Any, Callable
 
 import torch
@@ -12,7 +16,7 @@ import torch
 from ..agreement import close
 from ..backends import linear_call, linear_variants
 from ..config import DTYPES
-from ..harness import bench, free, time_once
+from ..harness import bench, free, sync, time_once
 from ..run import Run
 
 
@@ -38,8 +42,11 @@ def _linear_config(run: Run, res: dict, dname: str, shape_name: str, O: int, I: 
         try:
             out = torch.zeros(O, I, device=dev)
             call = linear_call(v)
-            if v == "triton":  # its first call per shape class autotunes (compiling each configuration): a
-                call(torch.zeros(O, I, device=dev), g, x)  # once-per-machine cost, not a call's (kept in Triton's cache)
+            if v == "triton" and run.cuda:  # its first call per shape class autotunes (compiling each configuration): a
+                t_tune = time.perf_counter()  # once-per-machine cost, not a call's (kept in Triton's cache)
+                call(torch.zeros(O, I, device=dev), g, x)
+                sync(dev)
+                vr["first_call_with_tuning_ms"] = (time.perf_counter() - t_tune) * 1e3
             single = time_once(lambda: call(out, g, x), dev)  # also the first (cold) call
             ok, err = close(out, ref, rtol)
             vr.update(check_ok=ok, max_rel_err=err, rtol=rtol, first_call_ms=single)
@@ -105,6 +112,21 @@ def linear_winners(configs: list[dict], capability: str | None, gpu: str | None)
         rules.append({"when": {"capability": capability, "dtype": [dname], "T": T, "B": Bc, "OI": OI},
                       "backend": win, "why": why})
     return winners, rules
+
+
+def write_backend_table(run: Run) -> dict[str, Any]:
+    """OUT/backend_table.json from this run's rules (bench/make_backend_table.py's table_from); what it covers."""
+    from make_backend_table import table_from
+
+    path = run.out_dir / "backend_table.json"
+    try:
+        table = table_from(run.data, f"{run.path.name} of {run.data.get('started')}")
+    except SystemExit as exc:  # no rules (nothing timed)
+        return {"error": str(exc)}
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    classes = sorted({(r["when"].get("T"), d) for r in table["rules"] for d in r["when"].get("dtype", [])})
+    return {"path": str(path), "rules": len(table["rules"]), "T_classes": sorted({t for t, _ in classes}),
+            "dtypes": sorted({d for _, d in classes})}
 
 
 def section_linear(run: Run, res: dict) -> None:
@@ -181,5 +203,9 @@ def section_linear(run: Run, res: dict) -> None:
     winners, rules = linear_winners(configs, run.data.get("capability"), run.data.get("gpu"))
     run.data["linear_winners"] = {"winners": winners, "rules": rules}
     res["winners"] = {d: {c: w["backend"] for c, w in per.items()} for d, per in winners.items()}
+    tuning = [r["first_call_with_tuning_ms"] for c in configs for r in c["variants"].values() if "first_call_with_tuning_ms" in r]
+    if tuning:
+        res["triton_first_calls_s"] = sum(tuning) / 1e3
+    res["backend_table"] = write_backend_table(run)
     if res["checks_failed"]:
         res["status"] = "failed (agreement)"
