@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastsel.capture.accumulator import Destination, GroupMembers, SquaredGradSums, take
+from fastsel.capture.accumulator import Destination, GroupMembers, SquaredGradSums
 from fastsel.capture.rules import (
     GENERIC,
     FeatureRule,
@@ -39,6 +39,7 @@ from fastsel.capture.rules import (
     rule_for,
 )
 from fastsel.capture.tracker import Capture, Frame, SharedTracker
+from fastsel.utils.groups import take_rows
 
 __all__ = ["SquaredGradAccumulator"]
 
@@ -375,8 +376,8 @@ class SquaredGradAccumulator(SquaredGradSums):
             for n, g in zip(layout.direct, vj[n_shared:]):
                 if g is not None:
                     sq = g.float().square()
-                    for examples, dst in self._destinations(None, b0, b1):
-                        dst[n].add_(take(sq, examples).sum(0))
+                    for examples, dst in self._destinations({n: n}, b0, b1):
+                        dst[n].add_(take_rows(sq, examples).sum(0))
             k = 0
             for mname, (calls, shared) in layout.combined.items():
                 self._combine(mname, calls, list(zip(shared, vj[k : k + len(shared)])), b0, b1)
@@ -398,10 +399,11 @@ class SquaredGradAccumulator(SquaredGradSums):
             for x, g, batched in items:
                 for n, gr in GenericRule.per_example_grads(module, x, g, list(own), batched).items():
                     total[n] = total[n] + gr.float() if n in total else gr.float()
-            for n, gr in total.items():
-                sq = gr.square()
-                for examples, dst in self._destinations(own, b0, b1):
-                    dst[n].add_(take(sq, examples).sum(0))
+            squares = {n: gr.square() for n, gr in total.items()}
+            for examples, dst in self._destinations(own, b0, b1):
+                for n, acc in dst.items():
+                    if n in squares:
+                        acc.add_(take_rows(squares[n], examples).sum(0))
             return
         # Feature rules: a shared call's positions are the same for every example (expanded, not copied).
         width = rule.grad_width(module)
@@ -416,7 +418,7 @@ class SquaredGradAccumulator(SquaredGradSums):
             gs.append(g.reshape(nb, -1, width).float())
         phi_all, g_all = torch.cat(phis, 1), torch.cat(gs, 1)
         for examples, dst in self._destinations(own, b0, b1):
-            rule.accumulate_features(module, take(phi_all, examples), take(g_all, examples), dst)
+            rule.accumulate_features(module, take_rows(phi_all, examples), take_rows(g_all, examples), dst)
 
     def _grad_hook(self, call: _Call, release: bool = False) -> Callable[[Tensor], None]:
         """The hook on ``call.output``; ``release``: drop the saved input once used (the last pass)."""
@@ -431,7 +433,7 @@ class SquaredGradAccumulator(SquaredGradSums):
                     call.grad = grad.detach()
                     return
                 for examples, dst in destinations:
-                    rule.accumulate(module, take(call.input, examples), take(grad, examples), dst)
+                    rule.accumulate(module, take_rows(call.input, examples), take_rows(grad, examples), dst)
                 if release:  # let the activations go as the backward moves on
                     call.input = call.output = None  # type: ignore[assignment]
 
@@ -441,8 +443,10 @@ class SquaredGradAccumulator(SquaredGradSums):
         params = [self.params[n] for n in names]
         for b in range(term.shape[0]):
             grads = torch.autograd.grad(term[b], params, retain_graph=True, allow_unused=True)
-            destinations = self._destinations(None, b, b + 1)  # the plain sums, or example b's group
+            # the plain sums, or example b's group (grouped parameters)
+            destinations = self._destinations({n: n for n in names}, b, b + 1)
             for n, g in zip(names, grads):
                 if g is not None:
                     for _, dst in destinations:
-                        dst[n].add_(g.float().square())
+                        if n in dst:
+                            dst[n].add_(g.float().square())

@@ -52,6 +52,7 @@ from fastsel.pipeline.outputs import check_metrics_fit_task, finish_scores, writ
 from fastsel.pipeline.registry import METRICS, BatchConsumer, autocast_context
 from fastsel.pipeline.stability import StabilityWatch
 from fastsel.scores.layer_scores import LayerScores
+from fastsel.utils.groups import sort_by_group
 from fastsel.utils.progress import progress_bar
 
 __all__ = ["run_pass", "run_pipeline", "PassResult", "pass_settings"]
@@ -160,7 +161,10 @@ def run_pass(
                           unit="ex", disable=not progress or not env.is_main) as bar:
             bar.initial = bar.n = examples  # resumed work: counted, but not in the rate and ETA
             for batch in reader:
-                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+                if cfg.confidence_groups:  # each group's rows contiguous: consumers split the batch by views
+                    batch = sort_by_group(batch, cfg.confidence_groups)
+                # the example index stays on the host: groups and sampled labels are read from it without a sync
+                batch = {k: v if k == "index" else v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
                 B = int(batch["input_ids"].shape[0])
                 logits_ok, acc_ok = graphs.step(model, consumers, batch, pcfg.autocast, ctx.device)
                 if not bool(torch.stack([logits_ok, acc_ok]).all()):  # the one host sync of the batch

@@ -210,18 +210,24 @@ class FisherAccumulation:
     logits into the likelihood terms and runs the backward inside it. batch: input_ids (B, T), attention_mask
     (B, T), optional token_type_ids, labels (B,), optional index (B,) int64 global example positions (they key
     the labels sampled in "sampled" mode and the groups; default: the order of arrival). ``groups`` K > 0 also
-    keeps the sums of each group of examples (index mod K) for the ranking confidence.
+    keeps the sums of each group of examples (index mod K) for the ranking confidence, of the blocks' parameters
+    only (the confidence ranks blocks; embeddings, pooler and head keep one sum: K-fold memory only where it is
+    read). A batch sorted by group (the streamed pass sorts them) is split by views, not copies.
     """
 
     def __init__(self, model: nn.Module, mode: str = "empirical", seed: int = 0, *, groups: int = 0,
-                 accumulator: SquaredGradAccumulator | None = None) -> None:
+                 accumulator: SquaredGradAccumulator | None = None, layer_map: LayerMap | None = None) -> None:
         if mode not in FISHER_MODES:
             raise ValueError(f"fastsel: unknown Fisher mode {mode!r}; choose from {FISHER_MODES}")
         self.model, self.mode, self.seed, self.groups = model, mode, seed, groups
         self.acc = accumulator or SquaredGradAccumulator(model)
         self._grams: tuple[tuple, GroupGrams] | None = None
         if groups:
-            self.acc.enable_groups(groups)
+            layer_map = layer_map or map_layers(model)
+            named = layer_map.groups(model)
+            accumulated = set(self.acc.param_names)
+            self.acc.enable_groups(groups, [n for l in range(layer_map.num_layers) for n in named[f"layer.{l}"]
+                                            if n in accumulated])
 
     def _index(self, batch: Mapping[str, Tensor]) -> Tensor | int:
         return batch["index"] if "index" in batch else self.acc.num_examples
@@ -260,7 +266,7 @@ class FisherAccumulation:
         if self._grams is None or self._grams[0] != key:
             layer_map = layer_map or map_layers(self.model)
             named = layer_map.groups(self.model)
-            blocks = [[n for n in named[f"layer.{l}"] if n in self.acc.sums] for l in range(layer_map.num_layers)]
+            blocks = [[n for n in named[f"layer.{l}"] if n in self.acc.group_names] for l in range(layer_map.num_layers)]
             self._grams = (key, GroupGrams(group_sums, group_counts, blocks))
         return self._grams[1].scores(groups, aggregate)
 

@@ -34,6 +34,7 @@ from fastsel.hf.io import eval_mode, model_inputs
 from fastsel.hf.layer_map import LayerMap, map_layers
 from fastsel.scores.confidence import group_ids
 from fastsel.scores.layer_scores import LayerScore, LayerScores
+from fastsel.utils.groups import Rows, group_rows, num_rows, take_rows
 from fastsel.utils.progress import progress_bar
 
 __all__ = [
@@ -206,14 +207,14 @@ class ClassStatisticsAccumulation:
         self.group_stats = [ClassStatistics(layer_map.num_layers + 1, num_classes, dtype) for _ in range(groups)]
         self._mask: Tensor | None = None
         self._labels: Tensor | None = None
-        self._rows: list[tuple[int, Tensor]] = []
+        self._rows: list[tuple[int, Rows]] = []
 
     def _tap(self, index: int, hidden: Tensor) -> None:
         mask, labels = self._mask, self._labels
         self.stats.update(index, hidden, mask, labels)  # type: ignore[arg-type]
-        for k, idx in self._rows:
-            self.group_stats[k].update(index, hidden.index_select(0, idx), mask.index_select(0, idx),  # type: ignore[union-attr]
-                                       labels.index_select(0, idx))  # type: ignore[union-attr]
+        for k, rows in self._rows:
+            self.group_stats[k].update(index, take_rows(hidden, rows), take_rows(mask, rows),  # type: ignore[arg-type]
+                                       take_rows(labels, rows))  # type: ignore[arg-type]
         if self.on_layer is not None:
             self.on_layer(index, hidden, mask, labels)  # type: ignore[arg-type]
 
@@ -222,20 +223,16 @@ class ClassStatisticsAccumulation:
         check_labels(batch)
         self._mask, self._labels = pool_mask(batch, self.pooling), batch["labels"].long()
         self._rows = []
-        if self.groups:
-            gid = group_ids(batch["index"], self.groups)
-            for k in range(self.groups):
-                idx = (gid == k).nonzero().flatten()
-                if idx.numel():
-                    self._rows.append((k, idx))
+        if self.groups:  # slices of a batch sorted by group; no device sync for an index kept on the CPU
+            self._rows = group_rows(group_ids(batch["index"], self.groups), self.groups, batch["input_ids"].device)
         with layer_taps(self.model, self.layer_map, self._tap):
             yield self
 
     def consume(self, batch: Mapping[str, Tensor], outputs: Any = None) -> None:
         self.stats.num_examples += int(batch["input_ids"].shape[0])
         self.stats.num_skipped += int((self._mask.sum(1) == 0).sum())  # type: ignore[union-attr]
-        for k, idx in self._rows:
-            self.group_stats[k].num_examples += int(idx.numel())
+        for k, rows in self._rows:
+            self.group_stats[k].num_examples += num_rows(rows)
 
 
 def accumulate_class_statistics(

@@ -1,12 +1,12 @@
-"""The accumulator on its own: where a batch's squares go (plain sums or per-group sums), and what is read off
-them (totals, mean, the checkpoint state)."""
+"""The accumulator on its own: where a batch's squares go (plain sums or per-group sums of the grouped
+parameters), and what is read off them (totals, mean, the checkpoint state)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from fastsel.capture.accumulator import SquaredGradSums, take
+from fastsel.capture.accumulator import SquaredGradSums
 
 
 def make() -> SquaredGradSums:
@@ -28,34 +28,61 @@ def test_a_batch_without_groups_goes_to_the_plain_sums():
     assert examples is None and dst["weight"] is acc.sums["a.weight"] and set(dst) == {"weight"}
     acc.enable_groups(2)
     assert acc.group_members(4, None) is None  # groups enabled but not given: the plain sums
+    assert set(acc.sums) == {"a.weight", "a.bias"}  # allocated again for the grouped parameters
 
 
-def test_group_members_and_destinations():
+def test_grouped_parameters_have_no_plain_sums_until_used():
+    acc = make()
+    acc.enable_groups(2, ["a.bias"])
+    assert set(acc.sums) == {"a.weight"} and acc.group_names == {"a.bias"}
+    assert [set(g) for g in acc.group_sums] == [{"a.bias"}, {"a.bias"}]
+    with pytest.raises(ValueError, match="not accumulated"):
+        make().enable_groups(2, ["nope"])
+
+
+def test_group_members_unsorted_batch_gives_indices():
     acc = make()
     acc.enable_groups(3)
     members = acc.group_members(5, torch.tensor([2, 0, 2, 2, 0]))
     assert [(k, idx.tolist()) for k, idx in members] == [(0, [1, 4]), (2, [0, 2, 3])]  # group 1 is absent
     assert acc.group_counts == [2, 0, 3] and not acc.sums_used
     dests = acc.destinations(members)
-    assert [(e.tolist(), d is acc.group_sums[k]) for (e, d), k in zip(dests, (0, 2))] == [([1, 4], True), ([0, 2, 3], True)]
+    assert [(e.tolist(), d == acc.group_sums[k]) for (e, d), k in zip(dests, (0, 2))] == [([1, 4], True), ([0, 2, 3], True)]
     # a slice of the batch: indices relative to its start, groups without an example there left out
     sliced = acc.destinations(members, {"bias": "a.bias"}, 2, 4)
     assert [(e.tolist(), d["bias"] is acc.group_sums[2]["a.bias"]) for e, d in sliced] == [([0, 1], True)]
 
 
-@pytest.mark.parametrize("groups, match", [(torch.tensor([0, 1]), "shape"), (torch.tensor([0, 1, 3]), "every example")])
+def test_group_members_sorted_batch_gives_slices():
+    acc = make()
+    acc.enable_groups(3)
+    members = acc.group_members(5, torch.tensor([0, 0, 2, 2, 2]))
+    assert members == [(0, slice(0, 2)), (2, slice(2, 5))]
+    assert acc.group_counts == [2, 0, 3]
+    sliced = acc.destinations(members, {"bias": "a.bias"}, 1, 3)  # examples 1 (group 0) and 2 (group 2)
+    assert [(e, d["bias"] is acc.group_sums[k]["a.bias"]) for (e, d), k in zip(sliced, (0, 2))] == [
+        (slice(0, 1), True), (slice(1, 2), True)]
+    assert acc.destinations(members, None, 3, 5)[0][0] == slice(0, 2)  # group 0 has no example there
+
+
+def test_grouped_batch_sends_ungrouped_parameters_to_the_plain_sums():
+    acc = make()
+    acc.enable_groups(2, ["a.bias"])
+    members = acc.group_members(3, torch.tensor([0, 1, 1]))
+    plain, *grouped = acc.destinations(members, {"weight": "a.weight", "bias": "a.bias"})
+    assert plain[0] is None and set(plain[1]) == {"weight"} and plain[1]["weight"] is acc.sums["a.weight"]
+    assert [(e, set(d)) for e, d in grouped] == [(slice(0, 1), {"bias"}), (slice(1, 3), {"bias"})]
+    assert acc.destinations(members, {"bias": "a.bias"}, 0, 1) == [(slice(0, 1), {"bias": acc.group_sums[0]["a.bias"]})]
+
+
+@pytest.mark.parametrize("groups, match", [(torch.tensor([0, 1]), "shape"), (torch.tensor([0, 1, 3]), "every example"),
+                                           (torch.tensor([0, -1, 1]), "every example")])
 def test_bad_groups(groups, match):
     acc = make()
     acc.enable_groups(2)
     with pytest.raises(ValueError, match=match):
         acc.group_members(3, groups)
     assert acc.group_counts == [0, 0]
-
-
-def test_take():
-    t = torch.arange(10).reshape(5, 2)
-    assert take(t, None) is t
-    assert_close(take(t, torch.tensor([3, 0])), t[[3, 0]])
 
 
 def fill(acc: SquaredGradSums, members, value: float) -> None:
@@ -81,6 +108,17 @@ def test_totals_and_mean():
     assert acc.totals()["a.bias"] is not acc.group_sums[0]["a.bias"]  # a new tensor, not a group's sums
 
 
+def test_totals_with_some_parameters_grouped():
+    acc = make()
+    acc.enable_groups(2, ["a.bias"])
+    fill(acc, acc.group_members(3, torch.tensor([1, 0, 1])), 2.0)
+    totals = acc.totals()
+    assert list(totals) == ["a.weight", "a.bias"]  # the parameters' order
+    assert_close(totals["a.weight"], torch.full((3,), 2.0))  # one destination for the whole batch
+    assert_close(totals["a.bias"], torch.full((2, 2), 4.0))  # one per group present
+    assert [n for n, _ in acc.accumulators()] == ["a.weight", "a.bias", "a.bias"]
+
+
 def test_state_dict_round_trip():
     acc = make()
     acc.enable_groups(2)
@@ -92,7 +130,7 @@ def test_state_dict_round_trip():
     other.enable_groups(2)
     other.load_state_dict(state)
     assert other.num_examples == 3 and other.fallback_params == {"a.bias"} and other.group_counts == [1, 2]
-    assert not other.sums_used
+    assert not other.sums_used and other.sums == {}
     for mine, theirs in zip(other.group_sums, acc.group_sums):
         for n in theirs:
             assert_close(mine[n], theirs[n])
@@ -100,6 +138,23 @@ def test_state_dict_round_trip():
     plain.enable_groups(3)
     with pytest.raises(ValueError, match="per-group"):
         plain.load_state_dict(state)
+    other_names = make()
+    other_names.enable_groups(2, ["a.bias"])
+    with pytest.raises(ValueError, match="per-group"):
+        other_names.load_state_dict(state)
+
+
+def test_state_dict_with_plain_sums_of_grouped_parameters():
+    acc = make()
+    acc.enable_groups(2, ["a.bias"])
+    fill(acc, acc.group_members(2, torch.tensor([0, 1])), 1.0)
+    fill(acc, acc.group_members(1), 0.5)  # a batch without groups: plain sums for a.bias too
+    other = make()
+    other.enable_groups(2, ["a.bias"])
+    other.load_state_dict(acc.state_dict())
+    assert other.sums_used and set(other.sums) == {"a.weight", "a.bias"}
+    for n, t in acc.totals().items():
+        assert_close(other.totals()[n], t)
 
 
 def test_state_dict_with_plain_sums():

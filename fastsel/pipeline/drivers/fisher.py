@@ -231,11 +231,8 @@ class FisherConsumer(BatchConsumer):
         self.acc.load_state_dict(state)
 
     def _accumulators(self) -> list[tuple[str, Tensor]]:
-        """Every accumulator in use (the sums of batches without groups, and each group's sums), named."""
-        out = list(self.acc.sums.items()) if self.acc.sums_used or not self.acc.group_sums else []
-        for g in self.acc.group_sums:
-            out += list(g.items())
-        return out
+        """Every accumulator in use (the plain sums, and each group's sums), named."""
+        return self.acc.accumulators()
 
     def finite_flag(self) -> Tensor | None:
         """0-dim bool tensor: every accumulator is finite (no host sync here).
@@ -256,16 +253,23 @@ class FisherConsumer(BatchConsumer):
         return None
 
     def all_reduce(self, group: Any = None) -> None:
-        names = sorted(self.acc.sums)
-        all_reduce_sum_([self.acc.sums[n] for n in names], group)
-        count = torch.tensor([float(self.acc.num_examples)], dtype=torch.float64, device=self.acc.sums[names[0]].device)
-        all_reduce_sum_([count], group)
-        self.acc.num_examples = int(count.item())
+        acc = self.acc
+        device = acc.accumulators()[0][1].device
+        # [examples, whether the plain sums of the grouped parameters were used]: every rank must reduce the same tensors
+        meta = torch.tensor([float(acc.num_examples), float(acc.sums_used and bool(acc.group_sums))], dtype=torch.float64,
+                            device=device)
+        all_reduce_sum_([meta], group)
+        acc.num_examples = int(meta[0].item())
+        if meta[1].item() > 0 and not acc.sums_used:
+            acc.allocate_plain_sums()  # zeros on this rank: every rank reduces the same tensors
+        names = sorted(acc.sums)
+        all_reduce_sum_([acc.sums[n] for n in names], group)
         if self.groups:
-            all_reduce_sum_([g[n] for g in self.acc.group_sums for n in names], group)
-            counts = torch.tensor(self.acc.group_counts, dtype=torch.float64, device=count.device)
+            grouped = sorted(acc.group_names)
+            all_reduce_sum_([g[n] for g in acc.group_sums for n in grouped], group)
+            counts = torch.tensor(acc.group_counts, dtype=torch.float64, device=device)
             all_reduce_sum_([counts], group)
-            self.acc.group_counts = [int(c) for c in counts.tolist()]
+            acc.group_counts = [int(c) for c in counts.tolist()]
         fallback = all_gather_objects(sorted(self.acc.fallback_params), group)
         self.acc.fallback_params = set().union(*map(set, fallback))
 
@@ -333,7 +337,7 @@ class FisherConsumer(BatchConsumer):
     def stability_scores(self, active: bool) -> Callable[[list[int]], list[float]]:
         """Mid-pass: scores_of(groups) on the groups so far, reduced over the ranks (copies; this rank's
         accumulators are untouched)."""
-        names = sorted(self.acc.sums)
+        names = sorted(self.acc.group_names)
         sums = [{n: g[n].detach().clone() for n in names} for g in self.acc.group_sums]
         counts = list(self.acc.group_counts)
         if active:
