@@ -204,7 +204,8 @@ class FisherConsumer(BatchConsumer):
         self._share_head()
         if self.opts.save_head and process_rank() == 0:
             save_head(ctx.model, ctx.tokenizer, self.opts.save_head)
-        self.fisher = FisherAccumulation(ctx.model, self.opts.fisher, ctx.config.seed, groups=self.groups)
+        self.fisher = FisherAccumulation(ctx.model, self.opts.fisher, ctx.config.seed, groups=self.groups,
+                                         layer_map=ctx.layer_map)
         self.mode, self.acc = self.fisher.mode, self.fisher.acc
 
     def _share_head(self) -> None:
@@ -230,10 +231,6 @@ class FisherConsumer(BatchConsumer):
     def load_state_dict(self, state: dict) -> None:
         self.acc.load_state_dict(state)
 
-    def _accumulators(self) -> list[tuple[str, Tensor]]:
-        """Every accumulator in use (the plain sums, and each group's sums), named."""
-        return self.acc.accumulators()
-
     def finite_flag(self) -> Tensor | None:
         """0-dim bool tensor: every accumulator is finite (no host sync here).
 
@@ -241,13 +238,13 @@ class FisherConsumer(BatchConsumer):
         total above the float range, itself a broken Fisher): one read of the accumulators, no temporaries;
         far cheaper than ``isfinite(t).all()`` on a CPU.
         """
-        totals = [t.sum() for _, t in self._accumulators() if t.is_floating_point()]
+        totals = [t.sum() for _, t in self.acc.accumulators() if t.is_floating_point()]
         return torch.isfinite(torch.stack(totals)).all() if totals else None
 
     def first_nonfinite(self) -> str | None:
         """The first accumulator (in the model's parameter order) holding NaN/Inf, named, or None."""
         order = {n: i for i, (n, _) in enumerate(self.ctx.model.named_parameters())}
-        for n, t in sorted(self._accumulators(), key=lambda item: order.get(item[0], len(order))):
+        for n, t in sorted(self.acc.accumulators(), key=lambda item: order.get(item[0], len(order))):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 return f"Fisher accumulator of parameter {n} ({self.ctx.layer_map.describe(n)})"
         return None
