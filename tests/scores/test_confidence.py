@@ -131,8 +131,10 @@ def test_group_accumulators_sum_to_the_unchanged_totals(tiny_dir, data_dir, cach
         mine = sum(g[n].double() for g in fis.acc.group_sums) if n in blocks else fis.acc.sums[n].double()
         torch.testing.assert_close(mine, s.double(), rtol=2e-5, atol=1e-10)
     for i in range(var.stats.num_layers):
-        for a, b in zip(var.stats.layer(i), plain_v.stats.layer(i)):  # the same sums, rows in group order
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        # the same sums up to float32 rounding of the hidden states: the batch is sorted by group, and a GEMM's
+        # result for a row may depend on where the row sits (CI's CPU differed by 1 ulp here)
+        for a, b in zip(var.stats.layer(i), plain_v.stats.layer(i)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
         merged = var.group_stats[0].layer(i)
         for g in var.group_stats[1:]:
             merged = merge_class_stats(*merged, *g.layer(i))
