@@ -43,6 +43,7 @@ __all__ = [
     "shard_batches",
     "padding_stats",
     "BatchReader",
+    "batch_to_device",
 ]
 
 _CACHE_VERSION = 1
@@ -301,6 +302,12 @@ def padding_stats(lengths: np.ndarray, batches: Sequence[np.ndarray]) -> dict[st
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch of :class:`BatchReader` on ``device`` (non-blocking from pinned memory), except ``index``: the example
+    positions stay on the host, so that groups and sampled labels are read from them without a device sync."""
+    return {k: v if k == "index" else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class BatchReader:

@@ -103,6 +103,10 @@ class PipelineConfig(JsonSettings):
                                         metavar="M", needs="--until-stable")
     stable_checks: int = setting(3, "the top-3 must be the same over the last C checks", metavar="C",
                                  needs="--until-stable")
+    finite_check_every: int = setting(16, "batches between two checks of the logits and the accumulators for NaN/Inf "
+                                      "(one host sync each); a failed check replays the batches since the last one "
+                                      "to name the batch; also checked before each checkpoint, stability check and "
+                                      "the end", metavar="BATCHES")
     cuda_graphs: str = setting("auto", "CUDA-graph capture of the scoring step, one graph per batch shape (lengths "
                                "padded to multiples of 32), replayed for later batches of that shape: on (needs a CUDA "
                                "--device), off, or auto: on where a GPU run measured that it pays (none has yet: eager); "
@@ -129,6 +133,8 @@ class PipelineConfig(JsonSettings):
             raise ValueError(f"fastsel: --check-every must be >= 1 example, got {self.check_every_examples}")
         if self.stable_checks < 1:
             raise ValueError(f"fastsel: --stable-checks must be >= 1, got {self.stable_checks}")
+        if self.finite_check_every < 1:
+            raise ValueError(f"fastsel: --finite-check-every must be >= 1 batch, got {self.finite_check_every}")
         if self.cuda_graphs not in CUDA_GRAPH_MODES:
             raise ValueError(f"fastsel: --cuda-graphs must be one of {', '.join(CUDA_GRAPH_MODES)}, got {self.cuda_graphs!r}")
         if self.resume and not self.checkpoint_dir:

@@ -1,7 +1,7 @@
 """CUDA-graph capture of the scoring step (``--cuda-graphs auto|on|off``): the bucket policy and the runner.
 
 One CUDA graph per static batch shape replays the whole step of :func:`fastsel.pipeline.streamed.run_pass` (every
-consumer's ``capture`` hooks, the forward, ``consume`` with the Fisher backward, the finite flags) as one launch,
+consumer's ``capture`` hooks, the forward, ``consume`` with the Fisher backward, the logits' finite flag) as one launch,
 instead of the thousands of small kernel launches a forward and backward of an encoder make::
 
     key = (B, bucket(T), autocast, the batch's keys and dtypes)    # T padded up to a multiple of 32
@@ -65,7 +65,7 @@ BUCKET_MULTIPLE = 32
 # entry {"capabilities": {"9.0": why}} of fastsel/ops/backend_table.json, read first).
 GRAPHS_PAY: dict[str, str] = {}
 
-Step = Callable[[nn.Module, list, Mapping[str, Tensor], str, torch.device], tuple[Tensor, Tensor]]
+Step = Callable[[nn.Module, list, Mapping[str, Tensor], str, torch.device], Tensor]
 
 
 def check_cuda_graphs(mode: str, device: str | torch.device) -> None:
@@ -329,7 +329,7 @@ class _Shape:
 
 @dataclass
 class GraphSteps:
-    """The step ``run_pass`` calls: ``step(model, consumers, batch, autocast, device) -> (logits_ok, acc_ok)``.
+    """The step ``run_pass`` calls: ``step(model, consumers, batch, autocast, device) -> logits_ok``.
 
     Eager (``used`` False): ``step`` is the eager step itself, nothing wrapped. Else :meth:`run`: warm-up, capture
     and replay per :class:`BucketPolicy` shape. ``report(batches)`` gives ``stats["cuda_graphs"]``.
@@ -405,8 +405,8 @@ class GraphSteps:
     # -- one batch ------------------------------------------------------------------------------------------------
 
     def run(self, model: nn.Module, consumers: list[BatchConsumer], batch: Mapping[str, Tensor], autocast: str,
-            device: torch.device) -> tuple[Tensor, Tensor]:
-        """One batch (the shapes of :class:`BatchConsumer`) -> (logits finite, accumulators finite), 0-dim bool."""
+            device: torch.device) -> Tensor:
+        """One batch (the shapes of :class:`BatchConsumer`) -> the logits are finite, 0-dim bool."""
         if not self.used:  # given up during the pass
             self._count("given up")
             return self.eager_step(model, consumers, batch, autocast, device)
@@ -425,7 +425,7 @@ class GraphSteps:
         pad_into(shape.static, batch, self.pad_values)
         B = key[0]
 
-        def fn() -> tuple[Tensor, Tensor]:
+        def fn() -> Tensor:
             return self.eager_step(model, consumers, shape.static, autocast, device)
 
         if shape.graph is not None:

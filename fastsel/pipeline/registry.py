@@ -40,9 +40,11 @@ class BatchConsumer(abc.ABC):
 
     The pass (:func:`fastsel.pipeline.streamed.run_pass`) calls, per batch: ``capture(batch)`` (entered around the
     forward and the consume calls), the one forward, then ``consume(batch, outputs)`` (consumers with
-    ``needs_backward`` last), then ``finite_flag()``; ``state_dict()`` at each checkpoint and ``load_state_dict``
-    on resume; ``first_nonfinite()`` when a batch went non-finite; ``stability_scores(active)`` at each check of
-    ``--until-stable``; after the pass ``all_reduce(group)`` (under torchrun) and ``result()``.
+    ``needs_backward`` last); ``finite_flag()`` every ``--finite-check-every`` batches and before each checkpoint,
+    stability check and the end; ``state_dict()`` at each checkpoint and ``load_state_dict`` on resume; when a
+    check fails, ``zero_()`` before the batches since the last check are replayed one by one to find the one that
+    went non-finite, then ``first_nonfinite()``; ``stability_scores(active)`` at each check of ``--until-stable``;
+    after the pass ``all_reduce(group)`` (under torchrun) and ``result()``.
 
     A subclass sets ``name`` (the name its :class:`Metric` is registered under) and implements the abstract hooks
     (``consume``, ``state_dict``, ``load_state_dict``, ``all_reduce``, ``result``): a class missing one cannot be
@@ -99,11 +101,19 @@ class BatchConsumer(abc.ABC):
 
     def finite_flag(self) -> Tensor | None:
         """0-dim bool tensor on the pass's device: every accumulator is finite; computed without a host sync (the
-        pass reads the flags of all consumers, with the logits', in one sync per batch).
+        pass reads the flags of all consumers, with the logits' of the batches since the last check, in one sync).
 
         Default: None (nothing to check).
         """
         return None
+
+    def zero_(self) -> None:
+        """Reset every accumulator to zero in place (the run is failing: a check found NaN/Inf, and the batches since
+        the last check are replayed into the zeroed accumulators to find the one that went non-finite).
+
+        Default: NotImplementedError (the error then names the range of batches, not the batch).
+        """
+        raise NotImplementedError(f"fastsel: metric {self.name!r} cannot reset its accumulators")
 
     def first_nonfinite(self) -> str | None:
         """Once a batch went non-finite: the first accumulator holding NaN/Inf, named for a message (the error's

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from fastsel.data.corpus import (
     BatchReader,
     TokenizedCorpus,
+    batch_to_device,
     load_tokenized_corpus,
     padding_stats,
     schedule_batches,
@@ -46,7 +47,7 @@ from fastsel.pipeline.checks import apply_length_limit
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.context import PipelineContext
 from fastsel.pipeline.cuda_graphs import GraphSteps, check_cuda_graphs
-from fastsel.pipeline.diagnosis import nonfinite_error
+from fastsel.pipeline.diagnosis import FiniteChecks
 from fastsel.pipeline.distributed import DistEnv, PeerFailure, barrier, init_distributed, shutdown_distributed
 from fastsel.pipeline.outputs import check_metrics_fit_task, finish_scores, write_scores
 from fastsel.pipeline.registry import METRICS, BatchConsumer, autocast_context
@@ -59,10 +60,11 @@ __all__ = ["run_pass", "run_pipeline", "PassResult", "pass_settings"]
 
 
 def _step(model: nn.Module, consumers: list[BatchConsumer], batch: dict[str, Tensor], autocast: str,
-          device: torch.device) -> tuple[Tensor, Tensor]:
+          device: torch.device) -> Tensor:
     """One batch through the model, shared by all consumers (see the module docstring).
 
-    Returns two 0-dim bool tensors (not synchronised): the logits are finite, the accumulators are finite.
+    Returns a 0-dim bool tensor (not synchronised): the logits are finite (the accumulators are checked every
+    ``--finite-check-every`` batches, :class:`fastsel.pipeline.diagnosis.FiniteChecks`).
     """
     inputs = model_inputs(batch)
     grad = any(c.needs_backward for c in consumers)
@@ -78,9 +80,7 @@ def _step(model: nn.Module, consumers: list[BatchConsumer], batch: dict[str, Ten
         for c in sorted(consumers, key=lambda c: c.needs_backward):
             with torch.set_grad_enabled(c.needs_backward):
                 c.consume(batch, outputs)
-    flags = [f for f in (c.finite_flag() for c in consumers) if f is not None]
-    acc_ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=logits_ok.device)
-    return logits_ok, acc_ok
+    return logits_ok
 
 
 def pass_settings(cfg: ScoreConfig, pcfg: PipelineConfig, corpus_key: str, world_size: int) -> dict[str, Any]:
@@ -156,33 +156,36 @@ def run_pass(
     start = time.perf_counter()
     names = ",".join(c.name for c in consumers)
     graphs = GraphSteps.for_pass(ctx, consumers, _step)  # --cuda-graphs; eager (off, auto today): graphs.step is _step
+    finite = FiniteChecks(ctx, consumers, _step, pcfg.finite_check_every, env.rank, env.world_size)
     with eval_mode(model):
         with progress_bar(total=total, desc=f"{names} (rank {env.rank}/{env.world_size})" if env.world_size > 1 else names,
                           unit="ex", disable=not progress or not env.is_main) as bar:
             bar.initial = bar.n = examples  # resumed work: counted, but not in the rate and ETA
-            for batch in reader:
+            for host in reader:
                 if cfg.confidence_groups:  # each group's rows contiguous: consumers split the batch by views
-                    batch = sort_by_group(batch, cfg.confidence_groups)
-                # the example index stays on the host: groups and sampled labels are read from it without a sync
-                batch = {k: v if k == "index" else v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-                B = int(batch["input_ids"].shape[0])
-                logits_ok, acc_ok = graphs.step(model, consumers, batch, pcfg.autocast, ctx.device)
-                if not bool(torch.stack([logits_ok, acc_ok]).all()):  # the one host sync of the batch
-                    raise nonfinite_error(ctx, consumers, batch, cursor, env.rank, env.world_size, pcfg.autocast,
-                                          bool(logits_ok), saved)
+                    host = sort_by_group(host, cfg.confidence_groups)
+                batch = batch_to_device(host, ctx.device)
+                B = int(host["input_ids"].shape[0])
+                finite.add(cursor, host, graphs.step(model, consumers, batch, pcfg.autocast, ctx.device))
                 cursor += 1
                 examples += B
                 since_save += B
-                tokens += int(batch["attention_mask"].sum())
+                tokens += int(host["attention_mask"].sum())  # on the host: no device sync
                 bar.update(B)
                 elapsed = time.perf_counter() - start
                 if elapsed > 0:
                     bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s", refresh=False)
-                if stable is not None and stable.due(cursor) and stable.check(cursor, examples):
-                    break
+                if finite.due:  # every --finite-check-every batches: the pass's one host sync
+                    finite.check(saved)
+                if stable is not None and stable.due(cursor):
+                    finite.check(saved)
+                    if stable.check(cursor, examples):
+                        break
                 if since_save >= every and cursor < len(mine):
+                    finite.check(saved)  # a checkpoint holds finite sums only
                     save()
                     since_save = 0
+            finite.check(saved)
     save(complete=True)
     seconds = time.perf_counter() - start
     if env.active:
@@ -193,7 +196,8 @@ def run_pass(
              "padding_fraction": round(pad["padding_fraction"], 5), "world_size": env.world_size,
              "max_tokens": pcfg.max_tokens, "bucket": pcfg.bucket, "autocast": pcfg.autocast, "prefetch": pcfg.prefetch,
              "checkpoint_dir": pcfg.checkpoint_dir, "checkpoint_every_examples": pcfg.checkpoint_every_examples if pcfg.checkpoint_dir else None,
-             "dist_timeout": pcfg.dist_timeout, "cuda_graphs": graphs.report(cursor - start_at)}
+             "dist_timeout": pcfg.dist_timeout, "cuda_graphs": graphs.report(cursor - start_at),
+             "finite_check_every": pcfg.finite_check_every, "finite_checks": finite.checks}
     if stable is not None:
         stats["until_stable"] = stable.report(len(corpus))
     return PassResult(consumers, examples, stats)

@@ -80,6 +80,12 @@ class ClassStatistics:
             self.m2[index] = torch.zeros(C, D, D, dtype=self.dtype, device=dev)
         ops.class_stats_update(self.count[index], self.mean[index], self.m2[index], hidden.detach(), mask, labels)
 
+    def zero_(self) -> None:
+        """Every count, mean and scatter to zero, in place (an empty class merges as no data)."""
+        for t in (*self.count, *self.mean, *self.m2):
+            if t is not None:
+                t.zero_()
+
     def layer(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
         if self.count[index] is None:
             raise ValueError(f"fastsel: no statistics for layer index {index} (no data seen)")

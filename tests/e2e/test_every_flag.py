@@ -285,6 +285,8 @@ CASES: dict[tuple[str, str], Case] = {
     ("score", "--dist-timeout"): Case(["--dist-timeout", "60"], pipe("dist_timeout"),
                                       [["--dist-timeout", "0"], ["--dist-timeout", "-1"], ["--dist-timeout", "nan"],
                                        ["--dist-timeout", "inf"]]),
+    ("score", "--finite-check-every"): Case(["--finite-check-every", "1"], pipe("finite_check_every"),
+                                            [["--finite-check-every", "0"], ["--finite-check-every", "x"]]),
     ("score", "--cuda-graphs"): Case(["--cuda-graphs", "off"], pipe("cuda_graphs"),
                                      [["--cuda-graphs", "maybe"], ["--cuda-graphs", "on"]]),  # on: no CUDA device here
     # metric options (fastsel.pipeline.drivers): each applies to the metrics whose options have it

@@ -164,16 +164,19 @@ def test_device_cuda_on_cpu_torch_is_one_line(capsys, data_dir):
 
 
 def test_nonfinite_accumulator_names_the_parameter(tmp_path, capsys, minilm_path, data_dir, monkeypatch):
-    """Finite logits but an Inf in a Fisher accumulator (e.g. a gradient overflow): caught at that batch."""
+    """Finite logits but an Inf in a Fisher accumulator (e.g. a gradient overflow) from the third batch: the check
+    (every 16 batches, here at the end) replays the batches and names that one."""
     from fastsel.pipeline.drivers.fisher import FisherConsumer
 
     model = _tiny_bert(tmp_path / "m", minilm_path)
-    consume, seen = FisherConsumer.consume, {"n": 0}
+    consume, seen = FisherConsumer.consume, {"n": 0, "bad": None}
 
     def broken(self, batch, outputs):
         consume(self, batch, outputs)
         seen["n"] += 1
         if seen["n"] == 3:
+            seen["bad"] = int(batch["index"][0])  # the same batch overflows again when replayed
+        if seen["bad"] is not None and seen["bad"] in batch["index"].tolist():
             # the accumulator this batch wrote: with confidence groups (the default) a group's sums, not ``sums``
             written = self.acc.group_sums[0] if self.acc.group_sums else self.acc.sums
             written["bert.encoder.layer.2.intermediate.dense.weight"][1, 1] = float("inf")
@@ -182,5 +185,6 @@ def test_nonfinite_accumulator_names_the_parameter(tmp_path, capsys, minilm_path
     out = tmp_path / "s.json"
     rc = _score(model, data_dir, out, "--metric", "fisher", "--prefetch", "0")
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
-    assert rc == 2 and len(err) == 1 and "accumulators at batch 2" in err[0]
+    assert rc == 2 and len(err) == 1 and "accumulators at batch 2 (examples " in err[0]
     assert "bert.encoder.layer.2.intermediate.dense.weight (block 2)" in err[0] and not out.exists()
+    assert seen["n"] == 6 + 3  # 6 batches, then the replay of the first three

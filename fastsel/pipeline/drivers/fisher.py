@@ -241,6 +241,10 @@ class FisherConsumer(BatchConsumer):
         totals = [t.sum() for _, t in self.acc.accumulators() if t.is_floating_point()]
         return torch.isfinite(torch.stack(totals)).all() if totals else None
 
+    def zero_(self) -> None:
+        for _, t in self.acc.accumulators():
+            t.zero_()
+
     def first_nonfinite(self) -> str | None:
         """The first accumulator (in the model's parameter order) holding NaN/Inf, named, or None."""
         order = {n: i for i, (n, _) in enumerate(self.ctx.model.named_parameters())}

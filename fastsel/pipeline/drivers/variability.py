@@ -87,6 +87,10 @@ class VariabilityConsumer(BatchConsumer):
         totals = [t.sum() for ts in (st.mean, st.m2) for t in ts if t is not None]
         return torch.isfinite(torch.stack(totals)).all() if totals else None
 
+    def zero_(self) -> None:
+        for st in (self.stats, *self.group_stats):
+            st.zero_()
+
     def first_nonfinite(self) -> str | None:
         st = self.stats
         for i in range(st.num_layers):
