@@ -9,7 +9,7 @@ from typing import Any
 from fastsel.data.settings import DataSettings
 from fastsel.pipeline.cuda_graphs import CUDA_GRAPH_MODES
 from fastsel.pipeline.registry import AUTOCAST, METRICS, options_of
-from fastsel.scores.confidence import DEFAULT_GROUPS
+from fastsel.scores.confidence import DEFAULT_GROUPS, GROUP_UNITS, MIN_BATCHES_PER_GROUP
 from fastsel.utils.settings import JsonSettings, setting
 
 __all__ = ["ScoreConfig", "PipelineConfig", "DEFAULT_MODEL"]
@@ -38,10 +38,16 @@ class ScoreConfig(DataSettings, JsonSettings):
     max_length: int = setting(128, "tokens per example (longer ones are truncated)")
     seed: int = setting(0, "seed of the subset, the sampled labels and a fresh head")
     device: str = setting("cpu", "torch device (cpu, cuda, cuda:1, ...)")
-    confidence_groups: int = setting(DEFAULT_GROUPS, "ranking confidence: examples split into K groups by index "
-                                     "(Kendall tau between halves, top-k agreement, jackknife intervals; memory (K+1) x "
-                                     "the accumulators: K above the examples scored, or Fisher accumulators above half "
-                                     "the available memory, are refused); 0: off", metavar="K")
+    confidence_groups: int = setting(DEFAULT_GROUPS, "ranking confidence: the data split into K groups "
+                                     "(--confidence-unit; Kendall tau between halves, top-k agreement, jackknife "
+                                     "intervals; memory: K x the blocks' Fisher sums: K above the examples scored, or "
+                                     "Fisher accumulators above half the available memory, are refused); 0: off",
+                                     metavar="K")
+    confidence_unit: str = setting("auto", "what the K groups are made of: batches (batch b of the schedule in group b "
+                                   "mod K: no extra work per batch; depends on batch size and bucketing), examples "
+                                   "(example i in group i mod K: independent of batching; every batch adds to every "
+                                   "group), or auto: batches when every group gets at least "
+                                   f"{MIN_BATCHES_PER_GROUP} batches", choices=("auto", *GROUP_UNITS))
     # the metrics' own settings ({"fisher": "exact"}, {"pooling": "cls"}): fields of their options dataclasses
     options: dict[str, Any] = setting(default_factory=dict, help="metric-specific options", cli=False)
 
@@ -63,6 +69,8 @@ class ScoreConfig(DataSettings, JsonSettings):
         k = self.confidence_groups
         if not isinstance(k, int) or isinstance(k, bool) or not (k == 0 or k >= 2):
             raise ValueError(f"fastsel: confidence_groups (--confidence-groups) must be 0 (off) or an integer >= 2, got {k!r}")
+        if self.confidence_unit not in ("auto", *GROUP_UNITS):
+            raise ValueError(f"fastsel: --confidence-unit must be auto, {' or '.join(GROUP_UNITS)}, got {self.confidence_unit!r}")
         if "confidence_groups" in self.options:
             raise ValueError("fastsel: confidence_groups is a ScoreConfig field, not an option: "
                              "ScoreConfig(confidence_groups=K)")

@@ -15,6 +15,7 @@ from fastsel.data.features import make_dataloader
 from fastsel.data.specs import TaskSpec
 from fastsel.hf.layer_map import LayerMap
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
+from fastsel.scores.confidence import group_unit
 from fastsel.scores.layer_scores import LayerScores
 
 __all__ = ["ScoringContext", "PipelineContext"]
@@ -63,3 +64,9 @@ class PipelineContext:
     num_examples: int
     corpus: TokenizedCorpus | None = None  # the pass's data (the Fisher label-dependence check rereads a share of it)
     progress: bool = True  # bars and progress lines (on rank 0); False: --no-progress
+
+    @property
+    def confidence_unit(self) -> str:
+        """What the pass's --confidence-groups are made of: "batches" or "examples" (fastsel.scores.confidence)."""
+        cfg = self.config
+        return group_unit(self.num_examples, cfg.batch_size, cfg.confidence_groups, cfg.confidence_unit)

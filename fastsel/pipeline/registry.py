@@ -52,9 +52,10 @@ class BatchConsumer(abc.ABC):
     on each.
 
     Shapes: ``batch`` is a dict of input_ids (B, T) int64, attention_mask (B, T), token_type_ids (B, T) (when the
-    model takes them), special_tokens_mask (B, T), labels (B,), index (B,) int64 global example positions, all
-    on the pass's device; ``outputs`` is the model output of that batch (logits (B, C), and ``hidden_states``, a
-    tuple of L+1 tensors (B, T, D), when any consumer sets ``needs_hidden_states``).
+    model takes them), special_tokens_mask (B, T), labels (B,) on the pass's device; index (B,) int64 global example
+    positions and, with ``--confidence-groups``, group (B,) int64 each example's confidence group, on the host;
+    ``outputs`` is the model output of that batch (logits (B, C), and ``hidden_states``, a tuple of L+1 tensors
+    (B, T, D), when any consumer sets ``needs_hidden_states``).
     """
 
     name: ClassVar[str] = ""

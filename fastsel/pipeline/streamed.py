@@ -53,7 +53,7 @@ from fastsel.pipeline.outputs import check_metrics_fit_task, finish_scores, writ
 from fastsel.pipeline.registry import METRICS, BatchConsumer, autocast_context
 from fastsel.pipeline.stability import StabilityWatch
 from fastsel.scores.layer_scores import LayerScores
-from fastsel.utils.groups import sort_by_group
+from fastsel.utils.groups import with_groups
 from fastsel.utils.progress import progress_bar
 
 __all__ = ["run_pass", "run_pipeline", "PassResult", "pass_settings"]
@@ -157,13 +157,17 @@ def run_pass(
     names = ",".join(c.name for c in consumers)
     graphs = GraphSteps.for_pass(ctx, consumers, _step)  # --cuda-graphs; eager (off, auto today): graphs.step is _step
     finite = FiniteChecks(ctx, consumers, _step, pcfg.finite_check_every, env.rank, env.world_size)
+    # --confidence-groups K: whole batches (batch b of the global schedule in group b mod K; this rank's i-th batch
+    # is b = i * world + rank) when there are enough, else index mod K (fastsel.scores.confidence.group_unit)
+    k = cfg.confidence_groups
+    by_batch = bool(k) and ctx.confidence_unit == "batches"
     with eval_mode(model):
         with progress_bar(total=total, desc=f"{names} (rank {env.rank}/{env.world_size})" if env.world_size > 1 else names,
                           unit="ex", disable=not progress or not env.is_main) as bar:
             bar.initial = bar.n = examples  # resumed work: counted, but not in the rate and ETA
             for host in reader:
-                if cfg.confidence_groups:  # each group's rows contiguous: consumers split the batch by views
-                    host = sort_by_group(host, cfg.confidence_groups)
+                if k:  # this batch's group, or each row's (sorted: consumers split the batch by views)
+                    host = with_groups(host, k, (cursor * env.world_size + env.rank) % k if by_batch else None)
                 batch = batch_to_device(host, ctx.device)
                 B = int(host["input_ids"].shape[0])
                 finite.add(cursor, host, graphs.step(model, consumers, batch, pcfg.autocast, ctx.device))
@@ -267,24 +271,34 @@ def _size(n: float) -> str:
 
 
 def check_confidence_groups(ctx: PipelineContext, names: list[str]) -> None:
-    """One-line ValueError for a ``--confidence-groups K`` that cannot work: more groups than examples scored, or
-    (Fisher) accumulators, (K+1) x the model's trainable float32 parameters, above half of the memory available."""
-    k = ctx.config.confidence_groups
+    """One-line ValueError for a ``--confidence-groups K`` that cannot work: more groups than examples scored (or,
+    with ``--confidence-unit batches``, than batches), or (Fisher) accumulators, K sums of the blocks' parameters
+    and one of the others (float32), above half of the memory available."""
+    cfg = ctx.config
+    k = cfg.confidence_groups
     if k == 0:
         return
     if k > ctx.num_examples:
         raise ValueError(f"fastsel: --confidence-groups {k} is more than the {ctx.num_examples} examples scored (each "
                          f"group needs examples): use at most --confidence-groups {ctx.num_examples}, or 0 (off)")
+    batches = math.ceil(ctx.num_examples / cfg.batch_size)  # the schedule's, without --max-tokens (which adds batches)
+    if cfg.confidence_unit == "batches" and ctx.pipeline.max_tokens is None and k > batches:
+        raise ValueError(f"fastsel: --confidence-unit batches: --confidence-groups {k} is more than the {batches} "
+                         f"batches of the pass (each group needs batches): use --confidence-unit examples, or fewer "
+                         f"groups")
     if "fisher" not in names:
         return
-    params = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
-    need, free = (k + 1) * params * 4, available_memory(ctx.device)
+    trainable = {n: p.numel() for n, p in ctx.model.named_parameters() if p.requires_grad}
+    named = ctx.layer_map.groups(ctx.model)
+    blocks = sum(trainable.get(n, 0) for l in range(ctx.layer_map.num_layers) for n in set(named[f"layer.{l}"]))
+    params = sum(trainable.values())
+    need, free = (k * blocks + params - blocks) * 4, available_memory(ctx.device)
     if params and free is not None and need > free // 2:
-        most = free // 2 // (params * 4) - 1
+        most = (free // 2 // 4 - (params - blocks)) // max(1, blocks)
         fix = f"use --confidence-groups {most} or fewer, or 0 (off)" if most >= 2 else "use --confidence-groups 0 (off)"
         raise ValueError(f"fastsel: --confidence-groups {k}: the Fisher accumulators would take about {_size(need)} "
-                         f"((K+1) x {params:,} float32 parameters), more than half of the {_size(free)} of memory "
-                         f"available on {ctx.device}: {fix}")
+                         f"(K x {blocks:,} float32 parameters of the blocks, 1 x the other {params - blocks:,}), more "
+                         f"than half of the {_size(free)} of memory available on {ctx.device}: {fix}")
 
 
 def _run_pipeline(cfg: ScoreConfig, pcfg: PipelineConfig, env: DistEnv, names: list[str], limit: int | None,

@@ -1,9 +1,12 @@
-"""Ranking confidence from K groups of examples, computed in the same single pass.
+"""Ranking confidence from K groups of the data, computed in the same single pass.
 
-Every example goes to group ``g = index mod K`` of its *global* example index (deterministic: independent of
-batch size, bucketing, sharding and resume). Each consumer keeps one accumulator per group beside its total
-(Fisher: per-group squared-gradient sums; variability: per-group class statistics), so memory is (K + 1) x
-today's accumulators and nothing per example is stored. From the groups:
+The groups (:func:`group_unit`): whole batches, batch ``b`` of the pass's global schedule in group ``b mod K``,
+when every group gets at least :data:`MIN_BATCHES_PER_GROUP` batches; else single examples, example ``i`` in group
+``i mod K`` of its global index. Both are deterministic and independent of sharding and resume; batch groups
+depend on the schedule (batch size, bucketing, seed), and cost nothing per batch: a batch adds to one group's
+accumulators, as many as without groups, where groups of examples add to every group's in every batch. Each
+consumer keeps one accumulator per group (Fisher: per-group squared-gradient sums of the blocks, whose sum is the
+total; variability: per-group class statistics beside the totals), and nothing per example. From the groups:
 
 * the two halves A = groups {0..K/2-1} and B = the rest are independent samples of the data: the Kendall
   tau-b between their layer scores and the agreement |top_k(A) & top_k(B)| / k (k = 1..3);
@@ -24,13 +27,32 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy.stats import t as student_t
 
-__all__ = ["DEFAULT_GROUPS", "LEVEL", "METHOD", "group_ids", "halves", "kendall_tau_b", "topk_agreement",
-           "interval_quantile", "jackknife", "jackknife_bias", "rank_intervals", "ranking_confidence",
-           "confidence_from_groups", "format_confidence"]
+__all__ = ["DEFAULT_GROUPS", "LEVEL", "MIN_BATCHES_PER_GROUP", "GROUP_UNITS", "group_unit", "method", "group_ids",
+           "halves", "kendall_tau_b", "topk_agreement", "interval_quantile", "jackknife", "jackknife_bias",
+           "rank_intervals", "ranking_confidence", "confidence_from_groups", "format_confidence"]
 
 DEFAULT_GROUPS = 4
-METHOD = "jackknife over K groups of examples"
 LEVEL = 0.95  # two-sided coverage of the score intervals
+MIN_BATCHES_PER_GROUP = 2  # fewer batches per group: groups of examples (a group of one batch is a poor sample)
+GROUP_UNITS = ("batches", "examples")
+
+
+def group_unit(num_examples: int, batch_size: int, k: int, requested: str = "auto") -> str:
+    """What the K groups are made of (``--confidence-unit``): ``requested`` unless "auto"; auto: "batches" when
+    the schedule has at least MIN_BATCHES_PER_GROUP x K batches (``num_examples / batch_size`` is the fewest a
+    schedule of at most ``batch_size`` examples per batch can have), else "examples"."""
+    if requested in GROUP_UNITS:
+        return requested
+    if requested != "auto":
+        raise ValueError(f"fastsel: --confidence-unit must be auto, {' or '.join(GROUP_UNITS)}, got {requested!r}")
+    return "batches" if num_examples >= MIN_BATCHES_PER_GROUP * k * batch_size else "examples"
+
+
+def method(unit: str) -> str:
+    """scores.json ``ranking_confidence.method``."""
+    if unit not in GROUP_UNITS:
+        raise ValueError(f"fastsel: the confidence groups are made of {GROUP_UNITS}, not {unit!r}")
+    return f"jackknife over K groups of {unit}"
 
 
 def interval_quantile(k: int) -> float:
@@ -116,16 +138,17 @@ def rank_intervals(intervals: Sequence[tuple[float, float]], higher_is_better: b
 
 
 def ranking_confidence(full: Sequence[float], half_a: Sequence[float], half_b: Sequence[float],
-                       leave_out: Sequence[Sequence[float]], higher_is_better: bool) -> dict[str, Any]:
+                       leave_out: Sequence[Sequence[float]], higher_is_better: bool,
+                       unit: str = "examples") -> dict[str, Any]:
     """The ``ranking_confidence`` object of scores.json from the scores on all data, on the two halves, and
-    without each group."""
+    without each group (``unit``: what the groups are made of, :func:`group_unit`)."""
     k = len(leave_out)
     score_iv = jackknife(full, leave_out)
     bias = jackknife_bias(full, leave_out)
     rank_iv = rank_intervals(score_iv, higher_is_better)
     tau = kendall_tau_b(half_a, half_b)
     return {
-        "method": METHOD,
+        "method": method(unit),
         "groups": k,
         "halves": [halves(k)[0], halves(k)[1]],
         "kendall_tau_halves": None if math.isnan(tau) else tau,
@@ -138,7 +161,7 @@ def ranking_confidence(full: Sequence[float], half_a: Sequence[float], half_b: S
 
 
 def confidence_from_groups(full: Sequence[float], scores_of: Callable[[list[int]], Sequence[float]], k: int,
-                           higher_is_better: bool) -> dict[str, Any]:
+                           higher_is_better: bool, unit: str = "examples") -> dict[str, Any]:
     """ranking_confidence with ``scores_of(groups)`` = the layer scores of the union of those groups.
 
     A subset whose scores cannot be computed (e.g. a class with fewer than 2 examples in a half) gives
@@ -152,8 +175,8 @@ def confidence_from_groups(full: Sequence[float], scores_of: Callable[[list[int]
         if any(v is None or not math.isfinite(v) for v in values):
             raise ValueError("non-finite scores on a subset of the groups")
     except ValueError as exc:
-        return {"method": METHOD, "groups": k, "unavailable": f"too few examples per group: {exc}"}
-    return ranking_confidence(full, half_a, half_b, leave_out, higher_is_better)
+        return {"method": method(unit), "groups": k, "unavailable": f"too few examples per group: {exc}"}
+    return ranking_confidence(full, half_a, half_b, leave_out, higher_is_better, unit)
 
 
 def format_confidence(conf: dict[str, Any]) -> str:

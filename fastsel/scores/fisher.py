@@ -209,8 +209,9 @@ class FisherAccumulation:
     ``capture(batch)`` is entered around the model's forward of the batch, ``consume(batch, outputs)`` turns the
     logits into the likelihood terms and runs the backward inside it. batch: input_ids (B, T), attention_mask
     (B, T), optional token_type_ids, labels (B,), optional index (B,) int64 global example positions (they key
-    the labels sampled in "sampled" mode and the groups; default: the order of arrival). ``groups`` K > 0 also
-    keeps the sums of each group of examples (index mod K) for the ranking confidence, of the blocks' parameters
+    the labels sampled in "sampled" mode and the groups; default: the order of arrival), optional group (B,) int64
+    (each example's group; default index mod K). ``groups`` K > 0 keeps the sums of each group for the ranking
+    confidence instead of one sum, of the blocks' parameters
     only (the confidence ranks blocks; embeddings, pooler and head keep one sum: K-fold memory only where it is
     read). A batch sorted by group (the streamed pass sorts them) is split by views, not copies.
     """
@@ -235,7 +236,9 @@ class FisherAccumulation:
     def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
         B = int(batch["input_ids"].shape[0])
         groups = None
-        if self.groups:
+        if self.groups and "group" in batch:  # the streamed pass's groups (whole batches, or index mod K)
+            groups = batch["group"]
+        elif self.groups:
             index = self._index(batch)
             if not isinstance(index, Tensor):
                 index = torch.arange(index, index + B, device=batch["input_ids"].device)

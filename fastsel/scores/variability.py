@@ -198,8 +198,9 @@ class ClassStatisticsAccumulation:
     ``capture(batch)`` taps every layer while the model's forward of the batch runs (no hidden state is kept);
     ``consume(batch)`` after it counts the examples. batch: input_ids, attention_mask (B, T),
     special_tokens_mask (B, T) for mean pooling, optional token_type_ids, integer labels (B,) in
-    [0, num_classes), optional index (B,) int64 global example positions (needed with ``groups``). With
-    ``groups`` K > 0 the examples of each group (index mod K) also go to their own statistics.
+    [0, num_classes), optional index (B,) int64 global example positions (needed with ``groups``), optional
+    group (B,) int64 (each example's group; default index mod K). With ``groups`` K > 0 the examples of each
+    group also go to their own statistics.
     ``on_layer(index, hidden, mask, labels)``, if given, sees every layer's states too.
     """
 
@@ -230,7 +231,8 @@ class ClassStatisticsAccumulation:
         self._mask, self._labels = pool_mask(batch, self.pooling), batch["labels"].long()
         self._rows = []
         if self.groups:  # slices of a batch sorted by group; no device sync for an index kept on the CPU
-            self._rows = group_rows(group_ids(batch["index"], self.groups), self.groups, batch["input_ids"].device)
+            groups = batch["group"] if "group" in batch else group_ids(batch["index"], self.groups)
+            self._rows = group_rows(groups, self.groups, batch["input_ids"].device)
         with layer_taps(self.model, self.layer_map, self._tap):
             yield self
 

@@ -1,6 +1,6 @@
-"""Groups of examples within a batch (the ranking confidence's K groups, :mod:`fastsel.scores.confidence`): which
-rows of a batch each group holds, as slices when the batch is sorted by group (views, no copies) and without a
-device sync when the group ids are on the CPU.
+"""Groups of examples within a batch (the ranking confidence's K groups, :mod:`fastsel.scores.confidence`): the
+``group`` entry of a batch, and which rows of a batch each group holds, as slices when the batch is sorted by group
+(views, no copies) and without a device sync when the group ids are on the CPU.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["Rows", "group_rows", "take_rows", "num_rows", "sort_by_group"]
+__all__ = ["Rows", "group_rows", "take_rows", "num_rows", "sort_by_group", "with_groups"]
 
 # The rows of one group in a batch: a slice (the batch is sorted by group) or (n,) int64 indices.
 Rows = Tensor | slice
@@ -52,13 +52,25 @@ def group_rows(groups: Tensor, k: int, device: torch.device | str | None = None)
 
 
 def sort_by_group(batch: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
-    """The batch's rows reordered so that the groups (``index`` mod K) are contiguous (stable within a group).
+    """The batch's rows reordered so that the groups (``group`` when the batch has it, else ``index`` mod K) are
+    contiguous (stable within a group).
 
     Every entry must have the batch as its first dimension. The sums a pass accumulates do not depend on the order
     of the examples in a batch (up to float rounding), and sorted groups are split by views instead of copies.
     """
-    groups = batch["index"] % k
+    groups = batch["group"] if "group" in batch else batch["index"] % k
     if bool((groups[1:] >= groups[:-1]).all()):
         return dict(batch)
     order = torch.sort(groups, stable=True).indices
     return {name: t.index_select(0, order.to(t.device)) for name, t in batch.items()}
+
+
+def with_groups(batch: Mapping[str, Tensor], k: int, batch_group: int | None) -> dict[str, Tensor]:
+    """The batch with ``group`` (B,) int64 on the host: ``batch_group`` for every row (groups of whole batches),
+    or None: each example's ``index`` mod K, the rows sorted by group (:func:`sort_by_group`)."""
+    index = batch["index"]
+    if batch_group is not None:
+        if not 0 <= batch_group < k:
+            raise ValueError(f"fastsel: batch group {batch_group} outside 0..{k - 1}")
+        return {**batch, "group": torch.full(index.shape, batch_group, dtype=torch.int64)}
+    return sort_by_group({**batch, "group": (index % k).to("cpu", torch.int64)}, k)

@@ -253,6 +253,8 @@ CASES: dict[tuple[str, str], Case] = {
     ("score", "--out"): Case(["--out", "{run}/other.json"], files(), [["--out", "{tmp}"], ["--out", "{afile}/s.json"]]),
     ("score", "--plot"): Case(["--plot", "{run}/p.png"], files(), [["--plot", "{run}/p.json"], ["--plot", "{afile}/p.png"]]),
     ("score", "--no-progress"): Case(["--no-progress"], stderr_has("ex/s"), switch_bad("--no-progress"), progress=True),
+    ("score", "--confidence-unit"): Case(["--confidence-unit", "batches"], top("ranking_confidence", "method"),
+                                         [["--confidence-unit", "rows"]]),
     ("score", "--confidence-groups"): Case(["--confidence-groups", "2"], top("ranking_confidence", "groups"),
                                            [["--confidence-groups", "1"], ["--confidence-groups", "-1"]]),
     ("score", "--max-tokens"): Case(["--max-tokens", "40"], pipe("max_tokens"), [["--max-tokens", "0"], ["--max-tokens", "-5"]]),

@@ -12,7 +12,7 @@ import torch
 from scipy import stats as sps
 
 from fastsel.cli.app import main
-from fastsel.data.corpus import load_tokenized_corpus
+from fastsel.data.corpus import load_tokenized_corpus, schedule_batches
 from fastsel.pipeline.config import PipelineConfig, ScoreConfig
 from fastsel.pipeline.context import PipelineContext
 from fastsel.pipeline.distributed import DistEnv
@@ -114,15 +114,29 @@ def test_unavailable_when_a_subset_cannot_be_scored():
 # -- the accumulators --------------------------------------------------------------------------------------
 
 
+def _group_sizes(ctx, corpus, unit):
+    """The examples of each of the 4 groups: whole batches of the pass's schedule (b mod 4), or index mod 4."""
+    if unit == "examples":
+        return [len(range(g, N, 4)) for g in range(4)]
+    schedule = schedule_batches(corpus.lengths(), batch_size=ctx.config.batch_size, max_tokens=ctx.pipeline.max_tokens,
+                                bucket=ctx.pipeline.bucket, seed=ctx.config.seed)
+    return [sum(len(b) for b in schedule[g::4]) for g in range(4)]
+
+
+@pytest.mark.parametrize("unit", ["batches", "examples"])
 @pytest.mark.parametrize("mode", ["empirical", "sampled", "exact"])
-def test_group_accumulators_sum_to_the_unchanged_totals(tiny_dir, data_dir, cache, mode):
+def test_group_accumulators_sum_to_the_unchanged_totals(tiny_dir, data_dir, cache, mode, unit):
     """Groups-only accumulation: the totals (the sum of the groups) equal a run without groups within float32
-    rounding; results unchanged."""
+    rounding; results unchanged; each group holds its batches (b mod K) or its examples (index mod K)."""
     ctx0, corpus = _setup(tiny_dir, data_dir, confidence_groups=0, options={"fisher": mode})
     plain_f, plain_v = _pass(ctx0, corpus)
-    ctx, corpus = _setup(tiny_dir, data_dir, options={"fisher": mode})
+    ctx, corpus = _setup(tiny_dir, data_dir, options={"fisher": mode}, confidence_unit=unit)
+    assert ctx.confidence_unit == unit
     fis, var = _pass(ctx, corpus)
-    assert fis.groups == var.groups == 4 and fis.acc.group_counts == [N // 4] * 4
+    sizes = _group_sizes(ctx, corpus, unit)
+    assert fis.groups == var.groups == 4 and fis.acc.group_counts == sizes and sum(sizes) == N
+    assert [g.num_examples for g in var.group_stats] == sizes
+    assert fis.result().info["ranking_confidence"]["method"] == f"jackknife over K groups of {unit}"
     blocks = {n for l in range(ctx.layer_map.num_layers) for n in ctx.layer_map.groups(ctx.model)[f"layer.{l}"]}
     assert fis.acc.group_names == blocks  # K-fold sums only of what the confidence ranks
     assert set(fis.acc.sums) == set(plain_f.acc.sums) - blocks and not fis.acc.sums_used
@@ -201,11 +215,12 @@ def test_confidence_equals_numpy_on_the_group_statistics(tiny_dir, data_dir, cac
             assert r0 <= r <= r1
 
 
-def test_independent_of_batch_size_and_bucketing(tiny_dir, data_dir, cache):
+def test_groups_of_examples_are_independent_of_batch_size_and_bucketing(tiny_dir, data_dir, cache):
     confs = []
     for bs, pcfg in ((8, PipelineConfig(bucket=False)), (5, PipelineConfig(max_tokens=150, bucket=True)),
                      (16, PipelineConfig(bucket=True))):
-        ctx, corpus = _setup(tiny_dir, data_dir, pcfg, batch_size=bs, options={"fisher": "sampled"})
+        ctx, corpus = _setup(tiny_dir, data_dir, pcfg, batch_size=bs, options={"fisher": "sampled"},
+                             confidence_unit="examples")
         confs.append([c.result().info["ranking_confidence"] for c in _pass(ctx, corpus)])
     for a, b in itertools.combinations(confs, 2):
         for x, y in zip(a, b):
@@ -355,3 +370,12 @@ def test_until_stable_two_gloo_processes_equal_one(tmp_path, tiny_dir, data_dir,
         assert a["until_stable"]["examples_used"] == b["until_stable"]["examples_used"] == a["num_examples"] < 400
         assert [c[metric]["top3"] for c in a["until_stable"]["checks"]] == [c[metric]["top3"] for c in b["until_stable"]["checks"]]
         assert_scores_close(a, b)
+
+
+def test_group_unit_auto_takes_batches_from_two_per_group():
+    from fastsel.scores.confidence import group_unit
+
+    assert group_unit(64, 8, 4) == "batches" and group_unit(63, 8, 4) == "examples"  # 2 x 4 batches of 8
+    assert group_unit(10, 8, 4, "batches") == "batches" and group_unit(10_000, 8, 4, "examples") == "examples"
+    with pytest.raises(ValueError, match="--confidence-unit must be auto, batches or examples, got 'rows'"):
+        group_unit(64, 8, 4, "rows")

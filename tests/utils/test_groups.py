@@ -51,3 +51,16 @@ def test_sort_by_group_leaves_a_sorted_batch_as_it_is():
     batch = {"index": torch.tensor([4, 8, 3]), "input_ids": torch.ones(3, 2)}
     out = sort_by_group(batch, 4)  # groups 0, 0, 3
     assert all(out[k] is batch[k] for k in batch)
+
+
+def test_with_groups_whole_batch_or_index_mod_k_sorted():
+    from fastsel.utils.groups import with_groups
+
+    batch = {"index": torch.tensor([5, 2, 8, 3]), "input_ids": torch.arange(8).view(4, 2)}
+    whole = with_groups(batch, 4, 3)
+    assert whole["group"].tolist() == [3, 3, 3, 3] and whole["index"] is batch["index"]
+    per = with_groups(batch, 4, None)
+    assert per["group"].tolist() == [0, 1, 2, 3] and per["index"].tolist() == [8, 5, 2, 3]
+    assert per["input_ids"].tolist() == [[4, 5], [0, 1], [2, 3], [6, 7]] and per["group"].device.type == "cpu"
+    with pytest.raises(ValueError, match="batch group 4 outside 0..3"):
+        with_groups(batch, 4, 4)

@@ -39,7 +39,7 @@ from fastsel.pipeline.registry import (
     options_of,
     register_metric,
 )
-from fastsel.scores.confidence import confidence_from_groups, kendall_tau_b
+from fastsel.scores.confidence import confidence_from_groups, kendall_tau_b, method
 from fastsel.scores.fisher import (
     AGGREGATES,
     FISHER_MODES,
@@ -350,10 +350,11 @@ class FisherConsumer(BatchConsumer):
 
     def confidence(self, scores: LayerScores) -> dict:
         if self.opts.aggregate == "label_specific":
-            return {"method": f"jackknife over {self.groups} groups of examples", "groups": self.groups,
+            return {"method": method(self.ctx.confidence_unit), "groups": self.groups,
                     "unavailable": "the label_specific aggregate has no per-group scores (the permuted-label pass is one "
                                    "subset)"}
-        return confidence_from_groups([l.score for l in scores.layers], self.group_scores, self.groups, True)
+        return confidence_from_groups([l.score for l in scores.layers], self.group_scores, self.groups, True,
+                                      self.ctx.confidence_unit)
 
 
 register_metric(Metric(name="fisher", run=_fisher_run, consumer=FisherConsumer, options=FisherOptions, higher_is_better=True,

@@ -161,9 +161,8 @@ class VariabilityConsumer(BatchConsumer):
         scores = variability_layer_scores(self.stats, self.ctx.layer_map, variant=self.variant, pooling=self.pooling,
                                           model_name=cfg.model, task=self.ctx.task.name, split=cfg.split)
         if self.groups:
-
             scores.info["ranking_confidence"] = confidence_from_groups([l.score for l in scores.layers], self.group_scores,
-                                                                       self.groups, False)
+                                                                       self.groups, False, self.ctx.confidence_unit)
         return scores
 
 
