@@ -253,8 +253,10 @@ CASES: dict[tuple[str, str], Case] = {
     ("score", "--out"): Case(["--out", "{run}/other.json"], files(), [["--out", "{tmp}"], ["--out", "{afile}/s.json"]]),
     ("score", "--plot"): Case(["--plot", "{run}/p.png"], files(), [["--plot", "{run}/p.json"], ["--plot", "{afile}/p.png"]]),
     ("score", "--no-progress"): Case(["--no-progress"], stderr_has("ex/s"), switch_bad("--no-progress"), progress=True),
-    ("score", "--confidence-unit"): Case(["--confidence-unit", "batches"], top("ranking_confidence", "method"),
-                                         [["--confidence-unit", "rows"]]),
+    # batches of one example: enough batches for 4 groups; without --batch-size the few examples make one batch
+    ("score", "--confidence-unit"): Case(["--batch-size", "1", "--confidence-unit", "batches"],
+                                         top("ranking_confidence", "method"),
+                                         [["--confidence-unit", "rows"], ["--confidence-unit", "batches"]]),
     ("score", "--confidence-groups"): Case(["--confidence-groups", "2"], top("ranking_confidence", "groups"),
                                            [["--confidence-groups", "1"], ["--confidence-groups", "-1"]]),
     ("score", "--max-tokens"): Case(["--max-tokens", "40"], pipe("max_tokens"), [["--max-tokens", "0"], ["--max-tokens", "-5"]]),
