@@ -9,7 +9,7 @@ from typing import Any
 from fastsel.data.settings import DataSettings
 from fastsel.pipeline.cuda_graphs import CUDA_GRAPH_MODES
 from fastsel.pipeline.registry import AUTOCAST, METRICS, options_of
-from fastsel.scores.confidence import DEFAULT_GROUPS, GROUP_UNITS, MIN_BATCHES_PER_GROUP
+from fastsel.scores.confidence import DEFAULT_GROUPS, GROUP_UNITS, MIN_BATCHES_PER_GROUP, check_confidence_unit
 from fastsel.utils.settings import JsonSettings, setting
 
 __all__ = ["ScoreConfig", "PipelineConfig", "DEFAULT_MODEL"]
@@ -69,8 +69,7 @@ class ScoreConfig(DataSettings, JsonSettings):
         k = self.confidence_groups
         if not isinstance(k, int) or isinstance(k, bool) or not (k == 0 or k >= 2):
             raise ValueError(f"fastsel: confidence_groups (--confidence-groups) must be 0 (off) or an integer >= 2, got {k!r}")
-        if self.confidence_unit not in ("auto", *GROUP_UNITS):
-            raise ValueError(f"fastsel: --confidence-unit must be auto, {' or '.join(GROUP_UNITS)}, got {self.confidence_unit!r}")
+        check_confidence_unit(self.confidence_unit)
         if "confidence_groups" in self.options:
             raise ValueError("fastsel: confidence_groups is a ScoreConfig field, not an option: "
                              "ScoreConfig(confidence_groups=K)")

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from fastsel.data.features import PadCollator
 from fastsel.ops.backend import BACKEND_TABLE_PATH
-from fastsel.pipeline.registry import BatchConsumer
+from fastsel.pipeline.registry import BatchConsumer, Step
 
 __all__ = [
     "CUDA_GRAPH_MODES",
@@ -64,9 +64,6 @@ BUCKET_MULTIPLE = 32
 # yet, so --cuda-graphs auto runs eager everywhere. The GPU check writes the verdict here (or as a "cuda_graphs"
 # entry {"capabilities": {"9.0": why}} of fastsel/ops/backend_table.json, read first).
 GRAPHS_PAY: dict[str, str] = {}
-
-Step = Callable[[nn.Module, list, Mapping[str, Tensor], str, torch.device], Tensor]
-
 
 def check_cuda_graphs(mode: str, device: str | torch.device) -> None:
     """One-line ValueError for ``--cuda-graphs on`` without a CUDA device (before the model is loaded)."""

@@ -10,21 +10,18 @@ saved after a passed check). The diagnosis itself may be slow: it reads every pa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastsel.data.corpus import batch_to_device
 from fastsel.hf.io import logits_of, model_inputs
 from fastsel.pipeline.checks import NonFiniteError, first_nonfinite_parameter
 from fastsel.pipeline.context import PipelineContext
-from fastsel.pipeline.registry import BatchConsumer, autocast_context
+from fastsel.pipeline.registry import BatchConsumer, Step, autocast_context
 
 __all__ = ["nonfinite_weights", "first_nonfinite_output", "nonfinite_error", "FiniteChecks"]
-
-#: ``step(model, consumers, batch, autocast, device) -> logits finite`` (0-dim bool, not synchronised)
-Step = Callable[[nn.Module, list, Mapping[str, Tensor], str, torch.device], Tensor]
 
 
 def nonfinite_weights(ctx: PipelineContext) -> str | None:

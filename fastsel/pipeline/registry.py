@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, ContextManager, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastsel.scores.layer_scores import LayerScores
 
 __all__ = ["Metric", "METRICS", "register_metric", "BatchConsumer", "ConsumerFactory", "default_num_examples", "AUTOCAST",
-           "autocast_context", "options_of"]
+           "autocast_context", "options_of", "Step"]
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -134,6 +134,11 @@ class BatchConsumer(abc.ABC):
         """
         raise NotImplementedError(f"fastsel: --until-stable: metric {self.name!r} has no ranking confidence")
 
+
+# one batch of the streamed pass through every consumer: step(model, consumers, batch, autocast, device) -> the
+# logits are finite (0-dim bool, not synchronised); fastsel.pipeline.streamed._step, replayed by cuda_graphs and
+# rerun by diagnosis
+Step = Callable[[nn.Module, list, Mapping[str, Tensor], str, torch.device], Tensor]
 
 # called with the run's fastsel.pipeline.context.PipelineContext (Any here: context.py imports this module)
 ConsumerFactory = Callable[[Any], BatchConsumer]

@@ -27,7 +27,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy.stats import t as student_t
 
-__all__ = ["DEFAULT_GROUPS", "LEVEL", "MIN_BATCHES_PER_GROUP", "GROUP_UNITS", "group_unit", "method", "group_ids",
+__all__ = ["DEFAULT_GROUPS", "LEVEL", "MIN_BATCHES_PER_GROUP", "GROUP_UNITS", "check_confidence_unit", "group_unit", "method",
+           "group_ids", "batch_groups",
            "halves", "kendall_tau_b", "topk_agreement", "interval_quantile", "jackknife", "jackknife_bias",
            "rank_intervals", "ranking_confidence", "confidence_from_groups", "format_confidence"]
 
@@ -37,14 +38,19 @@ MIN_BATCHES_PER_GROUP = 2  # fewer batches per group: groups of examples (a grou
 GROUP_UNITS = ("batches", "examples")
 
 
+def check_confidence_unit(requested: str) -> None:
+    """One-line ValueError unless ``requested`` is auto or one of GROUP_UNITS (``--confidence-unit``)."""
+    if requested != "auto" and requested not in GROUP_UNITS:
+        raise ValueError(f"fastsel: --confidence-unit must be auto, {' or '.join(GROUP_UNITS)}, got {requested!r}")
+
+
 def group_unit(num_examples: int, batch_size: int, k: int, requested: str = "auto") -> str:
     """What the K groups are made of (``--confidence-unit``): ``requested`` unless "auto"; auto: "batches" when
     the schedule has at least MIN_BATCHES_PER_GROUP x K batches (``num_examples / batch_size`` is the fewest a
     schedule of at most ``batch_size`` examples per batch can have), else "examples"."""
+    check_confidence_unit(requested)
     if requested in GROUP_UNITS:
         return requested
-    if requested != "auto":
-        raise ValueError(f"fastsel: --confidence-unit must be auto, {' or '.join(GROUP_UNITS)}, got {requested!r}")
     return "batches" if num_examples >= MIN_BATCHES_PER_GROUP * k * batch_size else "examples"
 
 
@@ -65,6 +71,14 @@ def interval_quantile(k: int) -> float:
 def group_ids(index: Any, k: int) -> Any:
     """The group of each global example index (tensor or array): index mod K."""
     return index % k
+
+
+def batch_groups(batch: Any, k: int, index: Any = None) -> Any:
+    """(B,) the group of each example of a batch: its ``group`` entry (the streamed pass's: whole batches, or index
+    mod K), else ``index`` (default ``batch["index"]``) mod K."""
+    if "group" in batch:
+        return batch["group"]
+    return group_ids(batch["index"] if index is None else index, k)
 
 
 def halves(k: int) -> tuple[list[int], list[int]]:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from fastsel.capture.per_example import SquaredGradAccumulator
 from fastsel.hf.io import eval_mode, logits_of, model_inputs
 from fastsel.hf.layer_map import EMBEDDINGS, HEAD, POOLER, LayerMap, map_layers
-from fastsel.scores.confidence import group_ids, kendall_tau_b
+from fastsel.scores.confidence import batch_groups, kendall_tau_b
 from fastsel.scores.layer_scores import LayerScore, LayerScores
 from fastsel.utils.progress import progress_bar
 
@@ -236,13 +236,11 @@ class FisherAccumulation:
     def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
         B = int(batch["input_ids"].shape[0])
         groups = None
-        if self.groups and "group" in batch:  # the streamed pass's groups (whole batches, or index mod K)
-            groups = batch["group"]
-        elif self.groups:
+        if self.groups:
             index = self._index(batch)
             if not isinstance(index, Tensor):
                 index = torch.arange(index, index + B, device=batch["input_ids"].device)
-            groups = group_ids(index, self.groups)
+            groups = batch_groups(batch, self.groups, index)
         return self.acc.capture(batch_size=B, groups=groups)
 
     def consume(self, batch: Mapping[str, Tensor], outputs: Any) -> None:

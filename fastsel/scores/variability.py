@@ -32,7 +32,7 @@ from fastsel import ops
 from fastsel.capture.taps import POOLINGS, layer_taps, pool_mask
 from fastsel.hf.io import eval_mode, model_inputs
 from fastsel.hf.layer_map import LayerMap, map_layers
-from fastsel.scores.confidence import group_ids
+from fastsel.scores.confidence import batch_groups
 from fastsel.scores.layer_scores import LayerScore, LayerScores
 from fastsel.utils.groups import Rows, group_rows, num_rows, take_rows
 from fastsel.utils.progress import progress_bar
@@ -231,8 +231,7 @@ class ClassStatisticsAccumulation:
         self._mask, self._labels = pool_mask(batch, self.pooling), batch["labels"].long()
         self._rows = []
         if self.groups:  # slices of a batch sorted by group; no device sync for an index kept on the CPU
-            groups = batch["group"] if "group" in batch else group_ids(batch["index"], self.groups)
-            self._rows = group_rows(groups, self.groups, batch["input_ids"].device)
+            self._rows = group_rows(batch_groups(batch, self.groups), self.groups, batch["input_ids"].device)
         with layer_taps(self.model, self.layer_map, self._tap):
             yield self
 
