@@ -59,6 +59,12 @@ class SquaredGradSums:
         self.group_counts: list[int] = []
         self._like: dict[str, tuple[torch.Size, torch.device]] = {n: (p.shape, p.device) for n, p in like.items()}
         self.sums_used = False  # a batch without groups went to ``sums`` (else the grouped parameters have none)
+        self.released = False  # mean(release=True) turned the plain sums into means: the sums are spent
+
+    def _check_live(self) -> None:
+        if self.released:
+            raise RuntimeError("fastsel: these squared-gradient sums were turned into means (mean(release=True)); "
+                               "they cannot be accumulated, read or saved again")
 
     def enable_groups(self, k: int, names: Iterable[str] | None = None) -> None:
         """Also keep K per-group sums of ``names`` (default: every parameter); group_members(groups=...) says each
@@ -96,6 +102,7 @@ class SquaredGradSums:
         has no group in 0..K-1: totals() = sums + the group sums needs each example in exactly one of them.
         Groups on the CPU cost no device sync (the streamed pass keeps the example index there).
         """
+        self._check_live()
         if not self.group_sums or groups is None:
             self.allocate_plain_sums()
             return None
@@ -136,6 +143,7 @@ class SquaredGradSums:
     def totals(self) -> dict[str, Tensor]:
         """The sum of every example's squared gradients: ``sums`` plus every group's sums (new tensors for the grouped
         parameters, the plain sums themselves for the others)."""
+        self._check_live()
         if not self.group_sums:
             return self.sums
         out = {}
@@ -150,14 +158,25 @@ class SquaredGradSums:
             out[n] = t
         return out
 
-    def mean(self) -> dict[str, Tensor]:
-        """The Fisher diagonal estimate: the accumulated totals divided by the number of examples."""
+    def mean(self, release: bool = False) -> dict[str, Tensor]:
+        """The Fisher diagonal estimate: the accumulated totals divided by the number of examples.
+
+        release: divide in place, with no copy: the plain sums themselves become the means (the caller's last read of
+        them). The group sums are kept; the accumulator is spent (accumulating, reading totals or saving it raises).
+        """
         if self.num_examples == 0:
             raise ValueError("fastsel: no examples were accumulated")
-        return {n: s / self.num_examples for n, s in self.totals().items()}
+        totals = self.totals()
+        # The totals of grouped parameters are new tensors (divided in place: no second copy); the others are the
+        # plain sums themselves, which stay sums unless released.
+        fresh = self.group_names if self.group_sums else frozenset()
+        out = {n: s.div_(self.num_examples) if release or n in fresh else s / self.num_examples for n, s in totals.items()}
+        self.released = release
+        return out
 
     def accumulators(self) -> list[tuple[str, Tensor]]:
         """Every sum in use, named: the plain sums, then each group's."""
+        self._check_live()
         out = list(self.sums.items())
         for g in self.group_sums:
             out += list(g.items())
@@ -166,6 +185,7 @@ class SquaredGradSums:
     def state_dict(self) -> dict[str, object]:
         """What resuming needs: the plain sums that exist (those of grouped parameters only once used) and the
         group sums."""
+        self._check_live()
         state = {"sums": self.sums, "num_examples": self.num_examples, "fallback_params": sorted(self.fallback_params)}
         if self.group_sums:
             state["group_sums"] = self.group_sums

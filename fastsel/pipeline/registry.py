@@ -98,7 +98,8 @@ class BatchConsumer(abc.ABC):
 
     @abc.abstractmethod
     def result(self) -> LayerScores:
-        """The metric's scores of the blocks from the (reduced) statistics."""
+        """The metric's scores of the blocks from the (reduced) statistics. Called once, at the end of the pass: it
+        may spend the accumulators (Fisher turns its sums into the diagonal in place, with no copy)."""
 
     def finite_flag(self) -> Tensor | None:
         """0-dim bool tensor on the pass's device: every accumulator is finite; computed without a host sync (the

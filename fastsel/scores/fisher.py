@@ -46,6 +46,7 @@ __all__ = [
     "fisher_terms_from_logits",
     "fisher_scores",
     "group_statistics",
+    "float64_chunk",
 ]
 
 FISHER_MODES = ("empirical", "sampled", "exact")
@@ -248,10 +249,12 @@ class FisherAccumulation:
                                          self._index(batch))
         self.acc.backward(terms)
 
-    def result(self) -> FisherResult:
+    def result(self, release: bool = False) -> FisherResult:
+        """The Fisher diagonal so far. release: the accumulator's sums become the diagonal (no copy; the caller's
+        last use of this accumulation: it cannot be accumulated into, read or saved again)."""
         if self.acc.num_examples == 0:
             raise ValueError("fastsel: no examples to compute the Fisher information on (empty data)")
-        return FisherResult(self.acc.mean(), self.acc.num_examples, self.mode, tuple(sorted(self.acc.fallback_params)))
+        return FisherResult(self.acc.mean(release=release), self.acc.num_examples, self.mode, tuple(sorted(self.acc.fallback_params)))
 
     def group_scores(self, groups: Sequence[int], layer_map: LayerMap | None = None,
                      group_sums: Sequence[Mapping[str, Tensor]] | None = None,
@@ -280,26 +283,31 @@ class GroupGrams:
     group sums (in chunks, no K-fold copy of a tensor) gives the scores of every union.
     """
 
-    CHUNK = 1 << 20  # elements of one tensor stacked over the K groups at a time
-
     def __init__(self, group_sums: Sequence[Mapping[str, Tensor]], group_counts: Sequence[int],
                  blocks: Sequence[Sequence[str]]) -> None:
         k = len(group_sums)
         self.counts = [int(c) for c in group_counts]
         self.tensor_grams: list[list[Tensor]] = []
         self.traces: list[Tensor] = []
+        first = next((g[n] for names in blocks for n in names for g in group_sums[:1]), None)
+        device = first.device if first is not None else torch.device("cpu")
+        chunk = float64_chunk(device)
+        buffer = torch.empty(k, chunk, dtype=torch.float64, device=device)  # reused: no float64 copy of a tensor
         for names in blocks:
-            grams, trace = [], torch.zeros(k, dtype=torch.float64)
+            grams, trace = [], torch.zeros(k, dtype=torch.float64, device=device)
             for name in names:
-                flat = [g[name].reshape(-1) for g in group_sums]
-                gram = torch.zeros(k, k, dtype=torch.float64)
-                for start in range(0, flat[0].numel(), self.CHUNK):
-                    x = torch.stack([f[start:start + self.CHUNK] for f in flat]).double()
-                    gram += (x @ x.T).cpu()
-                    trace += x.sum(1).cpu()
-                grams.append(gram)
+                flat = [g[name].detach().reshape(-1) for g in group_sums]
+                gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+                for start in range(0, flat[0].numel(), chunk):
+                    n = min(chunk, flat[0].numel() - start)
+                    x = buffer[:, :n]
+                    for row, f in zip(x, flat):
+                        row.copy_(f[start:start + n])
+                    gram.addmm_(x, x.T)
+                    trace += x.sum(1)
+                grams.append(gram.cpu())
             self.tensor_grams.append(grams)
-            self.traces.append(trace)
+            self.traces.append(trace.cpu())
 
     def scores(self, groups: Sequence[int], aggregate: str = "frobenius") -> list[float]:
         n = sum(self.counts[g] for g in groups)
@@ -348,21 +356,38 @@ def fisher_diagonal(
             with fisher.capture(batch):
                 fisher.consume(batch, model(**model_inputs(batch)))
             bar.update(B)
-    return fisher.result()
+    return fisher.result(release=accumulator is None)  # an accumulator of our own is read once: no copy
+
+
+def float64_chunk(device: torch.device) -> int:
+    """Elements of a float32 tensor copied into a float64 buffer at a time: small enough on the CPU to stay in
+    cache and to reuse one buffer (a float64 copy of a whole tensor costs fresh pages), large on an accelerator."""
+    return 1 << 16 if device.type == "cpu" else 1 << 24
 
 
 def group_statistics(diagonal: Mapping[str, Tensor], names: Iterable[str]) -> dict[str, float]:
     """{'score': sqrt(sum F^2), 'trace': sum F, 'tensor_norm_sum': sum over tensors of sqrt(sum F^2), 'num_params'}
     over the named parameters (float64 sums)."""
-    sq, tr, norms, n = 0.0, 0.0, 0.0, 0
-    for name in names:
-        d = diagonal[name].double()
-        t = float(d.square().sum())
-        sq += t
-        norms += math.sqrt(t)
-        tr += float(d.sum())
-        n += d.numel()
-    return {"score": math.sqrt(sq), "trace": tr, "tensor_norm_sum": norms, "num_params": n}
+    names = list(names)
+    if not names:
+        return {"score": 0.0, "trace": 0.0, "tensor_norm_sum": 0.0, "num_params": 0}
+    device = diagonal[names[0]].device
+    chunk = float64_chunk(device)
+    buffer = torch.empty(chunk, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(names), 2, dtype=torch.float64, device=device)  # per tensor: sum F^2, sum F
+    n = 0
+    for i, name in enumerate(names):
+        flat = diagonal[name].detach().reshape(-1)
+        for start in range(0, flat.numel(), chunk):
+            x = buffer[:min(chunk, flat.numel() - start)]
+            x.copy_(flat[start:start + x.numel()])
+            sums[i, 0] += torch.dot(x, x)
+            sums[i, 1] += x.sum()
+        n += flat.numel()
+    squares, traces = sums.cpu().unbind(1)  # one device sync for the whole group
+    sq = [float(t) for t in squares]
+    return {"score": math.sqrt(sum(sq)), "trace": float(traces.sum()), "tensor_norm_sum": sum(math.sqrt(t) for t in sq),
+            "num_params": n}
 
 
 def layer_statistics(diagonal: Mapping[str, Tensor], model: nn.Module, layer_map: LayerMap | None = None) -> tuple[list[dict], dict]:

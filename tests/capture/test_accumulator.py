@@ -119,6 +119,37 @@ def test_totals_with_some_parameters_grouped():
     assert [n for n, _ in acc.accumulators()] == ["a.weight", "a.bias", "a.bias"]
 
 
+def test_mean_without_release_leaves_the_sums():
+    acc = make()
+    acc.enable_groups(2, ["a.bias"])
+    fill(acc, acc.group_members(2, torch.tensor([0, 1])), 2.0)
+    acc.num_examples = 2
+    mean = acc.mean()
+    assert_close(mean["a.weight"], torch.full((3,), 1.0))
+    assert_close(mean["a.bias"], torch.full((2, 2), 2.0))
+    assert_close(acc.sums["a.weight"], torch.full((3,), 2.0))  # still the sums
+    assert_close(acc.mean()["a.weight"], torch.full((3,), 1.0))  # readable again
+    assert not acc.released
+
+
+def test_mean_release_divides_the_sums_in_place_and_spends_them():
+    acc = make()
+    acc.enable_groups(2, ["a.bias"])
+    fill(acc, acc.group_members(2, torch.tensor([0, 1])), 2.0)
+    acc.num_examples = 2
+    expected = acc.mean()
+    plain = acc.sums["a.weight"]
+    mean = acc.mean(release=True)
+    for n, m in expected.items():
+        assert_close(mean[n], m)
+    assert mean["a.weight"] is plain  # the plain sums themselves: no copy
+    assert [g["a.bias"].tolist() for g in acc.group_sums] == [[[2.0, 2.0]] * 2] * 2  # group sums kept
+    assert acc.released
+    for read in (acc.totals, acc.mean, acc.state_dict, acc.accumulators, lambda: acc.group_members(2)):
+        with pytest.raises(RuntimeError, match="turned into means"):
+            read()
+
+
 def test_state_dict_round_trip():
     acc = make()
     acc.enable_groups(2)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from fisher_oracles import assert_diagonals_close, oracle_fisher
@@ -14,7 +16,8 @@ from fastsel.capture.per_example import SquaredGradAccumulator
 from fastsel.hf.layer_map import map_layers
 from fastsel.ops import backend
 from fastsel.ops.backend import BACKEND_ENV, linear_backends_available
-from fastsel.scores.fisher import fisher_diagonal, fisher_layer_scores, fisher_terms, layer_statistics
+from fastsel.scores.fisher import (GroupGrams, fisher_diagonal, fisher_layer_scores, fisher_terms, float64_chunk,
+                                   group_statistics, layer_statistics)
 
 MODES = ["empirical", "sampled", "exact"]
 
@@ -224,6 +227,57 @@ def test_capture_off_gives_the_old_exact_fallback():
     assert fast.fallback_params == ()
     assert "deberta.encoder.rel_embeddings.weight" in old.fallback_params
     assert_diagonals_close(old.diagonal, fast.diagonal, rtol=1e-5)
+
+
+def test_fisher_diagonal_spends_only_its_own_accumulator():
+    """Without an accumulator the result is the accumulator's sums divided in place; a given one stays readable."""
+    model = tiny_model("bert", num_labels=3)
+    batch = random_batch("bert", batch_size=4, pad_last=1, num_labels=3)
+    given = SquaredGradAccumulator(model)
+    mine = fisher_diagonal(model, [batch])
+    theirs = fisher_diagonal(model, [batch], accumulator=given)
+    assert_diagonals_close(theirs.diagonal, mine.diagonal, rtol=1e-6)
+    assert not given.released
+    assert_diagonals_close(given.mean(), mine.diagonal, rtol=1e-6)
+
+
+def _numpy_statistics(tensors: list[torch.Tensor]) -> dict[str, float]:
+    sq = [float(np.sum(t.double().numpy() ** 2)) for t in tensors]
+    return {"score": math.sqrt(sum(sq)), "trace": float(sum(np.sum(t.double().numpy()) for t in tensors)),
+            "tensor_norm_sum": sum(math.sqrt(q) for q in sq), "num_params": sum(t.numel() for t in tensors)}
+
+
+def test_group_statistics_over_several_chunks_match_numpy():
+    chunk = float64_chunk(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    diagonal = {"big": torch.rand(2 * chunk + 17, generator=gen) * 1e-3, "small": torch.rand(3, 5, generator=gen),
+                "exact": torch.rand(chunk, generator=gen)}
+    got = group_statistics(diagonal, list(diagonal))
+    want = _numpy_statistics(list(diagonal.values()))
+    assert got["num_params"] == want["num_params"]
+    for k in ("score", "trace", "tensor_norm_sum"):
+        assert got[k] == pytest.approx(want[k], rel=1e-12)
+    assert group_statistics(diagonal, []) == {"score": 0.0, "trace": 0.0, "tensor_norm_sum": 0.0, "num_params": 0}
+
+
+def test_group_grams_over_several_chunks_match_numpy():
+    chunk = float64_chunk(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    k = 3
+    sums = [{"w": torch.rand(chunk + 5, 2, generator=gen), "b": torch.rand(7, generator=gen)} for _ in range(k)]
+    counts = [4, 5, 6]
+    grams = GroupGrams(sums, counts, [["w", "b"], ["b"]])
+    for groups in ([0], [1, 2], [0, 1, 2]):
+        n = sum(counts[g] for g in groups)
+        union = {name: sum(sums[g][name].double() for g in groups) / n for name in ("w", "b")}
+        got = grams.scores(groups, "frobenius")
+        want = [_numpy_statistics([union["w"], union["b"]])["score"], _numpy_statistics([union["b"]])["score"]]
+        assert got == pytest.approx(want, rel=1e-12)
+        assert grams.scores(groups, "trace") == pytest.approx(
+            [_numpy_statistics([union["w"], union["b"]])["trace"], _numpy_statistics([union["b"]])["trace"]], rel=1e-12)
+        assert grams.scores(groups, "tensor_norm_sum") == pytest.approx(
+            [_numpy_statistics([union["w"], union["b"]])["tensor_norm_sum"],
+             _numpy_statistics([union["b"]])["tensor_norm_sum"]], rel=1e-12)
 
 
 def test_deberta_batch_of_one_and_batch_size_invariance():

@@ -133,7 +133,7 @@ def label_dependence(model: nn.Module, layer_map: Any, mode: str, seed: int, hea
                     acc.consume(batch, outputs)
         if reduce is not None:
             reduce(acc)
-        layers, _ = layer_statistics(acc.result().diagonal, model, layer_map)
+        layers, _ = layer_statistics(acc.result(release=True).diagonal, model, layer_map)  # read once: no copy
     permuted = block_aggregates(layers)
     tau = kendall_tau_b(list(main[key]), permuted[key])
     info = {"kendall_tau_vs_permuted_labels": round(tau, 6) if math.isfinite(tau) else None,
@@ -276,7 +276,7 @@ class FisherConsumer(BatchConsumer):
 
     def result(self) -> LayerScores:
         cfg, opts = self.ctx.config, self.opts
-        result = self.fisher.result()
+        result = self.fisher.result(release=True)  # the pass is over: the sums become the diagonal, no copy
         statistics = layer_statistics(result.diagonal, self.ctx.model, self.ctx.layer_map)
         check, permuted = None, None
         if opts.label_check > 0 and self.ctx.corpus is not None:
