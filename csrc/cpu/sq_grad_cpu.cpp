@@ -10,8 +10,40 @@
 
 #include "sq_grad.h"
 
+// The hot elementwise loops are compiled for AVX-512 and AVX2 as well as the baseline, picked at load time (GCC/clang
+// function multiversioning): the extension is built without -march, so that it runs on any x86-64.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FASTSEL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTSEL_MULTIVERSION
+#endif
+
 namespace fastsel {
 namespace {
+
+// acc[k] += sum_e src[e * stride + k]^2 over count rows of n floats: blocks of k so that the accumulator block stays in
+// L1 while every row adds to it (one read and write of acc per block, not per row).
+FASTSEL_MULTIVERSION
+void add_squares(float* __restrict acc, const float* __restrict src, int64_t n, int64_t count, int64_t stride) {
+  constexpr int64_t kBlock = 2048;
+  for (int64_t k0 = 0; k0 < n; k0 += kBlock) {
+    const int64_t k1 = std::min(n, k0 + kBlock);
+    for (int64_t e = 0; e < count; ++e) {
+      const float* row = src + e * stride;
+      for (int64_t k = k0; k < k1; ++k) acc[k] += row[k] * row[k];
+    }
+  }
+}
+
+// s[d] += g[d] (x: null) or g[d] * x[d], d < n
+FASTSEL_MULTIVERSION
+void add_row(float* __restrict s, const float* __restrict g, const float* __restrict x, int64_t n) {
+  if (x == nullptr) {
+    for (int64_t d = 0; d < n; ++d) s[d] += g[d];
+  } else {
+    for (int64_t d = 0; d < n; ++d) s[d] += g[d] * x[d];
+  }
+}
 
 at::Tensor as_float_btf(const at::Tensor& t) { return as_btf(t).to(at::kFloat).contiguous(); }
 
@@ -47,12 +79,7 @@ void accumulate_linear_sq_grad_cpu(const at::Tensor& out, const at::Tensor& grad
         const int64_t nb = std::min(chunk, B - b0);
         at::Tensor w = ws.narrow(0, 0, nb).narrow(1, 0, r);
         at::bmm_out(w, gt.narrow(0, b0, nb).narrow(1, o0, r), x.narrow(0, b0, nb));
-        const float* wp = w.data_ptr<float>();
-        const int64_t n = r * I, stride = w.stride(0);
-        for (int64_t e = 0; e < nb; ++e) {
-          const float* src = wp + e * stride;
-          for (int64_t k = 0; k < n; ++k) acc[k] += src[k] * src[k];
-        }
+        add_squares(acc, w.data_ptr<float>(), r * I, nb, w.stride(0));
       }
     }
   });
@@ -74,15 +101,10 @@ void accumulate_norm_sq_grad_cpu(const at::Tensor& out, const at::Tensor& grad_o
     for (int64_t b = 0; b < B; ++b) {
       std::fill(s.begin(), s.end(), 0.f);
       for (int64_t t = 0; t < T; ++t) {
-        const float* grow = gp + (b * T + t) * D;
-        if (xp) {
-          const float* xrow = xp + (b * T + t) * D;
-          for (int64_t d = begin; d < end; ++d) s[d - begin] += grow[d] * xrow[d];
-        } else {
-          for (int64_t d = begin; d < end; ++d) s[d - begin] += grow[d];
-        }
+        const int64_t row = (b * T + t) * D + begin;
+        add_row(s.data(), gp + row, xp ? xp + row : nullptr, end - begin);
       }
-      for (int64_t d = begin; d < end; ++d) op[d] += s[d - begin] * s[d - begin];
+      add_squares(op + begin, s.data(), end - begin, 1, 0);
     }
   });
 }
@@ -121,12 +143,8 @@ void accumulate_embedding_sq_grad_cpu(const at::Tensor& out, const at::Tensor& g
       const int64_t v = group_token[k];
       if (v == padding_idx) continue;  // nn.Embedding never updates its padding row
       std::fill(s.begin(), s.end(), 0.f);
-      for (int64_t p = group_start[k]; p < group_start[k + 1]; ++p) {
-        const float* grow = gp + perm[p] * D;
-        for (int64_t d = begin; d < end; ++d) s[d - begin] += grow[d];
-      }
-      float* orow = op + v * D;
-      for (int64_t d = begin; d < end; ++d) orow[d] += s[d - begin] * s[d - begin];
+      for (int64_t p = group_start[k]; p < group_start[k + 1]; ++p) add_row(s.data(), gp + perm[p] * D + begin, nullptr, end - begin);
+      add_squares(op + v * D + begin, s.data(), end - begin, 1, 0);
     }
   });
 }
