@@ -69,7 +69,25 @@ class ClassStatistics:
         self.mean: list[Tensor | None] = [None] * num_layers
         self.m2: list[Tensor | None] = [None] * num_layers
         self.num_examples = 0  # examples fed (including skipped ones)
-        self.num_skipped = 0  # examples without any pooled token
+        self._skipped_host = 0  # examples without any pooled token: read so far ...
+        self._skipped_device: Tensor | None = None  # ... and counted on the device since (no host sync per batch)
+
+    @property
+    def num_skipped(self) -> int:
+        """Examples without any pooled token (reading it syncs with the device once for the batches since the last read)."""
+        if self._skipped_device is not None:
+            self._skipped_host += int(self._skipped_device)
+            self._skipped_device = None
+        return self._skipped_host
+
+    @num_skipped.setter
+    def num_skipped(self, value: int) -> None:
+        self._skipped_host, self._skipped_device = int(value), None
+
+    def count_skipped(self, mask: Tensor) -> None:
+        """Add the examples of mask (B, T) without a pooled token, counted on the mask's device (no host sync)."""
+        n = (mask.sum(1) == 0).sum()
+        self._skipped_device = n if self._skipped_device is None else self._skipped_device + n
 
     def update(self, index: int, hidden: Tensor, mask: Tensor, labels: Tensor) -> None:
         """Merge the pooled states of one batch of layer ``index``: hidden (B, T, D), mask (B, T), labels (B,)."""
@@ -237,7 +255,7 @@ class ClassStatisticsAccumulation:
 
     def consume(self, batch: Mapping[str, Tensor], outputs: Any = None) -> None:
         self.stats.num_examples += int(batch["input_ids"].shape[0])
-        self.stats.num_skipped += int((self._mask.sum(1) == 0).sum())  # type: ignore[union-attr]
+        self.stats.count_skipped(self._mask)  # type: ignore[arg-type]
         for k, rows in self._rows:
             self.group_stats[k].num_examples += num_rows(rows)
 

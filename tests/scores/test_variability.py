@@ -13,6 +13,7 @@ from fastsel.capture.taps import pool_mask
 from fastsel.hf.layer_map import map_layers
 from fastsel.scores.variability import (
     ClassStatistics,
+    ClassStatisticsAccumulation,
     accumulate_class_statistics,
     merge_class_stats,
     scatter_matrices,
@@ -228,6 +229,29 @@ def test_batch_size_and_order_invariance_of_the_pass():
         for x, y, z in zip(a.layer(i), b.layer(i), c.layer(i)):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)  # fp32 model: padding changes the states slightly
             torch.testing.assert_close(y, z, rtol=1e-6, atol=1e-7)  # same data reversed: only fp32 GEMM order differs
+
+
+def test_skipped_examples_counted_without_a_host_read(monkeypatch):
+    """consume() counts the examples without a pooled token on the device: no int(), item() or tolist() per batch;
+    num_skipped reads the count once, when asked."""
+    model = tiny_model("bert", num_labels=3)
+    batches = tiny_batches("bert", n=12, batch_size=4)
+    for b in batches[:2]:
+        b["special_tokens_mask"][1] = 1  # example 1 of the first two batches: no pooled token
+    acc = ClassStatisticsAccumulation(model, map_layers(model), 3)
+    reads = []
+    for b in batches:
+        with acc.capture(b):
+            with torch.no_grad():
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            with monkeypatch.context() as m:
+                for name in ("__int__", "item", "tolist", "__bool__"):
+                    m.setattr(torch.Tensor, name, lambda *a, name=name, **k: reads.append(name))
+                acc.consume(b)
+    assert reads == []
+    assert acc.stats.num_skipped == 2 and acc.stats.num_examples == 12
+    acc.stats.num_skipped = 5  # set (a checkpoint, a reduction): the device count since is dropped
+    assert acc.stats.num_skipped == 5
 
 
 def test_regression_labels_and_empty_data_rejected():
