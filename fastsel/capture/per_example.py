@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from fastsel.capture.accumulator import Destination, GroupMembers, SquaredGradSums
 from fastsel.capture.rules import (
@@ -188,6 +189,7 @@ class SquaredGradAccumulator(SquaredGradSums):
                 if rule_for(module) is GENERIC:
                     recognise_rms_norm(module)
         self._state: _BatchState | None = None
+        self._hook_handles: list[RemovableHandle] | None = None  # registered by hooked(), kept across batches
 
     def _destinations(self, names: dict[str, str] | None = None, start: int = 0, stop: int | None = None) -> list[Destination]:
         """The accumulator's destinations for examples start:stop of the current batch (see SquaredGradSums)."""
@@ -237,6 +239,28 @@ class SquaredGradAccumulator(SquaredGradSums):
             return
         st.calls.append(_Call(name, x.detach(), output, not x.requires_grad or x.grad_fn is None))
 
+    def _register_hooks(self) -> list[RemovableHandle]:
+        handles = []
+        for mname, module in self._modules.items():
+            handles.append(module.register_forward_pre_hook(lambda m, a, n=mname: self._pre_hook(n, m, a)))
+            handles.append(module.register_forward_hook(lambda m, a, o, n=mname: self._fwd_hook(n, m, a, o)))
+        return handles
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator["SquaredGradAccumulator"]:
+        """Keep the module hooks registered across the batches inside (one registration for a whole pass, not one per
+        :meth:`capture`); they do nothing outside a capture. Nested: the outer one holds them."""
+        if self._hook_handles is not None:
+            yield self
+            return
+        self._hook_handles = self._register_hooks()
+        try:
+            yield self
+        finally:
+            for h in self._hook_handles:
+                h.remove()
+            self._hook_handles = None
+
     @contextlib.contextmanager
     def capture(self, batch_size: int, groups: Tensor | None = None) -> Iterator["SquaredGradAccumulator"]:
         """Hook the model for one batch of ``batch_size`` examples (forward and backward inside).
@@ -247,12 +271,9 @@ class SquaredGradAccumulator(SquaredGradSums):
             raise RuntimeError("fastsel: capture() is not re-entrant")
         members = self.group_members(batch_size, groups)
         self._state = _BatchState(batch_size=batch_size, members=members)
-        handles = []
+        handles = self._register_hooks() if self._hook_handles is None else []
         tracker = SharedTracker(self.params, batch_size) if self.capture_shared else None
         try:
-            for mname, module in self._modules.items():
-                handles.append(module.register_forward_pre_hook(lambda m, a, n=mname: self._pre_hook(n, m, a)))
-                handles.append(module.register_forward_hook(lambda m, a, o, n=mname: self._fwd_hook(n, m, a, o)))
             self._state.tracker = tracker
             with tracker if tracker is not None else contextlib.nullcontext():
                 yield self

@@ -38,7 +38,8 @@ def autocast_context(device: torch.device, name: str) -> ContextManager[Any]:
 class BatchConsumer(abc.ABC):
     """One metric's accumulator inside the shared streamed pass: every hook the pass calls, declared here.
 
-    The pass (:func:`fastsel.pipeline.streamed.run_pass`) calls, per batch: ``capture(batch)`` (entered around the
+    The pass (:func:`fastsel.pipeline.streamed.run_pass`) enters ``pass_hooks()`` once around it all and calls, per
+    batch: ``capture(batch)`` (entered around the
     forward and the consume calls), the one forward, then ``consume(batch, outputs)`` (consumers with
     ``needs_backward`` last); ``finite_flag()`` every ``--finite-check-every`` batches and before each checkpoint,
     stability check and the end; ``state_dict()`` at each checkpoint and ``load_state_dict`` on resume; when a
@@ -72,6 +73,15 @@ class BatchConsumer(abc.ABC):
         if overrides != bool(cls.supports_stability):
             raise TypeError(f"fastsel: consumer {cls.__name__}: supports_stability is {cls.supports_stability} but "
                             f"stability_scores is {'' if overrides else 'not '}implemented; set both or neither")
+
+    def pass_hooks(self) -> ContextManager[Any]:
+        """Entered once around the whole pass (every batch, replay and stability check inside it): hooks that stay
+        registered from batch to batch (registering them per batch costs host time at every step), which act only
+        inside :meth:`capture`.
+
+        Default: ``contextlib.nullcontext()``.
+        """
+        return contextlib.nullcontext()
 
     def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
         """Entered around the forward (and the consume calls) of each batch: forward hooks on the model, say.

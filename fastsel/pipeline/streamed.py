@@ -3,6 +3,7 @@ processes, checkpoints and resume.
 
 One pass feeds every *consumer* (one per metric) from the same forward::
 
+    with every consumer's pass_hooks():                                   # module hooks registered once
     for batch in BatchReader(corpus, schedule[rank::K], start=cursor):     # memory-mapped, bucketed, prefetched
         with every consumer's capture(batch):                         # Fisher: per-example gradient hooks
             outputs = model(**inputs, output_hidden_states=any needs) # under optional bf16/fp16 autocast
@@ -161,7 +162,9 @@ def run_pass(
     # is b = i * world + rank) when there are enough, else index mod K (fastsel.scores.confidence.group_unit)
     k = cfg.confidence_groups
     by_batch = bool(k) and ctx.confidence_unit == "batches"
-    with eval_mode(model):
+    with eval_mode(model), contextlib.ExitStack() as hooks:
+        for c in consumers:  # module hooks registered once for the pass, not per batch
+            hooks.enter_context(c.pass_hooks())
         with progress_bar(total=total, desc=f"{names} (rank {env.rank}/{env.world_size})" if env.world_size > 1 else names,
                           unit="ex", disable=not progress or not env.is_main) as bar:
             bar.initial = bar.n = examples  # resumed work: counted, but not in the rate and ETA

@@ -347,7 +347,8 @@ def fisher_diagonal(
     """
     fisher = FisherAccumulation(model, mode, seed, accumulator=accumulator)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    with eval_mode(model), progress_bar(total=total, desc=f"fisher ({mode})", unit="ex", disable=not progress) as bar:
+    with eval_mode(model), fisher.acc.hooked(), \
+            progress_bar(total=total, desc=f"fisher ({mode})", unit="ex", disable=not progress) as bar:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             B = int(batch["input_ids"].shape[0])

@@ -233,9 +233,12 @@ class ClassStatisticsAccumulation:
         self._mask: Tensor | None = None
         self._labels: Tensor | None = None
         self._rows: list[tuple[int, Rows]] = []
+        self._hooked = False  # hooked(): the layer taps stay registered across batches
 
     def _tap(self, index: int, hidden: Tensor) -> None:
         mask, labels = self._mask, self._labels
+        if mask is None:  # a forward outside capture() while hooked: not a batch of the pass
+            return
         self.stats.update(index, hidden, mask, labels)  # type: ignore[arg-type]
         for k, rows in self._rows:
             self.group_stats[k].update(index, take_rows(hidden, rows), take_rows(mask, rows),  # type: ignore[arg-type]
@@ -250,8 +253,25 @@ class ClassStatisticsAccumulation:
         self._rows = []
         if self.groups:  # slices of a batch sorted by group; no device sync for an index kept on the CPU
             self._rows = group_rows(batch_groups(batch, self.groups), self.groups, batch["input_ids"].device)
-        with layer_taps(self.model, self.layer_map, self._tap):
+        try:
+            with contextlib.nullcontext() if self._hooked else layer_taps(self.model, self.layer_map, self._tap):
+                yield self
+        finally:
+            self._mask = self._labels = None
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator["ClassStatisticsAccumulation"]:
+        """Keep the layer taps registered across the batches inside (one registration for a whole pass, not one per
+        :meth:`capture`); they do nothing outside a capture. Nested: the outer one holds them."""
+        if self._hooked:
             yield self
+            return
+        with layer_taps(self.model, self.layer_map, self._tap):
+            self._hooked = True
+            try:
+                yield self
+            finally:
+                self._hooked = False
 
     def consume(self, batch: Mapping[str, Tensor], outputs: Any = None) -> None:
         self.stats.num_examples += int(batch["input_ids"].shape[0])
@@ -284,7 +304,7 @@ def accumulate_class_statistics(
     acc = ClassStatisticsAccumulation(model, layer_map or map_layers(model), num_classes, pooling=pooling, dtype=dtype,
                                       on_layer=on_layer)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    with eval_mode(model), torch.no_grad(), \
+    with eval_mode(model), torch.no_grad(), acc.hooked(), \
             progress_bar(total=total, desc=f"variability ({pooling})", unit="ex", disable=not progress) as bar:
         for batch in batches:
             check_labels(batch)

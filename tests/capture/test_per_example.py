@@ -307,3 +307,36 @@ def test_groups_on_every_path(workspace, monkeypatch):
                 want[n] += g.square()
         assert_diagonals_close(acc.group_sums[k], want)
     assert not any(s.any() for s in acc.sums.values())
+
+
+# -- hooks kept for a whole pass ------------------------------------------------------------------------
+
+
+def _hook_counts(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooked_registers_the_hooks_once_for_many_captures():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    xs, ys = torch.randn(3, 5, 4), torch.randint(0, 3, (3, 5))
+
+    def run(acc: SquaredGradAccumulator) -> dict[str, torch.Tensor]:
+        for x, y in zip(xs, ys):
+            with acc.capture(batch_size=5):
+                acc.backward([torch.log_softmax(model(x), -1).gather(1, y[:, None]).squeeze(1)])
+        return acc.mean()
+
+    want = run(SquaredGradAccumulator(model))  # hooks registered per capture
+    assert _hook_counts(model) == 0
+    acc = SquaredGradAccumulator(model)
+    with acc.hooked():
+        registered = _hook_counts(model)
+        assert registered == 2 * 3  # a pre and a forward hook per module with parameters
+        with acc.hooked():  # nested: the outer one holds the hooks
+            assert _hook_counts(model) == registered
+        model(xs[0])  # a forward outside a capture: the hooks do nothing
+        got = run(acc)
+        assert _hook_counts(model) == registered  # no capture added any
+    assert _hook_counts(model) == 0
+    assert_diagonals_close(got, want, rtol=1e-6)

@@ -67,6 +67,25 @@ def test_streamed_fisher_equals_plain_loader(tiny_dir, data_dir, cache, mode):
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-12)
 
 
+def test_the_pass_registers_module_hooks_once(tiny_dir, data_dir, cache, monkeypatch):
+    """pass_hooks(): the Fisher and variability consumers register their module hooks once per pass, not per batch,
+    and none is left on the model after it."""
+    from fastsel.pipeline.drivers.variability import VariabilityConsumer
+
+    ctx, corpus = _setup(_cfg(tiny_dir, data_dir))
+    consumers = [FisherConsumer(ctx), VariabilityConsumer(ctx)]  # (fitting the head hooks the model once itself)
+    calls = []
+    for name in ("register_forward_hook", "register_forward_pre_hook"):
+        original = getattr(torch.nn.Module, name)
+        monkeypatch.setattr(torch.nn.Module, name,
+                            lambda self, *a, original=original, **k: calls.append(1) or original(self, *a, **k))
+    res = run_pass(ctx, corpus, consumers, DistEnv(), progress=False)
+    assert res.stats["batches"] >= 10
+    fisher_hooks = 2 * len([m for m in ctx.model.modules() if any(True for _ in m.parameters(recurse=False))])
+    assert len(calls) == fisher_hooks + ctx.layer_map.num_layers + 1  # one set for the whole pass
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in ctx.model.modules())
+
+
 def test_one_pass_fisher_and_class_statistics(tiny_dir, data_dir, cache):
     """Fisher + a no-backward consumer fed the hidden states of the same forward == each alone / an oracle."""
     cfg = _cfg(tiny_dir, data_dir)

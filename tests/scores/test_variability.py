@@ -254,6 +254,28 @@ def test_skipped_examples_counted_without_a_host_read(monkeypatch):
     assert acc.stats.num_skipped == 5
 
 
+def test_hooked_keeps_the_layer_taps_for_many_batches():
+    model = tiny_model("bert", num_labels=3)
+    batches = tiny_batches("bert", n=12, batch_size=4)
+    want = accumulate_class_statistics(model, batches, num_classes=3)  # taps registered per batch
+    taps = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
+    acc = ClassStatisticsAccumulation(model, map_layers(model), 3)
+    with acc.hooked(), torch.no_grad():
+        registered = taps()
+        assert registered == map_layers(model).num_layers + 1  # the embeddings' output and every block's
+        model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])  # outside a capture
+        for b in batches:
+            with acc.capture(b):
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                acc.consume(b)
+            assert taps() == registered
+    assert taps() == 0
+    assert acc.stats.num_examples == want.num_examples
+    for i in range(want.num_layers):
+        for a, b in zip(acc.stats.layer(i), want.layer(i)):
+            torch.testing.assert_close(a, b)
+
+
 def test_regression_labels_and_empty_data_rejected():
     model = tiny_model("bert", num_labels=3)
     batches = tiny_batches("bert", n=6)

@@ -216,6 +216,9 @@ class FisherConsumer(BatchConsumer):
             broadcast_from_rank0_([params[n].data for n in names] if self.head.info.get("kind") != "warmup"
                                   else [p.data for p in params.values()])
 
+    def pass_hooks(self) -> ContextManager[Any]:
+        return self.acc.hooked()
+
     def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
         return self.fisher.capture(batch)
 

@@ -68,6 +68,9 @@ class VariabilityConsumer(BatchConsumer):
                                                groups=self.groups)
         self.stats, self.group_stats = self.acc.stats, self.acc.group_stats
 
+    def pass_hooks(self) -> ContextManager[Any]:
+        return self.acc.hooked()
+
     def capture(self, batch: Mapping[str, Tensor]) -> ContextManager[Any]:
         return self.acc.capture(batch)
 
