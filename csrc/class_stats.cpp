@@ -6,7 +6,8 @@
 namespace fastsel {
 
 void check_class_stats_update(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
-                              const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels) {
+                              const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels,
+                              const std::optional<at::Tensor>& order, const std::optional<at::Tensor>& offsets) {
   TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), "fastsel: hidden must be a floating tensor, got ",
               hidden.scalar_type());
   TORCH_CHECK(hidden.dim() == 3, "fastsel: hidden must be (B, T, D), got ", hidden.sizes());
@@ -35,6 +36,17 @@ void check_class_stats_update(const at::Tensor& count, const at::Tensor& mean, c
   for (const at::Tensor* t : {&count, &mean, &m2, &pool_mask, &labels})
     TORCH_CHECK(t->device() == hidden.device(), "fastsel: all tensors must be on ", hidden.device(), ", got one on ",
                 t->device());
+  TORCH_CHECK(order.has_value() == offsets.has_value(), "fastsel: order and offsets (the class grouping) go together");
+  if (order.has_value()) {
+    TORCH_CHECK(order->scalar_type() == at::kLong && order->dim() == 1 && order->size(0) == B,
+                "fastsel: order must be int64 (B,) = (", B, ",), got ", order->scalar_type(), " ", order->sizes());
+    TORCH_CHECK(offsets->scalar_type() == at::kLong && offsets->dim() == 1 && offsets->size(0) == C + 1,
+                "fastsel: offsets must be int64 (C + 1,) = (", C + 1, ",), got ", offsets->scalar_type(), " ",
+                offsets->sizes());
+    for (const at::Tensor* t : {&*order, &*offsets})
+      TORCH_CHECK(t->device() == hidden.device(), "fastsel: all tensors must be on ", hidden.device(),
+                  ", got one on ", t->device());
+  }
 }
 
 }  // namespace fastsel
@@ -42,7 +54,8 @@ void check_class_stats_update(const at::Tensor& count, const at::Tensor& mean, c
 TORCH_LIBRARY_FRAGMENT(fastsel, m) {
   // Pool hidden (B, T, D) over pool_mask (B, T) per example, then merge each class's batch statistics
   // into count (C,) f64, mean (C, D) and m2 (C, D, D) (f64 or f32) with Chan's formula. Examples with
-  // an empty pool_mask row are skipped. labels (B,) int64 in [0, C).
+  // an empty pool_mask row are skipped. labels (B,) int64 in [0, C). order (B,), offsets (C + 1,): the examples
+  // grouped by class, computed once per batch by the caller (optional; the results do not depend on them).
   m.def("class_stats_update(Tensor(a!) count, Tensor(b!) mean, Tensor(c!) m2, Tensor hidden, Tensor pool_mask, "
-        "Tensor labels) -> ()");
+        "Tensor labels, Tensor? order=None, Tensor? offsets=None) -> ()");
 }

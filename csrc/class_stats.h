@@ -11,10 +11,15 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace fastsel {
 
-// Validate arguments (shared by every backend). Throws c10::Error with a readable message.
+// Validate arguments (shared by every backend). Throws c10::Error with a readable message. order (B,) and offsets
+// (C + 1,) int64: the batch's examples grouped by class (class_grouping in fastsel/ops/class_stats.py), given
+// together or not at all; the CUDA kernel then skips its own grouping (the same for every layer of a batch).
 void check_class_stats_update(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
-                              const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels);
+                              const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels,
+                              const std::optional<at::Tensor>& order, const std::optional<at::Tensor>& offsets);
 
 }  // namespace fastsel

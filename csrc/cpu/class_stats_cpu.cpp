@@ -38,8 +38,11 @@ void masked_mean_pool(const acc_t* h, const uint8_t* mask, acc_t* pooled, int64_
 }
 
 void class_stats_update_cpu(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
-                            const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels) {
-  check_class_stats_update(count, mean, m2, hidden, pool_mask, labels);
+                            const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels,
+                            const std::optional<at::Tensor>& order, const std::optional<at::Tensor>& offsets) {
+  // The CPU groups the examples by class on the host from the labels (a loop over B): a given grouping is checked,
+  // not needed.
+  check_class_stats_update(count, mean, m2, hidden, pool_mask, labels, order, offsets);
   const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2), C = count.size(0);
   if (B == 0) return;
   const at::Tensor lab = labels.contiguous();

@@ -23,18 +23,25 @@ cuda::ClassStatsInput input_type(at::ScalarType t) {
 }
 
 void class_stats_update_cuda(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
-                             const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels) {
-  check_class_stats_update(count, mean, m2, hidden, pool_mask, labels);
+                             const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels,
+                             const std::optional<at::Tensor>& given_order, const std::optional<at::Tensor>& given_offsets) {
+  check_class_stats_update(count, mean, m2, hidden, pool_mask, labels, given_order, given_offsets);
   TORCH_CHECK(hidden.is_cuda(), "fastsel: class_stats_update CUDA kernel called with a non-CUDA tensor");
   const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2), C = count.size(0);
   if (B == 0) return;
   const at::Tensor lab = labels.contiguous();
-  // Group the examples by class on the device: class c's members are order[offsets[c] .. offsets[c+1]).
+  // The examples grouped by class on the device: class c's members are order[offsets[c] .. offsets[c+1]). Given by
+  // the caller once per batch (the same for every layer), else computed here: sort, gather, arange, searchsorted.
   // (Out-of-range labels land outside every class range here; the pool kernel traps on them.)
-  const at::Tensor order = std::get<1>(at::sort(lab, /*stable=*/true, /*dim=*/0, /*descending=*/false)).contiguous();
-  const at::Tensor offsets =
-      at::searchsorted(lab.index_select(0, order), at::arange(C + 1, lab.options())).to(at::kLong).contiguous();
+  at::Tensor order, offsets;
+  if (given_order.has_value()) {
+    order = given_order->contiguous();
+    offsets = given_offsets->contiguous();
+  } else {
+    order = std::get<1>(at::sort(lab, /*stable=*/true, /*dim=*/0, /*descending=*/false)).contiguous();
+    offsets = at::searchsorted(lab.index_select(0, order), at::arange(C + 1, lab.options())).to(at::kLong).contiguous();
+  }
 
   const at::Tensor h = hidden.contiguous();
   const at::Tensor mask = pool_mask.ne(0).to(at::kFloat).contiguous();

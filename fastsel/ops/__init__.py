@@ -11,13 +11,13 @@ bf16 or fp16 and are accumulated in fp32.
     ops.linear       accumulate_linear_sq_grad (+ _bmm, _ref)       per-example squared weight gradients
     ops.norm         accumulate_norm_sq_grad (+ _ref)               scales and biases
     ops.embedding    accumulate_embedding_sq_grad (+ _ref)          embedding tables
-    ops.class_stats  class_stats_update (+ _ref)                    per-class count / mean / scatter
+    ops.class_stats  class_stats_update (+ _ref), class_grouping    per-class count / mean / scatter
     ops.backend      extension loading, FASTSEL_BACKEND, the measured CUDA table
 """
 from __future__ import annotations
 
 from fastsel.ops.backend import EXTENSION
-from fastsel.ops.class_stats import class_stats_update, class_stats_update_ref
+from fastsel.ops.class_stats import ClassGrouping, class_grouping, class_stats_update, class_stats_update_ref
 from fastsel.ops.embedding import accumulate_embedding_sq_grad, accumulate_embedding_sq_grad_ref
 from fastsel.ops.linear import (
     BMM_WORKSPACE_BYTES,
@@ -36,6 +36,8 @@ __all__ = [
     "accumulate_norm_sq_grad_ref",
     "accumulate_embedding_sq_grad",
     "accumulate_embedding_sq_grad_ref",
+    "class_grouping",
+    "ClassGrouping",
     "class_stats_update",
     "class_stats_update_ref",
     "EXTENSION",

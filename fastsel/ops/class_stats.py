@@ -7,10 +7,25 @@ from torch import Tensor
 from fastsel.ops.backend import EXTENSION
 from fastsel.ops.common import use_kernel
 
-__all__ = ["class_stats_update", "class_stats_update_ref"]
+__all__ = ["ClassGrouping", "class_grouping", "class_stats_update", "class_stats_update_ref"]
+
+# The examples of a batch grouped by class: (order (B,) int64, offsets (C + 1,) int64), class c's examples being
+# order[offsets[c]:offsets[c + 1]].
+ClassGrouping = tuple[Tensor, Tensor]
 
 
-def class_stats_update(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, pool_mask: Tensor, labels: Tensor) -> None:
+def class_grouping(labels: Tensor, num_classes: int) -> ClassGrouping:
+    """labels (B,) int64 -> (order (B,), offsets (C + 1,)), on the labels' device without a host sync: computed once per
+    batch and passed to :func:`class_stats_update` of every layer (the CUDA kernel then skips its own grouping).
+    Labels outside [0, C) fall outside every class range (the op rejects them)."""
+    order = torch.sort(labels, stable=True).indices
+    offsets = torch.searchsorted(labels.index_select(0, order),
+                                 torch.arange(num_classes + 1, dtype=labels.dtype, device=labels.device))
+    return order, offsets.to(torch.int64)
+
+
+def class_stats_update(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, pool_mask: Tensor, labels: Tensor,
+                       grouping: ClassGrouping | None = None) -> None:
     """Pool ``hidden`` per example and merge each class's batch statistics into the running ones, in place.
 
     count (C,) float64; mean (C, D) and m2 (C, D, D) float64 or float32 (same dtype); hidden (B, T, D)
@@ -18,14 +33,18 @@ def class_stats_update(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, 
     Example b's state is the mean of hidden[b, t] over its pooled tokens; examples with no pooled token
     are skipped. For each class the batch's (count n_b, mean, centred scatter S_b) is merged with
     Chan's formula: n = n_a + n_b, mean += delta n_b / n, m2 += S_b + delta delta^T n_a n_b / n.
+    grouping: :func:`class_grouping` of these labels (optional: the same results; it saves the kernel's own grouping
+    when one batch updates many layers).
     """
+    order, offsets = grouping if grouping is not None else (None, None)
     if use_kernel("class_stats_update", hidden.device):
-        torch.ops.fastsel.class_stats_update(count, mean, m2, hidden, pool_mask, labels)
+        torch.ops.fastsel.class_stats_update(count, mean, m2, hidden, pool_mask, labels, order, offsets)
     else:
-        class_stats_update_ref(count, mean, m2, hidden, pool_mask, labels)
+        class_stats_update_ref(count, mean, m2, hidden, pool_mask, labels, grouping)
 
 
-def _check_class_stats(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, pool_mask: Tensor, labels: Tensor) -> None:
+def _check_class_stats(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, pool_mask: Tensor, labels: Tensor,
+                       grouping: ClassGrouping | None = None) -> None:
     if not hidden.is_floating_point() or hidden.dim() != 3:
         raise ValueError(f"fastsel: hidden must be a floating (B, T, D) tensor, got {hidden.dtype} {tuple(hidden.shape)}")
     B, T, D = hidden.shape
@@ -47,11 +66,19 @@ def _check_class_stats(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, 
             raise ValueError(f"fastsel: all tensors must be on {hidden.device}, got one on {t.device}")
     if B and (labels.min() < 0 or labels.max() >= C):
         raise ValueError(f"fastsel: labels out of range [0, {C})")
+    if grouping is not None:
+        order, offsets = grouping
+        if order.dtype != torch.int64 or tuple(order.shape) != (B,):
+            raise ValueError(f"fastsel: order must be int64 (B,) = ({B},), got {order.dtype} {tuple(order.shape)}")
+        if offsets.dtype != torch.int64 or tuple(offsets.shape) != (C + 1,):
+            raise ValueError(f"fastsel: offsets must be int64 (C + 1,) = ({C + 1},), got {offsets.dtype} {tuple(offsets.shape)}")
 
 
-def class_stats_update_ref(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, pool_mask: Tensor, labels: Tensor) -> None:
-    """Pure-torch twin of :func:`class_stats_update` (vectorised over the batch, one-hot over classes)."""
-    _check_class_stats(count, mean, m2, hidden, pool_mask, labels)
+def class_stats_update_ref(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, pool_mask: Tensor, labels: Tensor,
+                           grouping: ClassGrouping | None = None) -> None:
+    """Pure-torch twin of :func:`class_stats_update` (vectorised over the batch, one-hot over classes; a given
+    grouping is checked, not needed)."""
+    _check_class_stats(count, mean, m2, hidden, pool_mask, labels, grouping)
     B, _, D = hidden.shape
     if B == 0:
         return
@@ -78,6 +105,7 @@ def class_stats_update_ref(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tens
 if EXTENSION.loaded:  # fake (meta) kernel: the op runs under torch.compile / FakeTensor
 
     @torch.library.register_fake("fastsel::class_stats_update")
-    def _(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, pool_mask: Tensor, labels: Tensor) -> None:
+    def _(count: Tensor, mean: Tensor, m2: Tensor, hidden: Tensor, pool_mask: Tensor, labels: Tensor,
+          order: Tensor | None = None, offsets: Tensor | None = None) -> None:
         torch._check(hidden.dim() == 3, lambda: "hidden must be (B, T, D)")
         torch._check(m2.dim() == 3, lambda: "m2 must be (C, D, D)")

@@ -89,14 +89,17 @@ class ClassStatistics:
         n = (mask.sum(1) == 0).sum()
         self._skipped_device = n if self._skipped_device is None else self._skipped_device + n
 
-    def update(self, index: int, hidden: Tensor, mask: Tensor, labels: Tensor) -> None:
-        """Merge the pooled states of one batch of layer ``index``: hidden (B, T, D), mask (B, T), labels (B,)."""
+    def update(self, index: int, hidden: Tensor, mask: Tensor, labels: Tensor,
+               grouping: ops.ClassGrouping | None = None) -> None:
+        """Merge the pooled states of one batch of layer ``index``: hidden (B, T, D), mask (B, T), labels (B,);
+        grouping: ``ops.class_grouping(labels, num_classes)``, made once per batch for all its layers (optional)."""
         if self.count[index] is None:
             C, D, dev = self.num_classes, hidden.shape[-1], hidden.device
             self.count[index] = torch.zeros(C, dtype=torch.float64, device=dev)
             self.mean[index] = torch.zeros(C, D, dtype=self.dtype, device=dev)
             self.m2[index] = torch.zeros(C, D, D, dtype=self.dtype, device=dev)
-        ops.class_stats_update(self.count[index], self.mean[index], self.m2[index], hidden.detach(), mask, labels)
+        ops.class_stats_update(self.count[index], self.mean[index], self.m2[index], hidden.detach(), mask, labels,
+                               grouping)
 
     def zero_(self) -> None:
         """Every count, mean and scatter to zero, in place (an empty class merges as no data)."""
@@ -232,17 +235,19 @@ class ClassStatisticsAccumulation:
         self.group_stats = [ClassStatistics(layer_map.num_layers + 1, num_classes, dtype) for _ in range(groups)]
         self._mask: Tensor | None = None
         self._labels: Tensor | None = None
+        self._grouping: ops.ClassGrouping | None = None
         self._rows: list[tuple[int, Rows]] = []
+        self._group_groupings: list[ops.ClassGrouping] = []
         self._hooked = False  # hooked(): the layer taps stay registered across batches
 
     def _tap(self, index: int, hidden: Tensor) -> None:
         mask, labels = self._mask, self._labels
         if mask is None:  # a forward outside capture() while hooked: not a batch of the pass
             return
-        self.stats.update(index, hidden, mask, labels)  # type: ignore[arg-type]
-        for k, rows in self._rows:
+        self.stats.update(index, hidden, mask, labels, self._grouping)  # type: ignore[arg-type]
+        for (k, rows), grouping in zip(self._rows, self._group_groupings):
             self.group_stats[k].update(index, take_rows(hidden, rows), take_rows(mask, rows),  # type: ignore[arg-type]
-                                       take_rows(labels, rows))  # type: ignore[arg-type]
+                                       take_rows(labels, rows), grouping)  # type: ignore[arg-type]
         if self.on_layer is not None:
             self.on_layer(index, hidden, mask, labels)  # type: ignore[arg-type]
 
@@ -250,14 +255,19 @@ class ClassStatisticsAccumulation:
     def capture(self, batch: Mapping[str, Tensor]) -> Iterator["ClassStatisticsAccumulation"]:
         check_labels(batch)
         self._mask, self._labels = pool_mask(batch, self.pooling), batch["labels"].long()
-        self._rows = []
+        # The examples grouped by class once per batch on the device, for every layer's update (no host sync).
+        C = self.stats.num_classes
+        self._grouping = ops.class_grouping(self._labels, C)
+        self._rows, self._group_groupings = [], []
         if self.groups:  # slices of a batch sorted by group; no device sync for an index kept on the CPU
             self._rows = group_rows(batch_groups(batch, self.groups), self.groups, batch["input_ids"].device)
+            self._group_groupings = [ops.class_grouping(take_rows(self._labels, rows), C) for _, rows in self._rows]
         try:
             with contextlib.nullcontext() if self._hooked else layer_taps(self.model, self.layer_map, self._tap):
                 yield self
         finally:
-            self._mask = self._labels = None
+            self._mask = self._labels = self._grouping = None
+            self._group_groupings = []
 
     @contextlib.contextmanager
     def hooked(self) -> Iterator["ClassStatisticsAccumulation"]:

@@ -192,3 +192,82 @@ def test_opcheck(device):
     for args in [(*zeros(C, D, device=device), hidden.to(device), mask.to(device), labels.to(device)),
                  (*zeros(C, D, torch.float32, device=device), hidden.to(device), mask.bool().to(device), labels.to(device))]:
         torch.library.opcheck(torch.ops.fastsel.class_stats_update.default, args)
+
+
+def with_grouping(impl: str, args: tuple, grouping):
+    """Call implementation ``impl`` with a class grouping: the op takes order and offsets, the twin the pair."""
+    if impl == "kernel":
+        return IMPLS[impl](*args, *grouping)
+    return IMPLS[impl](*args, grouping)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("labels, C", [([2, 0, 1, 0, 2, 2], 3), ([1, 1, 1], 4), ([0], 2), ([], 3), ([3, 0, 3, 0], 5)])
+def test_class_grouping_matches_numpy(device, labels, C):
+    """order is the stable argsort of the labels; offsets[c] the number of examples of classes below c (numpy's
+    cumulative bincount), absent classes included."""
+    lab = torch.tensor(labels, dtype=torch.int64, device=device)
+    order, offsets = ops.class_grouping(lab, C)
+    assert order.dtype == offsets.dtype == torch.int64 and order.device == offsets.device == lab.device
+    want_order = np.argsort(np.array(labels, dtype=np.int64), kind="stable")
+    want_offsets = np.concatenate([[0], np.cumsum(np.bincount(np.array(labels, dtype=np.int64), minlength=C))])
+    np.testing.assert_array_equal(order.cpu().numpy(), want_order)
+    np.testing.assert_array_equal(offsets.cpu().numpy(), want_offsets)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(12, 6, 5, 3), (1, 2, 3, 2), (33, 17, 40, 4), (0, 3, 4, 2)])
+def test_given_grouping_gives_the_same_statistics(impl, device, shape):
+    """A class grouping made once per batch (class_grouping) changes nothing: bit for bit the statistics without it,
+    and the numpy oracle's, accumulated over two batches."""
+    B, T, D, C = shape
+    given, own = zeros(C, D, device=device), zeros(C, D, device=device)
+    batches = [data(B, T, D, C, seed=s) for s in (1, 2)]
+    for hidden, mask, labels in batches:
+        hidden, mask, labels = hidden.to(device), mask.to(device), labels.to(device)
+        with_grouping(impl, (*given, hidden, mask, labels), ops.class_grouping(labels, C))
+        IMPLS[impl](*own, hidden, mask, labels)
+    for x, y in zip(given, own):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    want = numpy_stats(np.concatenate([b[0].double().numpy() for b in batches]),
+                       np.concatenate([b[1].numpy() for b in batches]), np.concatenate([b[2].numpy() for b in batches]), C)
+    for x, y in zip(given, want):
+        torch.testing.assert_close(x.cpu(), torch.from_numpy(y), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_bad_grouping(impl):
+    C, D = 3, 4
+    hidden, mask, labels = data(5, 3, D, C)
+    order, offsets = ops.class_grouping(labels, C)
+    err = (ValueError, RuntimeError)
+    with pytest.raises(err, match="order must be int64"):
+        with_grouping(impl, (*zeros(C, D), hidden, mask, labels), (order.int(), offsets))
+    with pytest.raises(err, match="order must be int64"):
+        with_grouping(impl, (*zeros(C, D), hidden, mask, labels), (order[:4], offsets))
+    with pytest.raises(err, match="offsets must be int64"):
+        with_grouping(impl, (*zeros(C, D), hidden, mask, labels), (order, offsets[:C]))
+    with pytest.raises(err, match="offsets must be int64"):
+        with_grouping(impl, (*zeros(C, D), hidden, mask, labels), (order, offsets.double()))
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="compiled extension not loaded")
+def test_kernel_refuses_half_a_grouping():
+    C, D = 3, 4
+    hidden, mask, labels = data(5, 3, D, C)
+    order, offsets = ops.class_grouping(labels, C)
+    with pytest.raises(RuntimeError, match="go together"):
+        torch.ops.fastsel.class_stats_update(*zeros(C, D), hidden, mask, labels, order, None)
+    with pytest.raises(RuntimeError, match="go together"):
+        torch.ops.fastsel.class_stats_update(*zeros(C, D), hidden, mask, labels, None, offsets)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="compiled extension not loaded")
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_with_grouping(device):
+    C, D = 3, 5
+    hidden, mask, labels = data(6, 4, D, C)
+    labels = labels.to(device)
+    args = (*zeros(C, D, device=device), hidden.to(device), mask.to(device), labels, *ops.class_grouping(labels, C))
+    torch.library.opcheck(torch.ops.fastsel.class_stats_update.default, args)

@@ -276,6 +276,45 @@ def test_hooked_keeps_the_layer_taps_for_many_batches():
             torch.testing.assert_close(a, b)
 
 
+def test_class_grouping_made_once_per_batch_for_every_layer(monkeypatch):
+    """The examples are grouped by class once per batch (and once per confidence group), not once per layer: every
+    layer's update gets that grouping, and the statistics are the oracle's."""
+    import fastsel.scores.variability as variability
+
+    model = tiny_model("bert", num_labels=3, num_layers=3)
+    batches = tiny_batches("bert", n=12, batch_size=4)
+    for b in batches:
+        b["index"] = torch.arange(len(b["labels"])) + 4 * batches.index(b)
+    made, seen = [], []
+    real_grouping, real_update = ops.class_grouping, ops.class_stats_update
+
+    def grouping(labels, C):
+        made.append(real_grouping(labels, C))
+        return made[-1]
+
+    def update(*args, **kw):
+        seen.append(args[6] if len(args) > 6 else kw.get("grouping"))
+        real_update(*args, **kw)
+
+    monkeypatch.setattr(variability.ops, "class_grouping", grouping)
+    monkeypatch.setattr(variability.ops, "class_stats_update", update)
+    acc = ClassStatisticsAccumulation(model, map_layers(model), 3, groups=2)
+    with torch.no_grad():
+        for b in batches:
+            with acc.capture(b):
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                acc.consume(b)
+    monkeypatch.undo()
+    layers = map_layers(model).num_layers + 1
+    assert len(made) == len(batches) * 3  # the batch's and each of its 2 groups'
+    assert len(seen) == len(batches) * 3 * layers
+    assert all(any(g is m for m in made) for g in seen)  # every update got one of the batch's groupings
+    want = accumulate_class_statistics(model, batches, num_classes=3)
+    for i in range(layers):
+        for a, b in zip(acc.stats.layer(i), want.layer(i)):
+            torch.testing.assert_close(a, b)
+
+
 def test_regression_labels_and_empty_data_rejected():
     model = tiny_model("bert", num_labels=3)
     batches = tiny_batches("bert", n=6)
