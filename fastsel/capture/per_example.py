@@ -32,10 +32,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from fastsel.capture.accumulator import Destination, GroupMembers, SquaredGradSums
+from fastsel import ops
 from fastsel.capture.rules import (
     GENERIC,
     FeatureRule,
     GenericRule,
+    LinearRule,
     recognise_rms_norm,
     rule_for,
 )
@@ -117,6 +119,7 @@ class _BatchState:
     tracker: SharedTracker | None = None
     layout: "_BackwardLayout | None" = None
     members: GroupMembers = None  # the examples of each group in the batch; None: a batch without groups
+    casts: "_SharedInputCasts | None" = None  # during one backward pass
 
 
 @dataclass
@@ -127,6 +130,48 @@ class _BackwardLayout:
     direct: list[str]  # parameters used outside module calls, only in captured shared computations
     candidates: list[str]  # parameters to check (and, if used, run) on the exact fallback
     vjp_inputs: list[Tensor]  # shared-call outputs, then direct parameters
+
+
+def _input_key(x: Tensor) -> tuple:
+    """The same input read by several calls (detached views of one tensor)."""
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+
+
+class _SharedInputCasts:
+    """One cast of an input that several Linear calls read (Q, K and V on one hidden state). The linear op casts
+    its input to its operand dtype once per call (bf16 for autocast's bf16 gradients on an fp32 residual stream,
+    fp32 in the CPU kernel for a bf16 model): here the first of those calls to reach the backward makes the cast,
+    the others take it, and the last drops it. Lives for one backward pass."""
+
+    def __init__(self, calls: Sequence[_Call], modules: dict[str, nn.Module], owned: dict[str, dict[str, str]]) -> None:
+        readers: dict[tuple, int] = {}
+        for c in calls:  # the fast-path calls whose weight the linear op accumulates from their input
+            if not c.keep_grad and "weight" in owned[c.module_name] and isinstance(rule_for(modules[c.module_name]), LinearRule):
+                readers[_input_key(c.input)] = readers.get(_input_key(c.input), 0) + 1
+        self._left = {k: n for k, n in readers.items() if n > 1}
+        self._cast: dict[tuple, Tensor] = {}
+
+    def take(self, x: Tensor, grad: Tensor) -> Tensor:
+        """x (B, ..., I), the input of a Linear call with output gradient grad (B, ..., O) -> x, or x cast as the
+        linear op would cast it, made once for every call that reads x."""
+        key = _input_key(x)
+        left = self._left.get(key)
+        if left is None:
+            return x
+        B, I, O = x.shape[0], x.shape[-1], grad.shape[-1]
+        T = x[0].numel() // max(I, 1) if x.dim() > 2 and B else 1
+        dtype = ops.linear_input_dtype(x.device, grad.dtype, x.dtype, B, T, O, I)
+        cast_key = (key, dtype)
+        cast = self._cast.get(cast_key)
+        if cast is None:
+            cast = x if dtype is None else x.to(dtype)
+        if left > 1:
+            self._left[key] = left - 1
+            self._cast[cast_key] = cast
+        else:  # the last reader: let the cast go
+            del self._left[key]
+            self._cast = {k: v for k, v in self._cast.items() if k[0] != key}
+        return cast
 
 
 # Per-example cotangents of the shared sub-computation held at once (bytes, fp32): the examples are cut
@@ -357,6 +402,7 @@ class SquaredGradAccumulator(SquaredGradSums):
             last = k == len(terms) - 1 and not deferred_params and _all_fire(total, calls, frontier)
             hooks = [c.output.register_hook(self._grad_hook(c, release=last)) for c in calls]
             inputs = frontier + expanded + deferred_params
+            st.casts = _SharedInputCasts(calls, self._modules, self._owned)
             try:
                 grads = torch.autograd.grad(total, inputs, retain_graph=not last, allow_unused=True) if inputs else ()
                 # Outputs off every path to the frontier (fed only by uncaptured parameters) did not fire.
@@ -366,6 +412,7 @@ class SquaredGradAccumulator(SquaredGradSums):
                 if missed:
                     torch.autograd.grad(term.sum(), missed, retain_graph=True, allow_unused=True)
             finally:
+                st.casts = None
                 for h in hooks:
                     h.remove()
             cots = grads[len(frontier) : len(frontier) + len(expanded)]
@@ -453,8 +500,10 @@ class SquaredGradAccumulator(SquaredGradSums):
                 if call.keep_grad:
                     call.grad = grad.detach()
                     return
+                st = self._state
+                x = st.casts.take(call.input, grad) if st is not None and st.casts is not None else call.input
                 for examples, dst in destinations:
-                    rule.accumulate(module, take_rows(call.input, examples), take_rows(grad, examples), dst)
+                    rule.accumulate(module, take_rows(x, examples), take_rows(grad, examples), dst)
                 if release:  # let the activations go as the backward moves on
                     call.input = call.output = None  # type: ignore[assignment]
 

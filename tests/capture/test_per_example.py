@@ -340,3 +340,62 @@ def test_hooked_registers_the_hooks_once_for_many_captures():
         assert _hook_counts(model) == registered  # no capture added any
     assert _hook_counts(model) == 0
     assert_diagonals_close(got, want, rtol=1e-6)
+
+
+class SharedInputBlock(nn.Module):
+    """Q, K and V read one input (as in attention); ``out`` reads its own."""
+
+    def __init__(self, d: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out = nn.Linear(d, classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        mixed = torch.tanh(self.q(h)) * self.k(h) + self.v(h)
+        return self.out(mixed).mean(1)  # (B, T, d) -> (B, classes)
+
+
+@pytest.mark.parametrize("dtype,backend,autocast", [(torch.bfloat16, None, False), (torch.float32, "bmm", True),
+                                                    (torch.float32, None, False)])
+def test_an_input_shared_by_linears_is_cast_once(monkeypatch, dtype, backend, autocast):
+    """Q, K and V read one input: where the linear op would cast it (a bf16 model on the CPU kernel, which reads
+    fp32; fp32 inputs against autocast's bf16 gradients on bmm, which computes in bf16), the capture casts it once
+    and hands that cast to the three; the sums are bit for bit those of each call casting its own. Where no cast is
+    needed (fp32), the op gets the input itself."""
+    import fastsel.capture.per_example as per_example
+    from fastsel import ops
+
+    if backend is not None:
+        monkeypatch.setenv("FASTSEL_BACKEND", f"accumulate_linear_sq_grad={backend}")
+    torch.manual_seed(0)
+    model = SharedInputBlock().to(dtype)
+    h, y = torch.randn(5, 7, 8).to(dtype), torch.randint(0, 3, (5,))
+    seen: dict[int, tuple[int, torch.dtype]] = {}
+    real = ops.accumulate_linear_sq_grad
+
+    def spy(out, grad_output, input, **kw):
+        seen[out.data_ptr()] = (input.data_ptr(), input.dtype)
+        real(out, grad_output, input, **kw)
+
+    def run() -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, torch.dtype]]]:
+        acc = SquaredGradAccumulator(model)
+        with acc.capture(batch_size=5), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            acc.backward([torch.log_softmax(model(h).float(), -1).gather(1, y[:, None]).squeeze(1)])
+        names = {acc.sums[f"{m}.weight"].data_ptr(): m for m in ("q", "k", "v")}
+        return acc.mean(), {names[p]: v for p, v in seen.items() if p in names}
+
+    monkeypatch.setattr(ops, "accumulate_linear_sq_grad", spy)
+    got, inputs = run()
+    grad_dtype = torch.bfloat16 if autocast else dtype
+    want_dtype = ops.linear_input_dtype(h.device, grad_dtype, dtype, 5, 7, 8, 8)
+    assert (want_dtype is None) == (dtype == torch.float32 and not autocast)
+    if want_dtype is None:  # nothing to cast: every call reads the input itself
+        assert set(inputs.values()) == {(h.data_ptr(), dtype)}
+    else:  # one cast, read by Q, K and V
+        assert len(set(inputs.values())) == 1 and inputs["q"][1] == want_dtype and inputs["q"][0] != h.data_ptr()
+    seen.clear()
+    monkeypatch.setattr(per_example._SharedInputCasts, "take", lambda self, x, grad: x)  # every call casts its own
+    want, own = run()
+    assert set(own.values()) == {(h.data_ptr(), dtype)}
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
