@@ -138,6 +138,26 @@ def check_norm(chk: Checker, device: torch.device, gen: torch.Generator) -> None
                 chk.run(f"norm {dname} {label} {'scale' if with_input else 'bias'}", TOL[dname], fn)
 
 
+def check_layer_norm(chk: Checker, device: torch.device, gen: torch.Generator) -> None:
+    # many rows for the statistics launch (a partial last block), D not a multiple of 32, both outputs or one
+    cases = (("B3 T17 D130", (3, 17), 130), ("B5 T64 D96", (5, 64), 96), ("2-d B4 D70", (4,), 70),
+             ("B33 T9 D1030", (33, 9), 1030))
+    for dname, dtype in DTYPES.items():
+        for label, lead, D in cases:
+            for which in ("both", "weight", "bias"):
+                def fn(lead=lead, D=D, dtype=dtype, which=which):
+                    g = randn((*lead, D), dtype, device, gen)
+                    x = randn((*lead, D), dtype, device, gen, scale=2.0) + 0.5
+                    outs = [torch.rand(D, generator=gen).to(device) if which in (k, "both") else None for k in ("weight", "bias")]
+                    refs = [None if o is None else o.clone() for o in outs]
+                    for _ in range(2):  # a second accumulation into the same outputs
+                        ops.accumulate_layer_norm_sq_grad(*outs, g, x, 1e-5)
+                        ops.accumulate_layer_norm_sq_grad_ref(*refs, g, x, 1e-5)
+                    return [(o, r) for o, r in zip(outs, refs) if o is not None]
+
+                chk.run(f"layer_norm {dname} {label} {which}", TOL[dname], fn)
+
+
 def check_embedding(chk: Checker, device: torch.device, gen: torch.Generator) -> None:
     V = 50
     for dname, dtype in DTYPES.items():
@@ -178,7 +198,9 @@ def check_class_stats(chk: Checker, device: torch.device, gen: torch.Generator) 
                         if step == 1:
                             labels[labels == 2] = 0  # class 2 absent from the second batch
                         mask, labels = mask.to(device), labels.to(device)
-                        ops.class_stats_update(*mine, hidden, mask, labels)
+                        # the grouping made once per batch (as the pass does) on even steps, the kernel's own on odd
+                        grouping = ops.class_grouping(labels, C) if step % 2 == 0 else None
+                        ops.class_stats_update(*mine, hidden, mask, labels, grouping)
                         ops.class_stats_update_ref(*ref, hidden, mask, labels)
                     return list(zip(mine, ref))
 
@@ -206,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     chk = Checker()
     check_linear(chk, device, gen)
     check_norm(chk, device, gen)
+    check_layer_norm(chk, device, gen)
     check_embedding(chk, device, gen)
     check_class_stats(chk, device, gen)
     if device.type == "cuda":

@@ -71,6 +71,26 @@ void check_embedding_sq_grad(const at::Tensor& out, const at::Tensor& grad_outpu
               grad_output.size(-1), ", got ", out.sizes());
 }
 
+void check_layer_norm_sq_grad(const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
+                              const at::Tensor& grad_output, const at::Tensor& input, double eps) {
+  TORCH_CHECK(weight_out.has_value() || bias_out.has_value(),
+              "fastsel: layer_norm_sq_grad wants weight_out, bias_out or both, got neither");
+  check_float(grad_output, "grad_output");
+  check_float(input, "input");
+  TORCH_CHECK(grad_output.dim() >= 2, "fastsel: layer_norm_sq_grad wants grad_output (B, ..., D), got ",
+              grad_output.sizes());
+  TORCH_CHECK(input.sizes() == grad_output.sizes(), "fastsel: input ", input.sizes(), " and grad_output ",
+              grad_output.sizes(), " must have the same shape");
+  TORCH_CHECK(input.device() == grad_output.device(), "fastsel: input and grad_output on different devices");
+  TORCH_CHECK(eps >= 0, "fastsel: layer_norm_sq_grad wants eps >= 0, got ", eps);
+  for (const std::optional<at::Tensor>* out : {&weight_out, &bias_out}) {
+    if (!out->has_value()) continue;
+    check_out(**out, grad_output);
+    TORCH_CHECK((*out)->dim() == 1 && (*out)->size(0) == grad_output.size(-1), "fastsel: weight_out and bias_out must be (D,) = (",
+                grad_output.size(-1), ",), got ", (*out)->sizes());
+  }
+}
+
 }  // namespace fastsel
 
 TORCH_LIBRARY_FRAGMENT(fastsel, m) {
@@ -83,4 +103,9 @@ TORCH_LIBRARY_FRAGMENT(fastsel, m) {
   m.def("accumulate_norm_sq_grad(Tensor(a!) out, Tensor grad_output, Tensor? input) -> ()");
   // out[v, d] += sum_b (sum_{t: indices[b, t] = v} grad_output[b, t, d])^2, rows == padding_idx skipped
   m.def("accumulate_embedding_sq_grad(Tensor(a!) out, Tensor grad_output, Tensor indices, int padding_idx) -> ()");
+  // A LayerNorm over the last dim, x_hat = (x - mean) * rsqrt(var + eps) per (b, t) row, computed inside (never stored):
+  // weight_out[d] += sum_b (sum_t grad_output[b, t, d] * x_hat[b, t, d])^2, bias_out[d] += sum_b (sum_t grad_output)^2,
+  // both from one read of grad_output and input (either output may be omitted).
+  m.def("accumulate_layer_norm_sq_grad(Tensor(a!)? weight_out, Tensor(b!)? bias_out, Tensor grad_output, Tensor input, "
+        "float eps) -> ()");
 }

@@ -17,6 +17,8 @@ void check_linear_sq_grad(const at::Tensor& out, const at::Tensor& grad_output, 
                           int64_t variant = 0);
 void check_norm_sq_grad(const at::Tensor& out, const at::Tensor& grad_output, const std::optional<at::Tensor>& input);
 void check_embedding_sq_grad(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& indices);
+void check_layer_norm_sq_grad(const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
+                              const at::Tensor& grad_output, const at::Tensor& input, double eps);
 
 // (B, *, F) -> (B, T, F) view/copy with the middle dims flattened; 2-d (B, F) becomes (B, 1, F).
 at::Tensor as_btf(const at::Tensor& t);

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <vector>
 
@@ -43,6 +44,45 @@ void add_row(float* __restrict s, const float* __restrict g, const float* __rest
   } else {
     for (int64_t d = 0; d < n; ++d) s[d] += g[d] * x[d];
   }
+}
+
+// A LayerNorm row d < n, x_hat = (x - mean) * rstd: sw[d] += g[d] * x_hat[d] (sw non-null), sb[d] += g[d] (sb non-null)
+FASTSEL_MULTIVERSION
+void add_normalised_row(float* __restrict sw, float* __restrict sb, const float* __restrict g, const float* __restrict x,
+                        float mean, float rstd, int64_t n) {
+  if (sw != nullptr && sb != nullptr) {
+    for (int64_t d = 0; d < n; ++d) {
+      sw[d] += g[d] * ((x[d] - mean) * rstd);
+      sb[d] += g[d];
+    }
+  } else if (sw != nullptr) {
+    for (int64_t d = 0; d < n; ++d) sw[d] += g[d] * ((x[d] - mean) * rstd);
+  } else {
+    for (int64_t d = 0; d < n; ++d) sb[d] += g[d];
+  }
+}
+
+// The mean and rstd = 1 / sqrt(var + eps) of a row of n floats (biased variance), two passes; 16 partial sums so that
+// the loops vectorise without reassociation flags.
+FASTSEL_MULTIVERSION
+void row_moments(const float* __restrict x, int64_t n, double eps, float* mean, float* rstd) {
+  constexpr int64_t kLanes = 16;
+  float part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) part[k] += x[d + k];
+  float sum = 0.f;
+  for (; d < n; ++d) sum += x[d];
+  for (int64_t k = 0; k < kLanes; ++k) sum += part[k];
+  const float mu = sum / static_cast<float>(n);
+  float sq[kLanes] = {};
+  for (d = 0; d + kLanes <= n; d += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) sq[k] += (x[d + k] - mu) * (x[d + k] - mu);
+  float var = 0.f;
+  for (; d < n; ++d) var += (x[d] - mu) * (x[d] - mu);
+  for (int64_t k = 0; k < kLanes; ++k) var += sq[k];
+  *mean = mu;
+  *rstd = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var) / static_cast<double>(n) + eps));
 }
 
 at::Tensor as_float_btf(const at::Tensor& t) { return as_btf(t).to(at::kFloat).contiguous(); }
@@ -109,6 +149,39 @@ void accumulate_norm_sq_grad_cpu(const at::Tensor& out, const at::Tensor& grad_o
   });
 }
 
+void accumulate_layer_norm_sq_grad_cpu(const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
+                                       const at::Tensor& grad_output, const at::Tensor& input, double eps) {
+  check_layer_norm_sq_grad(weight_out, bias_out, grad_output, input, eps);
+  const at::Tensor g = as_float_btf(grad_output);
+  const int64_t B = g.size(0), T = g.size(1), D = g.size(2);
+  if (B == 0 || T == 0 || D == 0) return;
+  const at::Tensor x = as_float_btf(input);
+  const float* gp = g.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  // Each row's mean and rstd (two passes), then the columns.
+  std::vector<float> mean(B * T), rstd(B * T);
+  at::parallel_for(0, B * T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) row_moments(xp + r * D, D, eps, &mean[r], &rstd[r]);
+  });
+  float* wp = weight_out.has_value() ? weight_out->data_ptr<float>() : nullptr;
+  float* bp = bias_out.has_value() ? bias_out->data_ptr<float>() : nullptr;
+  at::parallel_for(0, D, 512, [&](int64_t begin, int64_t end) {
+    const int64_t n = end - begin;
+    std::vector<float> sw(wp ? n : 0), sb(bp ? n : 0);
+    for (int64_t b = 0; b < B; ++b) {
+      std::fill(sw.begin(), sw.end(), 0.f);
+      std::fill(sb.begin(), sb.end(), 0.f);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r = b * T + t;
+        add_normalised_row(wp ? sw.data() : nullptr, bp ? sb.data() : nullptr, gp + r * D + begin, xp + r * D + begin,
+                           mean[r], rstd[r], n);
+      }
+      if (wp) add_squares(wp + begin, sw.data(), n, 1, 0);
+      if (bp) add_squares(bp + begin, sb.data(), n, 1, 0);
+    }
+  });
+}
+
 void accumulate_embedding_sq_grad_cpu(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& indices,
                                       int64_t padding_idx) {
   check_embedding_sq_grad(out, grad_output, indices);
@@ -156,4 +229,5 @@ TORCH_LIBRARY_IMPL(fastsel, CPU, m) {
   m.impl("accumulate_linear_sq_grad", &fastsel::accumulate_linear_sq_grad_cpu);
   m.impl("accumulate_norm_sq_grad", &fastsel::accumulate_norm_sq_grad_cpu);
   m.impl("accumulate_embedding_sq_grad", &fastsel::accumulate_embedding_sq_grad_cpu);
+  m.impl("accumulate_layer_norm_sq_grad", &fastsel::accumulate_layer_norm_sq_grad_cpu);
 }

@@ -103,6 +103,31 @@ void accumulate_norm_sq_grad_cuda(const at::Tensor& out, const at::Tensor& grad_
   C10_CUDA_CHECK(launch_norm_sq_grad(p, current_stream()));
 }
 
+void accumulate_layer_norm_sq_grad_cuda(const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
+                                        const at::Tensor& grad_output, const at::Tensor& input, double eps) {
+  check_layer_norm_sq_grad(weight_out, bias_out, grad_output, input, eps);
+  if (grad_output.numel() == 0) return;  // B, T or D is 0
+  const c10::cuda::CUDAGuard device_guard(grad_output.device());
+  const at::ScalarType dtype = kernel_dtype(grad_output.scalar_type(), input.scalar_type());
+  const at::Tensor g = btf_as(grad_output, dtype);  // (B, T, D)
+  const at::Tensor x = btf_as(input, dtype);        // (B, T, D)
+  const at::Tensor stats = at::empty({2, g.size(0) * g.size(1)}, g.options().dtype(at::kFloat));  // mean, rstd
+  LayerNormSqGradParams p{};
+  p.weight_out = weight_out.has_value() ? weight_out->data_ptr<float>() : nullptr;
+  p.bias_out = bias_out.has_value() ? bias_out->data_ptr<float>() : nullptr;
+  p.g = g.data_ptr();
+  p.x = x.data_ptr();
+  p.mean = stats.data_ptr<float>();
+  p.rstd = p.mean + stats.size(1);
+  p.B = g.size(0);
+  p.T = g.size(1);
+  p.D = g.size(2);
+  p.eps = static_cast<float>(eps);
+  p.dtype = elem_type(dtype);
+  p.device = grad_output.get_device();
+  C10_CUDA_CHECK(launch_layer_norm_sq_grad(p, current_stream()));
+}
+
 void accumulate_embedding_sq_grad_cuda(const at::Tensor& out, const at::Tensor& grad_output, const at::Tensor& indices,
                                        int64_t padding_idx) {
   check_embedding_sq_grad(out, grad_output, indices);
@@ -141,4 +166,5 @@ TORCH_LIBRARY_IMPL(fastsel, CUDA, m) {
   m.impl("accumulate_linear_sq_grad", &fastsel::cuda::accumulate_linear_sq_grad_cuda);
   m.impl("accumulate_norm_sq_grad", &fastsel::cuda::accumulate_norm_sq_grad_cuda);
   m.impl("accumulate_embedding_sq_grad", &fastsel::cuda::accumulate_embedding_sq_grad_cuda);
+  m.impl("accumulate_layer_norm_sq_grad", &fastsel::cuda::accumulate_layer_norm_sq_grad_cuda);
 }

@@ -351,6 +351,106 @@ cudaError_t launch_norm(const NormSqGradParams& p, const DeviceInfo& dev, cudaSt
 }
 
 // ------------------------------------------------------------------------------------------------
+// LayerNorm: the row statistics (one thread per row, two passes over the row in fp32), then the norm kernel's layout
+// (32 columns x 8 warps over t) with x_hat made in registers and the weight and bias sums taken together.
+// ------------------------------------------------------------------------------------------------
+
+constexpr int kStatRowsPerBlock = 128;  // one thread per row (simple; the rows of a batch fill the GPU)
+
+template <typename T>
+__global__ void __launch_bounds__(kStatRowsPerBlock)
+    layer_norm_stats_kernel(const T* __restrict__ x, float* __restrict__ mean, float* __restrict__ rstd, int64_t rows,
+                            int64_t D, float eps) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kStatRowsPerBlock + threadIdx.x;
+  if (r >= rows) return;
+  const T* row = x + r * D;
+  float sum = 0.f;
+  for (int64_t d = 0; d < D; ++d) sum += to_float(row[d]);
+  const float mu = sum / static_cast<float>(D);
+  float sq = 0.f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float c = to_float(row[d]) - mu;
+    sq = fmaf(c, c, sq);
+  }
+  mean[r] = mu;
+  rstd[r] = 1.0f / sqrtf(sq / static_cast<float>(D) + eps);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kNormCols* kNormRows)
+    layer_norm_sq_grad_kernel(float* __restrict__ wout, float* __restrict__ bout, const T* __restrict__ g,
+                              const T* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ rstd,
+                              int64_t B, int64_t Tlen, int64_t D, int64_t b_chunk) {
+  __shared__ float part_w[kNormRows][kNormCols + 1];
+  __shared__ float part_b[kNormRows][kNormCols + 1];
+  const int lane = threadIdx.x, row = threadIdx.y;
+  const int64_t d = static_cast<int64_t>(blockIdx.x) * kNormCols + lane;
+  const int64_t b_begin = static_cast<int64_t>(blockIdx.y) * b_chunk;
+  const int64_t b_end = b_begin + b_chunk < B ? b_begin + b_chunk : B;
+  float total_w = 0.f, total_b = 0.f;
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    float sw = 0.f, sb = 0.f;
+    if (d < D) {
+      for (int64_t t = row; t < Tlen; t += kNormRows) {
+        const int64_t r = b * Tlen + t;
+        const float gv = to_float(g[r * D + d]);
+        sw = fmaf(gv, (to_float(x[r * D + d]) - mean[r]) * rstd[r], sw);
+        sb += gv;
+      }
+    }
+    part_w[row][lane] = sw;
+    part_b[row][lane] = sb;
+    __syncthreads();
+    if (row == 0) {
+      float SW = 0.f, SB = 0.f;
+#pragma unroll
+      for (int k = 0; k < kNormRows; ++k) {
+        SW += part_w[k][lane];
+        SB += part_b[k][lane];
+      }
+      total_w = fmaf(SW, SW, total_w);
+      total_b = fmaf(SB, SB, total_b);
+    }
+    __syncthreads();
+  }
+  if (row == 0 && d < D) {
+    const bool split = gridDim.y > 1;
+    if (wout != nullptr) {
+      if (split)
+        atomicAdd(wout + d, total_w);
+      else
+        wout[d] += total_w;
+    }
+    if (bout != nullptr) {
+      if (split)
+        atomicAdd(bout + d, total_b);
+      else
+        bout[d] += total_b;
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_layer_norm(const LayerNormSqGradParams& p, const DeviceInfo& dev, cudaStream_t stream) {
+  const int64_t rows = p.B * p.T;
+  const int64_t stat_blocks = ceil_div(rows, kStatRowsPerBlock);
+  const int64_t tiles = ceil_div(p.D, kNormCols);
+  if (stat_blocks > 0x7fffffff || tiles > 0x7fffffff) return cudaErrorInvalidValue;
+  const T* x = static_cast<const T*>(p.x);
+  const dim3 stat_grid(static_cast<unsigned>(stat_blocks)), stat_block(kStatRowsPerBlock);
+  layer_norm_stats_kernel<T><<<stat_grid, stat_block, 0, stream>>>(x, p.mean, p.rstd, rows, p.D, p.eps);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  int64_t splits = 1;
+  const int64_t chunk = split_chunk(p.B, tiles, 4LL * dev.sms, 1, &splits);
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  const dim3 block(kNormCols, kNormRows);
+  layer_norm_sq_grad_kernel<T><<<grid, block, 0, stream>>>(
+      p.weight_out, p.bias_out, static_cast<const T*>(p.g), x, p.mean, p.rstd, p.B, p.T, p.D, chunk);
+  return cudaGetLastError();
+}
+
+// ------------------------------------------------------------------------------------------------
 // Embedding. Block = 128 columns of one example's chunk of kEmbChunk sorted positions. A run of equal
 // tokens is handled by the block whose chunk holds its first position (it may read past the chunk).
 // ------------------------------------------------------------------------------------------------
@@ -473,6 +573,22 @@ cudaError_t launch_norm_sq_grad(const NormSqGradParams& p, cudaStream_t stream) 
       return launch_norm<__nv_bfloat16>(p, dev, stream);
     case ElemType::F16:
       return launch_norm<__half>(p, dev, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_layer_norm_sq_grad(const LayerNormSqGradParams& p, cudaStream_t stream) {
+  if (p.B <= 0 || p.T <= 0 || p.D <= 0) return cudaSuccess;
+  DeviceInfo dev;
+  const cudaError_t err = device_info(p.device, &dev);
+  if (err != cudaSuccess) return err;
+  switch (p.dtype) {
+    case ElemType::F32:
+      return launch_layer_norm<float>(p, dev, stream);
+    case ElemType::BF16:
+      return launch_layer_norm<__nv_bfloat16>(p, dev, stream);
+    case ElemType::F16:
+      return launch_layer_norm<__half>(p, dev, stream);
   }
   return cudaErrorInvalidValue;
 }

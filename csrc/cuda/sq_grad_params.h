@@ -38,6 +38,22 @@ struct NormSqGradParams {
   int device = 0;
 };
 
+// A LayerNorm over the last dim: x_hat = (x - mean) * rsqrt(var + eps) per (b, t) row (biased var, as the forward):
+// weight_out[d] += sum_b (sum_t g * x_hat)^2, bias_out[d] += sum_b (sum_t g)^2. The row statistics go to the
+// caller's buffers mean, rstd (B * T floats each) in a first launch; x_hat is never stored.
+struct LayerNormSqGradParams {
+  float* weight_out;  // (D,) fp32 or nullptr
+  float* bias_out;    // (D,) fp32 or nullptr
+  const void* g;      // (B, T, D)
+  const void* x;      // (B, T, D)
+  float* mean;        // (B * T,) fp32 workspace
+  float* rstd;        // (B * T,) fp32 workspace
+  int64_t B, T, D;
+  float eps;
+  ElemType dtype;
+  int device = 0;
+};
+
 // out[v, d] += sum_b (sum_{t: idx[b, t] = v} g[b, t, d])^2, v == padding_idx skipped.
 // The glue sorts each example's indices: sorted_idx[b, :] ascending, perm[b, k] = the position t of
 // sorted_idx[b, k], so each (example, token) group is a contiguous run. Indices are range-checked on the
@@ -57,6 +73,7 @@ struct EmbeddingSqGradParams {
 // cudaGetLastError() (or the first error of a runtime query) for the glue to raise.
 cudaError_t launch_linear_sq_grad(const LinearSqGradParams& p, cudaStream_t stream);
 cudaError_t launch_norm_sq_grad(const NormSqGradParams& p, cudaStream_t stream);
+cudaError_t launch_layer_norm_sq_grad(const LayerNormSqGradParams& p, cudaStream_t stream);
 cudaError_t launch_embedding_sq_grad(const EmbeddingSqGradParams& p, cudaStream_t stream);
 
 }  // namespace cuda

@@ -165,6 +165,17 @@ class NormRule(FeatureRule):
 
 @register_rule(nn.LayerNorm)
 class LayerNormRule(NormRule):
+    """weight and bias of a LayerNorm over the last dim in one call of the LayerNorm op (x_hat made inside, never
+    stored); over several trailing dims, x_hat as features and the scale/bias op."""
+
+    def accumulate(self, module: nn.Module, x: Tensor, g: Tensor, acc: Sums) -> None:
+        if len(module.normalized_shape) != 1 or not ("weight" in acc or "bias" in acc):
+            return super().accumulate(module, x, g, acc)
+        B, D = g.shape[0], module.normalized_shape[0]
+        w, b = acc.get("weight"), acc.get("bias")
+        ops.accumulate_layer_norm_sq_grad(None if w is None else w.view(-1), None if b is None else b.view(-1),
+                                          g.reshape(B, -1, D), x.reshape(B, -1, D), module.eps)
+
     def features(self, module: nn.Module, x: Tensor) -> Tensor:
         # One fused pass (mean and rstd together), not mean + var + sub + mul.
         x_hat = torch.nn.functional.layer_norm(x.float(), module.normalized_shape, None, None, module.eps)

@@ -12,6 +12,7 @@ bf16 or fp16 and are accumulated in fp32.
                      linear_input_dtype                             the input cast a backend makes
     ops.norm         accumulate_norm_sq_grad (+ _ref)               scales and biases
     ops.embedding    accumulate_embedding_sq_grad (+ _ref)          embedding tables
+    ops.layer_norm   accumulate_layer_norm_sq_grad (+ _ref)         LayerNorm weight and bias, x_hat inside
     ops.class_stats  class_stats_update (+ _ref), class_grouping    per-class count / mean / scatter
     ops.backend      extension loading, FASTSEL_BACKEND, the measured CUDA table
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 from fastsel.ops.backend import EXTENSION
 from fastsel.ops.class_stats import ClassGrouping, class_grouping, class_stats_update, class_stats_update_ref
 from fastsel.ops.embedding import accumulate_embedding_sq_grad, accumulate_embedding_sq_grad_ref
+from fastsel.ops.layer_norm import accumulate_layer_norm_sq_grad, accumulate_layer_norm_sq_grad_ref
 from fastsel.ops.linear import (
     BMM_WORKSPACE_BYTES,
     accumulate_linear_sq_grad,
@@ -39,6 +41,8 @@ __all__ = [
     "accumulate_norm_sq_grad_ref",
     "accumulate_embedding_sq_grad",
     "accumulate_embedding_sq_grad_ref",
+    "accumulate_layer_norm_sq_grad",
+    "accumulate_layer_norm_sq_grad_ref",
     "class_grouping",
     "ClassGrouping",
     "class_stats_update",
@@ -48,4 +52,5 @@ __all__ = [
 ]
 
 # Every op of the library, for `fastsel info` and the opcheck tests.
-OPS: list[str] = ["accumulate_linear_sq_grad", "accumulate_norm_sq_grad", "accumulate_embedding_sq_grad", "class_stats_update"]
+OPS: list[str] = ["accumulate_linear_sq_grad", "accumulate_norm_sq_grad", "accumulate_embedding_sq_grad",
+                  "accumulate_layer_norm_sq_grad", "class_stats_update"]

@@ -127,6 +127,35 @@ def test_layer_norm_rule_with_and_without_bias():
     _check(model, torch.randn(5, 4, 8) * 3 + 1, torch.randint(0, 3, (5,)), lambda xb: fc(ln2(torch.tanh(ln1(xb)))).mean(1))
 
 
+def test_layer_norm_rule_takes_weight_and_bias_in_one_op_call(monkeypatch):
+    """A LayerNorm over the last dim: one call of the LayerNorm op per call of the module, both parameters at once
+    (only the trainable ones); over two trailing dims, x_hat features and the scale/bias op. Both match the loop."""
+    from fastsel import ops
+
+    torch.manual_seed(0)
+    calls: list[tuple[bool, bool]] = []
+    real = ops.accumulate_layer_norm_sq_grad
+
+    def spy(w, b, g, x, eps):
+        calls.append((w is not None, b is not None))
+        real(w, b, g, x, eps)
+
+    monkeypatch.setattr(ops, "accumulate_layer_norm_sq_grad", spy)
+    ln1, ln2, ln3, fc = nn.LayerNorm(8), nn.LayerNorm(8, bias=False), nn.LayerNorm((4, 8)), nn.Linear(8, 3)
+    with torch.no_grad():
+        for p in (ln1.weight, ln1.bias, ln2.weight, ln3.weight, ln3.bias):
+            p.normal_()
+    model = nn.ModuleDict({"ln1": ln1, "ln2": ln2, "ln3": ln3, "fc": fc})
+    _check(model, torch.randn(5, 4, 8) * 3 + 1, torch.randint(0, 3, (5,)),
+           lambda xb: fc(ln3(ln2(torch.tanh(ln1(xb))))).mean(1))
+    assert sorted(calls) == [(True, False), (True, True)]  # ln2 has no bias; ln3 (two dims) takes the other path
+    calls.clear()
+    acc = SquaredGradAccumulator(model, [n for n, _ in model.named_parameters() if n != "ln1.bias"])
+    with acc.capture(batch_size=5):
+        acc.backward([fc(ln3(ln2(torch.tanh(ln1(torch.randn(5, 4, 8)))))).mean(1)[:, 0]])
+    assert sorted(calls) == [(True, False), (True, False)]  # ln1's bias not asked for: not accumulated
+
+
 # -- batch-shared computations --------------------------------------------------------------------------
 
 
