@@ -545,6 +545,11 @@ cudaError_t launch_linear_half(const LinearSqGradParams& p, const DeviceInfo& de
   return launch_linear_wmma<T>(p, dev, stream);
 }
 
+template <typename T>
+struct ElemTag {
+  using type = T;
+};
+
 cudaError_t launch_linear_sq_grad(const LinearSqGradParams& p, cudaStream_t stream) {
   if (p.B <= 0 || p.T <= 0 || p.O <= 0 || p.I <= 0) return cudaSuccess;
   DeviceInfo dev;
@@ -561,36 +566,34 @@ cudaError_t launch_linear_sq_grad(const LinearSqGradParams& p, cudaStream_t stre
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_norm_sq_grad(const NormSqGradParams& p, cudaStream_t stream) {
+// The norm-shaped launchers (B, T, D; a DeviceInfo), instantiated for the call's element type.
+template <typename Params, typename Launch>
+cudaError_t launch_by_elem_type(const Params& p, cudaStream_t stream, Launch launch) {
   if (p.B <= 0 || p.T <= 0 || p.D <= 0) return cudaSuccess;
   DeviceInfo dev;
   const cudaError_t err = device_info(p.device, &dev);
   if (err != cudaSuccess) return err;
   switch (p.dtype) {
     case ElemType::F32:
-      return launch_norm<float>(p, dev, stream);
+      return launch(ElemTag<float>{}, dev);
     case ElemType::BF16:
-      return launch_norm<__nv_bfloat16>(p, dev, stream);
+      return launch(ElemTag<__nv_bfloat16>{}, dev);
     case ElemType::F16:
-      return launch_norm<__half>(p, dev, stream);
+      return launch(ElemTag<__half>{}, dev);
   }
   return cudaErrorInvalidValue;
 }
 
+cudaError_t launch_norm_sq_grad(const NormSqGradParams& p, cudaStream_t stream) {
+  return launch_by_elem_type(p, stream, [&](auto tag, const DeviceInfo& dev) {
+    return launch_norm<typename decltype(tag)::type>(p, dev, stream);
+  });
+}
+
 cudaError_t launch_layer_norm_sq_grad(const LayerNormSqGradParams& p, cudaStream_t stream) {
-  if (p.B <= 0 || p.T <= 0 || p.D <= 0) return cudaSuccess;
-  DeviceInfo dev;
-  const cudaError_t err = device_info(p.device, &dev);
-  if (err != cudaSuccess) return err;
-  switch (p.dtype) {
-    case ElemType::F32:
-      return launch_layer_norm<float>(p, dev, stream);
-    case ElemType::BF16:
-      return launch_layer_norm<__nv_bfloat16>(p, dev, stream);
-    case ElemType::F16:
-      return launch_layer_norm<__half>(p, dev, stream);
-  }
-  return cudaErrorInvalidValue;
+  return launch_by_elem_type(p, stream, [&](auto tag, const DeviceInfo& dev) {
+    return launch_layer_norm<typename decltype(tag)::type>(p, dev, stream);
+  });
 }
 
 cudaError_t launch_embedding_sq_grad(const EmbeddingSqGradParams& p, cudaStream_t stream) {
