@@ -47,14 +47,18 @@ def read_torch_file(path: str | os.PathLike, what: str, fix: str) -> Any:
     size = os.path.getsize(path)
     with open(path, "rb"):  # a file that cannot be opened (permissions): that OSError, as it is
         pass
+    if not _is_zip(path):
+        # torch.save always writes a zip; handing anything else to torch.load means its legacy unpickler, which on
+        # random bytes can ask for gigabytes (MemoryError) instead of failing
+        why = "empty" if size == 0 else "not a torch checkpoint"
+        raise CheckpointMismatch(f"fastsel: {what} {path} cannot be read ({why}, {size} bytes); {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the zip/pickle readers raise on a damaged file (even EINVAL)
-        why = "empty" if size == 0 else "truncated or damaged" if _is_zip(path) else "not a torch checkpoint"
-        raise CheckpointMismatch(f"fastsel: {what} {path} cannot be read ({why}, {size} bytes: {type(exc).__name__}); "
-                                 f"{fix}") from None
+        raise CheckpointMismatch(f"fastsel: {what} {path} cannot be read (truncated or damaged, {size} bytes: "
+                                 f"{type(exc).__name__}); {fix}") from None
 
 
 def _is_zip(path: str | os.PathLike) -> bool:
