@@ -5,7 +5,8 @@ layer's input; a hook on each layer's output receives dL/d(output) during the ba
 output-gradient) to the rule for that layer type (:mod:`fastsel.capture.rules`), which adds sum_b g_b**2
 into the fp32 sums of :mod:`fastsel.capture.accumulator` through the fused ops of :mod:`fastsel.ops`.
 Per-example gradients of the whole model are never materialised, and the backward computes no parameter
-gradients at all (only activation gradients), so a pass costs about one training step.
+gradients at all (only activation gradients), so a pass costs about one training step. Linears that read one
+input (Q, K and V) are accumulated together, in one call of the linear op with their rows stacked.
 
 Batch-shared computations (parameters used outside a call of their own module, e.g. DeBERTa's
 relative-position table, or a module called on such a parameter-only tensor) are followed during the
@@ -32,7 +33,6 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from fastsel.capture.accumulator import Destination, GroupMembers, SquaredGradSums
-from fastsel import ops
 from fastsel.capture.rules import (
     GENERIC,
     FeatureRule,
@@ -51,7 +51,8 @@ def _all_fire(root: Tensor, calls: list["_Call"], frontier: list[Tensor]) -> boo
     """Whether autograd.grad(root, frontier) provably reaches every captured output (fires its hook).
 
     The engine runs exactly the graph nodes from which a captured node (a frontier output's grad_fn) can
-    be reached; an output's hook fires when its grad_fn runs, or when it is itself a frontier output.
+    be reached; an output's hook fires when its grad_fn runs, or when it is itself a frontier output that the
+    root reaches (one it does not reach gets no gradient: an output the loss never uses).
     Conservative: anything unusual (leaf outputs, a frontier output sharing a multi-output node) -> False.
     """
     targets = {f.grad_fn for f in frontier}
@@ -77,7 +78,7 @@ def _all_fire(root: Tensor, calls: list["_Call"], frontier: list[Tensor]) -> boo
             return False
         if reaches.get(fn, False):
             continue
-        if (fn, c.output.output_nr) not in frontier_keys:
+        if (fn, c.output.output_nr) not in frontier_keys or fn not in reaches:  # reaches: every node under root
             return False
         if sum(1 for f in frontier if f.grad_fn is fn) != 1:  # a shared node captured, not run: unsure
             return False
@@ -119,7 +120,7 @@ class _BatchState:
     tracker: SharedTracker | None = None
     layout: "_BackwardLayout | None" = None
     members: GroupMembers = None  # the examples of each group in the batch; None: a batch without groups
-    casts: "_SharedInputCasts | None" = None  # during one backward pass
+    input_groups: "_SharedInputGroups | None" = None  # during one backward pass
 
 
 @dataclass
@@ -137,41 +138,37 @@ def _input_key(x: Tensor) -> tuple:
     return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
 
 
-class _SharedInputCasts:
-    """One cast of an input that several Linear calls read (Q, K and V on one hidden state). The linear op casts
-    its input to its operand dtype once per call (bf16 for autocast's bf16 gradients on an fp32 residual stream,
-    fp32 in the CPU kernel for a bf16 model): here the first of those calls to reach the backward makes the cast,
-    the others take it, and the last drops it. Lives for one backward pass."""
+class _SharedInputGroups:
+    """Linear calls that read one input (Q, K and V on one hidden state), accumulated in one call of the linear op
+    (:meth:`LinearRule.accumulate_shared_input`): each member's output gradient is held when its hook fires and the
+    last to arrive accumulates them all. Lives for one backward pass; :meth:`flush` accumulates the members of a
+    group some of whose outputs the backward did not reach."""
 
     def __init__(self, calls: Sequence[_Call], modules: dict[str, nn.Module], owned: dict[str, dict[str, str]]) -> None:
-        readers: dict[tuple, int] = {}
-        for c in calls:  # the fast-path calls whose weight the linear op accumulates from their input
-            if not c.keep_grad and "weight" in owned[c.module_name] and isinstance(rule_for(modules[c.module_name]), LinearRule):
-                readers[_input_key(c.input)] = readers.get(_input_key(c.input), 0) + 1
-        self._left = {k: n for k, n in readers.items() if n > 1}
-        self._cast: dict[tuple, Tensor] = {}
+        by_input: dict[tuple, list[_Call]] = {}
+        for c in calls:  # the fast-path calls whose weight the linear op accumulates from their input, by one rule
+            rule = rule_for(modules[c.module_name])
+            if not c.keep_grad and "weight" in owned[c.module_name] and isinstance(rule, LinearRule):
+                by_input.setdefault((_input_key(c.input), id(rule)), []).append(c)
+        self._group: dict[int, list[_Call]] = {id(c): g for g in by_input.values() if len(g) > 1 for c in g}
+        self._held: dict[int, list[tuple[_Call, Tensor]]] = {}  # id(group) -> the members arrived, with their gradients
 
-    def take(self, x: Tensor, grad: Tensor) -> Tensor:
-        """x (B, ..., I), the input of a Linear call with output gradient grad (B, ..., O) -> x, or x cast as the
-        linear op would cast it, made once for every call that reads x."""
-        key = _input_key(x)
-        left = self._left.get(key)
-        if left is None:
-            return x
-        B, I, O = x.shape[0], x.shape[-1], grad.shape[-1]
-        T = x[0].numel() // max(I, 1) if x.dim() > 2 and B else 1
-        dtype = ops.linear_input_dtype(x.device, grad.dtype, x.dtype, B, T, O, I)
-        cast_key = (key, dtype)
-        cast = self._cast.get(cast_key)
-        if cast is None:
-            cast = x if dtype is None else x.to(dtype)
-        if left > 1:
-            self._left[key] = left - 1
-            self._cast[cast_key] = cast
-        else:  # the last reader: let the cast go
-            del self._left[key]
-            self._cast = {k: v for k, v in self._cast.items() if k[0] != key}
-        return cast
+    def arrive(self, call: _Call, grad: Tensor) -> list[tuple[_Call, Tensor]] | None:
+        """None: ``call`` is in no group (accumulate it alone). Else [] while members are still to come, then every
+        member with its gradient, once, when the last arrives."""
+        group = self._group.get(id(call))
+        if group is None:
+            return None
+        held = self._held.setdefault(id(group), [])
+        held.append((call, grad))
+        if len(held) < len(group):
+            return []
+        return self._held.pop(id(group))
+
+    def flush(self) -> list[list[tuple[_Call, Tensor]]]:
+        """The groups some of whose members never arrived, each with the members that did."""
+        left, self._held = list(self._held.values()), {}
+        return left
 
 
 # Per-example cotangents of the shared sub-computation held at once (bytes, fp32): the examples are cut
@@ -402,7 +399,7 @@ class SquaredGradAccumulator(SquaredGradSums):
             last = k == len(terms) - 1 and not deferred_params and _all_fire(total, calls, frontier)
             hooks = [c.output.register_hook(self._grad_hook(c, release=last)) for c in calls]
             inputs = frontier + expanded + deferred_params
-            st.casts = _SharedInputCasts(calls, self._modules, self._owned)
+            st.input_groups = groups = _SharedInputGroups(calls, self._modules, self._owned)
             try:
                 grads = torch.autograd.grad(total, inputs, retain_graph=not last, allow_unused=True) if inputs else ()
                 # Outputs off every path to the frontier (fed only by uncaptured parameters) did not fire.
@@ -411,8 +408,10 @@ class SquaredGradAccumulator(SquaredGradSums):
                     raise RuntimeError("fastsel: internal error: a captured output was not reached by the backward")
                 if missed:
                     torch.autograd.grad(term.sum(), missed, retain_graph=True, allow_unused=True)
+                for members in groups.flush():  # members whose partners got no gradient (theirs is zero)
+                    self._accumulate_shared_input(members, release=last)
             finally:
-                st.casts = None
+                st.input_groups = None
                 for h in hooks:
                     h.remove()
             cots = grads[len(frontier) : len(frontier) + len(expanded)]
@@ -501,13 +500,38 @@ class SquaredGradAccumulator(SquaredGradSums):
                     call.grad = grad.detach()
                     return
                 st = self._state
-                x = st.casts.take(call.input, grad) if st is not None and st.casts is not None else call.input
+                members = st.input_groups.arrive(call, grad) if st is not None and st.input_groups is not None else None
+                if members is not None:  # one of several Linears reading one input: accumulated with them
+                    if members:
+                        self._accumulate_shared_input(members, release)
+                    return
                 for examples, dst in destinations:
-                    rule.accumulate(module, take_rows(x, examples), take_rows(grad, examples), dst)
+                    rule.accumulate(module, take_rows(call.input, examples), take_rows(grad, examples), dst)
                 if release:  # let the activations go as the backward moves on
                     call.input = call.output = None  # type: ignore[assignment]
 
         return hook
+
+    def _accumulate_shared_input(self, members: list[tuple[_Call, Tensor]], release: bool) -> None:
+        """Linear calls on one input with their output gradients: their sums in one linear-op call per destination
+        (the destinations are the same example subsets for every member: one batch, one block's parameters)."""
+        calls = [c for c, _ in members]
+        rule = rule_for(self._modules[calls[0].module_name])  # one LinearRule for the group
+        assert isinstance(rule, LinearRule)
+        dests = [self._destinations(self._owned[c.module_name]) for c in calls]
+        aligned = all(len(d) == len(dests[0]) and all(e is f for (e, _), (f, _) in zip(d, dests[0])) for d in dests)
+        if aligned:
+            for parts in zip(*dests):
+                examples = parts[0][0]
+                rule.accumulate_shared_input(take_rows(calls[0].input, examples),
+                                               [take_rows(g, examples) for _, g in members], [dst for _, dst in parts])
+        else:  # members whose parameters go to different groups' sums: each alone
+            for (c, g), d in zip(members, dests):
+                for examples, dst in d:
+                    rule.accumulate(self._modules[c.module_name], take_rows(c.input, examples), take_rows(g, examples), dst)
+        if release:
+            for c in calls:
+                c.input = c.output = None  # type: ignore[assignment]
 
     def _per_example_fallback(self, term: Tensor, names: list[str]) -> None:
         params = [self.params[n] for n in names]

@@ -149,6 +149,32 @@ class LinearRule(FeatureRule):
         if "bias" in acc:
             ops.accumulate_norm_sq_grad(acc["bias"], g, None)
 
+    def accumulate_shared_input(self, x: Tensor, grads: Sequence[Tensor], accs: Sequence[Sums]) -> None:
+        """x (B, ..., I), the one input of several Linears (Q, K and V); grads[k] (B, ..., O_k), the output gradient
+        of the k-th, accs[k] its sums. Their weights in one linear-op call and their biases in one norm-op call:
+        stacked along the output, cat(g_k) (B, T, sum O_k), each layer's per-example gradient is its own block of
+        rows of cat(g_k)^T x, so the blocks of the stacked sums are each layer's sums (x read and cast once)."""
+        B = x.shape[0]
+        phi = x.reshape(B, -1, x.shape[-1])
+        g = [gk.reshape(B, -1, gk.shape[-1]) for gk in grads]
+        if len(g) == 1:
+            return self.accumulate_features(None, phi, g[0], accs[0])  # type: ignore[arg-type]
+        widths = [gk.shape[-1] for gk in g]
+        stacked = torch.cat(g, -1)  # one copy of the gradients, read by both calls
+        for name in ("weight", "bias"):
+            idx = [k for k, acc in enumerate(accs) if name in acc]
+            if not idx:
+                continue
+            # members without this sum (a bias-free Linear) are computed and dropped: cheaper than a second copy
+            out = torch.zeros((sum(widths), *accs[idx[0]][name].shape[1:]), dtype=torch.float32, device=stacked.device)
+            if name == "weight":
+                ops.accumulate_linear_sq_grad(out, stacked, phi)
+            else:
+                ops.accumulate_norm_sq_grad(out, stacked, None)
+            for k, part in enumerate(out.split(widths)):
+                if name in accs[k]:
+                    accs[k][name].add_(part)
+
 
 class NormRule(FeatureRule):
     """Elementwise scale and shift of a normalised input x_hat: weight sum_b (sum_t g_bt x_hat_bt)**2."""

@@ -9,7 +9,6 @@ Shape conventions: B examples, T positions per example (any number of middle dim
 bf16 or fp16 and are accumulated in fp32.
 
     ops.linear       accumulate_linear_sq_grad (+ _bmm, _ref)       per-example squared weight gradients
-                     linear_input_dtype                             the input cast a backend makes
     ops.norm         accumulate_norm_sq_grad (+ _ref)               scales and biases
     ops.embedding    accumulate_embedding_sq_grad (+ _ref)          embedding tables
     ops.layer_norm   accumulate_layer_norm_sq_grad (+ _ref)         LayerNorm weight and bias, x_hat inside
@@ -27,7 +26,6 @@ from fastsel.ops.linear import (
     accumulate_linear_sq_grad,
     accumulate_linear_sq_grad_bmm,
     accumulate_linear_sq_grad_ref,
-    linear_input_dtype,
 )
 from fastsel.ops.norm import accumulate_norm_sq_grad, accumulate_norm_sq_grad_ref
 
@@ -36,7 +34,6 @@ __all__ = [
     "accumulate_linear_sq_grad_ref",
     "accumulate_linear_sq_grad_bmm",
     "BMM_WORKSPACE_BYTES",
-    "linear_input_dtype",
     "accumulate_norm_sq_grad",
     "accumulate_norm_sq_grad_ref",
     "accumulate_embedding_sq_grad",

@@ -14,7 +14,6 @@ from fastsel.ops.common import REF_CHUNK_ELEMENTS, as_btf, check_linear_operands
 
 __all__ = [
     "accumulate_linear_sq_grad", "accumulate_linear_sq_grad_bmm", "accumulate_linear_sq_grad_ref", "BMM_WORKSPACE_BYTES",
-    "linear_input_dtype",
 ]
 
 BMM_WORKSPACE_BYTES = 256 << 20  # fp32 per-example products the bmm backend holds at once
@@ -43,22 +42,6 @@ def accumulate_linear_sq_grad(out: Tensor, grad_output: Tensor, input: Tensor, *
         accumulate_linear_sq_grad_triton(out, grad_output, input)
     else:
         accumulate_linear_sq_grad_ref(out, grad_output, input)
-
-
-def linear_input_dtype(device: torch.device, grad_dtype: torch.dtype, input_dtype: torch.dtype, B: int, T: int, O: int,
-                       I: int, *, backend: str | None = None) -> torch.dtype | None:
-    """The dtype the backend :func:`accumulate_linear_sq_grad` picks for this call reads its input in, when it casts
-    the input itself (once per call); None when it does not cast it (same dtype, or the reference).
-
-    Casting the input to it beforehand gives bit for bit the same sums, and one cast then serves every layer that
-    reads the same input (Q, K and V under autocast: an fp32 residual stream against bf16 gradients).
-    """
-    name = choose_linear_backend(device, grad_dtype, B, T, O, I, backend)
-    if name == "reference":
-        return None
-    # The CPU kernel computes in fp32 (csrc/cpu); the CUDA kernels, bmm and triton in the shared operand dtype.
-    target = torch.float32 if name in _LINEAR_VARIANTS and device.type == "cpu" else _operand_dtype(grad_dtype, input_dtype)
-    return None if target == input_dtype else target
 
 
 # torch.bmm(..., out_dtype=float32) for half operands (CUDA, torch >= 2.8); else the operands go to fp32.

@@ -384,47 +384,123 @@ class SharedInputBlock(nn.Module):
         return self.out(mixed).mean(1)  # (B, T, d) -> (B, classes)
 
 
-@pytest.mark.parametrize("dtype,backend,autocast", [(torch.bfloat16, None, False), (torch.float32, "bmm", True),
-                                                    (torch.float32, None, False)])
-def test_an_input_shared_by_linears_is_cast_once(monkeypatch, dtype, backend, autocast):
-    """Q, K and V read one input: where the linear op would cast it (a bf16 model on the CPU kernel, which reads
-    fp32; fp32 inputs against autocast's bf16 gradients on bmm, which computes in bf16), the capture casts it once
-    and hands that cast to the three; the sums are bit for bit those of each call casting its own. Where no cast is
-    needed (fp32), the op gets the input itself."""
-    import fastsel.capture.per_example as per_example
+class UnusedBranch(nn.Module):
+    """A Linear on the input whose output the loss never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.unused = nn.Linear(8, 3), nn.Linear(8, 4)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.unused(h * 2)
+        return self.used(h).mean(1)
+
+
+def test_an_output_the_loss_never_reaches_gets_zero_sums():
+    """The unused Linear's output is a frontier output the root does not reach: its hook never fires, which the
+    backward knows (no 'output not reached' error); its sums stay zero, the rest is the per-example loop's."""
+    torch.manual_seed(0)
+    model = UnusedBranch()
+    h, y = torch.randn(5, 7, 8), torch.randint(0, 3, (5,))
+    acc = _check(model, h, y, model)
+    assert not any(acc.mean()[n].any() for n in ("unused.weight", "unused.bias"))
+
+
+class PartlyUnusedBlock(SharedInputBlock):
+    """Q, K and V read one input, but the loss never reaches K's output."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.k(h)
+        return self.out(torch.tanh(self.q(h)) + self.v(h)).mean(1)
+
+
+def _linear_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """The out shapes of every linear-op call from now on."""
     from fastsel import ops
+
+    shapes: list[tuple[int, ...]] = []
+    real = ops.accumulate_linear_sq_grad
+
+    def spy(out, grad_output, input, **kw):
+        shapes.append(tuple(out.shape))
+        real(out, grad_output, input, **kw)
+
+    monkeypatch.setattr(ops, "accumulate_linear_sq_grad", spy)
+    return shapes
+
+
+@pytest.mark.parametrize("dtype,backend,autocast", [(torch.float32, None, False), (torch.bfloat16, None, False),
+                                                    (torch.float32, "bmm", True)])
+def test_linears_reading_one_input_accumulate_in_one_call(monkeypatch, dtype, backend, autocast):
+    """Q, K and V read one input: one linear-op call for the three (their rows stacked, (3d, d)), one for ``out``;
+    the sums are those of a call per layer, and (fp32) the per-example loop's."""
+    import fastsel.capture.per_example as per_example
 
     if backend is not None:
         monkeypatch.setenv("FASTSEL_BACKEND", f"accumulate_linear_sq_grad={backend}")
     torch.manual_seed(0)
     model = SharedInputBlock().to(dtype)
     h, y = torch.randn(5, 7, 8).to(dtype), torch.randint(0, 3, (5,))
-    seen: dict[int, tuple[int, torch.dtype]] = {}
-    real = ops.accumulate_linear_sq_grad
 
-    def spy(out, grad_output, input, **kw):
-        seen[out.data_ptr()] = (input.data_ptr(), input.dtype)
-        real(out, grad_output, input, **kw)
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            return model(x).float()
 
-    def run() -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, torch.dtype]]]:
+    shapes = _linear_calls(monkeypatch)
+    if dtype == torch.float32 and not autocast:
+        got = _check(model, h, y, forward).mean()
+    else:
         acc = SquaredGradAccumulator(model)
-        with acc.capture(batch_size=5), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            acc.backward([torch.log_softmax(model(h).float(), -1).gather(1, y[:, None]).squeeze(1)])
-        names = {acc.sums[f"{m}.weight"].data_ptr(): m for m in ("q", "k", "v")}
-        return acc.mean(), {names[p]: v for p, v in seen.items() if p in names}
+        with acc.capture(batch_size=5):
+            acc.backward([torch.log_softmax(forward(h), -1).gather(1, y[:, None]).squeeze(1)])
+        got = acc.mean()
+    assert sorted(shapes) == [(3, 8), (24, 8)]
+    shapes.clear()
+    monkeypatch.setattr(per_example._SharedInputGroups, "arrive", lambda self, call, grad: None)  # a call per layer
+    acc = SquaredGradAccumulator(model)
+    with acc.capture(batch_size=5):
+        acc.backward([torch.log_softmax(forward(h), -1).gather(1, y[:, None]).squeeze(1)])
+    assert sorted(shapes) == [(3, 8), (8, 8), (8, 8), (8, 8)]
+    assert_diagonals_close(got, acc.mean(), rtol=1e-6)
 
-    monkeypatch.setattr(ops, "accumulate_linear_sq_grad", spy)
-    got, inputs = run()
-    grad_dtype = torch.bfloat16 if autocast else dtype
-    want_dtype = ops.linear_input_dtype(h.device, grad_dtype, dtype, 5, 7, 8, 8)
-    assert (want_dtype is None) == (dtype == torch.float32 and not autocast)
-    if want_dtype is None:  # nothing to cast: every call reads the input itself
-        assert set(inputs.values()) == {(h.data_ptr(), dtype)}
-    else:  # one cast, read by Q, K and V
-        assert len(set(inputs.values())) == 1 and inputs["q"][1] == want_dtype and inputs["q"][0] != h.data_ptr()
-    seen.clear()
-    monkeypatch.setattr(per_example._SharedInputCasts, "take", lambda self, x, grad: x)  # every call casts its own
-    want, own = run()
-    assert set(own.values()) == {(h.data_ptr(), dtype)}
-    for n in want:
-        assert torch.equal(got[n], want[n]), n
+
+def test_linears_on_one_input_whose_loss_misses_one(monkeypatch):
+    """K's output never reaches the loss: Q and V, held for K, are accumulated together after the backward (one
+    call), K's sums stay zero, and every sum is the per-example loop's."""
+    torch.manual_seed(0)
+    model = PartlyUnusedBlock()
+    h, y = torch.randn(5, 7, 8), torch.randint(0, 3, (5,))
+    shapes = _linear_calls(monkeypatch)
+    acc = _check(model, h, y, model)
+    assert sorted(shapes) == [(3, 8), (16, 8)]
+    assert not acc.mean()["k.weight"].any() and not acc.mean()["k.bias"].any()
+
+
+@pytest.mark.parametrize("terms", [1, 2])
+def test_linears_on_one_input_with_groups_and_several_terms(monkeypatch, terms):
+    """With confidence groups, each example's squares of Q, K and V (one call per group) go to its group's sums;
+    several terms (exact mode) add up: the per-example loop per group."""
+    torch.manual_seed(0)
+    model = SharedInputBlock()
+    h, y = torch.randn(6, 7, 8), torch.randint(0, 3, (6,))
+    groups = torch.tensor([1, 0, 1, 2, 0, 0])
+    shapes = _linear_calls(monkeypatch)
+    acc = SquaredGradAccumulator(model)
+    acc.enable_groups(3, [n for n, _ in model.named_parameters() if not n.startswith("out.")])
+
+    def per_term(x: torch.Tensor, yb: torch.Tensor) -> list[torch.Tensor]:
+        logp = torch.log_softmax(model(x), -1)
+        return [logp.gather(1, ((yb + t) % 3)[:, None]).squeeze(1) for t in range(terms)]
+
+    with acc.capture(batch_size=6, groups=groups):
+        acc.backward(per_term(h, y))
+    assert shapes.count((24, 8)) == 3 * terms  # one stacked call per group with examples, per term
+    params = dict(model.named_parameters())
+    for k in range(3):
+        want = {n: torch.zeros_like(p) for n, p in params.items() if not n.startswith("out.")}
+        for b in (groups == k).nonzero().flatten().tolist():
+            for term in per_term(h[b : b + 1], y[b : b + 1]):
+                for n, g in zip(params, torch.autograd.grad(term.sum(), list(params.values()), retain_graph=True)):
+                    if n in want:
+                        want[n] += g.square()
+        assert_diagonals_close(acc.group_sums[k], want)

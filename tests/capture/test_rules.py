@@ -81,6 +81,40 @@ def test_linear_rule_combines_two_calls_by_concatenating_positions():
     check(acc, oracle(lin, [(x1, g1), (x2, g2)]))
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (5, 4, 7)], ids=["BF", "BTF"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_rule_accumulates_linears_on_one_input_in_one_call(monkeypatch, shape, dtype):
+    """Three Linears of different widths on one input (one without a bias): the weights in one linear-op call and
+    the biases in one norm-op call (over every member's gradient; the bias-free one's part dropped), each layer's
+    sums the float64 oracle's, added to what the sums held."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(7, 3), nn.Linear(7, 5, bias=False), nn.Linear(7, 2)]
+    x = torch.randn(shape).to(dtype)
+    grads = [grads_like(lin, x.float()).to(dtype) for lin in layers]
+    accs = [{n: torch.full_like(p, 0.5) for n, p in lin.named_parameters()} for lin in layers]
+    calls = {"linear": [], "norm": []}
+    real_linear, real_norm = rules.ops.accumulate_linear_sq_grad, rules.ops.accumulate_norm_sq_grad
+    monkeypatch.setattr(rules.ops, "accumulate_linear_sq_grad",
+                        lambda out, g, x, **kw: (calls["linear"].append(tuple(out.shape)), real_linear(out, g, x, **kw)))
+    monkeypatch.setattr(rules.ops, "accumulate_norm_sq_grad",
+                        lambda out, g, x, **kw: (calls["norm"].append(tuple(out.shape)), real_norm(out, g, x, **kw)))
+    LinearRule().accumulate_shared_input(x, grads, accs)
+    assert calls == {"linear": [(10, 7)], "norm": [(10,)]}
+    for lin, g, acc in zip(layers, grads, accs):
+        want = oracle(lin.double(), [(x.double(), g.double())])
+        check({n: a - 0.5 for n, a in acc.items()}, want)
+
+
+def test_linear_rule_shared_input_with_one_member_is_the_plain_call():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4)
+    x = torch.randn(5, 3, 6)
+    g = grads_like(lin, x)
+    acc = {n: torch.zeros_like(p) for n, p in lin.named_parameters()}
+    LinearRule().accumulate_shared_input(x, [g], [acc])
+    check(acc, oracle(lin, [(x, g)]))
+
+
 # -- LayerNorm --------------------------------------------------------------------------------------
 
 

@@ -72,34 +72,6 @@ def test_linear_backends_mixed_dtypes_compute_in_the_half_type(device, backend, 
     assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("device,backend", linear_backend_params() + [pytest.param("cpu", "reference", id="cpu-reference")])
-@pytest.mark.parametrize("g_dtype,x_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
-                                             (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
-                                             (torch.float32, torch.float32)])
-def test_linear_input_dtype_is_the_backends_own_cast(device, backend, g_dtype, x_dtype):
-    """linear_input_dtype names the cast the backend makes of its input: casting the input to it beforehand gives
-    bit for bit the sums of the op casting it itself, and None means the op reads the input as it is."""
-    B, T, O, I = 3, 10, 12, 20
-    gen = torch.Generator().manual_seed(4)
-    g = torch.randn(B, T, O, generator=gen).to(device, g_dtype)
-    x = torch.randn(B, T, I, generator=gen).to(device, x_dtype)
-    dtype = ops.linear_input_dtype(torch.device(device), g_dtype, x_dtype, B, T, O, I, backend=backend)
-    if backend == "reference" or g_dtype == x_dtype == torch.float32:
-        assert dtype is None
-    if backend == "kernel" and device == "cpu":
-        assert dtype == (None if x_dtype == torch.float32 else torch.float32)  # the CPU kernel reads fp32
-    if backend in ("bmm", "triton") or device == "cuda":  # a shared native dtype; half + fp32 -> half; else fp32
-        native, halves = (torch.float32, torch.bfloat16, torch.float16), (torch.bfloat16, torch.float16)
-        target = (g_dtype if g_dtype == x_dtype and g_dtype in native
-                  else g_dtype if g_dtype in halves and x_dtype == torch.float32
-                  else x_dtype if x_dtype in halves and g_dtype == torch.float32 else torch.float32)
-        assert dtype == (None if target == x_dtype else target)
-    own, given = torch.zeros(O, I, device=device), torch.zeros(O, I, device=device)
-    ops.accumulate_linear_sq_grad(own, g, x, backend=backend)
-    ops.accumulate_linear_sq_grad(given, g, x if dtype is None else x.to(dtype), backend=backend)
-    assert_close(given, own, rtol=0, atol=0)
-
-
 def test_bmm_backend_bounded_workspace_gives_the_same_sums():
     gen = torch.Generator().manual_seed(4)
     g, x = torch.randn(7, 6, 10, generator=gen), torch.randn(7, 6, 12, generator=gen)
