@@ -207,6 +207,27 @@ def check_class_stats(chk: Checker, device: torch.device, gen: torch.Generator) 
                 tol = 1e-9 if acc == torch.float64 else 1e-4
                 chk.run(f"class_stats hidden {hname} acc {str(acc).split('.')[-1]} B{B} T{T} D{D}", tol, fn)
 
+            def layers_fn(hdtype=hdtype, acc=acc, L=3, B=9, T=17, D=70):
+                """The pass's path: each layer pooled (class_stats_pool), then one update of the L layers."""
+                mine = [torch.zeros(L, C, dtype=torch.float64, device=device), torch.zeros(L, C, D, dtype=acc, device=device),
+                        torch.zeros(L, C, D, D, dtype=acc, device=device)]
+                ref = [t.clone() for t in mine]
+                hidden = randn((L, B, T, D), hdtype, device, gen, scale=2.0) + 0.5
+                lengths = torch.randint(1, T + 1, (B,), generator=gen)
+                mask = (torch.arange(T) < lengths.unsqueeze(1)).to(torch.int64)
+                mask[2] = 0
+                mask, labels = mask.to(device), (torch.arange(B) % C).to(device)
+                pooled = torch.empty(L, B, D, dtype=acc, device=device)
+                for l in range(L):
+                    ops.class_stats_pool(pooled[l], hidden[l], mask)
+                ops.class_stats_update(*mine, pooled.unsqueeze(2), (mask != 0).any(1, keepdim=True), labels,
+                                       ops.class_grouping(labels, C))
+                ops.class_stats_update_ref(*ref, hidden, mask, labels)
+                return list(zip(mine, ref))
+
+            chk.run(f"class_stats pool + L=3 layers hidden {hname} acc {str(acc).split('.')[-1]}",
+                    1e-9 if acc == torch.float64 else 1e-4, layers_fn)
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,4 +1,5 @@
-// CPU kernel of class_stats_update (semantics: fastsel/ops.py class_stats_update_ref).
+// CPU kernels of class_stats_update (one layer, or L layers of one batch) and class_stats_pool (semantics:
+// fastsel/ops/class_stats.py class_stats_update_ref, class_stats_pool_ref).
 //
 // Pooling is one parallel pass over the batch (threads own examples, so no two threads write the same
 // row); each class's batch scatter is one GEMM of its centred pooled rows, merged with Chan's formula.
@@ -42,48 +43,70 @@ void class_stats_update_cpu(const at::Tensor& count, const at::Tensor& mean, con
                             const std::optional<at::Tensor>& order, const std::optional<at::Tensor>& offsets) {
   // The CPU groups the examples by class on the host from the labels (a loop over B): a given grouping is checked,
   // not needed.
-  check_class_stats_update(count, mean, m2, hidden, pool_mask, labels, order, offsets);
-  const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2), C = count.size(0);
-  if (B == 0) return;
+  const int64_t L = check_class_stats_update(count, mean, m2, hidden, pool_mask, labels, order, offsets);
+  const bool layers = hidden.dim() == 4;
+  const int64_t B = hidden.size(-3), T = hidden.size(-2), D = hidden.size(-1), C = count.size(-1);
+  if (B == 0 || L == 0) return;
   const at::Tensor lab = labels.contiguous();
   const int64_t* lp = lab.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lp[b] >= 0 && lp[b] < C, "fastsel: label ", lp[b], " of example ", b, " out of range [0, ", C, ")");
 
   const at::ScalarType acc = mean.scalar_type();
-  const at::Tensor h = hidden.to(acc).contiguous();
-  const at::Tensor mask = pool_mask.ne(0).to(at::kByte).contiguous();
-  at::Tensor pooled = at::empty({B, D}, mean.options());
-  std::vector<int64_t> ntok(B);
+  const at::Tensor h = hidden.to(acc).contiguous().view({L * B, T, D});  // the layers' examples one after another
+  const at::Tensor mask = pool_mask.ne(0).to(at::kByte).expand({L, B, T}).contiguous();
+  at::Tensor pooled = at::empty({L * B, D}, mean.options());
+  std::vector<int64_t> ntok(L * B);
   AT_DISPATCH_FLOATING_TYPES(acc, "class_stats_update_cpu", [&] {
     masked_mean_pool<scalar_t>(h.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(), pooled.data_ptr<scalar_t>(),
-                               ntok.data(), B, T, D);
+                               ntok.data(), L * B, T, D);
   });
 
-  // Members of each class in this batch (examples with no pooled token are skipped).
+  // Members of each class in this batch (examples with no pooled token are skipped): the same for every layer.
   std::vector<std::vector<int64_t>> members(C);
   for (int64_t b = 0; b < B; ++b)
     if (ntok[b] > 0) members[lp[b]].push_back(b);
 
-  double* cp = count.data_ptr<double>();
+  const at::Tensor count_l = layers ? count : count.unsqueeze(0);  // (L, C), (L, C, D), (L, C, D, D)
+  const at::Tensor mean_l = layers ? mean : mean.unsqueeze(0);
+  const at::Tensor m2_l = layers ? m2 : m2.unsqueeze(0);
   for (int64_t c = 0; c < C; ++c) {
     const int64_t nb = static_cast<int64_t>(members[c].size());
     if (nb == 0) continue;
     const at::Tensor idx = at::from_blob(members[c].data(), {nb}, at::TensorOptions().dtype(at::kLong)).clone();
-    const at::Tensor x = pooled.index_select(0, idx);  // (nb, D)
-    const at::Tensor mb = x.mean(0);                   // batch mean of the class
-    const at::Tensor xc = x - mb;                      // centred on the batch mean
-    const double na = cp[c], n = na + static_cast<double>(nb);
-    at::Tensor mc = mean[c], sc = m2[c];
-    const at::Tensor delta = mb - mc;
-    sc.addmm_(xc.t(), xc);
-    if (na > 0) sc.addr_(delta, delta, 1.0, na * static_cast<double>(nb) / n);
-    mc.add_(delta, static_cast<double>(nb) / n);
-    cp[c] = n;
+    for (int64_t l = 0; l < L; ++l) {
+      const at::Tensor x = pooled.narrow(0, l * B, B).index_select(0, idx);  // (nb, D)
+      const at::Tensor mb = x.mean(0);                                          // batch mean of the class
+      const at::Tensor xc = x - mb;                                             // centred on the batch mean
+      double* cp = count_l.data_ptr<double>() + l * C;
+      const double na = cp[c], n = na + static_cast<double>(nb);
+      at::Tensor mc = mean_l[l][c], sc = m2_l[l][c];
+      const at::Tensor delta = mb - mc;
+      sc.addmm_(xc.t(), xc);
+      if (na > 0) sc.addr_(delta, delta, 1.0, na * static_cast<double>(nb) / n);
+      mc.add_(delta, static_cast<double>(nb) / n);
+      cp[c] = n;
+    }
   }
+}
+
+void class_stats_pool_cpu(const at::Tensor& pooled, const at::Tensor& hidden, const at::Tensor& pool_mask) {
+  check_class_stats_pool(pooled, hidden, pool_mask);
+  const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2);
+  if (B == 0) return;
+  const at::Tensor h = hidden.to(pooled.scalar_type()).contiguous();
+  const at::Tensor mask = pool_mask.ne(0).to(at::kByte).contiguous();
+  std::vector<int64_t> ntok(B);
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "class_stats_pool_cpu", [&] {
+    masked_mean_pool<scalar_t>(h.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(), pooled.data_ptr<scalar_t>(),
+                               ntok.data(), B, T, D);
+  });
 }
 
 }  // namespace
 }  // namespace fastsel
 
-TORCH_LIBRARY_IMPL(fastsel, CPU, m) { m.impl("class_stats_update", &fastsel::class_stats_update_cpu); }
+TORCH_LIBRARY_IMPL(fastsel, CPU, m) {
+  m.impl("class_stats_update", &fastsel::class_stats_update_cpu);
+  m.impl("class_stats_pool", &fastsel::class_stats_pool_cpu);
+}

@@ -25,11 +25,11 @@ cuda::ClassStatsInput input_type(at::ScalarType t) {
 void class_stats_update_cuda(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
                              const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels,
                              const std::optional<at::Tensor>& given_order, const std::optional<at::Tensor>& given_offsets) {
-  check_class_stats_update(count, mean, m2, hidden, pool_mask, labels, given_order, given_offsets);
+  const int64_t L = check_class_stats_update(count, mean, m2, hidden, pool_mask, labels, given_order, given_offsets);
   TORCH_CHECK(hidden.is_cuda(), "fastsel: class_stats_update CUDA kernel called with a non-CUDA tensor");
   const c10::cuda::CUDAGuard guard(hidden.device());
-  const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2), C = count.size(0);
-  if (B == 0) return;
+  const int64_t B = hidden.size(-3), T = hidden.size(-2), D = hidden.size(-1), C = count.size(-1);
+  if (B == 0 || L == 0) return;
   const at::Tensor lab = labels.contiguous();
   // The examples grouped by class on the device: class c's members are order[offsets[c] .. offsets[c+1]). Given by
   // the caller once per batch (the same for every layer), else computed here: sort, gather, arange, searchsorted.
@@ -46,10 +46,10 @@ void class_stats_update_cuda(const at::Tensor& count, const at::Tensor& mean, co
   const at::Tensor h = hidden.contiguous();
   const at::Tensor mask = pool_mask.ne(0).to(at::kFloat).contiguous();
   const at::TensorOptions acc_opts = mean.options();
-  at::Tensor pooled = at::empty({B, D}, acc_opts);
+  at::Tensor pooled = at::empty({L, B, D}, acc_opts);
   at::Tensor ntok = at::empty({B}, hidden.options().dtype(at::kFloat));
   at::Tensor batch_count = at::empty({C}, count.options());
-  at::Tensor batch_mean = at::empty({C, D}, acc_opts);
+  at::Tensor batch_mean = at::empty({L, C, D}, acc_opts);
 
   cuda::ClassStatsParams p{};
   p.count = count.data_ptr<double>();
@@ -64,6 +64,7 @@ void class_stats_update_cuda(const at::Tensor& count, const at::Tensor& mean, co
   p.ntok = ntok.data_ptr<float>();
   p.batch_count = batch_count.data_ptr<double>();
   p.batch_mean = batch_mean.data_ptr();
+  p.L = L;
   p.B = B;
   p.T = T;
   p.D = D;
@@ -74,7 +75,33 @@ void class_stats_update_cuda(const at::Tensor& count, const at::Tensor& mean, co
   TORCH_CHECK(err == cudaSuccess, "fastsel: class_stats_update CUDA launch failed: ", cudaGetErrorString(err));
 }
 
+void class_stats_pool_cuda(const at::Tensor& pooled, const at::Tensor& hidden, const at::Tensor& pool_mask) {
+  check_class_stats_pool(pooled, hidden, pool_mask);
+  TORCH_CHECK(hidden.is_cuda(), "fastsel: class_stats_pool CUDA kernel called with a non-CUDA tensor");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2);
+  if (B == 0) return;
+  const at::Tensor h = hidden.contiguous();
+  const at::Tensor mask = pool_mask.ne(0).to(at::kFloat).contiguous();
+  cuda::ClassStatsParams p{};  // labels and ntok null: the pooling alone
+  p.hidden = h.data_ptr();
+  p.mask = mask.data_ptr<float>();
+  p.pooled = pooled.data_ptr();
+  p.L = 1;
+  p.B = B;
+  p.T = T;
+  p.D = D;
+  p.C = 1;
+  p.input = input_type(h.scalar_type());
+  p.acc = pooled.scalar_type() == at::kDouble ? cuda::ClassStatsAcc::F64 : cuda::ClassStatsAcc::F32;
+  const cudaError_t err = cuda::launch_class_stats_pool(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "fastsel: class_stats_pool CUDA launch failed: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 }  // namespace fastsel
 
-TORCH_LIBRARY_IMPL(fastsel, CUDA, m) { m.impl("class_stats_update", &fastsel::class_stats_update_cuda); }
+TORCH_LIBRARY_IMPL(fastsel, CUDA, m) {
+  m.impl("class_stats_update", &fastsel::class_stats_update_cuda);
+  m.impl("class_stats_pool", &fastsel::class_stats_pool_cuda);
+}

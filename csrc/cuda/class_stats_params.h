@@ -16,26 +16,29 @@ enum class ClassStatsInput : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
 // Element type of mean / m2 / the workspaces `pooled` and `batch_mean` (count is always double).
 enum class ClassStatsAcc : int { F32 = 0, F64 = 1 };
 
+// L layers of one batch (L = 1: one layer); every per-layer array is the layers' arrays one after another.
 struct ClassStatsParams {
-  double* count;             // (C,) running counts
-  void* mean;                // (C, D) running class means, `acc`
-  void* m2;                  // (C, D, D) running scatters, `acc`
-  const void* hidden;        // (B, T, D), `input`
+  double* count;             // (L, C) running counts
+  void* mean;                // (L, C, D) running class means, `acc`
+  void* m2;                  // (L, C, D, D) running scatters, `acc`
+  const void* hidden;        // (L, B, T, D), `input`
   const float* mask;         // (B, T), 1 = pooled token, 0 = not
-  const int64_t* labels;     // (B,), values in [0, C) (checked on the device)
+  const int64_t* labels;     // (B,), values in [0, C) (checked on the device); null: pool only (class_stats_pool)
   const int64_t* order;      // (B,) example indices sorted by label (stable): class c's members are
   const int64_t* offsets;    // order[offsets[c] .. offsets[c + 1]), offsets (C + 1,)
-  void* pooled;              // workspace (B, D), `acc`
-  float* ntok;               // workspace (B,): pooled tokens per example
+  void* pooled;              // (L, B, D), `acc`: a workspace, or class_stats_pool's output
+  float* ntok;               // workspace (B,): pooled tokens per example (null for class_stats_pool)
   double* batch_count;       // workspace (C,)
-  void* batch_mean;          // workspace (C, D), `acc`
-  int64_t B, T, D, C;
+  void* batch_mean;          // workspace (L, C, D), `acc`
+  int64_t L, B, T, D, C;
   ClassStatsInput input;
   ClassStatsAcc acc;
 };
 
 // Enqueues the whole update on `stream` (nothing for B == 0) and returns cudaGetLastError().
 cudaError_t launch_class_stats_update(const ClassStatsParams& p, cudaStream_t stream);
+// Enqueues the pooling alone (L = 1, labels and ntok null; hidden, mask, pooled, B, T, D, input, acc are read).
+cudaError_t launch_class_stats_pool(const ClassStatsParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastsel

@@ -12,13 +12,21 @@ bf16 or fp16 and are accumulated in fp32.
     ops.norm         accumulate_norm_sq_grad (+ _ref)               scales and biases
     ops.embedding    accumulate_embedding_sq_grad (+ _ref)          embedding tables
     ops.layer_norm   accumulate_layer_norm_sq_grad (+ _ref)         LayerNorm weight and bias, x_hat inside
-    ops.class_stats  class_stats_update (+ _ref), class_grouping    per-class count / mean / scatter
+    ops.class_stats  class_stats_update (+ _ref), class_grouping    per-class count / mean / scatter (one or L layers)
+                     class_stats_pool (+ _ref)                      the pooling stage alone
     ops.backend      extension loading, FASTSEL_BACKEND, the measured CUDA table
 """
 from __future__ import annotations
 
 from fastsel.ops.backend import EXTENSION
-from fastsel.ops.class_stats import ClassGrouping, class_grouping, class_stats_update, class_stats_update_ref
+from fastsel.ops.class_stats import (
+    ClassGrouping,
+    class_grouping,
+    class_stats_pool,
+    class_stats_pool_ref,
+    class_stats_update,
+    class_stats_update_ref,
+)
 from fastsel.ops.embedding import accumulate_embedding_sq_grad, accumulate_embedding_sq_grad_ref
 from fastsel.ops.layer_norm import accumulate_layer_norm_sq_grad, accumulate_layer_norm_sq_grad_ref
 from fastsel.ops.linear import (
@@ -44,10 +52,12 @@ __all__ = [
     "ClassGrouping",
     "class_stats_update",
     "class_stats_update_ref",
+    "class_stats_pool",
+    "class_stats_pool_ref",
     "EXTENSION",
     "OPS",
 ]
 
 # Every op of the library, for `fastsel info` and the opcheck tests.
 OPS: list[str] = ["accumulate_linear_sq_grad", "accumulate_norm_sq_grad", "accumulate_embedding_sq_grad",
-                  "accumulate_layer_norm_sq_grad", "class_stats_update"]
+                  "accumulate_layer_norm_sq_grad", "class_stats_update", "class_stats_pool"]

@@ -9,9 +9,10 @@ With C classes, class means mu_c and mu_bar = (1/C) sum_c mu_c::
     nu_l    = (1/C) tr(Sigma_w Sigma_b^+),          l* = argmin_l nu_l   (lower is better)
 
 The ``papyan`` variant (appendix A.1) uses Sigma_w = (1/N) sum_c sum_{n in c} (...)(...)^T and the
-global mean (1/N) sum_n h_n in Sigma_b. Only per-class (count, mean, scatter) are kept per layer,
-updated by the fused op ``fastsel::class_stats_update`` from forward hooks as each block's output is
-produced: the corpus' hidden states are never stored. Sigma_b has rank <= C - 1 (both centres are
+global mean (1/N) sum_n h_n in Sigma_b. Only per-class (count, mean, scatter) are kept per layer: a forward hook
+pools each block's output as it is produced (``fastsel::class_stats_pool``, (B, D) per layer), and after the
+forward one call of the fused op ``fastsel::class_stats_update`` merges every layer of the batch: the corpus'
+hidden states are never stored. Sigma_b has rank <= C - 1 (both centres are
 weighted averages of the class means); its
 pseudo-inverse is taken exactly in that subspace through the C x C Gram matrix of the centred means.
 
@@ -57,8 +58,10 @@ VARIANTS = ("xie", "papyan")
 class ClassStatistics:
     """Running per-class count (C,), mean (C, D) and scatter (C, D, D) of pooled states, per layer index.
 
-    Allocated lazily per layer from the first states seen (layers may differ in width). ``state_dict``
-    / ``load_state_dict`` make it checkpointable (tensors moved to CPU).
+    Allocated lazily per layer from the first states seen (layers may differ in width); :meth:`update_layers`
+    keeps every layer's statistics in one stacked tensor each ((L, C), (L, C, D), (L, C, D, D); the lists hold
+    views of them) so that one op call updates them all. ``state_dict`` / ``load_state_dict`` make it
+    checkpointable (tensors moved to CPU).
     """
 
     def __init__(self, num_layers: int, num_classes: int, dtype: torch.dtype = torch.float64) -> None:
@@ -68,6 +71,10 @@ class ClassStatistics:
         self.count: list[Tensor | None] = [None] * num_layers
         self.mean: list[Tensor | None] = [None] * num_layers
         self.m2: list[Tensor | None] = [None] * num_layers
+        # update_layers: every layer's statistics stacked, (L, C), (L, C, D), (L, C, D, D); the lists hold their views
+        self._count_all: Tensor | None = None
+        self._mean_all: Tensor | None = None
+        self._m2_all: Tensor | None = None
         self.num_examples = 0  # examples fed (including skipped ones)
         self._skipped_host = 0  # examples without any pooled token: read so far ...
         self._skipped_device: Tensor | None = None  # ... and counted on the device since (no host sync per batch)
@@ -100,6 +107,46 @@ class ClassStatistics:
             self.m2[index] = torch.zeros(C, D, D, dtype=self.dtype, device=dev)
         ops.class_stats_update(self.count[index], self.mean[index], self.m2[index], hidden.detach(), mask, labels,
                                grouping)
+
+    def update_layers(self, pooled: Tensor, present: Tensor, labels: Tensor,
+                      grouping: ops.ClassGrouping | None = None) -> None:
+        """Merge one batch of every layer at once: pooled (L, B, D) the examples' pooled states of each layer index
+        (:func:`ops.class_stats_pool`), present (B,) bool whether an example has a pooled token (the others are
+        skipped), labels (B,). One op call when every layer's statistics are stacked (or none exists yet), else one
+        per layer."""
+        L, B, D = pooled.shape
+        if L != self.num_layers:
+            raise ValueError(f"fastsel: update_layers needs all {self.num_layers} layer indices, got {L}")
+        mask = present.reshape(B, 1)
+        if self._stacked(D, pooled.device):
+            ops.class_stats_update(self._count_all, self._mean_all, self._m2_all, pooled.unsqueeze(2), mask, labels,
+                                   grouping)
+        else:  # layers of other widths, or statistics kept apart: layer by layer
+            for index in range(L):
+                self.update(index, pooled[index].unsqueeze(1), mask, labels, grouping)
+
+    def _stacked(self, D: int, device: torch.device) -> bool:
+        """Whether every layer's statistics are (now) views of stacked tensors of width D on ``device``: allocated so
+        if none exists yet, stacked once if all exist apart with that width (after load_state_dict)."""
+        if self._count_all is not None and all(
+                t is not None and t.data_ptr() == whole[i].data_ptr()
+                for ts, whole in ((self.count, self._count_all), (self.mean, self._mean_all), (self.m2, self._m2_all))
+                for i, t in enumerate(ts)):  # the lists still hold the views (nothing replaced a layer's tensors)
+            return self._mean_all.shape[-1] == D and self._count_all.device == device  # type: ignore[union-attr]
+        C = self.num_classes
+        if all(c is None for c in self.count):
+            L = self.num_layers
+            self._count_all = torch.zeros(L, C, dtype=torch.float64, device=device)
+            self._mean_all = torch.zeros(L, C, D, dtype=self.dtype, device=device)
+            self._m2_all = torch.zeros(L, C, D, D, dtype=self.dtype, device=device)
+        elif all(m is not None and m.shape == (C, D) and m.device == device for m in self.mean):
+            self._count_all = torch.stack(self.count)  # type: ignore[arg-type]
+            self._mean_all = torch.stack(self.mean)  # type: ignore[arg-type]
+            self._m2_all = torch.stack(self.m2)  # type: ignore[arg-type]
+        else:
+            return False
+        self.count, self.mean, self.m2 = list(self._count_all), list(self._mean_all), list(self._m2_all)
+        return True
 
     def zero_(self) -> None:
         """Every count, mean and scatter to zero, in place (an empty class merges as no data)."""
@@ -238,18 +285,53 @@ class ClassStatisticsAccumulation:
         self._grouping: ops.ClassGrouping | None = None
         self._rows: list[tuple[int, Rows]] = []
         self._group_groupings: list[ops.ClassGrouping] = []
+        self._pooled: Tensor | None = None  # (L, B, D): the batch's pooled states of every layer index
+        self._seen: list[bool] = []  # which layer indices the forward has pooled into it
         self._hooked = False  # hooked(): the layer taps stay registered across batches
 
     def _tap(self, index: int, hidden: Tensor) -> None:
+        """Layer ``index``'s states (B, T, D) as the forward makes them: pooled into row ``index`` of the batch's
+        (L, B, D) buffer (one launch); merged with the other layers' after the forward (:meth:`_merge`)."""
         mask, labels = self._mask, self._labels
         if mask is None:  # a forward outside capture() while hooked: not a batch of the pass
             return
+        B, D = hidden.shape[0], hidden.shape[-1]
+        pooled = self._pooled
+        if pooled is None:
+            pooled = self._pooled = torch.empty(self.stats.num_layers, B, D, dtype=self.stats.dtype, device=hidden.device)
+        if self._seen[index] or pooled.shape[-1] != D:  # a layer tapped twice, or of another width: merged now
+            self._update_now(index, hidden)
+        else:
+            ops.class_stats_pool(pooled[index], hidden.detach(), mask)
+            self._seen[index] = True
+        if self.on_layer is not None:
+            self.on_layer(index, hidden, mask, labels)  # type: ignore[arg-type]
+
+    def _update_now(self, index: int, hidden: Tensor) -> None:
+        mask, labels = self._mask, self._labels
         self.stats.update(index, hidden, mask, labels, self._grouping)  # type: ignore[arg-type]
         for (k, rows), grouping in zip(self._rows, self._group_groupings):
             self.group_stats[k].update(index, take_rows(hidden, rows), take_rows(mask, rows),  # type: ignore[arg-type]
                                        take_rows(labels, rows), grouping)  # type: ignore[arg-type]
-        if self.on_layer is not None:
-            self.on_layer(index, hidden, mask, labels)  # type: ignore[arg-type]
+
+    def _merge(self) -> None:
+        """After the forward: every pooled layer of the batch into the statistics, one op call for all of them (and
+        one per confidence group), or layer by layer when some layer was not tapped."""
+        pooled, labels = self._pooled, self._labels
+        if pooled is None or not any(self._seen):
+            return
+        present = (self._mask != 0).any(1)  # type: ignore[union-attr]
+        by_example = pooled.transpose(0, 1)  # (B, L, D): the examples' rows, for the groups
+        targets = [(self.stats, None, self._grouping)]
+        targets += [(self.group_stats[k], rows, grouping) for (k, rows), grouping in zip(self._rows, self._group_groupings)]
+        for stats, rows, grouping in targets:
+            p = take_rows(by_example, rows).transpose(0, 1)
+            y, keep = take_rows(labels, rows), take_rows(present, rows)  # type: ignore[arg-type]
+            if all(self._seen):
+                stats.update_layers(p, keep, y, grouping)
+            else:
+                for index in (i for i, seen in enumerate(self._seen) if seen):
+                    stats.update(index, p[index].unsqueeze(1), keep.unsqueeze(1), y, grouping)
 
     @contextlib.contextmanager
     def capture(self, batch: Mapping[str, Tensor]) -> Iterator["ClassStatisticsAccumulation"]:
@@ -262,11 +344,13 @@ class ClassStatisticsAccumulation:
         if self.groups:  # slices of a batch sorted by group; no device sync for an index kept on the CPU
             self._rows = group_rows(batch_groups(batch, self.groups), self.groups, batch["input_ids"].device)
             self._group_groupings = [ops.class_grouping(take_rows(self._labels, rows), C) for _, rows in self._rows]
+        self._pooled, self._seen = None, [False] * self.stats.num_layers
         try:
             with contextlib.nullcontext() if self._hooked else layer_taps(self.model, self.layer_map, self._tap):
                 yield self
+            self._merge()  # only after a whole forward: a failed batch adds nothing
         finally:
-            self._mask = self._labels = self._grouping = None
+            self._mask = self._labels = self._grouping = self._pooled = None
             self._group_groupings = []
 
     @contextlib.contextmanager

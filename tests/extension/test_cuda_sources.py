@@ -307,13 +307,14 @@ static void compare(const char* what, const std::vector<double>& got, const std:
   if (!ok) ++fails;
   printf("%-60s %s worst rel err %.2e\n", what, ok ? "ok  " : "FAIL", worst);
 }
-// Two batches merged into a running state (count, mean, m2), against a float64 two-pass reference over all
-// the pooled states; examples without pooled tokens skipped; classes absent from a batch.
-void class_stats_case(int64_t B, int64_t T, int64_t D, int64_t C) {
-  std::vector<double> count(C, 0.0), mean(C * D, 0.0), m2(C * D * D, 0.0);
-  std::vector<std::vector<double>> members(C);  // pooled states per class, for the reference
+// Two batches of L layers merged into running states (count, mean, m2) (L, C, ...), in one launch per batch, against
+// a float64 two-pass reference over each layer's pooled states; examples without pooled tokens skipped; classes absent
+// from a batch.
+void class_stats_case(int64_t L, int64_t B, int64_t T, int64_t D, int64_t C) {
+  std::vector<double> count(L * C, 0.0), mean(L * C * D, 0.0), m2(L * C * D * D, 0.0);
+  std::vector<std::vector<std::vector<double>>> members(L, std::vector<std::vector<double>>(C));  // per layer, class
   for (int batch = 0; batch < 2; ++batch) {
-    std::vector<float> h(B * T * D), mask(B * T);
+    std::vector<float> h(L * B * T * D), mask(B * T);
     std::vector<int64_t> labels(B);
     for (auto& v : h) v = rnd();
     for (int64_t b = 0; b < B; ++b) {
@@ -321,45 +322,78 @@ void class_stats_case(int64_t B, int64_t T, int64_t D, int64_t C) {
       const int64_t len = (b == 1) ? 0 : 1 + b % T;  // example 1 has no pooled token
       for (int64_t t = 0; t < T; ++t) mask[b * T + t] = t < len ? 1.f : 0.f;
       if (len == 0) continue;
-      std::vector<double> x(D, 0.0);
-      for (int64_t t = 0; t < len; ++t) for (int64_t d = 0; d < D; ++d) x[d] += h[(b * T + t) * D + d];
-      for (auto& v : x) v /= len;
-      members[labels[b]].insert(members[labels[b]].end(), x.begin(), x.end());
+      for (int64_t l = 0; l < L; ++l) {
+        std::vector<double> x(D, 0.0);
+        for (int64_t t = 0; t < len; ++t) for (int64_t d = 0; d < D; ++d) x[d] += h[((l * B + b) * T + t) * D + d];
+        for (auto& v : x) v /= len;
+        members[l][labels[b]].insert(members[l][labels[b]].end(), x.begin(), x.end());
+      }
     }
     std::vector<int64_t> order(B), offsets(C + 1);
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return labels[a] < labels[c]; });
     for (int64_t c = 0; c <= C; ++c)
       offsets[c] = std::lower_bound(order.begin(), order.end(), c, [&](int64_t e, int64_t v) { return labels[e] < v; }) - order.begin();
-    std::vector<double> pooled(B * D), batch_count(C), batch_mean(C * D);
+    std::vector<double> pooled(L * B * D), batch_count(C), batch_mean(L * C * D);
     std::vector<float> ntok(B);
     ClassStatsParams p{count.data(), mean.data(), m2.data(), h.data(), mask.data(), labels.data(), order.data(),
-                       offsets.data(), pooled.data(), ntok.data(), batch_count.data(), batch_mean.data(), B, T, D, C,
+                       offsets.data(), pooled.data(), ntok.data(), batch_count.data(), batch_mean.data(), L, B, T, D, C,
                        ClassStatsInput::F32, ClassStatsAcc::F64};
     if (launch_class_stats_update(p, nullptr) != cudaSuccess) ++fails;
   }
-  std::vector<double> rc(C), rm(C * D, 0.0), rs(C * D * D, 0.0);
-  for (int64_t c = 0; c < C; ++c) {
-    const int64_t n = members[c].size() / D;
-    rc[c] = n;
-    for (int64_t k = 0; k < n; ++k) for (int64_t d = 0; d < D; ++d) rm[c * D + d] += members[c][k * D + d] / n;
-    for (int64_t k = 0; k < n; ++k)
-      for (int64_t i = 0; i < D; ++i)
-        for (int64_t j = 0; j < D; ++j)
-          rs[(c * D + i) * D + j] += (members[c][k * D + i] - rm[c * D + i]) * (members[c][k * D + j] - rm[c * D + j]);
-  }
+  std::vector<double> rc(L * C), rm(L * C * D, 0.0), rs(L * C * D * D, 0.0);
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t c = 0; c < C; ++c) {
+      const std::vector<double>& xs = members[l][c];
+      const int64_t n = xs.size() / D, lc = l * C + c;
+      rc[lc] = n;
+      for (int64_t k = 0; k < n; ++k) for (int64_t d = 0; d < D; ++d) rm[lc * D + d] += xs[k * D + d] / n;
+      for (int64_t k = 0; k < n; ++k)
+        for (int64_t i = 0; i < D; ++i)
+          for (int64_t j = 0; j < D; ++j)
+            rs[(lc * D + i) * D + j] += (xs[k * D + i] - rm[lc * D + i]) * (xs[k * D + j] - rm[lc * D + j]);
+    }
   char buf[128];
-  snprintf(buf, sizeof buf, "class_stats B=%ld T=%ld D=%ld C=%ld: count", B, T, D, C);
+  snprintf(buf, sizeof buf, "class_stats L=%ld B=%ld T=%ld D=%ld C=%ld: count", L, B, T, D, C);
   compare(buf, count, rc, 1e-12);
-  snprintf(buf, sizeof buf, "class_stats B=%ld T=%ld D=%ld C=%ld: mean", B, T, D, C);
+  snprintf(buf, sizeof buf, "class_stats L=%ld B=%ld T=%ld D=%ld C=%ld: mean", L, B, T, D, C);
   compare(buf, mean, rm, 1e-6);
-  snprintf(buf, sizeof buf, "class_stats B=%ld T=%ld D=%ld C=%ld: m2", B, T, D, C);
+  snprintf(buf, sizeof buf, "class_stats L=%ld B=%ld T=%ld D=%ld C=%ld: m2", L, B, T, D, C);
   compare(buf, m2, rs, 1e-6);
 }
+// The pooling alone (class_stats_pool): masked means, zero rows for examples without a pooled token.
+void class_stats_pool_case(int64_t B, int64_t T, int64_t D) {
+  std::vector<float> h(B * T * D), mask(B * T);
+  for (auto& v : h) v = rnd();
+  std::vector<double> ref(B * D, 0.0), pooled(B * D, -1.0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = (b == 0) ? 0 : 1 + b % T;
+    for (int64_t t = 0; t < T; ++t) mask[b * T + t] = t < len ? 1.f : 0.f;
+    for (int64_t t = 0; t < len; ++t) for (int64_t d = 0; d < D; ++d) ref[b * D + d] += h[(b * T + t) * D + d] / double(len);
+  }
+  ClassStatsParams p{};
+  p.hidden = h.data();
+  p.mask = mask.data();
+  p.pooled = pooled.data();
+  p.L = 1;
+  p.B = B;
+  p.T = T;
+  p.D = D;
+  p.C = 1;
+  p.input = ClassStatsInput::F32;
+  p.acc = ClassStatsAcc::F64;
+  if (launch_class_stats_pool(p, nullptr) != cudaSuccess) ++fails;
+  char buf[128];
+  snprintf(buf, sizeof buf, "class_stats_pool B=%ld T=%ld D=%ld", B, T, D);
+  compare(buf, pooled, ref, 1e-6);
+}
 int main() {
-  class_stats_case(7, 5, 20, 3);
-  class_stats_case(19, 9, 70, 2);   // more members than the 16-row staging, features past one tile
-  class_stats_case(5, 3, 130, 4);   // several pool column blocks
+  class_stats_case(1, 7, 5, 20, 3);
+  class_stats_case(1, 19, 9, 70, 2);   // more members than the 16-row staging, features past one tile
+  class_stats_case(1, 5, 3, 130, 4);   // several pool column blocks
+  class_stats_case(3, 7, 5, 20, 3);    // three layers of a batch in one launch
+  class_stats_case(4, 19, 4, 70, 2);
+  class_stats_pool_case(6, 5, 70);
   printf("%s (%d failures)\n", fails ? "FAILED" : "ALL OK", fails);
   return fails != 0;
 }

@@ -271,3 +271,126 @@ def test_opcheck_with_grouping(device):
     labels = labels.to(device)
     args = (*zeros(C, D, device=device), hidden.to(device), mask.to(device), labels, *ops.class_grouping(labels, C))
     torch.library.opcheck(torch.ops.fastsel.class_stats_update.default, args)
+
+
+# -- L layers of one batch in one call --------------------------------------------------------------
+
+
+def layer_zeros(L: int, C: int, D: int, acc=torch.float64, device="cpu"):
+    return (torch.zeros(L, C, dtype=torch.float64, device=device), torch.zeros(L, C, D, dtype=acc, device=device),
+            torch.zeros(L, C, D, D, dtype=acc, device=device))
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("acc_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("grouped", [False, True], ids=["own-grouping", "given-grouping"])
+def test_layers_of_a_batch_in_one_call_are_each_layers_own_update(impl, device, acc_dtype, grouped):
+    """(L, B, T, D) with (L, C, ...) accumulators, over three batches: layer l's statistics are the numpy oracle's of
+    layer l's states alone (different states per layer, one mask and one set of labels), with unpooled examples."""
+    L, C, D = 3, 4, 9
+    acc = layer_zeros(L, C, D, acc_dtype, device)
+    seen = []
+    for seed in range(3):
+        layers = [data(11, 6, D, C, seed=10 * seed + l) for l in range(L)]
+        _, mask, labels = layers[0]
+        mask[2] = 0  # an example without a pooled token, skipped in every layer
+        hidden = torch.stack([h for h, _, _ in layers])
+        seen.append((hidden, mask, labels))
+        args = (*acc, hidden.to(device), mask.to(device), labels.to(device))
+        with_grouping(impl, args, ops.class_grouping(labels.to(device), C)) if grouped else IMPLS[impl](*args)
+    tol = dict(rtol=1e-4, atol=1e-3) if acc_dtype == torch.float32 else dict(rtol=1e-9, atol=1e-8)
+    for l in range(L):
+        h = np.concatenate([hid[l].double().numpy() for hid, _, _ in seen])
+        m = np.concatenate([mk.numpy() for _, mk, _ in seen])
+        y = np.concatenate([lb.numpy() for _, _, lb in seen])
+        for got, want in zip((acc[0][l], acc[1][l], acc[2][l]), numpy_stats(h, m, y, C)):
+            torch.testing.assert_close(got.cpu().double(), torch.from_numpy(want), **tol)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_layers_of_pooled_states_are_the_update_of_the_hidden_states(impl):
+    """The capture's path: each layer pooled by class_stats_pool into (L, B, D), then one update of (L, B, 1, D) with
+    the mask 'has a pooled token' (B, 1): the statistics of one update per layer on the hidden states."""
+    L, C, D = 4, 3, 7
+    hidden, mask, labels = data(9, 5, D, C, seed=2)
+    mask[4] = 0
+    hidden = torch.stack([hidden * (l + 1) + l for l in range(L)])
+    pooled = torch.empty(L, 9, D, dtype=torch.float64)
+    pool = ops.class_stats_pool if impl == "kernel" else ops.class_stats_pool_ref
+    for l in range(L):
+        pool(pooled[l], hidden[l], mask)
+    got = layer_zeros(L, C, D)
+    IMPLS[impl](*got, pooled.unsqueeze(2), (mask != 0).any(1, keepdim=True), labels)
+    for l in range(L):
+        want = zeros(C, D)
+        ops.class_stats_update_ref(*want, hidden[l], mask, labels)
+        for x, y in zip((got[0][l], got[1][l], got[2][l]), want):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_layers_bad_input(impl):
+    L, C, D = 2, 2, 4
+    hidden, mask, labels = data(4, 3, D, C)
+    hidden = torch.stack([hidden, hidden])
+    err = (ValueError, RuntimeError)
+    count, mean, m2 = layer_zeros(L, C, D)
+    with pytest.raises(err, match=r"count must be \(L, C\)"):
+        IMPLS[impl](count[0], mean, m2, hidden, mask, labels)
+    with pytest.raises(err, match="count must be"):
+        IMPLS[impl](torch.zeros(L + 1, C, dtype=torch.float64), mean, m2, hidden, mask, labels)
+    with pytest.raises(err, match=r"m2 must be \(L, C, D, D\)"):
+        IMPLS[impl](count, mean, m2[:, :, :, :3], hidden, mask, labels)
+    with pytest.raises(err, match="mean must be"):
+        IMPLS[impl](count, mean[0], m2, hidden, mask, labels)
+    with pytest.raises(err, match="hidden must be"):
+        IMPLS[impl](count, mean, m2, hidden.unsqueeze(0), mask, labels)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("out_dtype", [torch.float64, torch.float32])
+def test_pool_matches_a_loop(device, dtype, out_dtype):
+    """class_stats_pool (the wrapper's backend) and its twin against a per-example loop in float64: masked means,
+    zero rows for examples without a pooled token, columns past one 64-feature block."""
+    hidden, mask, _ = data(7, 9, 70, 2, seed=5, dtype=dtype)
+    mask[3] = 0
+    want = torch.zeros(7, 70, dtype=torch.float64)
+    for b in range(7):
+        sel = mask[b] != 0
+        if sel.any():
+            want[b] = hidden[b][sel].double().mean(0)
+    for pool in (ops.class_stats_pool, ops.class_stats_pool_ref):
+        got = torch.full((7, 70), float("nan"), dtype=out_dtype, device=device)
+        pool(got, hidden.to(device), mask.to(device))
+        tol = dict(rtol=1e-6, atol=1e-5) if out_dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.cpu().double(), want, **tol)
+
+
+def test_pool_empty_batch_and_bad_input():
+    hidden, mask, _ = data(4, 3, 5, 2)
+    err = (ValueError, RuntimeError)
+    for pool in (ops.class_stats_pool, ops.class_stats_pool_ref):
+        pool(torch.empty(0, 5, dtype=torch.float64), torch.randn(0, 3, 5), torch.ones(0, 3))
+        with pytest.raises(err, match="pooled must be"):
+            pool(torch.empty(4, 6, dtype=torch.float64), hidden, mask)
+        with pytest.raises(err, match="pooled must be"):
+            pool(torch.empty(4, 5, dtype=torch.float16), hidden, mask)
+        with pytest.raises(err, match="pool_mask"):
+            pool(torch.empty(4, 5, dtype=torch.float64), hidden, mask[:, :2])
+        with pytest.raises(err, match="hidden must be"):
+            pool(torch.empty(4, 5, dtype=torch.float64), hidden[0], mask)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="compiled extension not loaded")
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_layers_and_pool(device):
+    L, C, D = 2, 3, 5
+    hidden, mask, labels = data(6, 4, D, C)
+    hidden, mask, labels = torch.stack([hidden, hidden + 1]).to(device), mask.to(device), labels.to(device)
+    torch.library.opcheck(torch.ops.fastsel.class_stats_update.default, (*layer_zeros(L, C, D, device=device), hidden,
+                                                                         mask, labels, *ops.class_grouping(labels, C)))
+    for out_dtype in (torch.float64, torch.float32):
+        torch.library.opcheck(torch.ops.fastsel.class_stats_pool.default,
+                              (torch.empty(6, D, dtype=out_dtype, device=device), hidden[0], mask))

@@ -276,30 +276,47 @@ def test_hooked_keeps_the_layer_taps_for_many_batches():
             torch.testing.assert_close(a, b)
 
 
-def test_class_grouping_made_once_per_batch_for_every_layer(monkeypatch):
-    """The examples are grouped by class once per batch (and once per confidence group), not once per layer: every
-    layer's update gets that grouping, and the statistics are the oracle's."""
+def _oracle_stats(model, batches, rows_of=None):
+    """Per layer index, (count, mean, m2) float64 of the pooled states of the examples rows_of(batch_no) picks (all by
+    default), from output_hidden_states by a per-example loop."""
+    states, labels = oracle_layers(model, batches)
+    keep = np.concatenate([np.arange(len(b["labels"]))[rows_of(n) if rows_of else slice(None)] + sum(
+        len(x["labels"]) for x in batches[:n]) for n, b in enumerate(batches)])
+    y = torch.from_numpy(labels[keep])
+    return [batch_class_stats(torch.from_numpy(H[keep]), y, 3) for H in states]
+
+
+def test_one_update_per_batch_and_group_for_all_layers(monkeypatch):
+    """The examples are grouped by class once per batch (and once per confidence group); each layer is pooled as the
+    forward makes it, and after the forward one update merges every layer of the batch, (L, B, 1, D), and one per
+    confidence group: no update per layer. The statistics (all and per group) are the hidden-states oracle's."""
     import fastsel.scores.variability as variability
 
     model = tiny_model("bert", num_labels=3, num_layers=3)
     batches = tiny_batches("bert", n=12, batch_size=4)
     for b in batches:
         b["index"] = torch.arange(len(b["labels"])) + 4 * batches.index(b)
-    made, seen = [], []
-    real_grouping, real_update = ops.class_grouping, ops.class_stats_update
+        b["group"] = torch.tensor([0, 1, 1, 0])
+    made, updates, pools = [], [], []
+    real_grouping, real_update, real_pool = ops.class_grouping, ops.class_stats_update, ops.class_stats_pool
 
     def grouping(labels, C):
         made.append(real_grouping(labels, C))
         return made[-1]
 
     def update(*args, **kw):
-        seen.append(args[6] if len(args) > 6 else kw.get("grouping"))
+        updates.append((tuple(args[3].shape), args[6] if len(args) > 6 else kw.get("grouping")))
         real_update(*args, **kw)
+
+    def pool(*args):
+        pools.append(tuple(args[1].shape))
+        real_pool(*args)
 
     monkeypatch.setattr(variability.ops, "class_grouping", grouping)
     monkeypatch.setattr(variability.ops, "class_stats_update", update)
+    monkeypatch.setattr(variability.ops, "class_stats_pool", pool)
     acc = ClassStatisticsAccumulation(model, map_layers(model), 3, groups=2)
-    with torch.no_grad():
+    with torch.no_grad(), acc.hooked():
         for b in batches:
             with acc.capture(b):
                 model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
@@ -307,12 +324,80 @@ def test_class_grouping_made_once_per_batch_for_every_layer(monkeypatch):
     monkeypatch.undo()
     layers = map_layers(model).num_layers + 1
     assert len(made) == len(batches) * 3  # the batch's and each of its 2 groups'
-    assert len(seen) == len(batches) * 3 * layers
-    assert all(any(g is m for m in made) for g in seen)  # every update got one of the batch's groupings
-    want = accumulate_class_statistics(model, batches, num_classes=3)
-    for i in range(layers):
+    assert len(pools) == len(batches) * layers  # each layer pooled once per batch
+    D = model.config.hidden_size
+    assert [shape for shape, _ in updates] == [(layers, 4, 1, D), (layers, 2, 1, D), (layers, 2, 1, D)] * len(batches)
+    assert all(any(g is m for m in made) for _, g in updates)  # every update got one of the batch's groupings
+    for stats, rows_of in [(acc.stats, None), (acc.group_stats[0], lambda n: [0, 3]), (acc.group_stats[1], lambda n: [1, 2])]:
+        for i, want in enumerate(_oracle_stats(model, batches, rows_of)):
+            count, mean, m2 = stats.layer(i)
+            assert count.tolist() == want[0].tolist()
+            torch.testing.assert_close(mean, want[1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(m2, want[2], rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_forward_adds_nothing():
+    """The layers are merged only after a whole forward: a batch whose forward raises leaves the statistics as they
+    were (the per-layer updates of before added the layers that had run)."""
+    model = tiny_model("bert", num_labels=3, num_layers=3)
+    batches = tiny_batches("bert", n=8, batch_size=4)
+    acc = ClassStatisticsAccumulation(model, map_layers(model), 3)
+
+    def fail(index, hidden, mask, labels):
+        if index == 2:
+            raise RuntimeError("boom")
+
+    with torch.no_grad(), acc.hooked():
+        with acc.capture(batches[0]):
+            model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
+        before = [tuple(t.clone() for t in acc.stats.layer(i)) for i in range(acc.stats.num_layers)]
+        acc.on_layer = fail
+        with pytest.raises(RuntimeError, match="boom"), acc.capture(batches[1]):
+            model(input_ids=batches[1]["input_ids"], attention_mask=batches[1]["attention_mask"])
+    for i, old in enumerate(before):
+        for a, b in zip(acc.stats.layer(i), old):
+            assert torch.equal(a, b)
+
+
+def test_update_layers_after_a_checkpoint_restacks_and_matches_per_layer_updates():
+    """After load_state_dict (separate per-layer tensors), update_layers stacks them once and goes on with one call:
+    the statistics of per-layer updates; a call without every layer index is refused."""
+    g = torch.Generator().manual_seed(0)
+    L, B, D, C = 3, 6, 5, 3
+    pooled = [torch.randn(L, B, D, generator=g, dtype=torch.float64) for _ in range(3)]
+    present = torch.tensor([True, True, False, True, True, True])
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    want = ClassStatistics(L, C)
+    for p in pooled:
+        for i in range(L):
+            want.update(i, p[i].unsqueeze(1), present.unsqueeze(1), labels)
+    got = ClassStatistics(L, C)
+    got.update_layers(pooled[0], present, labels)
+    resumed = ClassStatistics(L, C)
+    resumed.load_state_dict(got.state_dict())
+    for p in pooled[1:]:
+        resumed.update_layers(p, present, labels)
+    assert resumed._count_all is not None and resumed.count[1].data_ptr() == resumed._count_all[1].data_ptr()
+    for i in range(L):
+        for a, b in zip(resumed.layer(i), want.layer(i)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="all 3 layer indices"):
+        got.update_layers(pooled[0][:2], present, labels)
+
+
+def test_a_layer_tapped_twice_in_one_capture_counts_twice():
+    """Two forwards in one capture: the second tap of each layer is merged at once (layer by layer), the first with
+    the other layers after the forward: the statistics of the batch fed twice."""
+    model = tiny_model("bert", num_labels=3, num_layers=2)
+    batch = tiny_batches("bert", n=5, batch_size=5)[0]
+    acc = ClassStatisticsAccumulation(model, map_layers(model), 3)
+    with torch.no_grad(), acc.capture(batch):
+        for _ in range(2):
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    want = accumulate_class_statistics(model, [batch, batch], num_classes=3)
+    for i in range(acc.stats.num_layers):
         for a, b in zip(acc.stats.layer(i), want.layer(i)):
-            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_regression_labels_and_empty_data_rejected():
