@@ -6,8 +6,10 @@ for a reason that tests/expected_skips.txt does not allow."""
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from skip_check import pytest_addoption, pytest_configure  # noqa: F401  (the skip check's hooks: its docstring)
@@ -38,6 +40,15 @@ def tiny_tokenizer(tmp_path_factory):
     from tiny_tokenizer import make_tiny_tokenizer
 
     return make_tiny_tokenizer(tmp_path_factory.mktemp("tiny-vocab"))
+
+
+@pytest.fixture(autouse=True)
+def _seeded_random_state():
+    """Every test starts from the same random state (torch, numpy, random): its outcome does not depend on which
+    tests ran before it, so a failure reproduces when the test runs alone."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 @pytest.fixture(scope="session", autouse=True)
