@@ -14,17 +14,19 @@
 namespace fastsel {
 namespace {
 
-// pooled (B, D) = masked mean over t of h (B, T, D); ntok[b] = number of pooled tokens of example b.
+// pooled (N, D) = masked mean over t of h (N, T, D), row b masked by mask row b % B (N = L * B: the layers' rows
+// one after another, one (B, T) mask); ntok[b] = number of pooled tokens of row b.
 template <typename acc_t>
-void masked_mean_pool(const acc_t* h, const uint8_t* mask, acc_t* pooled, int64_t* ntok, int64_t B, int64_t T,
-                      int64_t D) {
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+void masked_mean_pool(const acc_t* h, const uint8_t* mask, acc_t* pooled, int64_t* ntok, int64_t N, int64_t B,
+                      int64_t T, int64_t D) {
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       acc_t* row = pooled + b * D;
+      const uint8_t* mrow = mask + (b % B) * T;
       for (int64_t d = 0; d < D; ++d) row[d] = acc_t(0);
       int64_t n = 0;
       for (int64_t t = 0; t < T; ++t) {
-        if (!mask[b * T + t]) continue;
+        if (!mrow[t]) continue;
         const acc_t* src = h + (b * T + t) * D;
         for (int64_t d = 0; d < D; ++d) row[d] += src[d];
         ++n;
@@ -38,6 +40,20 @@ void masked_mean_pool(const acc_t* h, const uint8_t* mask, acc_t* pooled, int64_
   });
 }
 
+// pooled (N, D) contiguous, float or double: the masked means of hidden's N = L * B rows ((B, T, D) or (L, B, T, D), any
+// float dtype, summed in pooled's dtype) under pool_mask (B, T); returns each row's pooled-token count.
+std::vector<int64_t> pool_rows(const at::Tensor& pooled, const at::Tensor& hidden, const at::Tensor& pool_mask) {
+  const int64_t N = pooled.size(0), B = pool_mask.size(0), T = hidden.size(-2), D = hidden.size(-1);
+  const at::Tensor h = hidden.to(pooled.scalar_type()).contiguous();
+  const at::Tensor mask = pool_mask.ne(0).to(at::kByte).contiguous();
+  std::vector<int64_t> ntok(N);
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "class_stats_pool_cpu", [&] {
+    masked_mean_pool<scalar_t>(h.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(), pooled.data_ptr<scalar_t>(),
+                               ntok.data(), N, B, T, D);
+  });
+  return ntok;
+}
+
 void class_stats_update_cpu(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
                             const at::Tensor& hidden, const at::Tensor& pool_mask, const at::Tensor& labels,
                             const std::optional<at::Tensor>& order, const std::optional<at::Tensor>& offsets) {
@@ -45,22 +61,15 @@ void class_stats_update_cpu(const at::Tensor& count, const at::Tensor& mean, con
   // not needed.
   const int64_t L = check_class_stats_update(count, mean, m2, hidden, pool_mask, labels, order, offsets);
   const bool layers = hidden.dim() == 4;
-  const int64_t B = hidden.size(-3), T = hidden.size(-2), D = hidden.size(-1), C = count.size(-1);
+  const int64_t B = hidden.size(-3), D = hidden.size(-1), C = count.size(-1);
   if (B == 0 || L == 0) return;
   const at::Tensor lab = labels.contiguous();
   const int64_t* lp = lab.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lp[b] >= 0 && lp[b] < C, "fastsel: label ", lp[b], " of example ", b, " out of range [0, ", C, ")");
 
-  const at::ScalarType acc = mean.scalar_type();
-  const at::Tensor h = hidden.to(acc).contiguous().view({L * B, T, D});  // the layers' examples one after another
-  const at::Tensor mask = pool_mask.ne(0).to(at::kByte).expand({L, B, T}).contiguous();
-  at::Tensor pooled = at::empty({L * B, D}, mean.options());
-  std::vector<int64_t> ntok(L * B);
-  AT_DISPATCH_FLOATING_TYPES(acc, "class_stats_update_cpu", [&] {
-    masked_mean_pool<scalar_t>(h.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(), pooled.data_ptr<scalar_t>(),
-                               ntok.data(), L * B, T, D);
-  });
+  at::Tensor pooled = at::empty({L * B, D}, mean.options());  // the layers' examples one after another
+  const std::vector<int64_t> ntok = pool_rows(pooled, hidden, pool_mask);
 
   // Members of each class in this batch (examples with no pooled token are skipped): the same for every layer.
   std::vector<std::vector<int64_t>> members(C);
@@ -92,15 +101,8 @@ void class_stats_update_cpu(const at::Tensor& count, const at::Tensor& mean, con
 
 void class_stats_pool_cpu(const at::Tensor& pooled, const at::Tensor& hidden, const at::Tensor& pool_mask) {
   check_class_stats_pool(pooled, hidden, pool_mask);
-  const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2);
-  if (B == 0) return;
-  const at::Tensor h = hidden.to(pooled.scalar_type()).contiguous();
-  const at::Tensor mask = pool_mask.ne(0).to(at::kByte).contiguous();
-  std::vector<int64_t> ntok(B);
-  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "class_stats_pool_cpu", [&] {
-    masked_mean_pool<scalar_t>(h.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(), pooled.data_ptr<scalar_t>(),
-                               ntok.data(), B, T, D);
-  });
+  if (hidden.size(0) == 0) return;
+  pool_rows(pooled, hidden, pool_mask);
 }
 
 }  // namespace

@@ -157,8 +157,6 @@ class LinearRule(FeatureRule):
         B = x.shape[0]
         phi = x.reshape(B, -1, x.shape[-1])
         g = [gk.reshape(B, -1, gk.shape[-1]) for gk in grads]
-        if len(g) == 1:
-            return self.accumulate_features(None, phi, g[0], accs[0])  # type: ignore[arg-type]
         widths = [gk.shape[-1] for gk in g]
         stacked = torch.cat(g, -1)  # one copy of the gradients, read by both calls
         for name in ("weight", "bias"):

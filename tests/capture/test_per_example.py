@@ -504,3 +504,26 @@ def test_linears_on_one_input_with_groups_and_several_terms(monkeypatch, terms):
                     if n in want:
                         want[n] += g.square()
         assert_diagonals_close(acc.group_sums[k], want)
+
+
+def test_linears_on_one_input_whose_sums_go_to_different_destinations():
+    """Only Q's parameters grouped: Q's squares go to its example's group, K's and V's to the plain sums (the members'
+    destinations differ, so each is accumulated alone): per group and over all examples, the per-example loop's."""
+    torch.manual_seed(0)
+    model = SharedInputBlock()
+    h, y = torch.randn(6, 7, 8), torch.randint(0, 3, (6,))
+    groups = torch.tensor([1, 0, 1, 2, 0, 0])
+    acc = SquaredGradAccumulator(model)
+    acc.enable_groups(3, ["q.weight", "q.bias"])
+    with acc.capture(batch_size=6, groups=groups):
+        acc.backward([torch.log_softmax(model(h), -1).gather(1, y[:, None]).squeeze(1)])
+    params = dict(model.named_parameters())
+    per_example = []
+    for b in range(6):
+        term = torch.log_softmax(model(h[b : b + 1]), -1)[0, y[b]]
+        per_example.append({n: g.square() for n, g in zip(params, torch.autograd.grad(term, list(params.values())))})
+    for k in range(3):
+        members = (groups == k).nonzero().flatten().tolist()
+        assert_diagonals_close(acc.group_sums[k], {n: sum(per_example[b][n] for b in members) for n in ("q.weight", "q.bias")})
+    assert_diagonals_close({n: acc.sums[n] for n in ("k.weight", "k.bias", "v.weight", "v.bias")},
+                           {n: sum(p[n] for p in per_example) for n in ("k.weight", "k.bias", "v.weight", "v.bias")})
